@@ -187,8 +187,6 @@ def compute_pixel_metrics(
     pairs = _iter_pairs(gt_masks, anomaly_maps)
     if num_bins is None:
         pixel_counts, region_counts = _exact_counts(pairs, include_aupro, connectivity)
-        auc_bound = f1_bound = 0.0
-        pro_bound = 0.0 if include_aupro else None
     else:
         if score_range is None:
             score_range = _score_range(anomaly_maps)
@@ -197,6 +195,15 @@ def compute_pixel_metrics(
             raise ValueError("No images given: gt_masks and anomaly_maps are empty.")
         pixel_counts = histogram.counts(_POSITIVE, _NEGATIVE)
         region_counts = histogram.counts(_REGION, _NEGATIVE) if include_aupro else None
+    if pixel_counts.total_positives == 0 or pixel_counts.total_negatives == 0:
+        raise ValueError(
+            f"Pixel metrics need anomalous and normal pixels, got {pixel_counts.total_positives:.0f} anomalous and "
+            f"{pixel_counts.total_negatives:.0f} normal; a category without ground-truth masks cannot be scored per pixel."
+        )
+    if num_bins is None:
+        auc_bound = f1_bound = 0.0
+        pro_bound = 0.0 if include_aupro else None
+    else:
         auc_bound, f1_bound = tie_area(pixel_counts), f1_max_gap(pixel_counts)
         pro_bound = tie_area(region_counts, max_fpr) if include_aupro else None
     return PixelMetrics(
