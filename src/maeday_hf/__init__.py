@@ -1,3 +1,51 @@
-"""MAEDAY: zero- and few-shot image anomaly detection with a Masked Autoencoder, Hugging Face native."""
+"""MAEDAY: zero- and few-shot image anomaly detection with a Masked Autoencoder, Hugging Face native.
+
+Importing the package registers the `"anomaly-detection"` task with `transformers`:
+
+```python
+>>> import maeday_hf
+>>> from transformers import pipeline
+>>> detector = pipeline("anomaly-detection", model="facebook/vit-mae-base")
+```
+"""
+
+from __future__ import annotations
+
+from transformers import AutoModelForPreTraining
+from transformers.pipelines import PIPELINE_REGISTRY
+
+from .images import load_rgb_image
+from .masking import make_mask_noise
+from .pipeline import DEFAULT_CHECKPOINT, AnomalyDetectionPipeline
+from .scoring import gaussian_filter, maeday_anomaly_maps
 
 __version__ = "0.1.0"
+
+TASK = "anomaly-detection"
+
+
+def register_pipeline() -> None:
+    """Register `AnomalyDetectionPipeline` under the task name `"anomaly-detection"` (idempotent)."""
+    if PIPELINE_REGISTRY.supported_tasks.get(TASK, {}).get("impl") is AnomalyDetectionPipeline:
+        return
+    PIPELINE_REGISTRY.register_pipeline(
+        TASK,
+        pipeline_class=AnomalyDetectionPipeline,
+        pt_model=AutoModelForPreTraining,
+        default={"model": (DEFAULT_CHECKPOINT, "main")},
+        type="image",
+    )
+
+
+register_pipeline()
+
+__all__ = [
+    "DEFAULT_CHECKPOINT",
+    "TASK",
+    "AnomalyDetectionPipeline",
+    "gaussian_filter",
+    "load_rgb_image",
+    "maeday_anomaly_maps",
+    "make_mask_noise",
+    "register_pipeline",
+]

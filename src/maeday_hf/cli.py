@@ -1,0 +1,172 @@
+"""The `maeday` command: `maeday detect ...`, `maeday synthetic ...`.
+
+Errors in the user's input end the command with one line on stderr (`maeday: error: ...`) and exit status 2, never a
+traceback. Every file is written to a temporary name and renamed into place, so no output is ever half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+logger = logging.getLogger("maeday_hf")
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, OSError)
+
+
+class CommandError(Exception):
+    """An error in the user's input, printed as one line."""
+
+
+def collect_images(inputs: Sequence[str]) -> list[tuple[Path, str]]:
+    """Expand files and folders (recursively) into `(path, output name)` pairs, sorted, names unique.
+
+    A file keeps its stem as name; a file found in a folder is named by its path relative to that folder, with `__`
+    for separators (MVTec has `test/good/000.png` and `test/crack/000.png`).
+    """
+    images: list[tuple[Path, str]] = []
+    for entry in inputs:
+        path = Path(entry)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            if not found:
+                raise CommandError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in folder {entry!r}")
+            images.extend((p, "__".join(p.relative_to(path).with_suffix("").parts)) for p in found)
+        elif path.is_file():
+            images.append((path, path.stem))
+        else:
+            raise CommandError(f"input {entry!r} does not exist (expected an image file or a folder of images)")
+    names = [name for _, name in images]
+    if len(set(names)) != len(names):
+        # Same stem from different arguments: fall back to a running index to keep names unique.
+        images = [(path, f"{index:05d}_{name}") for index, (path, name) in enumerate(images)]
+    return images
+
+
+def write_atomically(path: Path, write: Callable[[str], None]) -> None:
+    """Call `write(temp_path)` and rename the result to `path`; nothing is left behind on failure."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(handle)
+    try:
+        write(temp_name)
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+
+
+def run_detect(args: argparse.Namespace) -> int:
+    from .images import load_rgb_image
+    from .modeling import load_detector
+    from .visualize import overlay_heatmap
+
+    images = collect_images(args.inputs)
+    detector = load_detector(args.model, device=args.device)
+    call_kwargs = dict(
+        num_masks=args.num_masks,
+        mask_ratio=args.mask_ratio,
+        seed=args.seed,
+        mask_schedule=args.mask_schedule,
+        mask_batch_size=args.mask_batch_size,
+    )
+    if args.threshold is not None:
+        call_kwargs["threshold"] = args.threshold
+    out_dir = Path(args.out)
+    # A generator in gives an iterator out: results stream while the bar advances. Options are validated by the
+    # pipeline before the first image.
+    results = detector((str(path) for path, _ in images), batch_size=args.batch_size, **call_kwargs)
+    rows = []
+    maps = []
+    for (path, name), result in tqdm(zip(images, results), total=len(images), desc="maeday detect", disable=args.quiet):
+        rows.append((str(path), result["score"], result.get("label")))
+        maps.append((path, name, result["anomaly_map"]))
+    # One colour scale for the whole set, so heatmaps compare across images.
+    vmax = max(float(anomaly_map.max()) for _, _, anomaly_map in maps)
+    for path, name, anomaly_map in maps:
+        overlay = overlay_heatmap(load_rgb_image(path), anomaly_map, vmin=0.0, vmax=vmax)
+        write_atomically(out_dir / "heatmaps" / f"{name}.png", lambda temp: overlay.save(temp, format="PNG"))
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["path", "score"] + (["label"] if args.threshold is not None else []))
+    for path, score, label in rows:
+        writer.writerow([path, f"{score:.6g}"] + ([label] if args.threshold is not None else []))
+    write_atomically(out_dir / "scores.csv", lambda temp: Path(temp).write_text(buffer.getvalue()))
+    print(f"Scored {len(rows)} images: {out_dir / 'scores.csv'}, heatmaps in {out_dir / 'heatmaps'}")
+    return 0
+
+
+def run_synthetic(args: argparse.Namespace) -> int:
+    from .synthetic import write_synthetic_mvtec
+
+    root = write_synthetic_mvtec(
+        args.out, categories=tuple(args.categories), image_size=args.image_size, seed=args.seed
+    )
+    print(f"Wrote the synthetic defect set (MVTec layout) to {root}")
+    return 0
+
+
+def add_detect_parser(subparsers) -> None:
+    parser = subparsers.add_parser("detect", help="zero-/few-shot anomaly maps and scores for images")
+    parser.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
+    parser.add_argument("--model", default="facebook/vit-mae-base", help="Hub id or local ViTMAE/adapter folder")
+    parser.add_argument("--out", required=True, help="output folder: scores.csv and heatmaps/")
+    parser.add_argument("--num-masks", type=int, default=32, help="masked reconstructions per image (N)")
+    parser.add_argument("--mask-ratio", type=float, default=0.75, help="share of patches masked, in [0, 1)")
+    parser.add_argument("--mask-schedule", choices=("random", "balanced"), default="random")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the masks")
+    parser.add_argument("--threshold", type=float, default=None, help="adds a normal/anomalous label per image")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
+    parser.add_argument("--mask-batch-size", type=int, default=128, help="most (image, mask) pairs per forward")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(handler=run_detect)
+
+
+def add_synthetic_parser(subparsers) -> None:
+    from .synthetic import CATEGORIES
+
+    parser = subparsers.add_parser("synthetic", help="write the synthetic defect set in the MVTec AD layout")
+    parser.add_argument("out", help="output folder")
+    parser.add_argument("--categories", nargs="+", choices=CATEGORIES, default=list(CATEGORIES))
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(handler=run_synthetic)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="maeday", description="MAEDAY anomaly detection with a Masked Autoencoder.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    add_detect_parser(subparsers)
+    add_synthetic_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.handler(args)
+    except (CommandError, *USER_ERRORS) as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        print(f"maeday: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("maeday: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""Turn whatever a user passes (path, URL, PIL image, NumPy array) into an upright 8-bit RGB PIL image.
+
+`transformers.image_utils.load_image` covers URLs and plain files but calls `convert("RGB")` on everything, which clips
+16-bit images (MVTec's and many industrial cameras' PNGs) to white, and it accepts no arrays. Here 16-bit and 32-bit
+integer images are rescaled from their full range, float arrays are read as [0, 1], alpha is dropped, and palette,
+grayscale and CMYK images are converted.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+from transformers.image_utils import load_image
+
+_HIGH_BIT_DEPTH_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+
+
+def _is_url(text: str) -> bool:
+    return text.startswith(("http://", "https://"))
+
+
+def _open_image_file(path: str | os.PathLike) -> Image.Image:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"Image file not found: {os.fspath(path)!r}.")
+    if os.path.isdir(path):
+        raise ValueError(f"Expected an image file, got the directory {os.fspath(path)!r}.")
+    try:
+        with Image.open(path) as image:
+            image.load()  # decode now, so a truncated file fails here and not later
+            return image.copy()
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise ValueError(f"Cannot read {os.fspath(path)!r} as an image: {error}") from None
+
+
+def array_to_rgb_image(array: np.ndarray) -> Image.Image:
+    """`(H, W)`, `(H, W, 1)`, `(H, W, 3)` or `(H, W, 4)` array -> RGB PIL image.
+
+    uint8 is used as is, uint16 is rescaled from [0, 65535], bool to {0, 255}, floats are taken as [0, 1] (clipped).
+    """
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+        raise ValueError(
+            f"Expected an image array of shape (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got shape {array.shape}."
+        )
+    if array.dtype == np.uint8:
+        pass
+    elif array.dtype == np.bool_:
+        array = array.astype(np.uint8) * 255
+    elif array.dtype == np.uint16:
+        array = np.round(array / 257.0).astype(np.uint8)
+    elif np.issubdtype(array.dtype, np.floating):
+        array = np.round(np.clip(array, 0.0, 1.0) * 255.0).astype(np.uint8)
+    else:
+        raise ValueError(f"Expected a uint8, uint16, bool or float image array, got dtype {array.dtype}.")
+    if array.ndim == 3 and array.shape[-1] == 4:
+        array = array[..., :3]
+    return Image.fromarray(np.ascontiguousarray(array)).convert("RGB")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Upright 8-bit RGB copy of any PIL image (EXIF orientation applied, 16-bit rescaled, alpha dropped)."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in _HIGH_BIT_DEPTH_MODES:
+        values = np.asarray(image, dtype=np.float64)
+        full_scale = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
+        return array_to_rgb_image((values / full_scale).astype(np.float32))
+    if image.mode == "F":
+        return array_to_rgb_image(np.asarray(image, dtype=np.float32))
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    return image.convert("RGB")
+
+
+def load_rgb_image(image: str | os.PathLike | Image.Image | np.ndarray, timeout: float | None = None) -> Image.Image:
+    """Load a path, URL, PIL image or NumPy array as an 8-bit RGB PIL image.
+
+    Raises:
+        FileNotFoundError: a path that does not exist.
+        ValueError: a file that is not a readable image, or an array of an unsupported shape/dtype.
+        TypeError: anything else.
+    """
+    if isinstance(image, Image.Image):
+        return to_rgb(image)
+    if isinstance(image, np.ndarray):
+        return array_to_rgb_image(image)
+    if isinstance(image, str) and _is_url(image):
+        return to_rgb(load_image(image, timeout=timeout))
+    if isinstance(image, (str, os.PathLike)):
+        return to_rgb(_open_image_file(image))
+    raise TypeError(
+        f"Expected an image path, URL, PIL.Image.Image or numpy.ndarray, got {type(image).__name__}: {image!r:.80}."
+    )

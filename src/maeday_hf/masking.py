@@ -1,0 +1,112 @@
+"""Mask noise for MAEDAY's repeated masked reconstructions.
+
+`ViTMAEForPreTraining` draws its mask by arg-sorting a per-patch `noise` tensor: the `len_keep` patches with the
+*smallest* noise are kept (visible), the rest are masked. Passing our own noise is the only randomness MAEDAY needs, so
+every mask here comes from a seeded `torch.Generator` on the CPU: the same seed gives the same masks on any device, for
+every image of a call, whatever the batching.
+
+Two schedules:
+
+- `"random"` (the paper): each of the N masks keeps a uniformly random subset of patches.
+- `"balanced"`: the N masks are drawn so that every patch is kept (and hence masked) the same number of times, up to one.
+  With a 75 % mask ratio and N >= 2 every patch is then reconstructed from context at least once, which the random
+  schedule only guarantees with high probability for large N.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+MaskSchedule = Literal["random", "balanced"]
+MASK_SCHEDULES: tuple[str, ...] = ("random", "balanced")
+
+
+def num_kept_patches(num_patches: int, mask_ratio: float) -> int:
+    """Number of visible patches per mask, computed exactly as `ViTMAEEmbeddings.random_masking` does."""
+    return int(num_patches * (1 - mask_ratio))
+
+
+def validate_mask_ratio(mask_ratio: float) -> float:
+    if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, (int, float)):
+        raise TypeError(f"mask_ratio must be a float in [0, 1), got {mask_ratio!r} ({type(mask_ratio).__name__}).")
+    if not 0 <= mask_ratio < 1:
+        raise ValueError(f"mask_ratio must be in [0, 1) (0 keeps every patch visible), got {mask_ratio}.")
+    return float(mask_ratio)
+
+
+def validate_positive_int(value: int, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a positive integer, got {value!r} ({type(value).__name__}).")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}.")
+    return value
+
+
+def random_mask_noise(num_masks: int, num_patches: int, generator: torch.Generator) -> torch.Tensor:
+    """The paper's masks: i.i.d. uniform noise, shape `(num_masks, num_patches)`."""
+    return torch.rand(num_masks, num_patches, generator=generator)
+
+
+def balanced_mask_noise(
+    num_masks: int, num_patches: int, mask_ratio: float, generator: torch.Generator
+) -> torch.Tensor:
+    """Noise whose masks keep every patch the same number of times (up to one) across the `num_masks` masks.
+
+    Mask i keeps the patches kept least often by masks 0..i-1, ties broken at random. The returned noise is
+    `times_kept_before + u` with `u ~ U[0, 1)`: the model keeps the `num_kept_patches` smallest values, which are exactly
+    those patches. By induction the keep counts never differ by more than one.
+
+    Returns:
+        `torch.Tensor` of shape `(num_masks, num_patches)`.
+    """
+    num_kept = num_kept_patches(num_patches, mask_ratio)
+    times_kept = torch.zeros(num_patches)
+    noise = torch.empty(num_masks, num_patches)
+    for mask_index in range(num_masks):
+        priority = times_kept + torch.rand(num_patches, generator=generator)
+        noise[mask_index] = priority
+        kept = torch.argsort(priority)[:num_kept]
+        times_kept[kept] += 1
+    return noise
+
+
+def make_mask_noise(
+    num_masks: int,
+    num_patches: int,
+    mask_ratio: float = 0.75,
+    schedule: MaskSchedule = "random",
+    seed: int = 0,
+) -> torch.Tensor:
+    """Seeded mask noise for `ViTMAEForPreTraining(..., noise=...)`.
+
+    Args:
+        num_masks (`int`): N, the number of masked reconstructions per image.
+        num_patches (`int`): L, patches per image (`(image_size // patch_size) ** 2`).
+        mask_ratio (`float`): fraction of patches masked, in [0, 1).
+        schedule (`"random"` or `"balanced"`): see the module docstring.
+        seed (`int`): seeds a private CPU generator; global RNG state is untouched.
+
+    Returns:
+        `torch.Tensor` of shape `(num_masks, num_patches)`, float32 on the CPU.
+    """
+    validate_positive_int(num_masks, "num_masks")
+    validate_positive_int(num_patches, "num_patches")
+    mask_ratio = validate_mask_ratio(mask_ratio)
+    if schedule not in MASK_SCHEDULES:
+        raise ValueError(f"mask_schedule must be one of {MASK_SCHEDULES}, got {schedule!r}.")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an integer, got {seed!r} ({type(seed).__name__}).")
+    generator = torch.Generator().manual_seed(seed)
+    if schedule == "random":
+        return random_mask_noise(num_masks, num_patches, generator)
+    return balanced_mask_noise(num_masks, num_patches, mask_ratio, generator)
+
+
+def kept_patch_mask(noise: torch.Tensor, mask_ratio: float) -> torch.Tensor:
+    """Boolean `(num_masks, num_patches)` tensor, True where the model will keep (see) the patch for this noise."""
+    num_kept = num_kept_patches(noise.shape[-1], mask_ratio)
+    ids_keep = torch.argsort(noise, dim=-1)[..., :num_kept]
+    kept = torch.zeros_like(noise, dtype=torch.bool)
+    return kept.scatter_(-1, ids_keep, True)

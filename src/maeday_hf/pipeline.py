@@ -1,0 +1,185 @@
+"""`AnomalyDetectionPipeline`: zero-shot MAEDAY as a `transformers` pipeline.
+
+This module and the ones it imports relatively (`masking`, `reconstruction`, `scoring`, `images`) depend only on torch,
+numpy, PIL and transformers, so `pipeline.save_pretrained(folder)` / `push_to_hub` can ship them as remote code and the
+pipeline loads with `trust_remote_code=True` where `maeday_hf` is not installed.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers import Pipeline
+
+from .images import load_rgb_image
+from .masking import MASK_SCHEDULES, make_mask_noise, validate_mask_ratio, validate_positive_int
+from .reconstruction import is_vit_mae_for_pretraining
+from .scoring import maeday_anomaly_maps
+
+DEFAULT_CHECKPOINT = "facebook/vit-mae-base"
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_mask_noise(num_masks: int, num_patches: int, mask_ratio: float, schedule: str, seed: int) -> torch.Tensor:
+    return make_mask_noise(num_masks, num_patches, mask_ratio, schedule, seed)
+
+
+def _validate_threshold(threshold: float) -> float:
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
+        raise ValueError(f"threshold must be a finite number (an anomaly-map value), got {threshold!r}.")
+    return float(threshold)
+
+
+class AnomalyDetectionPipeline(Pipeline):
+    """Pixel anomaly maps and image anomaly scores with MAEDAY (zero-shot, or few-shot with a fine-tuned checkpoint).
+
+    Each image is reconstructed `num_masks` times by a `ViTMAEForPreTraining`, each time from a different random
+    `1 - mask_ratio` share of its patches. The squared error of each full reconstruction, Gaussian-filtered and summed
+    over channels, is averaged over the masks into the anomaly map; its maximum is the image score.
+
+    Example:
+
+    ```python
+    >>> import maeday_hf  # registers the task
+    >>> from transformers import pipeline
+    >>> detector = pipeline("anomaly-detection", model="facebook/vit-mae-base")
+    >>> result = detector("carpet.png", num_masks=32, threshold=0.5)
+    >>> result["score"], result["anomaly_map"].shape, result["label"]
+    ```
+    """
+
+    _load_processor = False
+    _load_image_processor = True
+    _load_feature_extractor = False
+    _load_tokenizer = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not is_vit_mae_for_pretraining(self.model):
+            model_type = getattr(self.model.config, "model_type", None)
+            raise ValueError(
+                f"The anomaly-detection pipeline needs a ViTMAEForPreTraining checkpoint (model_type 'vit_mae' with its "
+                f"decoder), got {type(self.model).__name__} (model_type {model_type!r})."
+            )
+        if self.image_processor is None:
+            raise ValueError(
+                "No image processor was found with this checkpoint: save one next to it (e.g. ViTImageProcessor with "
+                "the model's image size and normalisation) or pass `image_processor=` to `pipeline()`."
+            )
+
+    def _sanitize_parameters(
+        self,
+        num_masks: int | None = None,
+        mask_ratio: float | None = None,
+        seed: int | None = None,
+        mask_schedule: str | None = None,
+        mask_batch_size: int | None = None,
+        return_uncertainty: bool | None = None,
+        threshold: float | None = None,
+        timeout: float | None = None,
+    ):
+        preprocess_params, forward_params, postprocess_params = {}, {}, {}
+        if timeout is not None:
+            preprocess_params["timeout"] = timeout
+        if num_masks is not None:
+            forward_params["num_masks"] = validate_positive_int(num_masks, "num_masks")
+        if mask_ratio is not None:
+            forward_params["mask_ratio"] = validate_mask_ratio(mask_ratio)
+        if seed is not None:
+            if isinstance(seed, bool) or not isinstance(seed, int):
+                raise TypeError(f"seed must be an integer, got {seed!r} ({type(seed).__name__}).")
+            forward_params["seed"] = seed
+        if mask_schedule is not None:
+            if mask_schedule not in MASK_SCHEDULES:
+                raise ValueError(f"mask_schedule must be one of {MASK_SCHEDULES}, got {mask_schedule!r}.")
+            forward_params["mask_schedule"] = mask_schedule
+        if mask_batch_size is not None:
+            forward_params["mask_batch_size"] = validate_positive_int(mask_batch_size, "mask_batch_size")
+        if return_uncertainty is not None:
+            forward_params["return_uncertainty"] = bool(return_uncertainty)
+        if threshold is not None:
+            postprocess_params["threshold"] = _validate_threshold(threshold)
+        return preprocess_params, forward_params, postprocess_params
+
+    def __call__(self, inputs, **kwargs: Any) -> dict[str, Any] | list[dict[str, Any]]:
+        """Score one image or a list of images.
+
+        Args:
+            inputs (`str`, `PIL.Image.Image`, `np.ndarray` or a list of them): paths, URLs, PIL images or arrays
+                (`(H, W)`, `(H, W, 3|4)`; uint8, uint16 or float in [0, 1]). Any size and mode: images are converted
+                to RGB and resized to the model's input; maps come back at the original size.
+            num_masks (`int`, *optional*, defaults to 32): masked reconstructions per image (N).
+            mask_ratio (`float`, *optional*, defaults to 0.75): share of patches masked in each, in [0, 1); the
+                checkpoint's own `config.mask_ratio` is ignored and left unchanged.
+            seed (`int`, *optional*, defaults to 0): seeds the masks; every image of a call gets the same N masks.
+            mask_schedule (`"random"` or `"balanced"`, *optional*, defaults to `"random"`): the paper's i.i.d.
+                masks, or masks that keep every patch equally often.
+            mask_batch_size (`int`, *optional*, defaults to 128): most (image, mask) pairs per forward pass.
+            return_uncertainty (`bool`, *optional*, defaults to `False`): add `uncertainty_map`.
+            threshold (`float`, *optional*): add `label` and `mask` by thresholding the score and the map.
+            batch_size (`int`, *optional*): images per forward pass (their masked copies are batched too).
+
+        Return:
+            A dict (or a list of dicts, one per input) with:
+
+            - **score** (`float`) -- image anomaly score, the maximum of the anomaly map at the model's resolution.
+            - **anomaly_map** (`np.ndarray`, float32, `(H, W)` of the original image) -- pixel anomaly scores.
+            - **uncertainty_map** (`np.ndarray`, float32, `(H, W)`) -- per-pixel standard deviation of the N filtered
+              error maps; only with `return_uncertainty=True`.
+            - **label** (`str`) -- `"anomalous"` if `score > threshold`, else `"normal"`; only with `threshold`.
+            - **mask** (`PIL.Image.Image`, mode "L", `(H, W)`) -- 255 where `anomaly_map > threshold`; only with
+              `threshold`.
+        """
+        return super().__call__(inputs, **kwargs)
+
+    def preprocess(self, image, timeout: float | None = None) -> dict[str, torch.Tensor]:
+        image = load_rgb_image(image, timeout=timeout)
+        model_inputs = self.image_processor(images=image, return_tensors="pt")
+        model_inputs = {"pixel_values": model_inputs["pixel_values"].to(self.dtype)}
+        model_inputs["original_size"] = torch.tensor([[image.height, image.width]])
+        return model_inputs
+
+    def _forward(
+        self,
+        model_inputs: dict[str, torch.Tensor],
+        num_masks: int = 32,
+        mask_ratio: float = 0.75,
+        seed: int = 0,
+        mask_schedule: str = "random",
+        mask_batch_size: int = 128,
+        return_uncertainty: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        pixel_values = model_inputs["pixel_values"]
+        patch_size = self.model.config.patch_size
+        num_patches = (pixel_values.shape[-2] // patch_size) * (pixel_values.shape[-1] // patch_size)
+        noise = _cached_mask_noise(num_masks, num_patches, mask_ratio, mask_schedule, seed)
+        outputs = maeday_anomaly_maps(
+            self.model,
+            pixel_values,
+            noise,
+            mask_ratio=mask_ratio,
+            mask_batch_size=mask_batch_size,
+            return_uncertainty=return_uncertainty,
+        )
+        outputs["original_size"] = model_inputs["original_size"]
+        return outputs
+
+    def postprocess(self, model_outputs: dict[str, torch.Tensor], threshold: float | None = None) -> dict[str, Any]:
+        height, width = (int(v) for v in model_outputs["original_size"][0])
+        result: dict[str, Any] = {"score": float(model_outputs["pred_score"][0])}
+        for key in ("anomaly_map", "uncertainty_map"):
+            if key in model_outputs:
+                resized = F.interpolate(
+                    model_outputs[key][:1, None].float(), size=(height, width), mode="bilinear", align_corners=False
+                )
+                result[key] = resized[0, 0].numpy().astype(np.float32)
+        if threshold is not None:
+            result["label"] = "anomalous" if result["score"] > threshold else "normal"
+            result["mask"] = Image.fromarray(np.where(result["anomaly_map"] > threshold, 255, 0).astype(np.uint8))
+        return result

@@ -1,0 +1,96 @@
+"""Masked reconstructions with a stock `ViTMAEForPreTraining`, compared with the input in the model's own space.
+
+MAEDAY compares every *full* reconstruction (masked and visible patches alike) with the query. The comparison space is
+the one the checkpoint was trained to predict in:
+
+- `norm_pix_loss=False`: the model's normalised input (`pixel_values` as the image processor made them);
+- `norm_pix_loss=True`: each target patch normalised by its own mean and variance, exactly as the MAE loss does. The
+  prediction is *not* de-normalised with the query patch's statistics, since that would copy the query's colour and
+  brightness into the reconstruction and hide colour defects.
+
+Nothing here changes the model: the mask ratio is set for the duration of a call and restored afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+
+def is_vit_mae_for_pretraining(model: torch.nn.Module) -> bool:
+    config = getattr(model, "config", None)
+    return (
+        getattr(config, "model_type", None) == "vit_mae"
+        and hasattr(model, "patchify")
+        and hasattr(model, "unpatchify")
+        and hasattr(model, "decoder")
+    )
+
+
+@contextlib.contextmanager
+def mask_ratio_set_to(model: torch.nn.Module, mask_ratio: float) -> Iterator[None]:
+    """Temporarily set `model.config.mask_ratio` (read by `random_masking` at each forward), then restore it."""
+    original_mask_ratio = model.config.mask_ratio
+    model.config.mask_ratio = mask_ratio
+    try:
+        yield
+    finally:
+        model.config.mask_ratio = original_mask_ratio
+
+
+def reconstruction_targets(model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """What the model's predictions are compared with, per patch.
+
+    Args:
+        pixel_values (`torch.Tensor` of shape `(batch_size, num_channels, height, width)`): the model input.
+
+    Returns:
+        `torch.Tensor` of shape `(batch_size, num_patches, patch_size**2 * num_channels)`, float32.
+    """
+    target = model.patchify(pixel_values.float())
+    if model.config.norm_pix_loss:
+        # Same normalisation (and epsilon) as ViTMAEForPreTraining's loss.
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + 1.0e-6) ** 0.5
+    return target
+
+
+def predict_patches(model: torch.nn.Module, pixel_values: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """One masked reconstruction per row of `noise`.
+
+    Args:
+        pixel_values (`torch.Tensor` of shape `(batch_size, num_channels, height, width)`).
+        noise (`torch.Tensor` of shape `(batch_size, num_patches)`): the model keeps the smallest-noise patches.
+
+    Returns:
+        `torch.Tensor` of shape `(batch_size, num_patches, patch_size**2 * num_channels)`: the decoder's predictions
+        for *all* patches, float32.
+    """
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if pixel_values.device.type == "cuda"
+        else contextlib.nullcontext()
+    )
+    with autocast:
+        logits = model(pixel_values=pixel_values, noise=noise).logits
+    return logits.float()
+
+
+def squared_error_per_pixel(
+    model: torch.nn.Module, predicted_patches: torch.Tensor, target_patches: torch.Tensor
+) -> torch.Tensor:
+    """Squared error of a full reconstruction, summed over the colour channels, as an image.
+
+    The paper filters each channel's squared error and then sums the channels; the filter is linear, so summing first
+    gives the same map (see `scoring.py`).
+
+    Args:
+        predicted_patches, target_patches (`torch.Tensor` of shape `(batch_size, num_patches, patch_size**2 * C)`).
+
+    Returns:
+        `torch.Tensor` of shape `(batch_size, height, width)`.
+    """
+    return model.unpatchify(predicted_patches - target_patches).square().sum(dim=1)
