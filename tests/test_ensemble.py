@@ -1,0 +1,138 @@
+"""Label-free normalisation and summation of anomaly detectors' outputs."""
+
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import pytest
+
+from maeday_hf.ensemble import (
+    NormalizationStats,
+    compute_normalization_stats,
+    ensemble_predictions,
+    ensemble_scores,
+    normalize_scores,
+)
+
+
+def _outputs(seed: int, num_images: int = 6, size: tuple[int, int] = (9, 11), offset: float = 0.0, gain: float = 1.0):
+    """Scores and maps of a fake method: maps (num_images, H, W), score = max of map, as MAEDAY gives them."""
+    rng = np.random.default_rng(seed)
+    maps = (offset + gain * rng.gamma(2.0, size=(num_images, *size))).astype(np.float32)
+    return maps.reshape(num_images, -1).max(axis=1).astype(np.float64), maps
+
+
+@pytest.mark.parametrize("function", [compute_normalization_stats, normalize_scores, ensemble_scores, ensemble_predictions])
+def test_no_labels_in_the_signature(function):
+    names = set(inspect.signature(function).parameters)
+    assert not names & {"labels", "label", "gt_label", "gt_mask", "gt_masks", "targets", "y_true"}
+
+
+@pytest.mark.parametrize("method", ["zscore", "robust"])
+@pytest.mark.parametrize("shift, gain", [(5.0, 1.0), (-3.0, 1.0), (0.0, 40.0), (1000.0, 0.01)])
+def test_ensemble_is_invariant_to_shifting_and_scaling_one_method(method, shift, gain):
+    maeday_scores, maeday_maps = _outputs(0)
+    patchcore_scores, patchcore_maps = _outputs(1)
+    scores, maps = ensemble_scores([maeday_scores, patchcore_scores], [maeday_maps, patchcore_maps], method=method)
+    shifted_scores, shifted_maps = ensemble_scores(
+        [maeday_scores, gain * patchcore_scores + shift],
+        [maeday_maps, (gain * patchcore_maps.astype(np.float64) + shift).astype(np.float64)],
+        method=method,
+    )
+    np.testing.assert_allclose(shifted_scores, scores, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(shifted_maps, maps, rtol=1e-4, atol=1e-4)
+
+
+def test_zscore_normalisation_and_sum_match_a_plain_reference():
+    first_scores, first_maps = _outputs(0)
+    second_scores, second_maps = _outputs(1, offset=7.0, gain=3.0)
+    scores, maps = ensemble_scores([first_scores, second_scores], [first_maps, second_maps])
+
+    def z(values, pool):
+        return (values - pool.mean()) / pool.std()
+
+    expected_scores = z(first_scores, first_scores) + z(second_scores, second_scores)
+    expected_maps = z(first_maps.astype(np.float64), first_maps.astype(np.float64)) + z(
+        second_maps.astype(np.float64), second_maps.astype(np.float64)
+    )
+    np.testing.assert_allclose(scores, expected_scores, rtol=1e-9)
+    np.testing.assert_allclose(maps, expected_maps, rtol=1e-4, atol=1e-5)
+    assert maps.dtype == np.float32 and maps.shape == first_maps.shape
+
+
+def test_robust_stats_are_median_and_iqr():
+    scores, maps = _outputs(2)
+    stats = compute_normalization_stats(scores, maps, method="robust")
+    q25, median, q75 = np.percentile(scores, [25, 50, 75])
+    assert stats.score_center == pytest.approx(median)
+    assert stats.score_scale == pytest.approx(q75 - q25)
+
+
+def test_given_stats_are_used_as_is():
+    scores, maps = _outputs(3)
+    stats = NormalizationStats(score_center=1.0, score_scale=2.0, map_center=-1.0, map_scale=4.0)
+    normalized_scores, normalized_maps = normalize_scores(scores, maps, stats)
+    np.testing.assert_allclose(normalized_scores, (scores - 1.0) / 2.0)
+    np.testing.assert_allclose(normalized_maps, (maps + 1.0) / 4.0, rtol=1e-6)
+
+
+def test_maps_of_different_sizes_per_image_as_lists():
+    rng = np.random.default_rng(0)
+    sizes = [(5, 7), (8, 4), (6, 6)]
+    maps_a = [rng.random(size).astype(np.float32) for size in sizes]
+    maps_b = [rng.random(size).astype(np.float32) * 10 for size in sizes]
+    scores, maps = ensemble_scores(
+        [[m.max() for m in maps_a], [m.max() for m in maps_b]], [maps_a, maps_b], method="robust"
+    )
+    assert isinstance(maps, list) and [m.shape for m in maps] == sizes
+    assert scores.shape == (3,)
+
+
+def test_ensemble_predictions_takes_pipeline_style_dicts():
+    maeday_scores, maeday_maps = _outputs(0, num_images=3)
+    patchcore_scores, patchcore_maps = _outputs(1, num_images=3)
+    as_dicts = [
+        [{"score": float(s), "anomaly_map": m} for s, m in zip(scores, maps)]
+        for scores, maps in [(maeday_scores, maeday_maps), (patchcore_scores, patchcore_maps)]
+    ]
+    predictions = ensemble_predictions(as_dicts)
+    scores, maps = ensemble_scores([maeday_scores, patchcore_scores], [maeday_maps, patchcore_maps])
+    assert [p["score"] for p in predictions] == pytest.approx(scores.tolist())
+    for prediction, anomaly_map in zip(predictions, maps):
+        np.testing.assert_allclose(prediction["anomaly_map"], anomaly_map, rtol=1e-6)
+
+
+def test_constant_scores_fall_back_to_unit_scale(caplog):
+    maps = np.full((1, 4, 4), 3.0, dtype=np.float32)
+    normalized_scores, normalized_maps = normalize_scores(np.array([3.0]), maps)
+    assert normalized_scores.tolist() == [0.0]
+    assert np.all(normalized_maps == 0.0)
+    assert "spread" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "scores_per_method, maps_per_method, message",
+    [
+        ([], [], "at least one method"),
+        ([np.ones(2)], [np.ones((2, 3, 3)), np.ones((2, 3, 3))], "for 1 methods but maps for 2"),
+        ([np.arange(2.0), np.arange(3.0)], [np.ones((2, 3, 3)), np.ones((3, 3, 3))], "scored 2 images but method 1"),
+        ([np.arange(2.0)], [np.ones((3, 3, 3))], "2 image scores but 3 anomaly maps"),
+        ([np.arange(2.0), np.arange(2.0)], [np.ones((2, 3, 3)), np.ones((2, 4, 3))], r"Image 0: .* \(3, 3\) .* \(4, 3\)"),
+        ([np.array([0.0, np.nan])], [np.ones((2, 3, 3))], "NaN"),
+        ([np.arange(2.0)], [np.ones((2, 3))], r"shape \(num_images, H, W\)"),
+    ],
+)
+def test_bad_inputs_raise(scores_per_method, maps_per_method, message):
+    with pytest.raises(ValueError, match=message):
+        ensemble_scores(scores_per_method, maps_per_method)
+
+
+def test_bad_method_and_stats_raise():
+    scores, maps = _outputs(0)
+    with pytest.raises(ValueError, match="method"):
+        compute_normalization_stats(scores, maps, method="minmax")
+    with pytest.raises(ValueError, match="score_scale"):
+        NormalizationStats(score_center=0.0, score_scale=0.0, map_center=0.0, map_scale=1.0)
+    with pytest.raises(ValueError, match="2 normalisation stats for 1 methods"):
+        ensemble_scores([scores], [maps], stats=[None, None])
