@@ -1,0 +1,118 @@
+"""Publish per-category `DatasetDict`s as one Hub dataset with a config per category, or write that repo folder locally.
+
+On the Hub each config is embedded Parquet (image bytes inside the files) under `<config>/<split>-*.parquet`, listed in
+the `configs:` header of README.md, so `load_dataset("ORG/mvtec-ad", "bottle")` needs no loading script. The dry run
+([`write_hub_folder`]) writes the same files locally; `load_dataset(folder, "bottle")` reads them back.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import datasets
+import yaml
+from datasets.table import embed_table_storage
+
+logger = logging.getLogger(__name__)
+
+README = "README.md"
+
+
+def push_configs_to_hub(
+    configs: Mapping[str, datasets.DatasetDict],
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    token: str | None = None,
+) -> None:
+    """Push each `DatasetDict` as config `name` of `repo_id` (one commit per config, embedded Parquet).
+
+    Args:
+        configs (`Mapping[str, datasets.DatasetDict]`): Config name (e.g. `"bottle"`) → its splits.
+        repo_id (`str`): `"ORG/name"` of the dataset repo; created if missing.
+        private (`bool`, *optional*): Visibility when the repo is created.
+        token (`str`, *optional*): Hub token; defaults to the logged-in one.
+    """
+    if not configs:
+        raise ValueError("No configs to push: got an empty mapping.")
+    for name, dataset_dict in configs.items():
+        logger.info("Pushing config %s (%s) to %s", name, dict(dataset_dict.num_rows), repo_id)
+        dataset_dict.push_to_hub(
+            repo_id, config_name=name, private=private, token=token, commit_message=f"Add config {name}"
+        )
+
+
+def _write_atomically(path: Path, write) -> None:
+    """Call `write(temp_path)` next to `path`, then rename: readers never see a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(handle)
+    try:
+        write(temp_name)
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+
+
+def _embedded(dataset: datasets.Dataset) -> datasets.Dataset:
+    """Image files read into the table, as `push_to_hub` does, so the Parquet file stands alone."""
+    return dataset.with_format("arrow").map(embed_table_storage, batched=True, keep_in_memory=True).with_format(None)
+
+
+def _read_card(readme: Path) -> tuple[dict, str]:
+    """YAML header and body of an existing dataset card (empty if there is none)."""
+    if not readme.is_file():
+        return {}, ""
+    text = readme.read_text(encoding="utf-8")
+    if not text.startswith("---\n"):
+        return {}, text
+    header, _, body = text[4:].partition("\n---\n")
+    return yaml.safe_load(header) or {}, body
+
+
+def write_hub_folder(
+    configs: Mapping[str, datasets.DatasetDict], folder: str | os.PathLike, card_body: str | None = None
+) -> Path:
+    """Write the dataset repo `push_configs_to_hub` would produce into `folder` (the dry run).
+
+    Configs already in `folder/README.md` are kept, so categories can be written one run at a time.
+
+    Args:
+        configs (`Mapping[str, datasets.DatasetDict]`): Config name → its splits.
+        folder (`str` or `os.PathLike`): Output folder, created if missing.
+        card_body (`str`, *optional*): Markdown below the YAML header; keeps the existing body when `None`.
+
+    Returns:
+        `Path` of `folder`. Files: `<config>/<split>-00000-of-00001.parquet` and `README.md`.
+
+    Example:
+
+    ```python
+    >>> write_hub_folder({"bottle": load_mvtec(root, "bottle")}, "out/mvtec-ad")
+    >>> datasets.load_dataset("out/mvtec-ad", "bottle")["test"].features["label"].names
+    ['good', 'anomaly']
+    ```
+    """
+    if not configs:
+        raise ValueError("No configs to write: got an empty mapping.")
+    folder = Path(folder)
+    header, body = _read_card(folder / README)
+    entries = {entry["config_name"]: entry for entry in header.get("configs", [])}
+    for name, dataset_dict in configs.items():
+        for split, dataset in dataset_dict.items():
+            path = folder / name / f"{split}-00000-of-00001.parquet"
+            _write_atomically(path, _embedded(dataset).to_parquet)
+            logger.info("Wrote %s (%d rows)", path, len(dataset))
+        entries[name] = {
+            "config_name": name,
+            "data_files": [{"split": split, "path": f"{name}/{split}-*"} for split in dataset_dict],
+        }
+    header["configs"] = [entries[name] for name in sorted(entries)]
+    card = f"---\n{yaml.safe_dump(header, sort_keys=False)}---\n{body if card_body is None else card_body}"
+    _write_atomically(folder / README, lambda temp: Path(temp).write_text(card, encoding="utf-8"))
+    return folder

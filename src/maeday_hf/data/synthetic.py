@@ -1,0 +1,33 @@
+"""The core package's synthetic defect set ([`maeday_hf.synthetic`]) exposed through the MVTec AD builder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import datasets
+
+from ..synthetic import CATEGORIES as SYNTHETIC_CATEGORIES
+from ..synthetic import write_synthetic_mvtec
+from .mvtec import load_mvtec
+
+
+def load_synthetic_dataset(
+    root: str | os.PathLike, category: str = SYNTHETIC_CATEGORIES[0], **write_kwargs
+) -> datasets.DatasetDict:
+    """Write (if not already there) and load one synthetic category as a `DatasetDict` with MVTec AD's features.
+
+    Args:
+        root (`str` or `os.PathLike`): Folder for the synthetic MVTec-layout tree.
+        category (`str`, *optional*): One of `maeday_hf.synthetic.CATEGORIES` (textures and simple objects).
+        write_kwargs: Passed to `write_synthetic_mvtec` (`num_train`, `num_test_good`, `num_test_per_defect`,
+            `image_size`, `seed`) when the category has to be written.
+
+    Returns:
+        `datasets.DatasetDict` with `train` and `test`, as [`load_mvtec`] returns.
+    """
+    if category not in SYNTHETIC_CATEGORIES:
+        raise ValueError(f"Unknown synthetic category {category!r}; expected one of {SYNTHETIC_CATEGORIES}.")
+    if not (Path(root) / category / "train").is_dir():
+        write_synthetic_mvtec(root, categories=[category], **write_kwargs)
+    return load_mvtec(root, category)
