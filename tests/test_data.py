@@ -1,0 +1,240 @@
+"""Dataset builders on small trees written here: counts, labels, mask alignment, errors naming paths, publishing."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+from unittest import mock
+
+import datasets
+import numpy as np
+import pytest
+from PIL import Image
+
+from maeday_hf.data import (
+    FOD_CONFIGS,
+    LABEL_NAMES,
+    MVTEC_CATEGORIES,
+    MVTEC_OBJECTS,
+    MVTEC_TEXTURES,
+    load_fod,
+    load_mvtec,
+    load_synthetic_dataset,
+    push_configs_to_hub,
+    select_shots,
+    shot_indices,
+    write_hub_folder,
+)
+
+SIZE = (12, 10)  # width, height: not square, so a transposed mask would show
+DEFECTS = {"broken": 2, "scratch": 1}
+
+
+def _save(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def _image(seed: int, grayscale: bool) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    shape = (SIZE[1], SIZE[0]) if grayscale else (SIZE[1], SIZE[0], 3)
+    return rng.integers(0, 255, shape, dtype=np.uint8)
+
+
+def _mask(seed: int) -> np.ndarray:
+    mask = np.zeros((SIZE[1], SIZE[0]), dtype=np.uint8)
+    mask[seed % 5 : seed % 5 + 3, 2:6] = 255
+    return mask
+
+
+def write_mvtec_category(root: Path, category: str, grayscale: bool = False) -> Path:
+    """3 train good, 2 test good, and DEFECTS test images with masks, in the MVTec AD layout."""
+    for index in range(3):
+        _save(root / category / "train" / "good" / f"{index:03d}.png", _image(index, grayscale))
+    for index in range(2):
+        _save(root / category / "test" / "good" / f"{index:03d}.png", _image(10 + index, grayscale))
+    for defect, count in DEFECTS.items():
+        for index in range(count):
+            _save(root / category / "test" / defect / f"{index:03d}.png", _image(20 + index, grayscale))
+            _save(root / category / "ground_truth" / defect / f"{index:03d}_mask.png", _mask(index))
+    return root
+
+
+@pytest.fixture(scope="module")
+def mvtec_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("mvtec")
+    write_mvtec_category(root, "bottle")
+    write_mvtec_category(root, "grid", grayscale=True)
+    return root
+
+
+def test_category_lists_match_paper():
+    assert len(MVTEC_OBJECTS) == 10 and len(MVTEC_TEXTURES) == 5 and len(set(MVTEC_CATEGORIES)) == 15
+    assert {"carpet", "grid", "leather", "tile", "wood"} == set(MVTEC_TEXTURES)
+
+
+@pytest.mark.parametrize("category, mode", [("bottle", "RGB"), ("grid", "L")])
+def test_mvtec_counts_labels_and_masks(mvtec_root, category, mode):
+    dataset = load_mvtec(mvtec_root, category)
+    assert set(dataset) == {"train", "test"}
+    assert dataset["test"].features["label"].names == list(LABEL_NAMES)
+    train, test = dataset["train"], dataset["test"]
+    assert len(train) == 3 and set(train["label"]) == {0} and set(train["defect_type"]) == {"good"}
+    assert len(test) == 2 + sum(DEFECTS.values())
+    assert sorted(test["defect_type"]) == sorted(["good"] * 2 + [d for d, n in DEFECTS.items() for _ in range(n)])
+    for example in test:
+        assert example["category"] == category
+        assert example["image"].mode == mode and example["image"].size == SIZE
+        assert example["label"] == int(example["defect_type"] != "good")
+        if example["label"] == 0:
+            assert example["mask"] is None
+        else:  # aligned: the mask read back is the one written for this image's stem
+            stem = Path(example["image"].filename).stem
+            assert example["mask"].size == SIZE
+            np.testing.assert_array_equal(np.asarray(example["mask"]), _mask(int(stem)))
+
+
+def _copy_category(mvtec_root: Path, tmp_path: Path, category: str = "bottle") -> Path:
+    shutil.copytree(mvtec_root / category, tmp_path / category)
+    return tmp_path
+
+
+def test_missing_mask_names_the_file(mvtec_root, tmp_path):
+    root = _copy_category(mvtec_root, tmp_path)
+    missing = root / "bottle" / "ground_truth" / "broken" / "001_mask.png"
+    missing.unlink()
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        load_mvtec(root, "bottle")
+
+
+def test_extra_mask_names_the_file(mvtec_root, tmp_path):
+    root = _copy_category(mvtec_root, tmp_path)
+    extra = root / "bottle" / "ground_truth" / "scratch" / "007_mask.png"
+    _save(extra, _mask(0))
+    with pytest.raises(ValueError, match=str(extra)):
+        load_mvtec(root, "bottle")
+
+
+def test_mask_size_mismatch_names_both_files(mvtec_root, tmp_path):
+    root = _copy_category(mvtec_root, tmp_path)
+    mask = root / "bottle" / "ground_truth" / "scratch" / "000_mask.png"
+    _save(mask, np.zeros((4, 4), dtype=np.uint8))
+    with pytest.raises(ValueError, match=f"{mask} is 4x4 but its image .*000.png is 12x10"):
+        load_mvtec(root, "bottle")
+
+
+def test_unknown_category_and_non_mvtec_folder(mvtec_root, tmp_path):
+    with pytest.raises(ValueError, match=r"Unknown category 'bottel'.*\['bottle', 'grid'\]"):
+        load_mvtec(mvtec_root, "bottel")
+    (tmp_path / "bottle" / "images").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"bottle/train/good: expected the MVTec AD layout"):
+        load_mvtec(tmp_path, "bottle")
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        load_mvtec(tmp_path / "nowhere", "bottle")
+
+
+@pytest.fixture()
+def fod_root(tmp_path) -> Path:
+    """indoor: 3 normal frames, 3 object frames; masks for two, boxes for two (one frame has both)."""
+    config_dir = tmp_path / "indoor"
+    for index in range(3):
+        _save(config_dir / "normal" / f"n{index}.png", _image(index, grayscale=False))
+        _save(config_dir / "foreign_object" / f"o{index}.png", _image(10 + index, grayscale=False))
+    _save(config_dir / "masks" / "o0_mask.png", _mask(0))
+    _save(config_dir / "masks" / "o1_mask.png", _mask(1))
+    (config_dir / "boxes.json").write_text(json.dumps({"o1.png": [[1, 2, 5, 6]], "o2.png": [[0, 0, 3, 3], [4, 4, 8, 9]]}))
+    return tmp_path
+
+
+def test_fod_layout(fod_root):
+    dataset = load_fod(fod_root, "indoor")
+    test = dataset["test"]
+    assert list(dataset) == ["test"] and len(test) == 6
+    assert test["label"] == [0, 0, 0, 1, 1, 1]
+    assert test["defect_type"] == ["good"] * 3 + ["foreign_object"] * 3
+    assert [m is not None for m in test["mask"]] == [False] * 3 + [True, True, False]
+    assert test["boxes"] == [[], [], [], [], [[1, 2, 5, 6]], [[0, 0, 3, 3], [4, 4, 8, 9]]]
+    assert set(test["category"]) == {"indoor"} and FOD_CONFIGS == ("indoor", "outdoor")
+
+
+def test_fod_errors(fod_root):
+    with pytest.raises(ValueError, match="Unknown FOD config 'kitchen'"):
+        load_fod(fod_root, "kitchen")
+    with pytest.raises(FileNotFoundError, match="outdoor"):
+        load_fod(fod_root, "outdoor")
+    (fod_root / "indoor" / "boxes.json").write_text(json.dumps({"n0.png": [[0, 0, 1, 1]]}))
+    with pytest.raises(ValueError, match=r"\['n0.png'\], which are not frames"):
+        load_fod(fod_root, "indoor")
+    (fod_root / "indoor" / "boxes.json").unlink()
+    stray = fod_root / "indoor" / "masks" / "n1_mask.png"
+    _save(stray, _mask(0))
+    with pytest.raises(ValueError, match=str(stray)):
+        load_fod(fod_root, "indoor")
+
+
+def test_select_shots_deterministic_nested_and_validated(mvtec_root):
+    train = load_mvtec(mvtec_root, "bottle")["train"]
+    random.seed(123)
+    np.random.seed(123)
+    first = select_shots(train, 2, seed=0)["image"]
+    random.seed(7)
+    np.random.seed(7)
+    assert [im.filename for im in select_shots(train, 2, seed=0)["image"]] == [im.filename for im in first]
+    # Fixed values: the same seed must pick the same shots on every machine and version.
+    assert shot_indices(100, 4, seed=0) == [90, 15, 98, 84]
+    assert shot_indices(100, 3, seed=1) == shot_indices(100, 4, seed=1)[:3]
+    assert len({tuple(shot_indices(100, 4, seed)) for seed in range(3)}) == 3
+    with pytest.raises(ValueError, match="k=4 shots from a split of 3"):
+        select_shots(train, 4, seed=0)
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        select_shots(train, 0, seed=0)
+    with pytest.raises(TypeError, match="datasets.Dataset"):
+        select_shots(list(train), 1, seed=0)
+
+
+def test_dry_run_folder_loads_back_without_the_source_files(mvtec_root, tmp_path):
+    source = _copy_category(mvtec_root, tmp_path / "src")
+    shutil.copytree(mvtec_root / "grid", source / "grid")
+    out = tmp_path / "hub"
+    write_hub_folder({"bottle": load_mvtec(source, "bottle")}, out, card_body="# MVTec AD\n")
+    write_hub_folder({"grid": load_mvtec(source, "grid")}, out)  # a second run adds a config, keeps the first
+    shutil.rmtree(source)  # embedded Parquet: nothing refers back to the PNGs
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
+        "README.md",
+        "bottle/test-00000-of-00001.parquet",
+        "bottle/train-00000-of-00001.parquet",
+        "grid/test-00000-of-00001.parquet",
+        "grid/train-00000-of-00001.parquet",
+    ]
+    assert (out / "README.md").read_text().endswith("# MVTec AD\n")
+    cache = tmp_path / "cache"
+    for category, mode in (("bottle", "RGB"), ("grid", "L")):
+        loaded = datasets.load_dataset(str(out), category, cache_dir=str(cache))
+        assert loaded["test"].features["label"].names == list(LABEL_NAMES)
+        assert len(loaded["train"]) == 3 and len(loaded["test"]) == 5
+        example = next(e for e in loaded["test"] if e["label"] == 1)
+        assert example["image"].mode == mode and example["mask"].size == SIZE
+
+
+def test_push_calls_one_config_per_category(mvtec_root):
+    configs = {name: load_mvtec(mvtec_root, name) for name in ("bottle", "grid")}
+    with mock.patch.object(datasets.DatasetDict, "push_to_hub", autospec=True) as push:
+        push_configs_to_hub(configs, "ORG/mvtec-ad", private=True)
+    assert [(c.args[1], c.kwargs["config_name"], c.kwargs["private"]) for c in push.call_args_list] == [
+        ("ORG/mvtec-ad", "bottle", True),
+        ("ORG/mvtec-ad", "grid", True),
+    ]
+    assert [c.args[0] for c in push.call_args_list] == [configs["bottle"], configs["grid"]]
+    with pytest.raises(ValueError, match="empty"):
+        push_configs_to_hub({}, "ORG/mvtec-ad")
+
+
+def test_synthetic_set_has_the_same_features(tmp_path):
+    dataset = load_synthetic_dataset(tmp_path, "stripes", num_train=2, num_test_good=1, num_test_per_defect=1,
+                                     image_size=16)
+    assert dataset["test"].features == load_mvtec(tmp_path, "stripes")["test"].features
+    assert len(dataset["train"]) == 2 and sum(dataset["test"]["label"]) == len(dataset["test"]) - 1
+    with pytest.raises(ValueError, match="Unknown synthetic category"):
+        load_synthetic_dataset(tmp_path, "bottle")
