@@ -157,6 +157,9 @@ def test_fod_layout(fod_root):
     assert [m is not None for m in test["mask"]] == [False] * 3 + [True, True, False]
     assert test["boxes"] == [[], [], [], [], [[1, 2, 5, 6]], [[0, 0, 3, 3], [4, 4, 8, 9]]]
     assert set(test["category"]) == {"indoor"} and FOD_CONFIGS == ("indoor", "outdoor")
+    out = write_hub_folder({"indoor": dataset}, fod_root / "hub")
+    loaded = datasets.load_dataset(str(out), "indoor", cache_dir=str(fod_root / "cache"))["test"]
+    assert loaded["boxes"] == test["boxes"] and loaded.features == test.features
 
 
 def test_fod_errors(fod_root):

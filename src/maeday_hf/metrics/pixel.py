@@ -137,10 +137,13 @@ def _exact_counts(
     if not scores:
         raise ValueError("No images given: gt_masks and anomaly_maps are empty.")
     scores_all = np.concatenate(scores)
-    positive = np.concatenate(positives).astype(np.float64)
+    # Sort once here; count_exact's own stable sort of already-sorted scores is then linear.
+    order = np.argsort(-scores_all, kind="stable")
+    scores_all = scores_all[order]
+    positive = np.concatenate(positives)[order].astype(np.float64)
     negative = 1.0 - positive
     pixel = count_exact(scores_all, positive, negative)
-    region_counts = count_exact(scores_all, np.concatenate(regions), negative) if with_regions else None
+    region_counts = count_exact(scores_all, np.concatenate(regions)[order], negative) if with_regions else None
     return pixel, region_counts
 
 
