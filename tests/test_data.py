@@ -144,7 +144,8 @@ def fod_root(tmp_path) -> Path:
         _save(config_dir / "foreign_object" / f"o{index}.png", _image(10 + index, grayscale=False))
     _save(config_dir / "masks" / "o0_mask.png", _mask(0))
     _save(config_dir / "masks" / "o1_mask.png", _mask(1))
-    (config_dir / "boxes.json").write_text(json.dumps({"o1.png": [[1, 2, 5, 6]], "o2.png": [[0, 0, 3, 3], [4, 4, 8, 9]]}))
+    boxes = {"o1.png": [[1, 2, 5, 6]], "o2.png": [[0, 0, 3, 3], [4, 4, 8, 9]]}
+    (config_dir / "boxes.json").write_text(json.dumps(boxes))
     return tmp_path
 
 

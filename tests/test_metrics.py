@@ -74,7 +74,7 @@ def reference_aupro(masks: list[np.ndarray], maps: list[np.ndarray], max_fpr: fl
 
 
 def random_category(seed: int, num_images: int = 6, size: int = 12, levels: int | None = None):
-    """Masks with a few random blobs on half the images; maps correlated with the masks; optional coarse scores (ties)."""
+    """Random blobs on half the masks; maps correlated with the masks; `levels` rounds scores (ties)."""
     rng = np.random.default_rng(seed)
     masks, maps = [], []
     for index in range(num_images):

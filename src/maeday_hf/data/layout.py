@@ -42,7 +42,7 @@ def pair_masks(images: list[Path], mask_dir: Path, *, required: bool = True) -> 
 
     Raises:
         `FileNotFoundError`: a required mask is missing (the message names every expected mask path).
-        `ValueError`: a mask has no image (an extra file; the message names it), or a mask's size differs from its image.
+        `ValueError`: a mask has no image (an extra file, named), or a mask's size differs from its image's.
     """
     stems = {image.stem: image for image in images}
     masks, extra = {}, []

@@ -43,8 +43,9 @@ MVTEC_GRAYSCALE: tuple[str, ...] = ("grid", "screw", "zipper")
 
 def _category_dir(root: Path, category: str) -> Path:
     if not root.is_dir():
-        raise FileNotFoundError(f"MVTec AD root {root} is not a folder; expected the extracted archive with "
-                                f"<root>/<category>/train/good/*.png.")
+        raise FileNotFoundError(
+            f"MVTec AD root {root} is not a folder; expected the extracted archive with <root>/<category>/train/good/*.png."
+        )
     category_dir = root / category
     if not category_dir.is_dir():
         found = sorted(p.name for p in root.iterdir() if (p / "train").is_dir())
@@ -99,8 +100,9 @@ def mvtec_examples(root: str | os.PathLike, category: str) -> dict[str, dict[str
     if not train["image"]:
         raise FileNotFoundError(f"No training images in {train_dir}; expected *.png files.")
     test = _merge(test_parts)
-    logger.info("MVTec %s: %d train, %d test images (%d defect types)", category, len(train["image"]),
-                len(test["image"]), len(defect_types) - 1)
+    num_defect_types = len(defect_types) - 1
+    logger.info("MVTec %s: %d train, %d test images, %d defect types", category, len(train["image"]), len(test["image"]),
+                num_defect_types)
     return {"train": train, "test": test}
 
 

@@ -2,8 +2,8 @@
 
 The protocol compares methods on identical shots (paper, Sec. 4: "the same exact shots are used by all methods"), so the
 choice must not depend on global RNG state or on NumPy's generator streams. Each example index is ranked by a SHA-256
-hash of `(seed, index)` and the k lowest are taken. A side effect worth having: for one seed, the k-shot set contains the
-(k-1)-shot set, so a 0-4 shot curve adds one image at a time.
+hash of `(seed, index)` and the k lowest are taken. A side effect worth having: for one seed, the k-shot set
+contains the (k-1)-shot set, so a 0-4 shot curve adds one image at a time.
 """
 
 from __future__ import annotations

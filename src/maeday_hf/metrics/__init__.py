@@ -14,7 +14,15 @@ from pathlib import Path
 
 from .components import label_components
 from .image import image_f1_max, image_roc_auc
-from .pixel import DEFAULT_MAX_FPR, DEFAULT_NUM_BINS, PixelMetrics, aupro, compute_pixel_metrics, pixel_f1_max, pixel_roc_auc
+from .pixel import (
+    DEFAULT_MAX_FPR,
+    DEFAULT_NUM_BINS,
+    PixelMetrics,
+    aupro,
+    compute_pixel_metrics,
+    pixel_f1_max,
+    pixel_roc_auc,
+)
 
 _HERE = Path(__file__).resolve().parent
 

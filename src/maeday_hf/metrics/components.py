@@ -35,8 +35,8 @@ def label_components(mask: np.ndarray, connectivity: Literal[4, 8] = 8) -> tuple
             8 joins diagonal neighbours (MVTec AD's evaluation uses a 3×3 structuring element), 4 does not.
 
     Returns:
-        `labels` (`np.ndarray` of shape `(height, width)`, `int64`): 0 on the background, `1..num_regions` on the regions,
-        numbered in raster order of their first pixel; and `num_regions` (`int`).
+        `labels` (`np.ndarray` of shape `(height, width)`, `int64`): 0 on the background, `1..num_regions` on the
+        regions, numbered in raster order of their first pixel; and `num_regions` (`int`).
     """
     if connectivity not in _FORWARD_OFFSETS:
         raise ValueError(f"connectivity must be 4 or 8, got {connectivity!r}.")

@@ -1,15 +1,16 @@
 """Threshold curves from weighted scores: exact counting over sorted scores, or a streamed fixed histogram.
 
 Every metric in this package is a function of one object, [`ThresholdCounts`]: for a descending list of thresholds, the
-weighted number of positives and negatives scoring at or above each threshold. ROC-AUC uses unit weights; AUPRO weighs each
-anomalous pixel by `1 / size of its ground-truth region`, so the positive rate becomes the mean per-region overlap.
+weighted number of positives and negatives scoring at or above each threshold. ROC-AUC uses unit weights; AUPRO
+weighs each anomalous pixel by `1 / size of its ground-truth region`, so the positive rate becomes the mean per-region
+overlap.
 
 Two ways to get the counts:
 
-- [`count_exact`]: sort all scores once (memory `O(num_scores)`); thresholds are the distinct scores, as in scikit-learn.
+- [`count_exact`]: sort all scores (memory `O(num_scores)`); thresholds are the distinct scores, as in scikit-learn.
 - [`ScoreHistogram`]: a fixed grid of `num_bins` equal bins over a known `[low, high]`, filled image by image with
-  `np.bincount` (memory `O(num_bins)`, independent of the number of pixels). Thresholds are the bin lower edges, where the
-  counts are exact; inside a bin the order of scores is lost. [`tie_area`] bounds what this costs (see there).
+  `np.bincount` (memory `O(num_bins)`, independent of the number of pixels). Thresholds are the bin lower edges,
+  where the counts are exact; inside a bin the order of scores is lost. [`tie_area`] bounds what this costs (see there).
 """
 
 from __future__ import annotations
@@ -113,7 +114,8 @@ class ScoreHistogram:
         scores = np.asarray(scores, dtype=np.float64)
         if scores.size and (scores.min() < self.low or scores.max() > self.high):
             raise ValueError(
-                f"Scores in [{scores.min()}, {scores.max()}] fall outside the histogram range [{self.low}, {self.high}]."
+                f"Scores in [{scores.min()}, {scores.max()}] fall outside the histogram range "
+                f"[{self.low}, {self.high}]."
             )
         if self.num_bins == 1:
             return np.zeros(scores.shape, dtype=np.int64)
@@ -164,9 +166,9 @@ def tie_area(counts: ThresholdCounts, max_fpr: float = 1.0) -> float:
     """Upper bound on how far [`roc_area`] can move when the order of scores inside each threshold step is unknown.
 
     Between two consecutive thresholds the true curve is monotone, so it stays inside the rectangle spanned by the two
-    points; the trapezoid also does. Summing the rectangle areas `Δtpr · Δfpr` over the steps that start below `max_fpr`
-    (and dividing by `max_fpr`) bounds the difference between the histogram estimate and the exact area. For the full ROC
-    (`max_fpr == 1`), the trapezoid is the rectangle's midpoint, so half of that sum is a bound.
+    points; the trapezoid also does. Summing the rectangle areas `Δtpr · Δfpr` over the steps that start below
+    `max_fpr` (and dividing by `max_fpr`) bounds the difference between the histogram estimate and the exact area. For
+    the full ROC (`max_fpr == 1`), the trapezoid is the rectangle's midpoint, so half of that sum is a bound.
     """
     tpr, fpr = counts.rates()
     steps = np.diff(tpr) * np.diff(fpr)

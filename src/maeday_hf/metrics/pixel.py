@@ -7,11 +7,11 @@ Memory is `O(num_bins)` plus one image; time is linear in the number of pixels. 
 (exact, memory `O(num_pixels)`), which equals scikit-learn and the MVTec AD reference code.
 
 Error bound of the histogram. The counts at every bin edge are exact, so the curves are exact at `num_bins + 1` points
-and only the order of the pixels inside a bin is lost. Per bin, the exact curve and the estimate both lie in the rectangle
-between the bin's two edge points, hence (see [`~maeday_hf.metrics.curves.tie_area`]):
+and only the order of the pixels inside a bin is lost. Per bin, the exact curve and the estimate both lie in the
+rectangle between the bin's two edge points, hence (see [`~maeday_hf.metrics.curves.tie_area`]):
 
-- `|pixel_roc_auc - exact| <= ½ Σ_b ΔTPR_b · ΔFPR_b` (`<= ½ max_b ΔFPR_b`: half the largest share of normal pixels in any
-  one bin);
+- `|pixel_roc_auc - exact| <= ½ Σ_b ΔTPR_b · ΔFPR_b` (`<= ½ max_b ΔFPR_b`: half the largest share of normal
+  pixels in any one bin);
 - `|aupro - exact| <= Σ_{b: FPR_b < max_fpr} ΔPRO_b · ΔFPR_b / max_fpr`;
 - `0 <= exact_f1_max - pixel_f1_max <= max_b 2 TP_b / (TP_b + FP_{b+1} + P) - pixel_f1_max`.
 
@@ -108,7 +108,10 @@ def _score_range(anomaly_maps: Iterable) -> tuple[float, float]:
 
 
 def _histogram_counts(
-    pairs: Iterator[tuple[np.ndarray, np.ndarray]], score_range: tuple[float, float], num_bins: int, with_regions: bool,
+    pairs: Iterator[tuple[np.ndarray, np.ndarray]],
+    score_range: tuple[float, float],
+    num_bins: int,
+    with_regions: bool,
     connectivity: Literal[4, 8],
 ) -> tuple[ScoreHistogram, int]:
     histogram = ScoreHistogram(*score_range, num_bins=num_bins, num_channels=3)
@@ -201,7 +204,8 @@ def compute_pixel_metrics(
     if pixel_counts.total_positives == 0 or pixel_counts.total_negatives == 0:
         raise ValueError(
             f"Pixel metrics need anomalous and normal pixels, got {pixel_counts.total_positives:.0f} anomalous and "
-            f"{pixel_counts.total_negatives:.0f} normal; a category without ground-truth masks cannot be scored per pixel."
+            f"{pixel_counts.total_negatives:.0f} normal; a category without ground-truth masks cannot be scored per "
+            "pixel."
         )
     if num_bins is None:
         auc_bound = f1_bound = 0.0
@@ -224,7 +228,7 @@ def pixel_roc_auc(
     anomaly_maps: Iterable[np.ndarray | torch.Tensor],
     num_bins: int | None = DEFAULT_NUM_BINS,
 ) -> float:
-    """Pixel-level ROC-AUC over all pixels of all images; see [`compute_pixel_metrics`] for arguments and error bound."""
+    """Pixel-level ROC-AUC over all pixels of all images; [`compute_pixel_metrics`] has arguments and error bound."""
     return compute_pixel_metrics(gt_masks, anomaly_maps, include_aupro=False, num_bins=num_bins).pixel_roc_auc
 
 

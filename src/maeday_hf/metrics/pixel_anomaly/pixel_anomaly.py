@@ -9,8 +9,8 @@
 1.0
 ```
 
-Each prediction is one `(height, width)` anomaly map, each reference the binary mask of the same size (all zeros for a good
-image). `evaluate` keeps every added map until `compute()`; for a whole category without that copy, call
+Each prediction is one `(height, width)` anomaly map, each reference the binary mask of the same size (all zeros for a
+good image). `evaluate` keeps every added map until `compute()`; for a whole category without that copy, call
 `maeday_hf.metrics.compute_pixel_metrics` on the maps directly (streamed, bounded memory).
 """
 
