@@ -68,11 +68,11 @@ def write_atomically(path: Path, write: Callable[[str], None]) -> None:
 
 def run_detect(args: argparse.Namespace) -> int:
     from .images import load_rgb_image
+    from .masking import validate_positive_int
     from .modeling import load_detector
+    from .pipeline import split_call_parameters
     from .visualize import overlay_heatmap
 
-    images = collect_images(args.inputs)
-    detector = load_detector(args.model, device=args.device)
     call_kwargs = dict(
         num_masks=args.num_masks,
         mask_ratio=args.mask_ratio,
@@ -82,9 +82,13 @@ def run_detect(args: argparse.Namespace) -> int:
     )
     if args.threshold is not None:
         call_kwargs["threshold"] = args.threshold
+    split_call_parameters(**call_kwargs)  # bad options fail before the model loads
+    validate_positive_int(args.batch_size, "batch_size")
+    images = collect_images(args.inputs)
+    detector = load_detector(args.model, device=args.device)
+
     out_dir = Path(args.out)
-    # A generator in gives an iterator out: results stream while the bar advances. Options are validated by the
-    # pipeline before the first image.
+    # A generator in gives an iterator out: results stream while the bar advances.
     results = detector((str(path) for path, _ in images), batch_size=args.batch_size, **call_kwargs)
     rows = []
     maps = []
@@ -156,6 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "quiet", False):
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.handler(args)

@@ -44,6 +44,18 @@ def validate_positive_int(value: int, name: str) -> int:
     return value
 
 
+def validate_mask_schedule(schedule: str) -> str:
+    if schedule not in MASK_SCHEDULES:
+        raise ValueError(f"mask_schedule must be one of {MASK_SCHEDULES}, got {schedule!r}.")
+    return schedule
+
+
+def validate_seed(seed: int) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an integer, got {seed!r} ({type(seed).__name__}).")
+    return seed
+
+
 def random_mask_noise(num_masks: int, num_patches: int, generator: torch.Generator) -> torch.Tensor:
     """The paper's masks: i.i.d. uniform noise, shape `(num_masks, num_patches)`."""
     return torch.rand(num_masks, num_patches, generator=generator)
@@ -94,10 +106,8 @@ def make_mask_noise(
     validate_positive_int(num_masks, "num_masks")
     validate_positive_int(num_patches, "num_patches")
     mask_ratio = validate_mask_ratio(mask_ratio)
-    if schedule not in MASK_SCHEDULES:
-        raise ValueError(f"mask_schedule must be one of {MASK_SCHEDULES}, got {schedule!r}.")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an integer, got {seed!r} ({type(seed).__name__}).")
+    validate_mask_schedule(schedule)
+    validate_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     if schedule == "random":
         return random_mask_noise(num_masks, num_patches, generator)

@@ -18,7 +18,13 @@ from PIL import Image
 from transformers import Pipeline
 
 from .images import load_rgb_image
-from .masking import MASK_SCHEDULES, make_mask_noise, validate_mask_ratio, validate_positive_int
+from .masking import (
+    make_mask_noise,
+    validate_mask_ratio,
+    validate_mask_schedule,
+    validate_positive_int,
+    validate_seed,
+)
 from .reconstruction import is_vit_mae_for_pretraining
 from .scoring import maeday_anomaly_maps
 
@@ -34,6 +40,38 @@ def _validate_threshold(threshold: float) -> float:
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
         raise ValueError(f"threshold must be a finite number (an anomaly-map value), got {threshold!r}.")
     return float(threshold)
+
+
+def split_call_parameters(
+    *,
+    num_masks: int | None = None,
+    mask_ratio: float | None = None,
+    seed: int | None = None,
+    mask_schedule: str | None = None,
+    mask_batch_size: int | None = None,
+    return_uncertainty: bool | None = None,
+    threshold: float | None = None,
+    timeout: float | None = None,
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Validate call options and route them to preprocess / _forward / postprocess (only those passed)."""
+    preprocess_params, forward_params, postprocess_params = {}, {}, {}
+    if timeout is not None:
+        preprocess_params["timeout"] = timeout
+    if num_masks is not None:
+        forward_params["num_masks"] = validate_positive_int(num_masks, "num_masks")
+    if mask_ratio is not None:
+        forward_params["mask_ratio"] = validate_mask_ratio(mask_ratio)
+    if seed is not None:
+        forward_params["seed"] = validate_seed(seed)
+    if mask_schedule is not None:
+        forward_params["mask_schedule"] = validate_mask_schedule(mask_schedule)
+    if mask_batch_size is not None:
+        forward_params["mask_batch_size"] = validate_positive_int(mask_batch_size, "mask_batch_size")
+    if return_uncertainty is not None:
+        forward_params["return_uncertainty"] = bool(return_uncertainty)
+    if threshold is not None:
+        postprocess_params["threshold"] = _validate_threshold(threshold)
+    return preprocess_params, forward_params, postprocess_params
 
 
 class AnomalyDetectionPipeline(Pipeline):
@@ -73,39 +111,8 @@ class AnomalyDetectionPipeline(Pipeline):
                 "the model's image size and normalisation) or pass `image_processor=` to `pipeline()`."
             )
 
-    def _sanitize_parameters(
-        self,
-        num_masks: int | None = None,
-        mask_ratio: float | None = None,
-        seed: int | None = None,
-        mask_schedule: str | None = None,
-        mask_batch_size: int | None = None,
-        return_uncertainty: bool | None = None,
-        threshold: float | None = None,
-        timeout: float | None = None,
-    ):
-        preprocess_params, forward_params, postprocess_params = {}, {}, {}
-        if timeout is not None:
-            preprocess_params["timeout"] = timeout
-        if num_masks is not None:
-            forward_params["num_masks"] = validate_positive_int(num_masks, "num_masks")
-        if mask_ratio is not None:
-            forward_params["mask_ratio"] = validate_mask_ratio(mask_ratio)
-        if seed is not None:
-            if isinstance(seed, bool) or not isinstance(seed, int):
-                raise TypeError(f"seed must be an integer, got {seed!r} ({type(seed).__name__}).")
-            forward_params["seed"] = seed
-        if mask_schedule is not None:
-            if mask_schedule not in MASK_SCHEDULES:
-                raise ValueError(f"mask_schedule must be one of {MASK_SCHEDULES}, got {mask_schedule!r}.")
-            forward_params["mask_schedule"] = mask_schedule
-        if mask_batch_size is not None:
-            forward_params["mask_batch_size"] = validate_positive_int(mask_batch_size, "mask_batch_size")
-        if return_uncertainty is not None:
-            forward_params["return_uncertainty"] = bool(return_uncertainty)
-        if threshold is not None:
-            postprocess_params["threshold"] = _validate_threshold(threshold)
-        return preprocess_params, forward_params, postprocess_params
+    def _sanitize_parameters(self, **kwargs):
+        return split_call_parameters(**kwargs)
 
     def __call__(self, inputs, **kwargs: Any) -> dict[str, Any] | list[dict[str, Any]]:
         """Score one image or a list of images.

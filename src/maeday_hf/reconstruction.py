@@ -19,6 +19,11 @@ from collections.abc import Iterator
 import torch
 
 
+def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
+    """Errors are accumulated in float32 (bf16/fp16 inputs and outputs are upcast); float64 stays float64."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
 def is_vit_mae_for_pretraining(model: torch.nn.Module) -> bool:
     config = getattr(model, "config", None)
     return (
@@ -47,9 +52,9 @@ def reconstruction_targets(model: torch.nn.Module, pixel_values: torch.Tensor) -
         pixel_values (`torch.Tensor` of shape `(batch_size, num_channels, height, width)`): the model input.
 
     Returns:
-        `torch.Tensor` of shape `(batch_size, num_patches, patch_size**2 * num_channels)`, float32.
+        `torch.Tensor` of shape `(batch_size, num_patches, patch_size**2 * num_channels)`, at least float32.
     """
-    target = model.patchify(pixel_values.float())
+    target = model.patchify(_at_least_float32(pixel_values))
     if model.config.norm_pix_loss:
         # Same normalisation (and epsilon) as ViTMAEForPreTraining's loss.
         mean = target.mean(dim=-1, keepdim=True)
@@ -67,7 +72,7 @@ def predict_patches(model: torch.nn.Module, pixel_values: torch.Tensor, noise: t
 
     Returns:
         `torch.Tensor` of shape `(batch_size, num_patches, patch_size**2 * num_channels)`: the decoder's predictions
-        for *all* patches, float32.
+        for *all* patches, in float32 (float64 for a float64 model).
     """
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16)
@@ -76,7 +81,7 @@ def predict_patches(model: torch.nn.Module, pixel_values: torch.Tensor, noise: t
     )
     with autocast:
         logits = model(pixel_values=pixel_values, noise=noise).logits
-    return logits.float()
+    return _at_least_float32(logits)
 
 
 def squared_error_per_pixel(

@@ -95,8 +95,8 @@ def maeday_anomaly_maps(
     noise = noise.to(device)
     target_patches = reconstruction_targets(model, pixel_values)
 
-    error_sum = torch.zeros(batch_size, height, width, device=device)
-    filtered_square_sum = torch.zeros_like(error_sum) if return_uncertainty else None
+    error_sum = torch.zeros(batch_size, height, width, device=device, dtype=target_patches.dtype)
+    spread = _RunningSpread(error_sum) if return_uncertainty else None
     pair_index = torch.arange(batch_size * num_masks, device=device)
     with mask_ratio_set_to(model, mask_ratio):
         for chunk in pair_index.split(mask_batch_size):
@@ -104,14 +104,41 @@ def maeday_anomaly_maps(
             predicted = predict_patches(model, pixel_values[image_index], noise[mask_index])
             errors = squared_error_per_pixel(model, predicted, target_patches[image_index])
             error_sum.index_add_(0, image_index, errors)
-            if filtered_square_sum is not None:
-                filtered_square_sum.index_add_(0, image_index, gaussian_filter(errors, kernel_size, sigma).square())
+            if spread is not None:
+                spread.update(image_index, gaussian_filter(errors, kernel_size, sigma))
 
     anomaly_map = gaussian_filter(error_sum / num_masks, kernel_size, sigma)
     outputs = {"anomaly_map": anomaly_map, "pred_score": image_scores(anomaly_map)}
-    if filtered_square_sum is not None:
-        # Var = E[E_i^2] - E[E_i]^2, and E[E_i] is the anomaly map itself (linearity).
-        variance = (filtered_square_sum / num_masks - anomaly_map.square()).clamp_min(0)
-        outputs["uncertainty_map"] = variance.sqrt()
+    if spread is not None:
+        outputs["uncertainty_map"] = spread.std()
     return outputs
 
+
+
+class _RunningSpread:
+    """Per-image mean and sum of squared deviations of maps arriving in chunks (Chan et al.'s parallel update).
+
+    Stable where `E[x^2] - E[x]^2` cancels: the maps' spread is often far smaller than their mean.
+    """
+
+    def __init__(self, like: torch.Tensor):
+        self.count = torch.zeros(like.shape[0], device=like.device, dtype=like.dtype)
+        self.mean = torch.zeros_like(like)
+        self.sum_squared_deviations = torch.zeros_like(like)
+
+    def update(self, image_index: torch.Tensor, maps: torch.Tensor) -> None:
+        chunk_count = torch.zeros_like(self.count).index_add_(0, image_index, torch.ones_like(image_index, dtype=maps.dtype))
+        chunk_sum = torch.zeros_like(self.mean).index_add_(0, image_index, maps)
+        present = chunk_count > 0
+        chunk_mean = chunk_sum / chunk_count.clamp_min(1)[:, None, None]
+        chunk_ssd = torch.zeros_like(self.mean).index_add_(0, image_index, (maps - chunk_mean[image_index]).square())
+        total = self.count + chunk_count
+        weight = torch.where(present, chunk_count / total.clamp_min(1), torch.zeros_like(total))[:, None, None]
+        delta = chunk_mean - self.mean
+        self.sum_squared_deviations += chunk_ssd + delta.square() * (self.count[:, None, None] * weight)
+        self.mean += delta * weight
+        self.count = total
+
+    def std(self) -> torch.Tensor:
+        """Population standard deviation per pixel, `(batch_size, height, width)`."""
+        return (self.sum_squared_deviations / self.count.clamp_min(1)[:, None, None]).sqrt()

@@ -1,0 +1,93 @@
+"""The `maeday` command: outputs on disk, and one-line errors without tracebacks."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from maeday_hf.cli import main
+from maeday_hf.synthetic import write_synthetic_mvtec
+
+
+@pytest.fixture(scope="module")
+def synthetic_root(tmp_path_factory):
+    return write_synthetic_mvtec(
+        tmp_path_factory.mktemp("synthetic"), categories=("stripes",), num_train=1, num_test_good=2,
+        num_test_per_defect=1, image_size=48,
+    )
+
+
+def test_detect_writes_scores_and_heatmaps(synthetic_root, tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "out"
+    status = main(["detect", str(synthetic_root / "stripes" / "test"), "--model", tiny_checkpoint, "--out", str(out),
+                   "--num-masks", "3", "--threshold", "1.5", "--device", "cpu", "--batch-size", "2", "--quiet"])
+    assert status == 0
+    with open(out / "scores.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["path"].split("test/")[1] for row in rows] == [
+        "good/000.png", "good/001.png", "hole/000.png", "scratch/000.png", "stain/000.png"
+    ]
+    for row in rows:
+        assert row["label"] == ("anomalous" if float(row["score"]) > 1.5 else "normal")
+    heatmaps = sorted(p.name for p in (out / "heatmaps").iterdir())
+    assert heatmaps == ["good__000.png", "good__001.png", "hole__000.png", "scratch__000.png", "stain__000.png"]
+    assert Image.open(out / "heatmaps" / "hole__000.png").size == (48, 48)
+    assert not [p for p in out.rglob(".*")], "temporary files left behind"
+    assert "Scored 5 images" in capsys.readouterr().out
+
+
+def test_scores_match_the_pipeline(synthetic_root, tiny_checkpoint, tmp_path):
+    from transformers import pipeline
+
+    image = synthetic_root / "stripes" / "test" / "hole" / "000.png"
+    main(["detect", str(image), "--model", tiny_checkpoint, "--out", str(tmp_path), "--num-masks", "4", "--quiet"])
+    with open(tmp_path / "scores.csv") as handle:
+        (row,) = list(csv.DictReader(handle))
+    expected = pipeline("anomaly-detection", model=tiny_checkpoint)(str(image), num_masks=4)["score"]
+    assert float(row["score"]) == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [
+        (["--num-masks", "0"], "num_masks must be >= 1, got 0"),
+        (["--mask-ratio", "1.0"], "mask_ratio must be in [0, 1)"),
+        (["--mask-batch-size", "0"], "mask_batch_size must be >= 1"),
+    ],
+)
+def test_bad_options_print_one_line(synthetic_root, tiny_checkpoint, tmp_path, capsys, extra, fragment):
+    image = str(synthetic_root / "stripes" / "test" / "good" / "000.png")
+    status = main(["detect", image, "--model", tiny_checkpoint, "--out", str(tmp_path / "o"), "--quiet", *extra])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert err.count("\n") == 1 and err.startswith("maeday: error:") and fragment in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "o" / "scores.csv").exists()
+
+
+def test_bad_inputs_print_one_line(tiny_checkpoint, tmp_path, capsys):
+    corrupt = tmp_path / "broken.png"
+    corrupt.write_bytes(b"garbage")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = [
+        (["detect", str(tmp_path / "absent.png"), "--model", tiny_checkpoint, "--out", str(tmp_path)], "absent.png"),
+        (["detect", str(empty), "--model", tiny_checkpoint, "--out", str(tmp_path)], "no images"),
+        (["detect", str(corrupt), "--model", tiny_checkpoint, "--out", str(tmp_path)], "broken.png"),
+        (["detect", str(corrupt), "--model", str(tmp_path / "no-model"), "--out", str(tmp_path)], "no-model"),
+        (["detect", str(corrupt), "--model", "org/not-cached", "--out", str(tmp_path)], "org/not-cached"),
+    ]
+    for argv, fragment in cases:
+        assert main([*argv, "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and fragment in err and "Traceback" not in err, err
+
+
+def test_synthetic_command_writes_the_layout(tmp_path, capsys):
+    assert main(["synthetic", str(tmp_path / "syn"), "--categories", "disc", "--image-size", "32"]) == 0
+    assert (tmp_path / "syn" / "disc" / "ground_truth" / "scratch" / "000_mask.png").exists()
+    mask = np.asarray(Image.open(tmp_path / "syn" / "disc" / "ground_truth" / "hole" / "000_mask.png"))
+    assert set(np.unique(mask)) <= {0, 255} and mask.any()

@@ -1,0 +1,86 @@
+"""Mask noise: the schedules, their coverage, and agreement with the model's own masking."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_tiny_model
+from maeday_hf.masking import kept_patch_mask, make_mask_noise, num_kept_patches
+from maeday_hf.reconstruction import mask_ratio_set_to
+
+
+@pytest.mark.parametrize(
+    "num_masks, num_patches, mask_ratio",
+    [(2, 196, 0.75), (3, 196, 0.75), (32, 196, 0.75), (5, 16, 0.5), (7, 49, 0.9), (4, 16, 0.0)],
+)
+def test_balanced_schedule_keeps_every_patch_equally_often(num_masks, num_patches, mask_ratio):
+    noise = make_mask_noise(num_masks, num_patches, mask_ratio, "balanced", seed=3)
+    kept = kept_patch_mask(noise, mask_ratio)
+    times_kept = kept.sum(dim=0)
+    num_kept = num_kept_patches(num_patches, mask_ratio)
+    assert (kept.sum(dim=1) == num_kept).all()
+    assert times_kept.sum() == num_masks * num_kept
+    assert times_kept.max() - times_kept.min() <= 1
+    times_masked = num_masks - times_kept
+    if num_masks * (num_patches - num_kept) >= num_patches:
+        # Every patch is reconstructed from context at least once.
+        assert times_masked.min() >= 1
+
+
+def test_random_schedule_can_leave_patches_never_masked_where_balanced_does_not():
+    # With 2 masks at 75 %, a random patch stays visible in both with probability 1/16: over 196 patches some do.
+    random_kept = kept_patch_mask(make_mask_noise(2, 196, 0.75, "random", seed=0), 0.75)
+    balanced_kept = kept_patch_mask(make_mask_noise(2, 196, 0.75, "balanced", seed=0), 0.75)
+    assert (random_kept.all(dim=0)).any()
+    assert not (balanced_kept.all(dim=0)).any()
+
+
+@pytest.mark.parametrize("schedule", ["random", "balanced"])
+def test_same_seed_same_noise_other_seed_other_noise(schedule):
+    first = make_mask_noise(8, 49, 0.75, schedule, seed=11)
+    again = make_mask_noise(8, 49, 0.75, schedule, seed=11)
+    other = make_mask_noise(8, 49, 0.75, schedule, seed=12)
+    assert torch.equal(first, again)
+    assert not torch.equal(kept_patch_mask(first, 0.75), kept_patch_mask(other, 0.75))
+
+
+def test_noise_does_not_touch_global_rng():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    make_mask_noise(4, 16, 0.75, "balanced", seed=0)
+    assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize("schedule", ["random", "balanced"])
+@pytest.mark.parametrize("mask_ratio", [0.0, 0.5, 0.75])
+def test_model_masks_exactly_the_patches_our_noise_says(schedule, mask_ratio):
+    model = make_tiny_model(mask_ratio=0.3)  # the checkpoint's own ratio must not matter
+    noise = make_mask_noise(6, 16, mask_ratio, schedule, seed=5)
+    pixel_values = torch.randn(6, 3, 32, 32)
+    with torch.no_grad(), mask_ratio_set_to(model, mask_ratio):
+        model_mask = model(pixel_values=pixel_values, noise=noise).mask  # 1 = removed
+    assert model.config.mask_ratio == 0.3
+    assert torch.equal(model_mask.bool(), ~kept_patch_mask(noise, mask_ratio))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        (dict(num_masks=0), ValueError),
+        (dict(num_masks=2.0), TypeError),
+        (dict(num_masks=True), TypeError),
+        (dict(mask_ratio=1.0), ValueError),
+        (dict(mask_ratio=-0.1), ValueError),
+        (dict(mask_ratio="0.5"), TypeError),
+        (dict(schedule="grid"), ValueError),
+        (dict(seed=1.5), TypeError),
+    ],
+)
+def test_bad_arguments_name_the_value(kwargs, error):
+    arguments = dict(num_masks=4, num_patches=16, mask_ratio=0.75, schedule="random", seed=0) | kwargs
+    with pytest.raises(error) as raised:
+        make_mask_noise(**arguments)
+    bad_value = next(iter(kwargs.values()))
+    assert repr(bad_value) in str(raised.value) or str(bad_value) in str(raised.value)

@@ -1,0 +1,248 @@
+"""The `anomaly-detection` pipeline: outputs, determinism, batching, loading (path, repo id, remote code), bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import BertConfig, BertForPreTraining, ViTImageProcessor, pipeline
+
+import maeday_hf
+from conftest import save_tiny_checkpoint
+from maeday_hf import AnomalyDetectionPipeline
+from maeday_hf.masking import make_mask_noise
+from maeday_hf.modeling import load_detector
+from maeday_hf.scoring import maeday_anomaly_maps
+
+
+@pytest.fixture(scope="module")
+def detector(tiny_checkpoint):
+    return pipeline("anomaly-detection", model=tiny_checkpoint, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def images():
+    rng = np.random.default_rng(0)
+    return [
+        Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)),
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)),
+        Image.fromarray(rng.integers(0, 256, (77, 23, 3), dtype=np.uint8)),
+    ]
+
+
+def test_task_is_registered_and_builds_our_pipeline(detector):
+    from transformers.pipelines import PIPELINE_REGISTRY
+
+    assert PIPELINE_REGISTRY.supported_tasks[maeday_hf.TASK]["impl"] is AnomalyDetectionPipeline
+    assert isinstance(detector, AnomalyDetectionPipeline)
+
+
+def test_outputs_keys_types_and_original_size(detector, images):
+    result = detector(images[0], num_masks=4, return_uncertainty=True, threshold=0.5)
+    assert set(result) == {"score", "anomaly_map", "uncertainty_map", "label", "mask"}
+    assert isinstance(result["score"], float)
+    assert result["anomaly_map"].dtype == np.float32 and result["anomaly_map"].shape == (40, 56)
+    assert result["uncertainty_map"].shape == (40, 56)
+    assert result["mask"].mode == "L" and result["mask"].size == (56, 40)
+    assert result["label"] == ("anomalous" if result["score"] > 0.5 else "normal")
+    np.testing.assert_array_equal(np.asarray(result["mask"]) > 0, result["anomaly_map"] > 0.5)
+    assert set(detector(images[0], num_masks=2)) == {"score", "anomaly_map"}
+
+
+def test_matches_the_scoring_path_at_model_resolution(detector, images):
+    # A 32x32 image needs no resize, so the pipeline must return exactly the scoring function's map.
+    result = detector(images[1], num_masks=5, mask_ratio=0.5, seed=3, mask_schedule="balanced")
+    pixel_values = detector.image_processor(images=images[1], return_tensors="pt")["pixel_values"]
+    noise = make_mask_noise(5, 16, 0.5, "balanced", seed=3)
+    expected = maeday_anomaly_maps(detector.model, pixel_values, noise, 0.5)
+    np.testing.assert_allclose(result["anomaly_map"], expected["anomaly_map"][0].numpy(), rtol=1e-6)
+    assert result["score"] == pytest.approx(expected["pred_score"].item(), rel=1e-6)
+
+
+def test_same_seed_same_result_other_seed_other_result(detector, images):
+    first = detector(images[0], num_masks=4, seed=1)
+    again = detector(images[0], num_masks=4, seed=1)
+    other = detector(images[0], num_masks=4, seed=2)
+    np.testing.assert_array_equal(first["anomaly_map"], again["anomaly_map"])
+    assert not np.allclose(first["anomaly_map"], other["anomaly_map"])
+
+
+def test_batch_of_k_equals_k_singles_in_any_order(detector, images):
+    singles = [detector(image, num_masks=4) for image in images]
+    batched = detector(images, num_masks=4, batch_size=3, mask_batch_size=5)
+    reversed_batch = detector(images[::-1], num_masks=4, batch_size=2)[::-1]
+    assert isinstance(batched, list) and len(batched) == 3
+    for single, together, reordered in zip(singles, batched, reversed_batch):
+        assert together["score"] == pytest.approx(single["score"], rel=1e-5)
+        np.testing.assert_allclose(together["anomaly_map"], single["anomaly_map"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(reordered["anomaly_map"], single["anomaly_map"], rtol=1e-5, atol=1e-6)
+
+
+def test_defaults_are_the_paper_settings(detector, images):
+    default = detector(images[1])
+    explicit = detector(images[1], num_masks=32, mask_ratio=0.75, seed=0, mask_schedule="random")
+    np.testing.assert_array_equal(default["anomaly_map"], explicit["anomaly_map"])
+
+
+def test_checkpoint_mask_ratio_is_ignored_and_left_unchanged(tmp_path, images):
+    folder = save_tiny_checkpoint(tmp_path / "ratio", mask_ratio=0.3)
+    other = pipeline("anomaly-detection", model=folder)
+    reference = pipeline("anomaly-detection", model=save_tiny_checkpoint(tmp_path / "ref", mask_ratio=0.75))
+    a = other(images[1], num_masks=3)
+    b = reference(images[1], num_masks=3)
+    np.testing.assert_allclose(a["anomaly_map"], b["anomaly_map"], rtol=1e-6)
+    assert other.model.config.mask_ratio == 0.3
+
+
+def test_works_with_key_dataset(detector, images):
+    from datasets import Dataset
+    from transformers.pipelines.pt_utils import KeyDataset
+
+    dataset = Dataset.from_dict({"image": images})
+    results = list(detector(KeyDataset(dataset, "image"), num_masks=2, batch_size=2))
+    assert [r["anomaly_map"].shape for r in results] == [(40, 56), (32, 32), (77, 23)]
+
+
+@pytest.mark.parametrize(
+    "make_input",
+    [
+        lambda rng: Image.fromarray(rng.integers(0, 256, (30, 35), dtype=np.uint8), "L"),
+        lambda rng: Image.fromarray(rng.integers(0, 256, (30, 35, 4), dtype=np.uint8), "RGBA"),
+        lambda rng: Image.fromarray(rng.integers(0, 256, (30, 35), dtype=np.uint8), "L").convert("P"),
+        lambda rng: rng.integers(0, 65536, (30, 35), dtype=np.uint16),
+        lambda rng: rng.random((30, 35, 3), dtype=np.float32),
+        lambda rng: rng.integers(0, 256, (30, 35, 4), dtype=np.uint8),
+    ],
+    ids=["L", "RGBA", "P", "uint16-array", "float-array", "rgba-array"],
+)
+def test_any_mode_any_size_comes_back_at_original_size(detector, make_input):
+    result = detector(make_input(np.random.default_rng(1)), num_masks=2)
+    assert result["anomaly_map"].shape == (30, 35)
+    assert np.isfinite(result["anomaly_map"]).all()
+
+
+def test_paths_including_16_bit_png(detector, tmp_path):
+    values = (np.arange(30 * 40, dtype=np.uint16).reshape(30, 40) * 50).astype(np.uint16)
+    path = tmp_path / "deep.png"
+    Image.fromarray(values).save(path)
+    from_path = detector(str(path), num_masks=2)
+    from_array = detector(values, num_masks=2)
+    np.testing.assert_allclose(from_path["anomaly_map"], from_array["anomaly_map"], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, fragment",
+    [
+        (dict(num_masks=0), ValueError, "num_masks"),
+        (dict(num_masks=2.5), TypeError, "num_masks"),
+        (dict(mask_ratio=1.0), ValueError, "mask_ratio"),
+        (dict(mask_ratio=-0.5), ValueError, "mask_ratio"),
+        (dict(mask_batch_size=0), ValueError, "mask_batch_size"),
+        (dict(mask_batch_size=-3), ValueError, "mask_batch_size"),
+        (dict(mask_schedule="grid"), ValueError, "mask_schedule"),
+        (dict(seed="zero"), TypeError, "seed"),
+        (dict(threshold="high"), ValueError, "threshold"),
+    ],
+)
+def test_bad_parameters_raise_one_clear_error(detector, images, kwargs, error, fragment):
+    with pytest.raises(error, match=fragment):
+        detector(images[0], **kwargs)
+
+
+def test_bad_image_inputs(detector, tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        detector(str(tmp_path / "missing.png"))
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    with pytest.raises(ValueError, match="corrupt.png"):
+        detector(str(corrupt))
+    with pytest.raises(TypeError, match="int"):
+        detector(12)
+    with pytest.raises(ValueError, match="shape"):
+        detector(np.zeros((4, 4, 2), dtype=np.uint8))
+
+
+def test_a_checkpoint_that_is_not_vit_mae_is_refused(tmp_path):
+    config = BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=9)
+    BertForPreTraining(config).save_pretrained(tmp_path)
+    ViTImageProcessor().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="bert"):
+        pipeline("anomaly-detection", model=str(tmp_path))
+
+
+def test_load_detector_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope"):
+        load_detector(str(tmp_path / "nope"))
+    with pytest.raises(OSError, match="org/not-cached"):
+        load_detector("org/not-cached")
+
+
+def _run_python(code: str, env: dict[str, str]) -> str:
+    completed = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=180
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return completed.stdout.strip().splitlines()[-1]
+
+
+def test_remote_code_pipeline_runs_without_the_package(detector, images, tmp_path):
+    saved = tmp_path / "remote"
+    detector.save_pretrained(saved)
+    config = json.loads((saved / "config.json").read_text())
+    assert config["custom_pipelines"]["anomaly-detection"]["impl"] == "pipeline.AnomalyDetectionPipeline"
+    images[0].save(tmp_path / "query.png")
+    expected = detector(str(tmp_path / "query.png"), num_masks=3)["score"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    score = _run_python(
+        f"""
+        import sys
+        sys.modules["maeday_hf"] = None  # `import maeday_hf` fails from here on
+        from transformers import pipeline
+        detector = pipeline(model={str(saved)!r}, trust_remote_code=True)
+        assert type(detector).__name__ == "AnomalyDetectionPipeline", type(detector)
+        assert "maeday_hf" not in type(detector).__module__
+        print(detector({str(tmp_path / 'query.png')!r}, num_masks=3)["score"])
+        """,
+        env,
+    )
+    assert float(score) == pytest.approx(expected, rel=1e-6)
+    # With the package installed, the same folder loads through the installed class.
+    assert isinstance(load_detector(str(saved), device="cpu"), AnomalyDetectionPipeline)
+
+
+def test_load_by_repo_id_from_the_hub_cache(tiny_checkpoint, images, tmp_path):
+    # Lay the checkpoint out as the Hub cache does; with HF_HUB_OFFLINE=1 the repo id resolves to it.
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo_dir = tmp_path / "hub" / "models--maeday-test--tiny-vit-mae"
+    snapshot = repo_dir / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for name in os.listdir(tiny_checkpoint):
+        (snapshot / name).write_bytes(open(os.path.join(tiny_checkpoint, name), "rb").read())
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text(commit)
+    images[1].save(tmp_path / "query.png")
+    expected = load_detector(tiny_checkpoint, device="cpu")(str(tmp_path / "query.png"), num_masks=3)["score"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"))
+    score = _run_python(
+        f"""
+        import maeday_hf
+        from transformers import pipeline
+        detector = pipeline("anomaly-detection", model="maeday-test/tiny-vit-mae")
+        print(detector({str(tmp_path / 'query.png')!r}, num_masks=3)["score"])
+        """,
+        env,
+    )
+    assert float(score) == pytest.approx(expected, rel=1e-6)
+
+
+def test_float64_model_gives_float32_maps(tiny_checkpoint, images):
+    detector64 = pipeline("anomaly-detection", model=tiny_checkpoint, dtype=torch.float64)
+    result = detector64(images[0], num_masks=2)
+    assert result["anomaly_map"].dtype == np.float32
