@@ -1,4 +1,8 @@
-"""Load a MAEDAY detector: a ViTMAE checkpoint (Hub id or local folder) wrapped in the anomaly-detection pipeline."""
+"""Load a MAEDAY detector: a ViTMAE checkpoint or a few-shot adapter (Hub id or local folder) in the pipeline.
+
+A few-shot adapter folder (`maeday_hf.finetune`) is loaded as its base with the LoRA weights merged in (see
+`adapter_model.py`), and the threshold calibrated on its normal shots becomes the pipeline's default `threshold`.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,9 @@ import logging
 import os
 
 import torch
-from transformers import pipeline
+from transformers import AutoConfig, AutoImageProcessor, pipeline
 
+from .adapter_model import THRESHOLD_CONFIG_KEY, adapter_subfolder, load_merged_model
 from .pipeline import DEFAULT_CHECKPOINT, AnomalyDetectionPipeline
 
 logger = logging.getLogger(__name__)
@@ -23,9 +28,18 @@ def resolve_device(device: str | int | torch.device | None) -> str | int | torch
 def load_detector(
     model: str | os.PathLike = DEFAULT_CHECKPOINT,
     device: str | int | torch.device | None = "auto",
+    base_model: str | os.PathLike | None = None,
     **pipeline_kwargs,
 ) -> AnomalyDetectionPipeline:
     """`pipeline("anomaly-detection", model=model)`, with a clear error when the checkpoint cannot be had.
+
+    Args:
+        model (`str`): Hub id or folder of a ViTMAE checkpoint, a full fine-tune, or a few-shot adapter.
+        device: `"auto"` (GPU when there is one), `"cpu"`, `"cuda:1"`, ...
+        base_model (`str`, *optional*): for an adapter, the base to merge into instead of the one its
+            `adapter_config.json` names (e.g. a local copy); it must have the same geometry.
+        pipeline_kwargs: passed to `pipeline()`; call defaults such as `threshold=` or `num_masks=` included. A
+            checkpoint with a calibrated `anomaly_threshold` in its config gets it as default `threshold`.
 
     Raises:
         FileNotFoundError: `model` looks like a local path (exists as a file, or starts with `.`, `/` or `~`) but is
@@ -38,6 +52,15 @@ def load_detector(
     if looks_local and not os.path.isdir(os.path.expanduser(model)):
         raise FileNotFoundError(f"Model folder not found: {model!r} (expected a folder with config.json).")
     try:
+        config = AutoConfig.from_pretrained(os.path.expanduser(model))
+        threshold = getattr(config, THRESHOLD_CONFIG_KEY, None)
+        if threshold is not None:
+            pipeline_kwargs.setdefault("threshold", threshold)
+        if adapter_subfolder(config) is not None:
+            return _load_adapter_detector(os.path.expanduser(model), config, device, base_model, pipeline_kwargs)
+        if base_model is not None:
+            raise ValueError(f"base_model={os.fspath(base_model)!r} applies only to adapter folders; {model!r} is a "
+                             f"full checkpoint.")
         # pipeline_class: use this package's pipeline even when the folder also ships it as remote code.
         return pipeline(
             "anomaly-detection",
@@ -52,3 +75,24 @@ def load_detector(
             f"could not be reached ({str(error).splitlines()[0]}). Download it on a connected machine "
             f"(`hf download {model}`) or pass a local ViTMAE checkpoint folder."
         ) from error
+
+
+def _load_adapter_detector(
+    adapter: str,
+    config,
+    device: str | int | torch.device | None,
+    base_model: str | os.PathLike | None,
+    pipeline_kwargs: dict,
+) -> AnomalyDetectionPipeline:
+    """The base with the adapter merged in, in our pipeline, with the adapter folder's image processor."""
+    model_kwargs = pipeline_kwargs.pop("model_kwargs", None) or {}
+    merged = load_merged_model(adapter, base_model=base_model, config=config, **model_kwargs)
+    if pipeline_kwargs.get("image_processor") is None:
+        pipeline_kwargs["image_processor"] = AutoImageProcessor.from_pretrained(adapter)
+    return pipeline(
+        "anomaly-detection",
+        model=merged,
+        device=resolve_device(device),
+        pipeline_class=AnomalyDetectionPipeline,
+        **pipeline_kwargs,
+    )

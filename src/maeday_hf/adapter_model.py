@@ -1,0 +1,169 @@
+"""Load a MAEDAY few-shot adapter folder (or Hub repo) as one merged `ViTMAEForPreTraining`.
+
+An adapter folder written by `maeday_hf.finetune` looks like:
+
+```
+config.json               the base's ViTMAEConfig + `maeday_adapter` + `custom_pipelines` + `auto_map` (+ threshold)
+preprocessor_config.json  the base's image processor
+adapter/                  a PEFT LoRA adapter: adapter_config.json (naming the base) + adapter_model.safetensors
+pipeline.py, masking.py, reconstruction.py, scoring.py, images.py, adapter_model.py   remote code
+calibration.json, README.md
+```
+
+The PEFT adapter sits in a subfolder on purpose: `transformers.pipeline()` and `AutoModel*.from_pretrained` treat a
+*root* `adapter_config.json` as "load the base instead" — for a Hub id they then read the base's config (losing the
+`custom_pipelines` entry, so the remote pipeline cannot be found) and call `load_adapter`, which needs a newer PEFT.
+With the subfolder, `AutoModelForPreTraining.from_pretrained(folder, trust_remote_code=True)` reaches
+`MaedayAdapterForPreTraining.from_pretrained` (via `auto_map`), which loads the base, applies the LoRA weights with
+PEFT and merges them, so inference costs the same as the base model.
+
+This module is shipped as remote code: it imports only torch and transformers at module level; `peft` is imported
+inside `load_merged_model` (an adapter folder cannot be merged without it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+from transformers import AutoConfig, PretrainedConfig, ViTMAEForPreTraining
+from transformers.utils import cached_file
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_CONFIG_KEY = "maeday_adapter"
+"""`config.json` key marking an adapter folder: `{"subfolder": "adapter"}`."""
+ADAPTER_SUBFOLDER = "adapter"
+THRESHOLD_CONFIG_KEY = "anomaly_threshold"
+"""`config.json` key of the threshold calibrated on the normal shots; the pipeline's default `threshold`."""
+
+# Config fields that fix the shapes and meaning of the weights: an adapter only fits a base that agrees on all of them.
+GEOMETRY_KEYS: tuple[str, ...] = (
+    "model_type",
+    "image_size",
+    "patch_size",
+    "num_channels",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "decoder_hidden_size",
+    "decoder_num_hidden_layers",
+    "decoder_num_attention_heads",
+    "decoder_intermediate_size",
+    "norm_pix_loss",
+)
+
+# from_pretrained keywords that make sense for the base model; the others (revision, subfolder, ...) belong to the
+# adapter repository.
+_BASE_LOAD_KWARGS = ("dtype", "torch_dtype", "device_map", "cache_dir", "token", "local_files_only", "force_download")
+
+
+def adapter_subfolder(config: PretrainedConfig) -> str | None:
+    """The adapter subfolder named by `config.maeday_adapter`, or None when `config` is a plain checkpoint's."""
+    entry = getattr(config, ADAPTER_CONFIG_KEY, None)
+    if entry is None:
+        return None
+    if not isinstance(entry, dict) or not isinstance(entry.get("subfolder"), str):
+        raise ValueError(f"config.{ADAPTER_CONFIG_KEY} must be a dict with a 'subfolder' string, got {entry!r}.")
+    return entry["subfolder"]
+
+
+def check_base_matches(base_config: PretrainedConfig, adapter_folder_config: PretrainedConfig, base_name: str) -> None:
+    """Raise `ValueError` naming every geometry field where the base differs from the one the adapter was trained on."""
+    mismatches = [
+        f"{key}: adapter {getattr(adapter_folder_config, key, None)!r} vs base {getattr(base_config, key, None)!r}"
+        for key in GEOMETRY_KEYS
+        if getattr(adapter_folder_config, key, None) != getattr(base_config, key, None)
+    ]
+    if mismatches:
+        raise ValueError(
+            f"The adapter does not fit the base model {base_name!r} ({'; '.join(mismatches)}). Pass the base "
+            f"checkpoint the adapter was trained on (its adapter_config.json names it)."
+        )
+
+
+def read_adapter_config(
+    adapter: str | os.PathLike, subfolder: str = ADAPTER_SUBFOLDER, revision: str | None = None, **hub_kwargs: Any
+) -> dict[str, Any]:
+    """The PEFT `adapter_config.json` of an adapter folder or Hub repo, as a dict."""
+    path = cached_file(os.fspath(adapter), "adapter_config.json", subfolder=subfolder, revision=revision, **hub_kwargs)
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def load_merged_model(
+    adapter: str | os.PathLike,
+    base_model: str | os.PathLike | None = None,
+    revision: str | None = None,
+    merge: bool = True,
+    config: PretrainedConfig | None = None,
+    **base_kwargs: Any,
+):
+    """Load the base named by an adapter folder/repo, apply its LoRA weights and (by default) merge them.
+
+    Args:
+        adapter (`str` or `os.PathLike`): adapter folder or Hub repo id (as written by `maeday_hf.finetune`).
+        base_model (`str`, *optional*): the base checkpoint to use instead of the one in `adapter_config.json` (e.g.
+            a local copy); it must have the same geometry.
+        revision (`str`, *optional*): revision of the adapter repository.
+        merge (`bool`, *optional*, defaults to `True`): merge the LoRA weights into the base and return a plain
+            `ViTMAEForPreTraining`; `False` returns the `peft.PeftModel` (for comparisons).
+        config (`PretrainedConfig`, *optional*): the adapter folder's config, when already loaded.
+        base_kwargs: passed to the base's `from_pretrained` (`dtype`, `cache_dir`, `token`, ...).
+
+    Returns:
+        `ViTMAEForPreTraining` in eval mode whose `config` carries the calibrated `anomaly_threshold` if the adapter
+        has one (or a `peft.PeftModel` when `merge=False`).
+
+    Raises:
+        ValueError: the folder is not a MAEDAY adapter, or its base does not match.
+    """
+    from peft import PeftModel  # lazy: only adapter folders need PEFT
+
+    adapter = os.fspath(adapter)
+    hub_kwargs = {key: base_kwargs[key] for key in ("cache_dir", "token", "local_files_only") if key in base_kwargs}
+    if config is None:
+        config = AutoConfig.from_pretrained(adapter, revision=revision, **hub_kwargs)
+    subfolder = adapter_subfolder(config)
+    if subfolder is None:
+        raise ValueError(
+            f"{adapter!r} is not a MAEDAY adapter: its config.json has no {ADAPTER_CONFIG_KEY!r} entry. Load it as a "
+            f"plain ViTMAE checkpoint instead."
+        )
+    adapter_config = read_adapter_config(adapter, subfolder, revision=revision, **hub_kwargs)
+    base_name = os.fspath(base_model) if base_model is not None else adapter_config.get("base_model_name_or_path")
+    if not base_name:
+        raise ValueError(f"{adapter!r}: adapter_config.json names no base_model_name_or_path; pass base_model=.")
+    base_config = AutoConfig.from_pretrained(base_name, **hub_kwargs)
+    check_base_matches(base_config, config, base_name)
+    logger.info("Loading base %s and applying the adapter %s", base_name, adapter)
+    load_kwargs = {key: value for key, value in base_kwargs.items() if key in _BASE_LOAD_KWARGS}
+    base = ViTMAEForPreTraining.from_pretrained(base_name, **load_kwargs)
+    peft_model = PeftModel.from_pretrained(base, adapter, subfolder=subfolder, revision=revision, **hub_kwargs)
+    peft_model.eval()
+    threshold = getattr(config, THRESHOLD_CONFIG_KEY, None)
+    if not merge:
+        return peft_model
+    model = peft_model.merge_and_unload()
+    if threshold is not None:
+        setattr(model.config, THRESHOLD_CONFIG_KEY, threshold)
+    return model.eval()
+
+
+class MaedayAdapterForPreTraining(ViTMAEForPreTraining):
+    """`auto_map` entry point of an adapter folder: `from_pretrained` returns the base with the adapter merged.
+
+    Reached through `AutoModelForPreTraining.from_pretrained(folder_or_repo, trust_remote_code=True)`, hence through
+    `pipeline("anomaly-detection", model=folder_or_repo, trust_remote_code=True)`.
+    """
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, **kwargs):
+        revision = kwargs.get("revision")
+        base_kwargs = {key: value for key, value in kwargs.items() if key in _BASE_LOAD_KWARGS}
+        if not isinstance(config, PretrainedConfig):
+            config = None
+        return load_merged_model(pretrained_model_name_or_path, revision=revision, config=config, **base_kwargs)

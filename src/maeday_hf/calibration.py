@@ -1,0 +1,104 @@
+"""A detection threshold from the normal shots alone (no anomalous image, no test label).
+
+After fine-tuning, every shot is scored through the zero-shot scoring path (`maeday_anomaly_maps`) as it is and in a
+few augmented views (the same crop/rotation family as in training, from a separate seed stream). The image scores of
+these normal views give the threshold
+
+    threshold = mean + num_std * std      (num_std = 3 by default),
+
+or their maximum when that is larger: none of the normal views is then labelled anomalous, and since the image score
+is the maximum of the anomaly map, none of their pixels is either. The pipeline uses one threshold for the score and
+the map, so this one number serves both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+
+import torch
+
+from .masking import make_mask_noise
+from .scoring import maeday_anomaly_maps
+from .shot_views import random_crop_rotate, view_generator
+
+logger = logging.getLogger(__name__)
+
+# Calibration views draw from seeds far from the training views' (seed, index) stream.
+_CALIBRATION_SEED_OFFSET = 1_000_003
+
+
+@dataclasses.dataclass
+class Calibration:
+    """Scores of normal shot views and the threshold derived from them (saved as `calibration.json`)."""
+
+    threshold: float
+    scores: list[float]
+    mean: float
+    std: float
+    num_std: float
+    num_views_per_shot: int
+    num_masks: int
+    mask_ratio: float
+    seed: int
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@torch.no_grad()
+def calibrate_threshold(
+    model: torch.nn.Module,
+    pixel_values: torch.Tensor,
+    num_views_per_shot: int = 4,
+    num_masks: int = 32,
+    mask_ratio: float = 0.75,
+    num_std: float = 3.0,
+    seed: int = 0,
+    mask_batch_size: int = 128,
+    min_crop_scale: float = 0.75,
+    max_rotation_degrees: float = 15.0,
+) -> Calibration:
+    """Score the shots (plus `num_views_per_shot - 1` augmented views of each) and derive a threshold.
+
+    Args:
+        model (`ViTMAEForPreTraining`): the fine-tuned (merged) model, in eval mode.
+        pixel_values (`torch.Tensor` of shape `(num_shots, num_channels, height, width)`): the processed shots.
+        num_masks, mask_ratio: as at inference (the pipeline's defaults: 32 and 0.75). The masks are the ones the
+            pipeline draws for `seed`, so the scores match what it returns for the same image.
+
+    Returns:
+        `Calibration`.
+    """
+    num_shots = pixel_values.shape[0]
+    views = []
+    for shot_index in range(num_shots):
+        views.append(pixel_values[shot_index])
+        for view_index in range(1, num_views_per_shot):
+            generator = view_generator(seed + _CALIBRATION_SEED_OFFSET, shot_index * num_views_per_shot + view_index)
+            views.append(random_crop_rotate(pixel_values[shot_index], generator, min_crop_scale, max_rotation_degrees))
+    views = torch.stack(views)
+    device = next(model.parameters()).device
+    patch_size = model.config.patch_size
+    num_patches = (views.shape[-2] // patch_size) * (views.shape[-1] // patch_size)
+    noise = make_mask_noise(num_masks, num_patches, mask_ratio, "random", seed)
+    scores = []
+    for chunk in views.split(max(1, mask_batch_size // num_masks)):
+        outputs = maeday_anomaly_maps(model, chunk.to(device), noise, mask_ratio, mask_batch_size=mask_batch_size)
+        scores.extend(float(score) for score in outputs["pred_score"].cpu())
+    mean = sum(scores) / len(scores)
+    std = math.sqrt(sum((s - mean) ** 2 for s in scores) / max(1, len(scores) - 1))
+    threshold = max(mean + num_std * std, max(scores))
+    logger.info("Calibrated threshold %.6g from %d normal views (mean %.6g, std %.6g)", threshold, len(scores), mean, std)
+    return Calibration(
+        threshold=threshold,
+        scores=scores,
+        mean=mean,
+        std=std,
+        num_std=num_std,
+        num_views_per_shot=num_views_per_shot,
+        num_masks=num_masks,
+        mask_ratio=mask_ratio,
+        seed=seed,
+    )

@@ -1,0 +1,484 @@
+"""Few-shot MAEDAY (paper Sec. 3 "For FSAD", Table 5): fine-tune a ViTMAE on k normal shots with LoRA.
+
+The method, in the order it runs:
+
+1. `load_shot_images` / `shots_from_split`: the k shots, decoded up front (bad input fails before any training).
+2. `ShotViews`: batches of 32 views filled by repeating the shots, each view with its own crop, rotation and mask.
+3. `add_lora`: rank-32 LoRA on every weight matrix (or, with `full_finetune=True`, all weights at lr 1e-4).
+4. `MaedayTrainer`: a `transformers.Trainer` whose loss is `all_patch_loss` — MSE over *all* patches, masked and
+   visible, in the space the scorer compares in (`reconstruction_targets`), because MAEDAY scores every patch of the
+   full reconstruction. SGD (lr 1e-2, momentum 0.9, weight decay 0.05), 50 steps, constant learning rate.
+5. `calibrate_threshold`: a threshold from the normal shots only.
+6. The adapter folder (see `adapter_model.py` for its layout) is written to a temporary sibling of `output_dir` and
+   renamed into place at the end: an interrupted run leaves no output folder.
+
+Runs under `accelerate launch` unchanged: the per-process batch is `batch_size / num_processes`, so the effective
+batch (and the views it holds) is the same on 1 CPU process and on 8 GPUs.
+
+Example:
+
+```python
+>>> from maeday_hf.finetune import FinetuneConfig, finetune
+>>> result = finetune("facebook/vit-mae-base", ["bottle/train/good/000.png"], "bottle-1shot")
+>>> import maeday_hf.modeling
+>>> detector = maeday_hf.modeling.load_detector("bottle-1shot")
+```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoImageProcessor, Trainer, TrainingArguments, ViTMAEForPreTraining
+from transformers.dynamic_module_utils import custom_object_save
+
+from .adapter_model import ADAPTER_CONFIG_KEY, ADAPTER_SUBFOLDER, THRESHOLD_CONFIG_KEY, MaedayAdapterForPreTraining
+from .calibration import Calibration, calibrate_threshold
+from .lora import add_lora, make_lora_config
+from .masking import validate_mask_ratio
+from .model_card import render_model_card
+from .pipeline import AnomalyDetectionPipeline
+from .reconstruction import is_vit_mae_for_pretraining, mask_ratio_set_to, reconstruction_targets
+from .shot_views import ShotViews, load_shot_images, shots_from_split
+
+logger = logging.getLogger(__name__)
+
+TASK = "anomaly-detection"
+LORA_LEARNING_RATE = 1e-2
+FULL_FINETUNE_LEARNING_RATE = 1e-4
+CALIBRATION_FILE = "calibration.json"
+TRAINING_LOG_FILE = "training_log.json"
+
+
+@dataclasses.dataclass
+class FinetuneConfig:
+    """The paper's few-shot recipe; every field can be overridden.
+
+    Args:
+        num_steps (`int`, defaults to 50): optimisation steps.
+        batch_size (`int`, defaults to 32): views per step, over all processes (the shots repeated to fill it).
+        learning_rate (`float`, *optional*): defaults to 1e-2 with LoRA, 1e-4 with `full_finetune=True`.
+        momentum (`float`, defaults to 0.9), weight_decay (`float`, defaults to 0.05): SGD's.
+        full_finetune (`bool`, defaults to `False`): train all weights instead of LoRA (Table 5's ablation).
+        lora_rank (`int`, *optional*): LoRA rank, defaults to 32; not allowed with `full_finetune`.
+        lora_alpha (`float`, *optional*): defaults to `lora_rank` (update scale 1).
+        lora_dropout (`float`, *optional*): defaults to 0.
+        mask_ratio (`float`, defaults to 0.75): share of patches masked in each training view.
+        augment (`bool`, defaults to `True`): random crop + rotation of each view (`min_crop_scale`,
+            `max_rotation_degrees`).
+        seed (`int`, defaults to 0): seeds the views, their masks and the Trainer.
+        calibration_views_per_shot, calibration_num_masks, calibration_num_std: see `calibration.py`.
+        use_cpu (`bool`): train on the CPU even when a GPU is there.
+        bf16 (`bool`): bf16 mixed precision (GPU).
+        disable_tqdm (`bool`): no progress bar.
+    """
+
+    num_steps: int = 50
+    batch_size: int = 32
+    learning_rate: float | None = None
+    momentum: float = 0.9
+    weight_decay: float = 0.05
+    full_finetune: bool = False
+    lora_rank: int | None = None
+    lora_alpha: float | None = None
+    lora_dropout: float | None = None
+    mask_ratio: float = 0.75
+    augment: bool = True
+    min_crop_scale: float = 0.75
+    max_rotation_degrees: float = 15.0
+    seed: int = 0
+    calibration_views_per_shot: int = 4
+    calibration_num_masks: int = 32
+    calibration_num_std: float = 3.0
+    use_cpu: bool = False
+    bf16: bool = False
+    disable_tqdm: bool = False
+    logging_steps: int = 1
+
+    def __post_init__(self):
+        for name in ("num_steps", "batch_size", "calibration_views_per_shot", "calibration_num_masks", "logging_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+        if self.full_finetune:
+            given = [name for name in ("lora_rank", "lora_alpha", "lora_dropout") if getattr(self, name) is not None]
+            if given:
+                raise ValueError(
+                    f"{', '.join(given)} set together with full_finetune=True, which trains all weights without "
+                    f"LoRA: drop {' and '.join(given)} or full_finetune."
+                )
+        else:
+            if self.lora_rank is None:
+                self.lora_rank = 32
+            if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 1:
+                raise ValueError(f"lora_rank must be an integer >= 1, got {self.lora_rank!r}.")
+            if self.lora_alpha is None:
+                self.lora_alpha = float(self.lora_rank)
+            if self.lora_dropout is None:
+                self.lora_dropout = 0.0
+            if not 0 <= self.lora_dropout < 1:
+                raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}.")
+        if self.learning_rate is None:
+            self.learning_rate = FULL_FINETUNE_LEARNING_RATE if self.full_finetune else LORA_LEARNING_RATE
+        for name in ("learning_rate", "momentum", "weight_decay"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
+        if self.learning_rate == 0:
+            raise ValueError("learning_rate must be > 0 (0 would train nothing).")
+        self.mask_ratio = validate_mask_ratio(self.mask_ratio)
+        if not 0 < self.min_crop_scale <= 1:
+            raise ValueError(f"min_crop_scale must be in (0, 1] (share of the image area kept), got {self.min_crop_scale}.")
+        if not 0 <= self.max_rotation_degrees <= 180:
+            raise ValueError(f"max_rotation_degrees must be in [0, 180], got {self.max_rotation_degrees}.")
+
+    def recipe(self) -> dict[str, Any]:
+        """The fields that define the run, for the model card and `training_log.json`."""
+        skip = {"use_cpu", "disable_tqdm", "logging_steps"}
+        return {key: value for key, value in dataclasses.asdict(self).items() if key not in skip}
+
+
+@dataclasses.dataclass
+class FinetuneResult:
+    """What a run produced (only complete on the main process)."""
+
+    output_dir: Path
+    losses: list[tuple[int, float]]
+    calibration: Calibration | None
+    train_seconds: float
+
+
+def all_patch_loss(logits: torch.Tensor, target_patches: torch.Tensor) -> torch.Tensor:
+    """MSE over every patch, masked and visible alike (paper: "we apply the loss to all patches").
+
+    Args:
+        logits (`torch.Tensor` of shape `(batch_size, num_patches, patch_size**2 * num_channels)`): predictions.
+        target_patches (`torch.Tensor` of the same shape): `reconstruction_targets(model, pixel_values)`.
+
+    Returns:
+        Scalar `torch.Tensor`, float32.
+    """
+    if logits.shape != target_patches.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(target_patches.shape)} differ in shape.")
+    return (logits.float() - target_patches.float()).square().mean()
+
+
+class MaedayTrainer(Trainer):
+    """`Trainer` with MAEDAY's all-patch reconstruction loss and the shot views in order (view i is shot i % k).
+
+    Args:
+        reconstruction_model (`ViTMAEForPreTraining`): the unwrapped model, for `patchify` and `norm_pix_loss`.
+    """
+
+    def __init__(self, *args, reconstruction_model: torch.nn.Module, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.reconstruction_model = reconstruction_model
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        pixel_values = inputs["pixel_values"]
+        outputs = model(pixel_values=pixel_values, noise=inputs["noise"])
+        loss = all_patch_loss(outputs.logits, reconstruction_targets(self.reconstruction_model, pixel_values))
+        return (loss, outputs) if return_outputs else loss
+
+    def _get_train_sampler(self, train_dataset=None):
+        # Views are already randomised per index; in order, each batch holds every shot 32/k times (up to one).
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        return torch.utils.data.SequentialSampler(dataset)
+
+
+def _validate_output(output_dir: Path, overwrite: bool) -> None:
+    if output_dir.exists() and not overwrite:
+        raise FileExistsError(f"Output folder {os.fspath(output_dir)!r} already exists; pass overwrite=True "
+                              f"(--overwrite) or choose another folder.")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise FileExistsError(f"Output path {os.fspath(output_dir)!r} exists and is not a folder.")
+
+
+def _validate_hub_flags(push_to_hub: bool, hub_model_id: str | None) -> None:
+    if push_to_hub and not hub_model_id:
+        raise ValueError("push_to_hub needs hub_model_id (e.g. --hub-model-id my-org/bottle-1shot).")
+    if hub_model_id and not push_to_hub:
+        raise ValueError(f"hub_model_id={hub_model_id!r} given without push_to_hub: add --push-to-hub or drop it.")
+    if hub_model_id is not None and hub_model_id.count("/") != 1:
+        raise ValueError(f"hub_model_id must look like 'org/name', got {hub_model_id!r}.")
+
+
+def _recorded_base_name(base_model: str) -> str:
+    """What adapter_config.json records as the base: an absolute path for local folders, else the Hub id."""
+    expanded = os.path.expanduser(base_model)
+    return os.path.abspath(expanded) if os.path.isdir(expanded) else base_model
+
+
+def load_base_config(base_model: str) -> Any:
+    """The base's config, checked to be a plain ViTMAE (not another model, not an adapter folder)."""
+    config = AutoConfig.from_pretrained(base_model)
+    if getattr(config, "model_type", None) != "vit_mae":
+        raise ValueError(
+            f"The base model {base_model!r} has model_type {getattr(config, 'model_type', None)!r}; MAEDAY fine-tunes "
+            f"a ViTMAE checkpoint (model_type 'vit_mae', e.g. facebook/vit-mae-base)."
+        )
+    if getattr(config, ADAPTER_CONFIG_KEY, None) is not None:
+        raise ValueError(
+            f"{base_model!r} is already a MAEDAY adapter; fine-tune its base checkpoint (named in "
+            f"{ADAPTER_SUBFOLDER}/adapter_config.json) instead."
+        )
+    return config
+
+
+def _load_shots(shots: Any, num_shots: int | None, shot_seed: int):
+    import datasets
+
+    if isinstance(shots, datasets.Dataset):
+        if num_shots is None:
+            raise ValueError("Shots from a datasets split need num_shots (k) to pick them with select_shots.")
+        return shots_from_split(shots, num_shots, shot_seed)
+    if num_shots is not None:
+        raise ValueError(
+            f"num_shots={num_shots} only applies to a datasets split; with image files every given shot is used."
+        )
+    if shots is None:
+        raise ValueError("No shots given: few-shot fine-tuning needs at least one normal image (k >= 1).")
+    return load_shot_images(shots)
+
+
+def _custom_pipelines_entry() -> dict[str, Any]:
+    """`config.custom_pipelines` as `Pipeline.save_pretrained` writes it, pointing at the shipped `pipeline.py`."""
+    return {
+        TASK: {
+            "impl": f"{AnomalyDetectionPipeline.__module__.split('.')[-1]}.{AnomalyDetectionPipeline.__name__}",
+            "pt": ["AutoModelForPreTraining"],
+            "type": "image",
+        }
+    }
+
+
+def _write_folder(
+    folder: Path,
+    model: torch.nn.Module,
+    image_processor,
+    base_model: str,
+    config: FinetuneConfig,
+    calibration: Calibration,
+    shot_names: list[str],
+    losses: list[tuple[int, float]],
+    train_seconds: float,
+    name: str,
+) -> None:
+    """Everything but the weights/adapter (written before merging): config, processor, remote code, card, logs."""
+    if config.full_finetune:
+        folder_config = model.config
+    else:
+        folder_config = AutoConfig.from_pretrained(base_model)
+        setattr(folder_config, ADAPTER_CONFIG_KEY, {"subfolder": ADAPTER_SUBFOLDER})
+        folder_config.auto_map = {
+            "AutoModelForPreTraining": f"{MaedayAdapterForPreTraining.__module__.split('.')[-1]}."
+            f"{MaedayAdapterForPreTraining.__name__}"
+        }
+    folder_config.custom_pipelines = _custom_pipelines_entry()
+    setattr(folder_config, THRESHOLD_CONFIG_KEY, calibration.threshold)
+    if config.full_finetune:
+        model.save_pretrained(folder)
+    else:
+        folder_config.save_pretrained(folder)
+        custom_object_save(MaedayAdapterForPreTraining, folder)
+    custom_object_save(AnomalyDetectionPipeline, folder)
+    image_processor.save_pretrained(folder)
+    (folder / CALIBRATION_FILE).write_text(json.dumps(calibration.to_dict(), indent=2) + "\n")
+    log = {
+        "base_model": base_model,
+        "shots": shot_names,
+        "recipe": config.recipe(),
+        "losses": [{"step": step, "loss": loss} for step, loss in losses],
+        "train_seconds": train_seconds,
+    }
+    (folder / TRAINING_LOG_FILE).write_text(json.dumps(log, indent=2) + "\n")
+    card = render_model_card(
+        name=name,
+        base_model=base_model,
+        shot_names=shot_names,
+        recipe=config.recipe(),
+        losses=losses,
+        calibration=calibration.to_dict(),
+        full_finetune=config.full_finetune,
+    )
+    (folder / "README.md").write_text(card)
+
+
+def _move_into_place(partial: Path, output_dir: Path) -> None:
+    if output_dir.exists():
+        stale = output_dir.with_name(f".{output_dir.name}.replaced")
+        shutil.rmtree(stale, ignore_errors=True)
+        os.replace(output_dir, stale)
+        os.replace(partial, output_dir)
+        shutil.rmtree(stale, ignore_errors=True)
+    else:
+        os.replace(partial, output_dir)
+
+
+def push_folder_to_hub(folder: str | os.PathLike, repo_id: str, private: bool = False, token: str | None = None) -> str:
+    """Create `repo_id` (if needed) and upload `folder` to it in one commit; returns the commit URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    commit = api.upload_folder(
+        repo_id=repo_id, folder_path=os.fspath(folder), commit_message="MAEDAY few-shot fine-tune (maeday_hf)"
+    )
+    return str(getattr(commit, "commit_url", commit))
+
+
+def finetune(
+    base_model: str | os.PathLike,
+    shots: Any,
+    output_dir: str | os.PathLike,
+    config: FinetuneConfig | None = None,
+    num_shots: int | None = None,
+    shot_seed: int = 0,
+    overwrite: bool = False,
+    push_to_hub: bool = False,
+    hub_model_id: str | None = None,
+    hub_private: bool = False,
+) -> FinetuneResult:
+    """Fine-tune `base_model` on normal shots and write an adapter folder (or full checkpoint) to `output_dir`.
+
+    Args:
+        base_model (`str`): Hub id or folder of a `ViTMAEForPreTraining` checkpoint with its image processor.
+        shots: image paths, folders of images, PIL images / arrays, or a `datasets.Dataset` split (with
+            `num_shots`; the shots are `maeday_hf.data.select_shots(split, num_shots, shot_seed)`).
+        output_dir (`str`): the folder to write; it appears only when the run has finished.
+        config (`FinetuneConfig`, *optional*): the recipe (defaults: the paper's).
+        overwrite (`bool`): replace an existing `output_dir` (at the end of the run).
+        push_to_hub, hub_model_id, hub_private: upload the finished folder to `hub_model_id`.
+
+    Returns:
+        `FinetuneResult`.
+
+    Raises:
+        ValueError / FileNotFoundError / FileExistsError: bad input, before any training.
+    """
+    config = config if config is not None else FinetuneConfig()
+    base_model = os.fspath(base_model)
+    output_dir = Path(output_dir).expanduser().absolute()
+    _validate_output(output_dir, overwrite)
+    _validate_hub_flags(push_to_hub, hub_model_id)
+    load_base_config(base_model)
+    images, shot_names = _load_shots(shots, num_shots, shot_seed)
+    recorded_base = _recorded_base_name(base_model)
+    if push_to_hub and os.path.isabs(recorded_base):
+        logger.warning("The base %s is a local folder: the pushed adapter loads only where that path exists.", recorded_base)
+
+    image_processor = AutoImageProcessor.from_pretrained(base_model)
+    model = ViTMAEForPreTraining.from_pretrained(base_model)
+    if not is_vit_mae_for_pretraining(model):
+        raise ValueError(f"{base_model!r} did not load as a ViTMAEForPreTraining with its decoder.")
+    pixel_values = image_processor(images=images, return_tensors="pt")["pixel_values"]
+    patch_size = model.config.patch_size
+    num_patches = (pixel_values.shape[-2] // patch_size) * (pixel_values.shape[-1] // patch_size)
+
+    args = TrainingArguments(
+        output_dir=os.fspath(output_dir.with_name(f".{output_dir.name}.partial")),
+        max_steps=config.num_steps,
+        per_device_train_batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        weight_decay=config.weight_decay,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        logging_strategy="steps",
+        logging_steps=config.logging_steps,
+        save_strategy="no",
+        report_to="none",
+        seed=config.seed,
+        use_cpu=config.use_cpu,
+        bf16=config.bf16,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=config.disable_tqdm,
+        ddp_find_unused_parameters=False,
+    )
+    if config.batch_size % args.world_size:
+        raise ValueError(
+            f"batch_size={config.batch_size} does not split evenly over {args.world_size} processes; pick a batch "
+            f"size divisible by the number of processes so the effective batch stays {config.batch_size}."
+        )
+    args.per_device_train_batch_size = config.batch_size // args.world_size
+    partial = Path(args.output_dir)
+
+    if config.full_finetune:
+        trained = model
+        trained.requires_grad_(True)
+    else:
+        trained = add_lora(model, make_lora_config(model, config.lora_rank, config.lora_alpha, config.lora_dropout))
+        trained.peft_config["default"].base_model_name_or_path = recorded_base
+    views = ShotViews(
+        pixel_values,
+        num_views=config.num_steps * config.batch_size,
+        num_patches=num_patches,
+        seed=config.seed,
+        augment=config.augment,
+        min_crop_scale=config.min_crop_scale,
+        max_rotation_degrees=config.max_rotation_degrees,
+    )
+    trainer = MaedayTrainer(
+        model=trained,
+        args=args,
+        train_dataset=views,
+        optimizer_cls_and_kwargs=(torch.optim.SGD, {"lr": config.learning_rate, "momentum": config.momentum}),
+        reconstruction_model=model,
+    )
+    is_main = trainer.is_world_process_zero()
+    if is_main:
+        shutil.rmtree(partial, ignore_errors=True)  # left over by a killed run
+        partial.mkdir(parents=True)
+    try:
+        start = time.perf_counter()
+        with mask_ratio_set_to(model, config.mask_ratio):
+            trainer.train()
+        train_seconds = time.perf_counter() - start
+        losses = [(int(entry["step"]), float(entry["loss"])) for entry in trainer.state.log_history if "loss" in entry]
+        calibration = None
+        if is_main:
+            unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+            if config.full_finetune:
+                merged = unwrapped
+            else:
+                unwrapped.save_pretrained(partial / ADAPTER_SUBFOLDER)
+                # PEFT's generic card; the folder's README.md describes the run.
+                (partial / ADAPTER_SUBFOLDER / "README.md").unlink(missing_ok=True)
+                merged = unwrapped.merge_and_unload()
+            merged.eval()
+            calibration = calibrate_threshold(
+                merged,
+                pixel_values,
+                num_views_per_shot=config.calibration_views_per_shot,
+                num_masks=config.calibration_num_masks,
+                mask_ratio=config.mask_ratio,
+                num_std=config.calibration_num_std,
+                seed=config.seed,
+                min_crop_scale=config.min_crop_scale,
+                max_rotation_degrees=config.max_rotation_degrees,
+            )
+            _write_folder(
+                partial, merged, image_processor, recorded_base, config, calibration, shot_names, losses,
+                train_seconds, name=hub_model_id or output_dir.name,
+            )
+            _move_into_place(partial, output_dir)
+            logger.info("Wrote %s", output_dir)
+    except BaseException:
+        if is_main:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
+    trainer.accelerator.wait_for_everyone()
+    if is_main and push_to_hub:
+        url = push_folder_to_hub(output_dir, hub_model_id, private=hub_private)
+        logger.info("Pushed %s to %s", output_dir, url)
+    return FinetuneResult(output_dir=output_dir, losses=losses, calibration=calibration, train_seconds=train_seconds)

@@ -1,0 +1,101 @@
+"""The README.md (model card) of a fine-tuned MAEDAY adapter, generated from the run."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from huggingface_hub import ModelCardData
+
+CARD_TEMPLATE = """---
+{metadata}
+---
+
+# MAEDAY few-shot {kind}: {name}
+
+{summary}
+
+Fine-tuned from [`{base_model}`]({base_link}) on **{num_shots} normal shot(s)** with MAEDAY's few-shot recipe
+(paper: *MAEDAY: MAE for few and zero shot AnomalY-Detection*, Sec. 3). Anomaly maps come from {num_masks_hint}
+masked reconstructions of the query compared with the query itself; the image score is the map's maximum.
+
+## Use
+
+```python
+{usage}
+```
+
+Without `maeday_hf` installed, the same call with `trust_remote_code=True` runs the pipeline code shipped here
+(`pipeline.py` and the modules it imports{remote_note}).
+
+## Shots
+
+{shots}
+
+## Recipe
+
+| setting | value |
+|---|---|
+{recipe}
+
+## Training loss (MSE over all patches, masked and visible)
+
+| step | loss |
+|---|---|
+{losses}
+
+## Threshold (from the normal shots only)
+
+`{threshold:.6g}` = max(mean + {num_std} x std, max) of the image scores of {num_calibration_views} normal views
+(each shot as is and augmented), scored with {calibration_masks} masks at mask ratio {calibration_mask_ratio}. The
+pipeline uses it as the default `threshold` (adds `label` and `mask`); pass `threshold=` to override. All scores are in
+`calibration.json`.
+"""
+
+
+def render_model_card(
+    name: str,
+    base_model: str,
+    shot_names: list[str],
+    recipe: dict[str, Any],
+    losses: list[tuple[int, float]],
+    calibration: dict[str, Any],
+    full_finetune: bool,
+) -> str:
+    """Markdown model card with Hub metadata (library, base model, tags) for an adapter or full checkpoint folder."""
+    metadata = ModelCardData(
+        library_name="peft" if not full_finetune else "transformers",
+        base_model=base_model,
+        tags=["anomaly-detection", "maeday", "vit_mae", "few-shot"] + ([] if full_finetune else ["lora"]),
+        pipeline_tag=None,
+    ).to_yaml()
+    base_link = base_model if "://" in base_model else f"https://huggingface.co/{base_model}"
+    usage = (
+        "import maeday_hf\n"
+        f"detector = maeday_hf.modeling.load_detector({name!r})\n"
+        "result = detector(\"query.png\")  # score, anomaly_map, label, mask"
+    )
+    return CARD_TEMPLATE.format(
+        metadata=metadata,
+        kind="full fine-tune" if full_finetune else "LoRA adapter",
+        name=name,
+        summary=(
+            "All weights fine-tuned (the paper's Table 5 ablation)."
+            if full_finetune
+            else f"A LoRA adapter (rank {recipe.get('lora_rank')}) on every weight matrix, merged into the base at load."
+        ),
+        base_model=base_model,
+        base_link=base_link,
+        num_shots=len(shot_names),
+        num_masks_hint=calibration.get("num_masks", 32),
+        usage=usage,
+        remote_note="" if full_finetune else ", plus `adapter_model.py`, which merges the adapter with `peft`",
+        shots="\n".join(f"- `{shot}`" for shot in shot_names),
+        recipe="\n".join(f"| {key} | `{json.dumps(value)}` |" for key, value in recipe.items()),
+        losses="\n".join(f"| {step} | {loss:.6g} |" for step, loss in losses) or "| - | - |",
+        threshold=calibration["threshold"],
+        num_std=calibration["num_std"],
+        num_calibration_views=len(calibration["scores"]),
+        calibration_masks=calibration["num_masks"],
+        calibration_mask_ratio=calibration["mask_ratio"],
+    )
