@@ -23,7 +23,9 @@ def _outputs(seed: int, num_images: int = 6, size: tuple[int, int] = (9, 11), of
     return maps.reshape(num_images, -1).max(axis=1).astype(np.float64), maps
 
 
-@pytest.mark.parametrize("function", [compute_normalization_stats, normalize_scores, ensemble_scores, ensemble_predictions])
+@pytest.mark.parametrize(
+    "function", [compute_normalization_stats, normalize_scores, ensemble_scores, ensemble_predictions]
+)
 def test_no_labels_in_the_signature(function):
     names = set(inspect.signature(function).parameters)
     assert not names & {"labels", "label", "gt_label", "gt_mask", "gt_masks", "targets", "y_true"}
@@ -118,7 +120,11 @@ def test_constant_scores_fall_back_to_unit_scale(caplog):
         ([np.ones(2)], [np.ones((2, 3, 3)), np.ones((2, 3, 3))], "for 1 methods but maps for 2"),
         ([np.arange(2.0), np.arange(3.0)], [np.ones((2, 3, 3)), np.ones((3, 3, 3))], "scored 2 images but method 1"),
         ([np.arange(2.0)], [np.ones((3, 3, 3))], "2 image scores but 3 anomaly maps"),
-        ([np.arange(2.0), np.arange(2.0)], [np.ones((2, 3, 3)), np.ones((2, 4, 3))], r"Image 0: .* \(3, 3\) .* \(4, 3\)"),
+        (
+            [np.arange(2.0), np.arange(2.0)],
+            [np.ones((2, 3, 3)), np.ones((2, 4, 3))],
+            r"Image 0: .* \(3, 3\) .* \(4, 3\)",
+        ),
         ([np.array([0.0, np.nan])], [np.ones((2, 3, 3))], "NaN"),
         ([np.arange(2.0)], [np.ones((2, 3))], r"shape \(num_images, H, W\)"),
     ],

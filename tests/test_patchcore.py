@@ -83,7 +83,7 @@ def _brute_force_k_center(features: torch.Tensor, num_samples: int, start: int) 
     return selected
 
 
-# --- coreset -----------------------------------------------------------------------------------------------------
+# --- coreset ----------------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("num_samples", [1, 2, 7, 20])
@@ -116,7 +116,7 @@ def test_coreset_size(num_embeddings, ratio, minimum, expected):
     assert coreset_size(num_embeddings, ratio, minimum) == expected
 
 
-# --- nearest neighbours and scores ---------------------------------------------------------------------------------
+# --- nearest neighbours and scores ------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("k", [1, 3])
@@ -157,7 +157,7 @@ def test_reweighted_image_scores_follow_patchcore_eq7():
     torch.testing.assert_close(unweighted, patch_scores.max(dim=1).values)
 
 
-# --- features and preprocessing --------------------------------------------------------------------------------------
+# --- features and preprocessing ---------------------------------------------------------------------------------------
 
 
 def test_patch_features_have_reference_geometry(feature_extractor):
@@ -180,8 +180,10 @@ def test_aggregation_pools_neighbourhoods_and_upsamples():
 
 def test_preprocessing_comes_from_the_checkpoint(tmp_path, tiny_backbone):
     with_processor = _save_tiny_resnet(tmp_path / "with-processor", with_processor=True)
-    assert load_preprocessing(with_processor) == {"image_size": (48, 40), "image_mean": (0.5,) * 3, "image_std": (0.25,) * 3}
-    assert load_preprocessing(tiny_backbone) == {"image_size": None, "image_mean": IMAGENET_MEAN, "image_std": IMAGENET_STD}
+    expected = {"image_size": (48, 40), "image_mean": (0.5,) * 3, "image_std": (0.25,) * 3}
+    assert load_preprocessing(with_processor) == expected
+    expected = {"image_size": None, "image_mean": IMAGENET_MEAN, "image_std": IMAGENET_STD}
+    assert load_preprocessing(tiny_backbone) == expected
     extractor = PatchFeatureExtractor.from_pretrained(with_processor)
     assert extractor.image_size == (48, 40)
 
@@ -214,7 +216,7 @@ def test_timm_checkpoint_without_timm_names_the_extra(tmp_path, monkeypatch):
         load_backbone(tmp_path)
 
 
-# --- PatchCore end to end ----------------------------------------------------------------------------------------------
+# --- PatchCore end to end ---------------------------------------------------------------------------------------------
 
 
 def test_query_identical_to_a_shot_scores_zero_everywhere(feature_extractor):

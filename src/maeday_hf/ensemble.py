@@ -75,7 +75,9 @@ def _as_map_list(anomaly_maps: MapsInput) -> list[np.ndarray]:
     maps = [np.asarray(anomaly_map) for anomaly_map in anomaly_maps]
     for index, anomaly_map in enumerate(maps):
         if anomaly_map.ndim != 2:
-            raise ValueError(f"Expected each anomaly map to have shape (H, W), map {index} has shape {anomaly_map.shape}.")
+            raise ValueError(
+                f"Expected each anomaly map to have shape (H, W), map {index} has shape {anomaly_map.shape}."
+            )
     return maps
 
 
@@ -85,7 +87,9 @@ def _check_scores_and_maps(scores: np.ndarray, maps: list[np.ndarray]) -> None:
     if scores.shape[0] == 0:
         raise ValueError("Expected at least one image score, got none.")
     if len(maps) != scores.shape[0]:
-        raise ValueError(f"Got {scores.shape[0]} image scores but {len(maps)} anomaly maps; expected one map per score.")
+        raise ValueError(
+            f"Got {scores.shape[0]} image scores but {len(maps)} anomaly maps; expected one map per score."
+        )
     if not np.all(np.isfinite(scores)) or not all(np.all(np.isfinite(m)) for m in maps):
         raise ValueError("Expected finite image scores and anomaly maps, found NaN or inf.")
 
@@ -175,16 +179,20 @@ def ensemble_scores(
         raise ValueError("Expected the outputs of at least one method, got none.")
     if len(maps_per_method) != len(scores_per_method):
         raise ValueError(
-            f"Got image scores for {len(scores_per_method)} methods but maps for {len(maps_per_method)}; expected the same."
+            f"Got image scores for {len(scores_per_method)} methods but maps for {len(maps_per_method)}; "
+            "expected the same."
         )
     stats = list(stats) if stats is not None else [None] * len(scores_per_method)
     if len(stats) != len(scores_per_method):
-        raise ValueError(f"Got {len(stats)} normalisation stats for {len(scores_per_method)} methods; expected one each.")
+        raise ValueError(
+            f"Got {len(stats)} normalisation stats for {len(scores_per_method)} methods; expected one each."
+        )
     num_images = len(scores_per_method[0])
     for index, scores in enumerate(scores_per_method):
         if len(scores) != num_images:
             raise ValueError(
-                f"Method 0 scored {num_images} images but method {index} scored {len(scores)}; expected the same images."
+                f"Method 0 scored {num_images} images but method {index} scored {len(scores)}; "
+                "expected the same images."
             )
 
     stacked = isinstance(maps_per_method[0], np.ndarray)
@@ -199,8 +207,8 @@ def ensemble_scores(
         for image, (total, addend) in enumerate(zip(total_maps, normalized_maps)):
             if total.shape != addend.shape:
                 raise ValueError(
-                    f"Image {image}: method 0 gave a map of shape {total.shape} but method {index} gave {addend.shape}; "
-                    "resize the maps to the image size before ensembling."
+                    f"Image {image}: method 0 gave a map of shape {total.shape} but method {index} gave "
+                    f"{addend.shape}; resize the maps to the image size before ensembling."
                 )
         total_maps = [total + addend for total, addend in zip(total_maps, normalized_maps)]
     return total_scores, (np.stack(total_maps) if stacked else total_maps)
@@ -220,7 +228,9 @@ def ensemble_predictions(
     Returns:
         One `dict` per image with `"score"` (`float`) and `"anomaly_map"` (`np.ndarray` `(H0, W0)`, float32).
     """
-    scores_per_method = [np.array([p["score"] for p in predictions], dtype=np.float64) for predictions in predictions_per_method]
+    scores_per_method = [
+        np.array([p["score"] for p in predictions], dtype=np.float64) for predictions in predictions_per_method
+    ]
     maps_per_method = [[np.asarray(p["anomaly_map"]) for p in predictions] for predictions in predictions_per_method]
     scores, maps = ensemble_scores(scores_per_method, maps_per_method, stats, method)
     return [{"score": float(score), "anomaly_map": anomaly_map} for score, anomaly_map in zip(scores, maps)]

@@ -13,8 +13,8 @@ Backbone, the Hugging Face way: the checkpoint's `AutoBackbone` class with `out_
   transformers' timm integration (`TimmBackbone`) when `timm` is installed: `pip install "maeday-hf[timm]"`. timm is
   optional on purpose: it pulls torchvision, which pins a torch build.
 * Any other id works if it resolves to a backbone: a transformers checkpoint with an `AutoBackbone` class (ResNet,
-  ConvNeXt, DINOv2, ...) or a timm checkpoint. `out_indices` count stages as the checkpoint does (index 0 is the stem for
-  both transformers ResNets and timm `features_only` models, so `(2, 3)` is "layer2, layer3" for both).
+  ConvNeXt, DINOv2, ...) or a timm checkpoint. `out_indices` count stages as the checkpoint does (index 0 is the stem
+  for both transformers ResNets and timm `features_only` models, so `(2, 3)` is "layer2, layer3" for both).
 
 Preprocessing: the whole image is resized (no crop, so the anomaly map covers the image) to `image_size`, taken from
 the checkpoint's image processor config when not given (224 for ResNet-50), and normalised with the processor's
@@ -188,7 +188,8 @@ def aggregate_patch_features(
             feature_map = F.avg_pool2d(feature_map, neighbourhood_size, stride=1, padding=neighbourhood_size // 2)
         if layer_embedding_dim is not None:
             batch_size, channels, height, width = feature_map.shape
-            pooled = F.adaptive_avg_pool1d(feature_map.permute(0, 2, 3, 1).reshape(-1, 1, channels), layer_embedding_dim)
+            per_patch = feature_map.permute(0, 2, 3, 1).reshape(-1, 1, channels)
+            pooled = F.adaptive_avg_pool1d(per_patch, layer_embedding_dim)
             feature_map = pooled.reshape(batch_size, height, width, layer_embedding_dim).permute(0, 3, 1, 2)
         if feature_map.shape[-2:] != grid:
             feature_map = F.interpolate(feature_map, size=grid, mode="bilinear", align_corners=False)
@@ -280,7 +281,7 @@ class PatchFeatureExtractor(nn.Module):
 
     @torch.no_grad()
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """`pixel_values` `(batch_size, 3, height, width)` in [0, 1] → embeddings `(batch_size, h, w, embedding_dim)`."""
+        """`pixel_values` `(batch_size, 3, height, width)` in [0, 1] → embeddings `(batch_size, h, w, dim)`."""
         pixel_values = (pixel_values.to(self.device) - self.image_mean) / self.image_std
         feature_maps = self.backbone(pixel_values=pixel_values).feature_maps
         return aggregate_patch_features(feature_maps, self.neighbourhood_size, self.layer_embedding_dim)

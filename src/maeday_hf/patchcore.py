@@ -83,7 +83,9 @@ class PatchCoreConfig:
         if self.projection_dim is not None and self.projection_dim < 1:
             raise ValueError(f"Expected `projection_dim` >= 1 or None, got {self.projection_dim}.")
         if self.num_reweight_neighbors < 1:
-            raise ValueError(f"Expected `num_reweight_neighbors` >= 1 (1 disables reweighting), got {self.num_reweight_neighbors}.")
+            raise ValueError(
+                f"Expected `num_reweight_neighbors` >= 1 (1 disables reweighting), got {self.num_reweight_neighbors}."
+            )
         if self.sigma < 0:
             raise ValueError(f"Expected `sigma` >= 0 (0 disables smoothing), got {self.sigma}.")
         if self.batch_size < 1:
@@ -290,7 +292,9 @@ class PatchCore:
         """Build the memory bank from patch embeddings `(num_patches, dim)` (e.g. shared between seeds)."""
         num_patches = embeddings.shape[0]
         if embeddings.ndim != 2 or num_patches == 0:
-            raise ValueError(f"Expected patch embeddings of shape (num_patches > 0, dim), got {tuple(embeddings.shape)}.")
+            raise ValueError(
+                f"Expected patch embeddings of shape (num_patches > 0, dim), got {tuple(embeddings.shape)}."
+            )
         embeddings = embeddings.to(self.device)
         num_samples = coreset_size(num_patches, self.config.coreset_ratio, self.config.min_coreset_size)
         if num_samples == num_patches:
@@ -346,12 +350,15 @@ class PatchCore:
         predictions = []
         starts = range(0, len(images), self.config.batch_size)
         for start in tqdm(starts, desc="PatchCore", disable=not self.show_progress):
-            pixel_values, original_sizes = self.feature_extractor.preprocess(images[start : start + self.config.batch_size])
+            batch = images[start : start + self.config.batch_size]
+            pixel_values, original_sizes = self.feature_extractor.preprocess(batch)
             patch_scores, pred_score = self.score_embeddings(self.feature_extractor(pixel_values))
             maps = self.anomaly_maps(patch_scores)
             for anomaly_map, score, size in zip(maps, pred_score.tolist(), original_sizes):
                 if tuple(anomaly_map.shape) != size:
-                    anomaly_map = F.interpolate(anomaly_map[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+                    anomaly_map = F.interpolate(
+                        anomaly_map[None, None], size=size, mode="bilinear", align_corners=False
+                    )[0, 0]
                 predictions.append({"score": float(score), "anomaly_map": anomaly_map.float().cpu().numpy()})
         return predictions
 
@@ -366,7 +373,8 @@ def fit_patchcores(
     """PatchCores that differ only in the coreset seed, sharing one backbone and one pass over the shots.
 
     `fit_patchcores(shots, seeds=(0, 1))` is the paper's "2×PatchCore" baseline (sum their normalised outputs with
-    `maeday_hf.ensemble`). When the coreset keeps every embedding (tiny banks) the models are identical; a warning says so.
+    `maeday_hf.ensemble`). When the coreset keeps every embedding (tiny banks) the models are identical; a warning
+    says so.
 
     Raises:
         ValueError: no shots, or no seeds.
