@@ -63,12 +63,27 @@ def test_zscore_normalisation_and_sum_match_a_plain_reference():
     assert maps.dtype == np.float32 and maps.shape == first_maps.shape
 
 
-def test_robust_stats_are_median_and_iqr():
+@pytest.mark.parametrize("method", ["zscore", "robust"])
+def test_stats_pool_every_pixel_of_every_map(method):
     scores, maps = _outputs(2)
+    stats = compute_normalization_stats(scores, list(maps), method=method)
+    pixels = maps.astype(np.float64).ravel()
+    if method == "zscore":
+        expected = (scores.mean(), scores.std(), pixels.mean(), pixels.std())
+    else:
+        (s25, s50, s75), (p25, p50, p75) = np.percentile(scores, [25, 50, 75]), np.percentile(pixels, [25, 50, 75])
+        expected = (s50, s75 - s25, p50, p75 - p25)
+    actual = (stats.score_center, stats.score_scale, stats.map_center, stats.map_scale)
+    assert actual == pytest.approx(expected, rel=1e-9)
+
+
+def test_robust_pixel_quantiles_on_a_bounded_subsample(monkeypatch):
+    monkeypatch.setattr("maeday_hf.ensemble._MAX_QUANTILE_VALUES", 500)
+    scores, maps = _outputs(4, num_images=8, size=(40, 40))
     stats = compute_normalization_stats(scores, maps, method="robust")
-    q25, median, q75 = np.percentile(scores, [25, 50, 75])
-    assert stats.score_center == pytest.approx(median)
-    assert stats.score_scale == pytest.approx(q75 - q25)
+    p25, p50, p75 = np.percentile(maps.astype(np.float64), [25, 50, 75])
+    assert stats.map_center == pytest.approx(p50, rel=0.1)
+    assert stats.map_scale == pytest.approx(p75 - p25, rel=0.2)
 
 
 def test_given_stats_are_used_as_is():

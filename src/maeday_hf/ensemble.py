@@ -8,7 +8,8 @@ common scale. Normalisation here is a standardisation fitted, per method, on sta
 * pixel maps: the same, with one `center`/`scale` pooled over every pixel of the method's maps on that set.
 
 `method="zscore"` (default) uses mean and standard deviation; `method="robust"` uses median and interquartile range,
-which a handful of extreme anomalies cannot dominate. Either way the normalised values, and so the ensemble, do not
+which a handful of extreme anomalies cannot dominate (pixel quantiles on an evenly strided subsample of at most 4M
+values, so full-resolution maps of a whole test split are never concatenated). Either way the normalised values, and so the ensemble, do not
 change when a constant is added to one method's scores or when they are multiplied by a positive factor.
 
 The statistics are transductive: they come from the unlabeled test images scored together (the whole test split of a
@@ -20,6 +21,7 @@ as `stats` instead.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -32,6 +34,8 @@ NormalizationMethod = Literal["zscore", "robust"]
 _METHODS = ("zscore", "robust")
 # A spread at or below this (relative to the values' magnitude) is treated as no spread at all.
 _RELATIVE_EPS = 1e-12
+# Pixel quantiles ("robust") are taken on an evenly strided subsample of at most this many values.
+_MAX_QUANTILE_VALUES = 2**22
 
 MapsInput = np.ndarray | Sequence[np.ndarray]
 
@@ -52,17 +56,22 @@ class NormalizationStats:
                 raise ValueError(f"Expected a finite positive `{name}`, got {value}.")
 
 
-def _center_and_scale(values: np.ndarray, method: NormalizationMethod) -> tuple[float, float]:
-    values = values.astype(np.float64, copy=False)
+def _center_and_scale(chunks: Sequence[np.ndarray], method: NormalizationMethod) -> tuple[float, float]:
+    """Center and spread of all values in `chunks` (one per image), without concatenating full-size maps."""
+    count = sum(chunk.size for chunk in chunks)
+    magnitude = max(float(np.abs(chunk).max()) for chunk in chunks)
     if method == "zscore":
-        center, scale = float(values.mean()), float(values.std())
+        # Two passes in float64: the mean, then squared deviations from it (no E[x²] − E[x]² cancellation).
+        center = sum(float(chunk.sum(dtype=np.float64)) for chunk in chunks) / count
+        scale = math.sqrt(sum(float(np.square(chunk - center, dtype=np.float64).sum()) for chunk in chunks) / count)
     else:
+        # Quantiles of a deterministic, evenly strided subsample of at most _MAX_QUANTILE_VALUES values.
+        stride = max(1, math.ceil(count / _MAX_QUANTILE_VALUES))
+        values = np.concatenate([chunk.ravel()[::stride] for chunk in chunks]).astype(np.float64)
         q25, center, q75 = (float(q) for q in np.percentile(values, [25, 50, 75]))
         scale = q75 - q25
-    if not scale > _RELATIVE_EPS * max(1.0, float(np.abs(values).max())):
-        logger.warning(
-            "Cannot measure the spread of %d values (all ~%.4g); normalising with scale 1.", values.size, center
-        )
+    if not scale > _RELATIVE_EPS * max(1.0, magnitude):
+        logger.warning("Cannot measure the spread of %d values (all ~%.4g); normalising with scale 1.", count, center)
         scale = 1.0
     return center, scale
 
@@ -112,8 +121,8 @@ def compute_normalization_stats(
     scores = np.asarray(scores, dtype=np.float64)
     maps = _as_map_list(anomaly_maps)
     _check_scores_and_maps(scores, maps)
-    score_center, score_scale = _center_and_scale(scores, method)
-    map_center, map_scale = _center_and_scale(np.concatenate([m.ravel() for m in maps]), method)
+    score_center, score_scale = _center_and_scale([scores], method)
+    map_center, map_scale = _center_and_scale(maps, method)
     return NormalizationStats(score_center, score_scale, map_center, map_scale)
 
 
