@@ -1,0 +1,159 @@
+#!/usr/bin/env python
+"""Speed of MAEDAY inference: the paper's procedure (baseline, written plainly here) vs the package's pipeline.
+
+Both run in this process on the same random-weight model and the same decoded images, end to end from PIL images to
+anomaly maps. Prints one JSON object per line: per method ms/image, images/s, achieved TFLOP/s (analytic FLOPs of the
+N masked forwards, `maeday_hf.flops`), peak memory; then the ratio baseline / package.
+
+    python scripts/benchmark.py --geometries base --device cpu --num-images 4
+    python scripts/benchmark.py --geometries base large huge --device cuda --num-images 256
+
+The baseline is the paper's: fp32, one image x N masks per forward, error filtered per channel and per mask.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import transformers
+from PIL import Image
+from transformers import ViTImageProcessor, ViTMAEConfig, ViTMAEForPreTraining
+
+import maeday_hf
+from maeday_hf.flops import reconstruction_flops
+from maeday_hf.modeling import load_detector
+
+GEOMETRIES = {
+    "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, patch_size=16),
+    "large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096, patch_size=16),
+    "huge": dict(hidden_size=1280, num_hidden_layers=32, num_attention_heads=16, intermediate_size=5120, patch_size=14),
+}
+
+
+def paper_procedure(model, processor, images, num_masks, mask_ratio, device):
+    """The paper's zero-shot MAEDAY, as plainly as possible: per image, one forward of N masked copies."""
+    taps = torch.exp(-((torch.arange(7, dtype=torch.float32) - 3) ** 2) / (2 * 1.4**2))
+    kernel = (torch.outer(taps, taps) / torch.outer(taps, taps).sum()).to(device)[None, None]
+    model.config.mask_ratio = mask_ratio
+    scores = []
+    for image in images:
+        pixel_values = processor(images=image, return_tensors="pt")["pixel_values"].to(device)
+        batch = pixel_values.expand(num_masks, -1, -1, -1)
+        with torch.no_grad():
+            logits = model(pixel_values=batch).logits  # the model draws its own random masks
+            reconstructions = model.unpatchify(logits)
+            squared_error = (batch - reconstructions) ** 2  # (N, 3, H, W)
+            filtered = torch.cat(
+                [F.conv2d(F.pad(squared_error[:, c : c + 1], (3, 3, 3, 3), mode="reflect"), kernel) for c in range(3)],
+                dim=1,
+            )
+            anomaly_map = filtered.sum(dim=1).mean(dim=0)
+            scores.append(anomaly_map.max().item())
+    return scores
+
+
+def timed(function, device, repeats):
+    """Median wall time of `repeats` calls after one warm-up call, with device synchronisation."""
+    function()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        function()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS, KiB on Linux
+
+
+def benchmark_geometry(name, args, device):
+    config = ViTMAEConfig(**GEOMETRIES[name], image_size=224)
+    folder = tempfile.mkdtemp(prefix=f"maeday-bench-{name}-")
+    torch.manual_seed(0)
+    ViTMAEForPreTraining(config).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 224, "width": 224}).save_pretrained(folder)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)) for _ in range(args.num_images)]
+    flops_per_image = reconstruction_flops(config, args.mask_ratio) * args.num_masks
+    common = dict(geometry=name, device=str(device), num_masks=args.num_masks, num_images=args.num_images)
+
+    detector = load_detector(folder, device=device)
+    baseline_model = ViTMAEForPreTraining.from_pretrained(folder).to(device).eval()
+    results = {}
+    runs = {
+        "paper_baseline": lambda: paper_procedure(
+            baseline_model, detector.image_processor, images, args.num_masks, args.mask_ratio, device
+        ),
+        "maeday_hf": lambda: detector(
+            images, num_masks=args.num_masks, mask_ratio=args.mask_ratio, batch_size=args.batch_size,
+            mask_batch_size=args.mask_batch_size, num_workers=args.num_workers,
+        ),
+    }
+    for method, run in runs.items():
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        seconds = timed(run, device, args.repeats)
+        results[method] = seconds
+        print(json.dumps(common | dict(
+            method=method,
+            ms_per_image=round(1000 * seconds / args.num_images, 3),
+            images_per_s=round(args.num_images / seconds, 3),
+            achieved_tflops=round(flops_per_image * args.num_images / seconds / 1e12, 3),
+            gflop_per_image=round(flops_per_image / 1e9, 1),
+            peak_memory_mb=round(peak_memory_mb(device), 1),
+        )), flush=True)
+    print(json.dumps(common | dict(
+        method="ratio", baseline_over_maeday_hf=round(results["paper_baseline"] / results["maeday_hf"], 3)
+    )), flush=True)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--geometries", nargs="+", choices=sorted(GEOMETRIES), default=["base"])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--num-images", type=int, default=8)
+    parser.add_argument("--num-masks", type=int, default=32)
+    parser.add_argument("--mask-ratio", type=float, default=0.75)
+    parser.add_argument("--batch-size", type=int, default=8, help="images per forward in the package path")
+    parser.add_argument("--mask-batch-size", type=int, default=256)
+    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers for decoding/preprocessing")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    transformers.utils.logging.disable_progress_bar()
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    print(json.dumps(dict(
+        method="environment", python=platform.python_version(), torch=torch.__version__,
+        transformers=transformers.__version__, maeday_hf=maeday_hf.__version__, device=str(device),
+        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        cpu_threads=torch.get_num_threads(),
+    )), flush=True)
+    for name in args.geometries:
+        benchmark_geometry(name, args, device)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
