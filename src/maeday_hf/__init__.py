@@ -14,8 +14,10 @@ from __future__ import annotations
 from transformers import AutoModelForPreTraining
 from transformers.pipelines import PIPELINE_REGISTRY
 
+from .ensemble import NormalizationStats, compute_normalization_stats, ensemble_predictions, ensemble_scores
 from .images import load_rgb_image
 from .masking import make_mask_noise
+from .patchcore import PatchCore, PatchCoreConfig, fit_patchcores
 from .pipeline import DEFAULT_CHECKPOINT, AnomalyDetectionPipeline
 from .scoring import gaussian_filter, maeday_anomaly_maps
 
@@ -43,6 +45,13 @@ __all__ = [
     "DEFAULT_CHECKPOINT",
     "TASK",
     "AnomalyDetectionPipeline",
+    "NormalizationStats",
+    "PatchCore",
+    "PatchCoreConfig",
+    "compute_normalization_stats",
+    "ensemble_predictions",
+    "ensemble_scores",
+    "fit_patchcores",
     "gaussian_filter",
     "load_rgb_image",
     "maeday_anomaly_maps",

@@ -74,6 +74,13 @@ def split_call_parameters(
     return preprocess_params, forward_params, postprocess_params
 
 
+def _threshold_outputs(score: float, anomaly_map: np.ndarray, threshold: float) -> dict[str, Any]:
+    return {
+        "label": "anomalous" if score > threshold else "normal",
+        "mask": Image.fromarray(np.where(anomaly_map > threshold, 255, 0).astype(np.uint8)),
+    }
+
+
 class AnomalyDetectionPipeline(Pipeline):
     """Pixel anomaly maps and image anomaly scores with MAEDAY (zero-shot, or few-shot with a fine-tuned checkpoint).
 
@@ -114,7 +121,9 @@ class AnomalyDetectionPipeline(Pipeline):
     def _sanitize_parameters(self, **kwargs):
         return split_call_parameters(**kwargs)
 
-    def __call__(self, inputs, **kwargs: Any) -> dict[str, Any] | list[dict[str, Any]]:
+    def __call__(
+        self, inputs, ensemble=None, reference_images=None, **kwargs: Any
+    ) -> dict[str, Any] | list[dict[str, Any]]:
         """Score one image or a list of images.
 
         Args:
@@ -131,6 +140,11 @@ class AnomalyDetectionPipeline(Pipeline):
             return_uncertainty (`bool`, *optional*, defaults to `False`): add `uncertainty_map`.
             threshold (`float`, *optional*): add `label` and `mask` by thresholding the score and the map.
             batch_size (`int`, *optional*): images per forward pass (their masked copies are batched too).
+            ensemble (`"patchcore"` or a fitted `maeday_hf.PatchCore`, *optional*): sum MAEDAY's and PatchCore's
+                normalised scores and maps (the paper's best configuration). Each method is standardised over the
+                images of this call (no labels), so pass at least two images; `"patchcore"` fits a PatchCore with the
+                default backbone on `reference_images` at each call — fit one yourself to reuse it.
+            reference_images (list of images, *optional*): the normal shots for `ensemble="patchcore"`.
 
         Return:
             A dict (or a list of dicts, one per input) with:
@@ -143,7 +157,41 @@ class AnomalyDetectionPipeline(Pipeline):
             - **mask** (`PIL.Image.Image`, mode "L", `(H, W)`) -- 255 where `anomaly_map > threshold`; only with
               `threshold`.
         """
-        return super().__call__(inputs, **kwargs)
+        if ensemble is None:
+            if reference_images is not None:
+                raise ValueError("reference_images is only used with ensemble='patchcore'.")
+            return super().__call__(inputs, **kwargs)
+        return self._ensemble_call(inputs, ensemble, reference_images, **kwargs)
+
+    def _ensemble_call(self, inputs, ensemble, reference_images, threshold: float | None = None, **kwargs: Any):
+        from .ensemble import ensemble_predictions
+        from .patchcore import PatchCore
+
+        images = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+        if len(images) < 2:
+            raise ValueError(
+                f"ensemble needs at least 2 query images per call to normalise each method's scores without labels, "
+                f"got {len(images)}."
+            )
+        if isinstance(ensemble, str):
+            if ensemble != "patchcore":
+                raise ValueError(f"ensemble must be 'patchcore' or a fitted PatchCore, got {ensemble!r}.")
+            if not reference_images:
+                raise ValueError("ensemble='patchcore' needs reference_images: a non-empty list of normal images.")
+            patchcore = PatchCore(device=self.device).fit(list(reference_images))
+        elif isinstance(ensemble, PatchCore):
+            patchcore = ensemble
+        else:
+            raise TypeError(f"ensemble must be 'patchcore' or a fitted PatchCore, got {type(ensemble).__name__}.")
+        # Decode once; both methods see the same RGB images.
+        images = [load_rgb_image(image) for image in images]
+        maeday_outputs = super().__call__(images, **kwargs)
+        results = ensemble_predictions([maeday_outputs, patchcore.predict(images)])
+        if threshold is not None:
+            threshold = _validate_threshold(threshold)
+            for result in results:
+                result.update(_threshold_outputs(result["score"], result["anomaly_map"], threshold))
+        return results if isinstance(inputs, (list, tuple)) else results[0]
 
     def preprocess(self, image, timeout: float | None = None) -> dict[str, torch.Tensor]:
         image = load_rgb_image(image, timeout=timeout)
@@ -187,6 +235,5 @@ class AnomalyDetectionPipeline(Pipeline):
                 )
                 result[key] = resized[0, 0].numpy().astype(np.float32)
         if threshold is not None:
-            result["label"] = "anomalous" if result["score"] > threshold else "normal"
-            result["mask"] = Image.fromarray(np.where(result["anomaly_map"] > threshold, 255, 0).astype(np.uint8))
+            result.update(_threshold_outputs(result["score"], result["anomaly_map"], threshold))
         return result

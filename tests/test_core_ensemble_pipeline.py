@@ -1,0 +1,67 @@
+"""The pipeline's `ensemble=` option: MAEDAY + PatchCore summed after label-free normalisation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import ResNetBackbone, ResNetConfig, pipeline
+
+from maeday_hf.ensemble import ensemble_predictions
+from maeday_hf.patchcore import PatchCore, PatchCoreConfig
+from maeday_hf.synthetic import make_sample
+
+
+@pytest.fixture(scope="module")
+def fitted_patchcore(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-resnet")
+    torch.manual_seed(0)
+    config = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1], layer_type="basic")
+    ResNetBackbone(config).eval().save_pretrained(folder)
+    shots = [make_sample("weave", None, 64, seed=seed)[0] for seed in range(2)]
+    return PatchCore(PatchCoreConfig(backbone=str(folder), image_size=64, sigma=1.0), device="cpu").fit(shots)
+
+
+@pytest.fixture(scope="module")
+def queries():
+    return [make_sample("weave", defect, 64, seed=10 + i)[0] for i, defect in enumerate([None, "hole", "stain"])]
+
+
+@pytest.fixture(scope="module")
+def detector(tiny_checkpoint):
+    return pipeline("anomaly-detection", model=tiny_checkpoint, device="cpu")
+
+
+def test_ensemble_equals_normalised_sum_of_both_methods(detector, fitted_patchcore, queries):
+    results = detector(queries, ensemble=fitted_patchcore, num_masks=3, threshold=0.0)
+    expected = ensemble_predictions([detector(queries, num_masks=3), fitted_patchcore.predict(queries)])
+    assert len(results) == 3
+    for result, reference in zip(results, expected):
+        assert result["score"] == pytest.approx(reference["score"], rel=1e-6)
+        np.testing.assert_allclose(result["anomaly_map"], reference["anomaly_map"], rtol=1e-6)
+        assert result["anomaly_map"].shape == (64, 64)
+        assert result["label"] == ("anomalous" if result["score"] > 0 else "normal")
+        assert isinstance(result["mask"], Image.Image)
+    # Standardised and summed over the query set: the scores of two methods centre on zero.
+    assert abs(sum(r["score"] for r in results)) < 1e-6
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, fragment",
+    [
+        (dict(ensemble="patchcore"), ValueError, "reference_images"),
+        (dict(ensemble="patchcore", reference_images=[]), ValueError, "reference_images"),
+        (dict(ensemble="knn", reference_images=["x.png"]), ValueError, "knn"),
+        (dict(ensemble=3), TypeError, "int"),
+        (dict(reference_images=["x.png"]), ValueError, "reference_images"),
+    ],
+)
+def test_bad_ensemble_options(detector, queries, kwargs, error, fragment):
+    with pytest.raises(error, match=fragment):
+        detector(queries, num_masks=1, **kwargs)
+
+
+def test_ensemble_refuses_a_single_query(detector, fitted_patchcore, queries):
+    with pytest.raises(ValueError, match="at least 2"):
+        detector(queries[0], ensemble=fitted_patchcore)
