@@ -85,12 +85,24 @@ def check_base_matches(base_config: PretrainedConfig, adapter_folder_config: Pre
         )
 
 
-def read_adapter_config(
+def local_adapter_folder(
     adapter: str | os.PathLike, subfolder: str = ADAPTER_SUBFOLDER, revision: str | None = None, **hub_kwargs: Any
-) -> dict[str, Any]:
-    """The PEFT `adapter_config.json` of an adapter folder or Hub repo, as a dict."""
-    path = cached_file(os.fspath(adapter), "adapter_config.json", subfolder=subfolder, revision=revision, **hub_kwargs)
-    with open(path, encoding="utf-8") as handle:
+) -> str:
+    """A local folder holding the PEFT adapter files of an adapter folder or Hub repo (downloaded/cached if needed).
+
+    PEFT is then given a plain local folder: its own Hub lookup of a `subfolder` (0.21) builds the file name with
+    the subfolder twice when offline.
+    """
+    config_path = cached_file(
+        os.fspath(adapter), "adapter_config.json", subfolder=subfolder, revision=revision, **hub_kwargs
+    )
+    cached_file(os.fspath(adapter), "adapter_model.safetensors", subfolder=subfolder, revision=revision, **hub_kwargs)
+    return os.path.dirname(config_path)
+
+
+def read_adapter_config(folder: str | os.PathLike) -> dict[str, Any]:
+    """The PEFT `adapter_config.json` of a local adapter folder, as a dict."""
+    with open(os.path.join(folder, "adapter_config.json"), encoding="utf-8") as handle:
         return json.load(handle)
 
 
@@ -133,7 +145,8 @@ def load_merged_model(
             f"{adapter!r} is not a MAEDAY adapter: its config.json has no {ADAPTER_CONFIG_KEY!r} entry. Load it as a "
             f"plain ViTMAE checkpoint instead."
         )
-    adapter_config = read_adapter_config(adapter, subfolder, revision=revision, **hub_kwargs)
+    peft_folder = local_adapter_folder(adapter, subfolder, revision=revision, **hub_kwargs)
+    adapter_config = read_adapter_config(peft_folder)
     base_name = os.fspath(base_model) if base_model is not None else adapter_config.get("base_model_name_or_path")
     if not base_name:
         raise ValueError(f"{adapter!r}: adapter_config.json names no base_model_name_or_path; pass base_model=.")
@@ -142,7 +155,7 @@ def load_merged_model(
     logger.info("Loading base %s and applying the adapter %s", base_name, adapter)
     load_kwargs = {key: value for key, value in base_kwargs.items() if key in _BASE_LOAD_KWARGS}
     base = ViTMAEForPreTraining.from_pretrained(base_name, **load_kwargs)
-    peft_model = PeftModel.from_pretrained(base, adapter, subfolder=subfolder, revision=revision, **hub_kwargs)
+    peft_model = PeftModel.from_pretrained(base, peft_folder)
     peft_model.eval()
     threshold = getattr(config, THRESHOLD_CONFIG_KEY, None)
     if not merge:

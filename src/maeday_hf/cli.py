@@ -1,4 +1,4 @@
-"""The `maeday` command: `maeday detect ...`, `maeday synthetic ...`.
+"""The `maeday` command: `maeday detect ...`, `maeday synthetic ...`, `maeday finetune ...`.
 
 Errors in the user's input end the command with one line on stderr (`maeday: error: ...`) and exit status 2, never a
 traceback. Every file is written to a temporary name and renamed into place, so no output is ever half-written.
@@ -149,12 +149,103 @@ def add_synthetic_parser(subparsers) -> None:
     parser.set_defaults(handler=run_synthetic)
 
 
+def run_finetune(args: argparse.Namespace) -> int:
+    from .finetune import FinetuneConfig, finetune
+
+    if (args.shots is None) == (args.dataset_root is None):
+        raise CommandError("give the shots either as --shots FILES_OR_FOLDERS or as --dataset-root ROOT --category C "
+                           "--num-shots K (not both, not neither)")
+    if args.dataset_root is None and (args.category is not None or args.num_shots is not None):
+        raise CommandError("--category and --num-shots pick shots from --dataset-root; with --shots every file is used")
+    if args.dataset_root is not None:
+        if args.category is None or args.num_shots is None:
+            raise CommandError("--dataset-root needs --category and --num-shots (k)")
+        from .data import load_mvtec
+
+        shots = load_mvtec(args.dataset_root, args.category)["train"]
+    else:
+        shots = args.shots
+    config = FinetuneConfig(
+        num_steps=args.steps,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        full_finetune=args.full_finetune,
+        lora_rank=args.lora_rank,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        mask_ratio=args.mask_ratio,
+        augment=not args.no_augment,
+        seed=args.seed,
+        calibration_views_per_shot=args.calibration_views,
+        calibration_num_masks=args.calibration_masks,
+        use_cpu=args.cpu,
+        bf16=args.bf16,
+        disable_tqdm=args.quiet,
+    )
+    result = finetune(
+        args.model,
+        shots,
+        args.output_dir,
+        config,
+        num_shots=args.num_shots,
+        shot_seed=args.shot_seed,
+        overwrite=args.overwrite,
+        push_to_hub=args.push_to_hub,
+        hub_model_id=args.hub_model_id,
+        hub_private=args.hub_private,
+    )
+    if result.calibration is not None:  # main process only
+        print(f"Wrote {result.output_dir} (threshold {result.calibration.threshold:.6g})")
+    return 0
+
+
+def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `maeday finetune` options (also used by scripts/finetune.py); defaults are the paper's recipe."""
+    parser.add_argument("--model", default="facebook/vit-mae-base", help="base ViTMAE: Hub id or local folder")
+    parser.add_argument("--shots", nargs="+", default=None, help="normal shot images and/or folders of them")
+    parser.add_argument("--dataset-root", default=None, help="MVTec-layout root to pick shots from (with --category)")
+    parser.add_argument("--category", default=None, help="category under --dataset-root")
+    parser.add_argument("--num-shots", type=int, default=None, help="k shots picked from the category's train split")
+    parser.add_argument("--shot-seed", type=int, default=0, help="seed of the shot choice (same seed, same shots)")
+    parser.add_argument("--output-dir", required=True, help="adapter folder to write (appears when the run ends)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output-dir")
+    parser.add_argument("--push-to-hub", action="store_true", help="upload the folder to --hub-model-id")
+    parser.add_argument("--hub-model-id", default=None, help="ORG/NAME of the Hub repo to push to")
+    parser.add_argument("--hub-private", action="store_true", help="create the Hub repo private")
+    parser.add_argument("--steps", type=int, default=50, help="optimisation steps")
+    parser.add_argument("--batch-size", type=int, default=32, help="views per step over all processes")
+    parser.add_argument("--learning-rate", type=float, default=None, help="default 1e-2 (LoRA) or 1e-4 (full)")
+    parser.add_argument("--momentum", type=float, default=0.9)
+    parser.add_argument("--weight-decay", type=float, default=0.05)
+    parser.add_argument("--full-finetune", action="store_true", help="train all weights instead of LoRA")
+    parser.add_argument("--lora-rank", type=int, default=None, help="default 32")
+    parser.add_argument("--lora-alpha", type=float, default=None, help="default: the rank (scale 1)")
+    parser.add_argument("--lora-dropout", type=float, default=None, help="default 0")
+    parser.add_argument("--mask-ratio", type=float, default=0.75, help="share of patches masked per view")
+    parser.add_argument("--no-augment", action="store_true", help="no random crop/rotation (masks still differ)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of views, masks and the Trainer")
+    parser.add_argument("--calibration-views", type=int, default=4, help="views per shot scored for the threshold")
+    parser.add_argument("--calibration-masks", type=int, default=32, help="masks per calibration view")
+    parser.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is available")
+    parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def add_finetune_parser(subparsers) -> None:
+    parser = subparsers.add_parser("finetune", help="few-shot LoRA fine-tuning on normal shots -> adapter folder")
+    add_finetune_arguments(parser)
+    parser.set_defaults(handler=run_finetune)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="maeday", description="MAEDAY anomaly detection with a Masked Autoencoder.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_detect_parser(subparsers)
     add_synthetic_parser(subparsers)
+    add_finetune_parser(subparsers)
     return parser
 
 

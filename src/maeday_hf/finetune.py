@@ -196,6 +196,60 @@ class MaedayTrainer(Trainer):
         return torch.utils.data.SequentialSampler(dataset)
 
 
+def build_trainer(
+    trained_model: torch.nn.Module,
+    reconstruction_model: torch.nn.Module,
+    views: torch.utils.data.Dataset,
+    config: FinetuneConfig,
+    output_dir: str | os.PathLike,
+) -> MaedayTrainer:
+    """A `MaedayTrainer` for the recipe: SGD with momentum, constant lr, no checkpoints, per-device batch
+    `batch_size / num_processes`.
+
+    Args:
+        trained_model: the `PeftModel` (LoRA) or the `ViTMAEForPreTraining` itself (full fine-tune).
+        reconstruction_model (`ViTMAEForPreTraining`): the unwrapped model (for `patchify`, `norm_pix_loss`).
+        views (`ShotViews`): `num_steps * batch_size` views.
+        output_dir: the Trainer's working folder (nothing is saved there during training).
+
+    Raises:
+        ValueError: `batch_size` does not split over the processes.
+    """
+    args = TrainingArguments(
+        output_dir=os.fspath(output_dir),
+        max_steps=config.num_steps,
+        per_device_train_batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        weight_decay=config.weight_decay,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        logging_strategy="steps",
+        logging_steps=config.logging_steps,
+        save_strategy="no",
+        report_to="none",
+        seed=config.seed,
+        use_cpu=config.use_cpu,
+        bf16=config.bf16,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=config.disable_tqdm,
+        ddp_find_unused_parameters=False,
+    )
+    if config.batch_size % args.world_size:
+        raise ValueError(
+            f"batch_size={config.batch_size} does not split evenly over {args.world_size} processes; pick a batch "
+            f"size divisible by the number of processes so the effective batch stays {config.batch_size}."
+        )
+    args.per_device_train_batch_size = config.batch_size // args.world_size
+    return MaedayTrainer(
+        model=trained_model,
+        args=args,
+        train_dataset=views,
+        optimizer_cls_and_kwargs=(torch.optim.SGD, {"lr": config.learning_rate, "momentum": config.momentum}),
+        reconstruction_model=reconstruction_model,
+    )
+
+
 def _validate_output(output_dir: Path, overwrite: bool) -> None:
     if output_dir.exists() and not overwrite:
         raise FileExistsError(f"Output folder {os.fspath(output_dir)!r} already exists; pass overwrite=True "
@@ -385,34 +439,7 @@ def finetune(
     patch_size = model.config.patch_size
     num_patches = (pixel_values.shape[-2] // patch_size) * (pixel_values.shape[-1] // patch_size)
 
-    args = TrainingArguments(
-        output_dir=os.fspath(output_dir.with_name(f".{output_dir.name}.partial")),
-        max_steps=config.num_steps,
-        per_device_train_batch_size=config.batch_size,
-        learning_rate=config.learning_rate,
-        weight_decay=config.weight_decay,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        logging_strategy="steps",
-        logging_steps=config.logging_steps,
-        save_strategy="no",
-        report_to="none",
-        seed=config.seed,
-        use_cpu=config.use_cpu,
-        bf16=config.bf16,
-        remove_unused_columns=False,
-        dataloader_num_workers=0,
-        disable_tqdm=config.disable_tqdm,
-        ddp_find_unused_parameters=False,
-    )
-    if config.batch_size % args.world_size:
-        raise ValueError(
-            f"batch_size={config.batch_size} does not split evenly over {args.world_size} processes; pick a batch "
-            f"size divisible by the number of processes so the effective batch stays {config.batch_size}."
-        )
-    args.per_device_train_batch_size = config.batch_size // args.world_size
-    partial = Path(args.output_dir)
-
+    partial = output_dir.with_name(f".{output_dir.name}.partial")
     if config.full_finetune:
         trained = model
         trained.requires_grad_(True)
@@ -428,13 +455,7 @@ def finetune(
         min_crop_scale=config.min_crop_scale,
         max_rotation_degrees=config.max_rotation_degrees,
     )
-    trainer = MaedayTrainer(
-        model=trained,
-        args=args,
-        train_dataset=views,
-        optimizer_cls_and_kwargs=(torch.optim.SGD, {"lr": config.learning_rate, "momentum": config.momentum}),
-        reconstruction_model=model,
-    )
+    trainer = build_trainer(trained, model, views, config, partial)
     is_main = trainer.is_world_process_zero()
     if is_main:
         shutil.rmtree(partial, ignore_errors=True)  # left over by a killed run

@@ -1,0 +1,279 @@
+"""Few-shot fine-tuning: the recipe's pieces, the trained adapter, and the folder it writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import ViTMAEForPreTraining
+
+from maeday_hf.adapter_model import load_merged_model
+from maeday_hf.finetune import (
+    FinetuneConfig,
+    MaedayTrainer,
+    all_patch_loss,
+    build_trainer,
+    finetune,
+)
+from maeday_hf.lora import add_lora, find_lora_target_modules, make_lora_config
+from maeday_hf.masking import make_mask_noise
+from maeday_hf.modeling import load_detector
+from maeday_hf.reconstruction import mask_ratio_set_to, reconstruction_targets
+from maeday_hf.scoring import maeday_anomaly_maps
+from maeday_hf.shot_views import ShotViews, random_crop_rotate, view_generator
+
+from conftest import TINY_IMAGE_SIZE, make_tiny_model
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# Few steps, small batches, a large learning rate: the tiny random model moves visibly in a second.
+FAST = dict(num_steps=12, batch_size=8, learning_rate=0.2, disable_tqdm=True, use_cpu=True,
+            calibration_views_per_shot=2, calibration_num_masks=4)
+
+
+def _smooth_image(size: int = 40, phase: float = 0.0) -> Image.Image:
+    x = np.linspace(0, 4 * np.pi, size)
+    pattern = np.sin(x + phase)[None, :] * np.cos(x)[:, None]
+    rgb = np.stack([pattern, pattern * 0.8, -pattern], axis=-1) * 0.4 + 0.5
+    return Image.fromarray((rgb * 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def shot_path(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("shots") / "good_000.png"
+    _smooth_image().save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_checkpoint, shot_path, tmp_path_factory):
+    """One LoRA run (training mask ratio 0.5, so the saved config's 0.75 shows it is left unchanged)."""
+    output_dir = tmp_path_factory.mktemp("runs") / "adapter"
+    result = finetune(tiny_checkpoint, [shot_path], output_dir, FinetuneConfig(mask_ratio=0.5, **FAST))
+    return result
+
+
+def _pixel_values(checkpoint: str, image: Image.Image) -> torch.Tensor:
+    from transformers import AutoImageProcessor
+
+    return AutoImageProcessor.from_pretrained(checkpoint)(images=image, return_tensors="pt")["pixel_values"]
+
+
+# --- the recipe's pieces ------------------------------------------------------------------------------------------
+
+
+def test_lora_targets_every_weight_matrix_including_patch_embedding():
+    model = make_tiny_model()
+    targets = find_lora_target_modules(model)
+    assert "vit.embeddings.patch_embeddings.projection" in targets
+    assert "decoder.decoder_embed" in targets and "decoder.decoder_pred" in targets
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert set(linears) <= set(targets) and len(targets) == len(linears) + 1
+    config = make_lora_config(model)
+    assert (config.r, config.lora_alpha) == (32, 32)
+
+
+def test_all_patch_loss_includes_visible_patches():
+    model = make_tiny_model()
+    pixel_values = torch.randn(2, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)
+    noise = make_mask_noise(2, 16, seed=0)
+    with torch.no_grad():
+        outputs = model(pixel_values=pixel_values, noise=noise)
+    target = reconstruction_targets(model, pixel_values)
+    loss = all_patch_loss(outputs.logits, target)
+    visible = (outputs.mask[0] == 0).nonzero()[0, 0]
+    logits = outputs.logits.clone()
+    logits[0, visible] += 1.0
+    assert all_patch_loss(logits, target) > loss + 1e-3
+    # Not MAE's own loss, which only sees masked patches.
+    assert not torch.isclose(loss, outputs.loss)
+
+
+@pytest.mark.parametrize("norm_pix", [False, True])
+def test_trainer_loss_is_the_all_patch_loss_in_the_scoring_space(norm_pix, tiny_checkpoint, tiny_norm_pix_checkpoint):
+    model = ViTMAEForPreTraining.from_pretrained(tiny_norm_pix_checkpoint if norm_pix else tiny_checkpoint)
+    views = ShotViews(torch.randn(1, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE), num_views=4, num_patches=16)
+    trainer = build_trainer(model, model, views, FinetuneConfig(num_steps=1, batch_size=4, **{"use_cpu": True}),
+                            "unused")
+    batch = {key: torch.stack([views[i][key] for i in range(4)]) for key in ("pixel_values", "noise")}
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, batch)
+        logits = model(**batch).logits
+    assert torch.allclose(loss, all_patch_loss(logits, reconstruction_targets(model, batch["pixel_values"])))
+
+
+def test_views_repeat_the_shots_with_their_own_masks_and_augmentations():
+    shots = torch.randn(3, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)
+    views = ShotViews(shots, num_views=8, num_patches=16, seed=5)
+    first, again, fourth = views[0], views[0], views[3]  # views 0 and 3 are both shot 0
+    assert torch.equal(first["pixel_values"], again["pixel_values"]) and torch.equal(first["noise"], again["noise"])
+    assert not torch.equal(first["noise"], fourth["noise"])
+    assert not torch.equal(first["pixel_values"], fourth["pixel_values"])
+    plain = ShotViews(shots, num_views=8, num_patches=16, seed=5, augment=False)
+    assert torch.equal(plain[3]["pixel_values"], shots[0])
+
+
+def test_crop_rotate_keeps_shape_and_is_identity_without_crop_or_rotation():
+    image = torch.randn(3, 16, 16)
+    out = random_crop_rotate(image, view_generator(0, 0))
+    assert out.shape == image.shape and out.dtype == image.dtype
+    same = random_crop_rotate(image, view_generator(0, 0), min_crop_scale=1.0, max_rotation_degrees=0.0)
+    assert torch.allclose(same, image, atol=1e-6)
+
+
+def test_only_lora_parameters_change(tiny_checkpoint, tmp_path):
+    model = ViTMAEForPreTraining.from_pretrained(tiny_checkpoint)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    num_targets = len(find_lora_target_modules(model))
+    peft_model = add_lora(model, make_lora_config(model))
+    views = ShotViews(torch.randn(1, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE), num_views=8, num_patches=16)
+    config = FinetuneConfig(num_steps=2, batch_size=4, learning_rate=0.1, use_cpu=True, disable_tqdm=True)
+    build_trainer(peft_model, model, views, config, tmp_path).train()
+    changed_lora = 0
+    for name, param in peft_model.named_parameters():
+        if "lora_" in name:
+            changed_lora += not torch.equal(param, torch.zeros_like(param)) and "lora_B" in name
+            continue
+        original = name.removeprefix("base_model.model.").replace(".base_layer", "")
+        assert torch.equal(param, before[original]), f"{name} changed"
+    assert changed_lora == num_targets
+
+
+# --- the trained adapter ------------------------------------------------------------------------------------------
+
+
+def test_loss_on_the_shots_goes_down(trained, tiny_checkpoint, shot_path):
+    losses = [loss for _, loss in trained.losses]
+    assert len(losses) == FAST["num_steps"]
+    assert np.mean(losses[-3:]) < np.mean(losses[:3])
+    # Same views, same masks, before and after: the loss the run minimises went down.
+    pixel_values = _pixel_values(tiny_checkpoint, Image.open(shot_path))
+    views = ShotViews(pixel_values, num_views=16, num_patches=16, seed=123)
+    batch = {key: torch.stack([views[i][key] for i in range(16)]) for key in ("pixel_values", "noise")}
+
+    def fixed_view_loss(model):
+        with torch.no_grad(), mask_ratio_set_to(model, 0.5):
+            return float(all_patch_loss(model(**batch).logits, reconstruction_targets(model, batch["pixel_values"])))
+
+    base = ViTMAEForPreTraining.from_pretrained(tiny_checkpoint).eval()
+    assert fixed_view_loss(load_merged_model(trained.output_dir)) < fixed_view_loss(base)
+
+
+def test_reconstruction_error_of_the_shot_goes_down(trained, tiny_checkpoint, shot_path):
+    pixel_values = _pixel_values(tiny_checkpoint, Image.open(shot_path))
+    noise = make_mask_noise(8, 16, seed=0)
+    base = ViTMAEForPreTraining.from_pretrained(tiny_checkpoint).eval()
+    before = maeday_anomaly_maps(base, pixel_values, noise, 0.75)["anomaly_map"].mean()
+    after = maeday_anomaly_maps(load_merged_model(trained.output_dir), pixel_values, noise, 0.75)["anomaly_map"].mean()
+    assert after < before
+
+
+def test_merged_equals_adapted(trained, shot_path, tiny_checkpoint):
+    pixel_values = _pixel_values(tiny_checkpoint, _smooth_image(phase=1.0))
+    noise = make_mask_noise(4, 16, seed=1)
+    adapted = load_merged_model(trained.output_dir, merge=False)
+    merged = load_merged_model(trained.output_dir)
+    assert type(merged) is ViTMAEForPreTraining
+    expected = maeday_anomaly_maps(adapted, pixel_values, noise, 0.75)["anomaly_map"]
+    actual = maeday_anomaly_maps(merged, pixel_values, noise, 0.75)["anomaly_map"]
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_adapter_folder_layout_card_and_unchanged_config(trained, tiny_checkpoint, shot_path):
+    out = trained.output_dir
+    names = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert {
+        "config.json", "preprocessor_config.json", "README.md", "calibration.json", "training_log.json",
+        "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter_model.py",
+        "pipeline.py", "masking.py", "reconstruction.py", "scoring.py", "images.py",
+    } <= names
+    assert not any(name.endswith(("model.safetensors",)) and "/" not in name for name in names)  # no full weights
+    assert not list(out.parent.glob(".adapter.partial*"))
+    adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == os.path.abspath(tiny_checkpoint)
+    assert adapter_config["r"] == 32
+    config = json.loads((out / "config.json").read_text())
+    assert config["mask_ratio"] == 0.75  # trained at 0.5, saved config untouched
+    assert config["anomaly_threshold"] == trained.calibration.threshold
+    calibration = json.loads((out / "calibration.json").read_text())
+    assert calibration["threshold"] >= max(calibration["scores"])
+    card = (out / "README.md").read_text()
+    assert str(shot_path) in card and "base_model:" in card and f"{trained.losses[-1][1]:.6g}" in card
+
+
+# --- loading back -------------------------------------------------------------------------------------------------
+
+
+def _run_python(code: str, env: dict[str, str]) -> str:
+    completed = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=180
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return completed.stdout.strip().splitlines()[-1]
+
+
+def test_save_load_by_path_repo_id_and_remote_code_give_identical_scores(trained, tmp_path):
+    query = tmp_path / "query.png"
+    _smooth_image(phase=0.5).save(query)
+    detector = load_detector(trained.output_dir, device="cpu")
+    result = detector(str(query), num_masks=3)
+    assert result["label"] in ("normal", "anomalous")  # calibrated threshold is the default
+    assert detector(str(query), num_masks=3, threshold=-1.0)["label"] == "anomalous"
+
+    # The folder as the Hub cache holds a pushed repo; offline, the repo id resolves to it.
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo_dir = tmp_path / "hub" / "models--maeday-test--tiny-adapter"
+    snapshot = repo_dir / "snapshots" / commit
+    for path in trained.output_dir.rglob("*"):
+        if path.is_file():
+            target = snapshot / path.relative_to(trained.output_dir)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(path.read_bytes())
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text(commit)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"),
+               HF_MODULES_CACHE=str(tmp_path / "modules"))
+    scores = _run_python(
+        f"""
+        import json
+        from maeday_hf.modeling import load_detector
+        detector = load_detector("maeday-test/tiny-adapter", device="cpu")
+        print(json.dumps([detector({str(query)!r}, num_masks=3)["score"]]))
+        """,
+        env,
+    )
+    remote = _run_python(
+        f"""
+        import json, sys
+        sys.modules["maeday_hf"] = None  # `import maeday_hf` fails from here on
+        from transformers import pipeline
+        scores = []
+        for model in ({str(trained.output_dir)!r}, "maeday-test/tiny-adapter"):
+            detector = pipeline("anomaly-detection", model=model, trust_remote_code=True)
+            assert "maeday_hf" not in type(detector).__module__
+            assert type(detector.model).__name__ == "ViTMAEForPreTraining"
+            scores.append(detector({str(query)!r}, num_masks=3)["score"])
+        print(json.dumps(scores))
+        """,
+        env,
+    )
+    assert json.loads(scores) == [result["score"]]
+    assert json.loads(remote) == pytest.approx([result["score"]] * 2, rel=1e-6)
+
+
+def test_adapter_on_a_base_that_does_not_match_is_refused(trained, tmp_path):
+    from conftest import save_tiny_checkpoint
+
+    other = save_tiny_checkpoint(tmp_path / "other", hidden_size=32)
+    with pytest.raises(ValueError, match="hidden_size"):
+        load_detector(trained.output_dir, device="cpu", base_model=other)
+    # The right base given explicitly works (e.g. a local copy).
+    assert load_detector(trained.output_dir, device="cpu", base_model=json.loads(
+        (trained.output_dir / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"])
