@@ -1,0 +1,174 @@
+"""Few-shot fine-tuning runs end to end: bad input, interruption, push, split shots, full fine-tune, accelerate."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+import datasets
+import numpy as np
+import pytest
+from PIL import Image
+from transformers import BertConfig
+
+from maeday_hf.cli import main as cli_main
+from maeday_hf.data import select_shots
+from maeday_hf.finetune import FinetuneConfig, MaedayTrainer, finetune
+from maeday_hf.modeling import load_detector
+from maeday_hf.shot_views import shots_from_split
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(num_steps=2, batch_size=2, disable_tqdm=True, use_cpu=True, calibration_views_per_shot=1,
+            calibration_num_masks=2)
+
+
+@pytest.fixture
+def shot_files(tmp_path) -> list[Path]:
+    rng = np.random.default_rng(0)
+    paths = []
+    for index in range(3):
+        path = tmp_path / "shots" / f"{index:03d}.png"
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray((rng.random((36, 36, 3)) * 255).astype(np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Fail the test if training starts: errors must come before it."""
+    monkeypatch.setattr(MaedayTrainer, "train", mock.Mock(side_effect=AssertionError("training started")))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, fragment",
+    [
+        (dict(full_finetune=True, lora_rank=8), ValueError, "full_finetune"),
+        (dict(num_steps=0), ValueError, "num_steps"),
+        (dict(batch_size=True), ValueError, "batch_size"),
+        (dict(learning_rate=-1.0), ValueError, "learning_rate"),
+        (dict(mask_ratio=1.0), ValueError, "mask_ratio"),
+        (dict(lora_dropout=1.5), ValueError, "lora_dropout"),
+        (dict(min_crop_scale=0.0), ValueError, "min_crop_scale"),
+    ],
+)
+def test_config_rejects_bad_values_and_conflicts(kwargs, error, fragment):
+    with pytest.raises(error, match=fragment):
+        FinetuneConfig(**kwargs)
+
+
+def test_config_defaults_are_the_paper_recipe():
+    config = FinetuneConfig()
+    assert (config.num_steps, config.batch_size, config.learning_rate, config.momentum, config.weight_decay) == (
+        50, 32, 1e-2, 0.9, 0.05)
+    assert (config.lora_rank, config.lora_alpha, config.mask_ratio) == (32, 32.0, 0.75)
+    assert FinetuneConfig(full_finetune=True).learning_rate == 1e-4
+
+
+def test_bad_input_fails_before_training(tiny_checkpoint, shot_files, tmp_path, no_training):
+    out = tmp_path / "out"
+    fast = FinetuneConfig(**TINY)
+    with pytest.raises(ValueError, match="at least one"):
+        finetune(tiny_checkpoint, [], out, fast)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="No shot images"):
+        finetune(tiny_checkpoint, [empty], out, fast)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="broken.png"):
+        finetune(tiny_checkpoint, [shot_files[0], broken], out, fast)
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        finetune(tiny_checkpoint, [tmp_path / "missing.png"], out, fast)
+    split = datasets.Dataset.from_dict({"image": [str(p) for p in shot_files]}, features=datasets.Features(
+        {"image": datasets.Image()}))
+    with pytest.raises(ValueError, match="k=4"):
+        finetune(tiny_checkpoint, split, out, fast, num_shots=4)
+    with pytest.raises(ValueError, match="num_shots"):
+        finetune(tiny_checkpoint, shot_files, out, fast, num_shots=2)
+    not_mae = tmp_path / "bert"
+    BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8).save_pretrained(not_mae)
+    with pytest.raises(ValueError, match="'bert'"):
+        finetune(not_mae, shot_files, out, fast)
+    with pytest.raises(ValueError, match="hub_model_id"):
+        finetune(tiny_checkpoint, shot_files, out, fast, push_to_hub=True)
+    with pytest.raises(ValueError, match="push_to_hub"):
+        finetune(tiny_checkpoint, shot_files, out, fast, hub_model_id="org/name")
+    out.mkdir()
+    with pytest.raises(FileExistsError, match="overwrite"):
+        finetune(tiny_checkpoint, shot_files, out, fast)
+
+
+def test_cli_conflicting_flags_give_one_line(tiny_checkpoint, shot_files, tmp_path, capsys, no_training):
+    status = cli_main(["finetune", "--model", tiny_checkpoint, "--shots", str(shot_files[0]), "--output-dir",
+                       str(tmp_path / "out"), "--full-finetune", "--lora-rank", "8"])
+    assert status == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("maeday: error:") and "full_finetune" in err[0]
+    status = cli_main(["finetune", "--model", tiny_checkpoint, "--output-dir", str(tmp_path / "out")])
+    assert status == 2 and "--shots" in capsys.readouterr().err
+
+
+def test_interrupted_run_leaves_no_folder(tiny_checkpoint, shot_files, tmp_path, monkeypatch):
+    monkeypatch.setattr(MaedayTrainer, "train", mock.Mock(side_effect=KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        finetune(tiny_checkpoint, shot_files, tmp_path / "out", FinetuneConfig(**TINY))
+    assert sorted(os.listdir(tmp_path)) == ["shots"]
+
+
+def test_push_uploads_the_finished_folder(tiny_checkpoint, shot_files, tmp_path):
+    uploaded = {}
+
+    def upload_folder(repo_id, folder_path, **kwargs):
+        uploaded[repo_id] = sorted(p.relative_to(folder_path).as_posix() for p in Path(folder_path).rglob("*")
+                                   if p.is_file())
+        return mock.Mock(commit_url=f"https://huggingface.co/{repo_id}/commit/0")
+
+    with mock.patch("huggingface_hub.HfApi") as api_class:
+        api_class.return_value.upload_folder.side_effect = upload_folder
+        finetune(tiny_checkpoint, shot_files[:1], tmp_path / "out", FinetuneConfig(**TINY), push_to_hub=True,
+                 hub_model_id="my-org/tiny-1shot")
+    api_class.return_value.create_repo.assert_called_once_with("my-org/tiny-1shot", private=False, exist_ok=True)
+    assert {"config.json", "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "README.md",
+            "calibration.json", "pipeline.py", "adapter_model.py", "preprocessor_config.json"} <= set(
+        uploaded["my-org/tiny-1shot"])
+    assert "# MAEDAY few-shot LoRA adapter: my-org/tiny-1shot" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_shots_from_a_split_are_select_shots_choice(tiny_checkpoint, shot_files, tmp_path):
+    split = datasets.Dataset.from_dict({"image": [str(p) for p in shot_files]}, features=datasets.Features(
+        {"image": datasets.Image()}))
+    images, names = shots_from_split(split, 2, seed=1)
+    expected = select_shots(split, 2, seed=1)
+    assert [np.asarray(i).tolist() for i in images] == [np.asarray(e["image"]).tolist() for e in expected]
+    result = finetune(tiny_checkpoint, split, tmp_path / "out", FinetuneConfig(**TINY), num_shots=2, shot_seed=1)
+    assert json.loads((result.output_dir / "training_log.json").read_text())["shots"] == names
+
+
+def test_full_finetune_writes_a_plain_checkpoint_that_loads(tiny_checkpoint, shot_files, tmp_path):
+    result = finetune(tiny_checkpoint, shot_files[:1], tmp_path / "full", FinetuneConfig(full_finetune=True, **TINY))
+    names = set(os.listdir(result.output_dir))
+    assert "model.safetensors" in names and "adapter" not in names
+    config = json.loads((result.output_dir / "config.json").read_text())
+    assert "maeday_adapter" not in config and config["anomaly_threshold"] == result.calibration.threshold
+    detector = load_detector(result.output_dir, device="cpu")
+    assert "label" in detector(str(shot_files[1]), num_masks=2)
+
+
+def test_accelerate_launch_of_the_script_writes_an_adapter(tiny_checkpoint, shot_files, tmp_path):
+    out = tmp_path / "launched"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO_ROOT / "scripts" / "finetune.py"),
+        "--model", tiny_checkpoint, "--shots", str(shot_files[0]), "--output-dir", str(out), "--steps", "2",
+        "--batch-size", "2", "--calibration-views", "1", "--calibration-masks", "2", "--quiet",
+    ]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", ACCELERATE_CONFIG_FILE=str(tmp_path / "no-accelerate-config.yaml"))
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert len(json.loads((out / "training_log.json").read_text())["losses"]) == 2
