@@ -136,7 +136,8 @@ class AnomalyDetectionPipeline(Pipeline):
             seed (`int`, *optional*, defaults to 0): seeds the masks; every image of a call gets the same N masks.
             mask_schedule (`"random"` or `"balanced"`, *optional*, defaults to `"random"`): the paper's i.i.d.
                 masks, or masks that keep every patch equally often.
-            mask_batch_size (`int`, *optional*, defaults to 128): most (image, mask) pairs per forward pass.
+            mask_batch_size (`int`, *optional*): most (image, mask) pairs per forward pass (default 1024 on a GPU, 128
+                on a CPU).
             return_uncertainty (`bool`, *optional*, defaults to `False`): add `uncertainty_map`.
             threshold (`float`, *optional*): add `label` and `mask` by thresholding the score and the map.
             batch_size (`int`, *optional*): images per forward pass (their masked copies are batched too).
@@ -207,7 +208,7 @@ class AnomalyDetectionPipeline(Pipeline):
         mask_ratio: float = 0.75,
         seed: int = 0,
         mask_schedule: str = "random",
-        mask_batch_size: int = 128,
+        mask_batch_size: int | None = None,
         return_uncertainty: bool = False,
     ) -> dict[str, torch.Tensor]:
         pixel_values = model_inputs["pixel_values"]

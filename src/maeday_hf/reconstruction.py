@@ -80,7 +80,9 @@ def predict_patches(model: torch.nn.Module, pixel_values: torch.Tensor, noise: t
         else contextlib.nullcontext()
     )
     with autocast:
-        logits = model(pixel_values=pixel_values, noise=noise).logits
+        # Encoder and decoder of the stock model, without the training loss its forward also computes.
+        encoded = model.vit(pixel_values=pixel_values, noise=noise)
+        logits = model.decoder(encoded.last_hidden_state, encoded.ids_restore).logits
     return _at_least_float32(logits)
 
 
