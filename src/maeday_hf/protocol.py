@@ -1,0 +1,688 @@
+"""The paper's evaluation protocol (Sec. 4) as resumable, distributable units: Tables 1/2/3 and Figs. 2/3 in one run.
+
+The work, in the order it runs:
+
+1. [`prepare_protocol`] validates everything before any work: the dataset (see [`resolve_dataset`]), every requested
+   category (unknown names are listed with the valid ones), masks when pixel metrics are asked, enough training images
+   for the largest k, the model, matplotlib when figures are asked, and that `RESULTS` was not written with other
+   settings. It plans the *units*: one `(category, shots, shot seed, method)` result each (plus, for Fig. 3, one
+   zero-shot MAEDAY unit per repetition count N and mask schedule).
+2. [`execute_protocol`] skips every unit whose file exists, fine-tunes the missing adapters (all processes together:
+   `finetune` is data-parallel under `accelerate launch`), scores the remaining *tasks* (units that share shots,
+   e.g. MAEDAY, PatchCore and their ensemble for one seed) split round-robin across processes, writes each finished
+   unit atomically, waits for every process, and the main process gathers the units into `results.json`,
+   `tables.md` and the PNG figures.
+
+For k > 0, the shots are `maeday_hf.data.select_shots(train, k, seed)` for seeds `0 .. num_shot_seeds - 1`, the same for
+every method. The fine-tuned adapter of `(category, k, seed)` is kept in `RESULTS/adapters/<category>/k<k>-seed<seed>/`
+(loadable with `maeday_hf.modeling.load_detector`), so a resumed run never fine-tunes twice. Zero-shot uses no shots and
+has a single "seed". PatchCore, its 2×PatchCore ensemble (coreset seeds 0 and 1) and the MAEDAY+PatchCore ensemble
+(label-free normalisation over the category's test images, `maeday_hf.ensemble`) run only for k > 0.
+
+Layout of `RESULTS`:
+
+```
+settings.json                         what the unit values depend on (a rerun with other settings is refused)
+units/<category>/k1-seed0-maeday.json one file per finished unit: metrics, config, timing, shot indices
+adapters/<category>/k1-seed0/         fine-tuned MAEDAY adapters
+results.json                          config, versions, every unit, per-cell summaries
+tables.md                             Tables 1/2 (or 3 for FOD), AUPRO, F1-max
+fig2_shots.png, fig3_repetitions.png  Figs. 2 and 3
+```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import datasets
+import numpy as np
+from tqdm.auto import tqdm
+
+from .data import FOD_CONFIGS, load_fod, load_mvtec, load_synthetic_dataset, select_shots, shot_indices
+from .data import SYNTHETIC_CATEGORIES
+from .masking import validate_mask_ratio, validate_mask_schedule, validate_positive_int, validate_seed
+from .metrics import compute_pixel_metrics, image_f1_max, image_roc_auc
+from .report import (
+    METHODS,
+    plot_repetitions,
+    plot_shots,
+    render_tables,
+    require_matplotlib,
+    summarize,
+    table_columns,
+    write_json,
+    write_text,
+)
+
+logger = logging.getLogger(__name__)
+
+PAPER_REPETITIONS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+"""Repetitions N of Fig. 3."""
+
+MASK_SCHEDULES: tuple[str, ...] = ("random", "balanced")
+"""Fig. 3 compares both mask schedules."""
+
+DatasetKind = Literal["mvtec", "hub", "synthetic", "fod"]
+Study = Literal["main", "repetitions"]
+
+SETTINGS_FILE = "settings.json"
+UNITS_DIR = "units"
+ADAPTERS_DIR = "adapters"
+
+
+# --------------------------------------------------------------------------------------------------------- datasets
+@dataclass(frozen=True)
+class DatasetSource:
+    """Where the categories come from and how to load one (`load(category) -> DatasetDict`)."""
+
+    kind: DatasetKind
+    location: str
+    categories: tuple[str, ...]
+    """Categories (configs) the source offers."""
+
+    def load(self, category: str) -> datasets.DatasetDict:
+        if self.kind == "mvtec":
+            return load_mvtec(self.location, category)
+        if self.kind == "synthetic":
+            return load_synthetic_dataset(self.location, category)
+        if self.kind == "fod":
+            return load_fod(self.location, category)
+        return datasets.load_dataset(self.location, category)
+
+
+def _is_hub_folder(folder: Path) -> bool:
+    """A dataset repo folder (e.g. `write_hub_folder`'s dry run): a README.md whose YAML header lists `configs`."""
+    readme = folder / "README.md"
+    return readme.is_file() and readme.read_text(encoding="utf-8").startswith("---") and "configs:" in readme.read_text(
+        encoding="utf-8"
+    )
+
+
+def resolve_dataset(spec: str | os.PathLike) -> DatasetSource:
+    """Turn `--dataset` into a [`DatasetSource`].
+
+    Accepted forms:
+
+    - `synthetic:DIR`: the synthetic set (`maeday_hf.synthetic`) in MVTec layout under DIR; categories missing there
+      are written with the defaults (224 px) — write it yourself first for other sizes.
+    - `fod:DIR`: the FOD folder layout (`maeday_hf.data.fod`); test split only, so zero-shot only.
+    - a local folder holding a dataset repo (README.md with `configs:`, e.g. `publish_dataset.py --dry-run`):
+      `datasets.load_dataset(DIR, category)`.
+    - any other local folder: the extracted MVTec AD archive (`<root>/<category>/{train,test,ground_truth}`).
+    - `ORG/NAME`: a Hub dataset with one config per category, `datasets.load_dataset(ORG/NAME, category)`.
+
+    Raises:
+        `FileNotFoundError`: a local path that does not exist or is not a folder.
+        `ValueError`: a folder that is neither MVTec-shaped nor a dataset repo.
+        `OSError`: a Hub dataset that cannot be reached or read.
+    """
+    spec = os.fspath(spec)
+    prefix, _, rest = spec.partition(":")
+    if prefix in ("synthetic", "fod") and rest:
+        folder = Path(rest).expanduser()
+        if prefix == "synthetic":
+            return DatasetSource("synthetic", str(folder), SYNTHETIC_CATEGORIES)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"FOD folder {rest!r} not found; expected <DIR>/<indoor|outdoor>/normal, ...")
+        found = tuple(c for c in FOD_CONFIGS if (folder / c).is_dir())
+        return DatasetSource("fod", str(folder), found)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if _is_hub_folder(path):
+            return DatasetSource("hub", str(path), tuple(datasets.get_dataset_config_names(str(path))))
+        categories = tuple(sorted(p.name for p in path.iterdir() if (p / "test").is_dir() or (p / "train").is_dir()))
+        if categories:
+            return DatasetSource("mvtec", str(path), categories)
+        hint = (
+            f" It looks like a single category; pass its parent folder {str(path.parent)!r} and --categories {path.name}."
+            if (path / "train").is_dir() and (path / "test").is_dir()
+            else ""
+        )
+        raise ValueError(
+            f"Dataset folder {spec!r} is not MVTec-shaped: expected <root>/<category>/train/good/*.png, "
+            f"<root>/<category>/test/<good|defect>/*.png and <root>/<category>/ground_truth/<defect>/*_mask.png "
+            f"(or a dataset repo folder with a README.md listing configs).{hint}"
+        )
+    if spec.startswith((".", "/", "~")) or path.exists() or spec.count("/") != 1:
+        raise FileNotFoundError(
+            f"Dataset {spec!r} is neither an existing folder nor a Hub dataset id ORG/NAME (nor synthetic:DIR / fod:DIR)."
+        )
+    try:
+        return DatasetSource("hub", spec, tuple(datasets.get_dataset_config_names(spec)))
+    except Exception as error:  # datasets raises several types for an unreachable or unreadable repo
+        raise OSError(f"Cannot read the Hub dataset {spec!r}: {str(error).splitlines()[0] if str(error) else error}"
+                      ) from error
+
+
+# ------------------------------------------------------------------------------------------------------------ config
+@dataclass
+class ProtocolConfig:
+    """One protocol run.
+
+    Args:
+        model (`str`): ViTMAE checkpoint (Hub id or folder); the base of every fine-tune.
+        dataset (`str`): see [`resolve_dataset`].
+        output_dir (`str`): `RESULTS`; reruns into it resume.
+        categories (`Sequence[str]`, *optional*): defaults to every category the dataset has.
+        shots (`Sequence[int]`): k values; 0 is zero-shot MAEDAY.
+        num_shot_seeds (`int`): shot selections per k > 0 (seeds `0 .. n-1`); the paper uses 3.
+        num_masks (`int`), mask_ratio (`float`), mask_seed (`int`), mask_schedule (`str`): MAEDAY inference.
+        batch_size (`int`): images per MAEDAY forward pass.
+        repetitions (`Sequence[int]`): N values of Fig. 3 (zero-shot, both schedules); empty skips Fig. 3.
+        ensemble (`"patchcore"`, *optional*): also PatchCore, 2×PatchCore and MAEDAY+PatchCore for k > 0.
+        patchcore (`PatchCoreConfig`, *optional*): PatchCore settings (its `seed` is replaced by 0 and 1).
+        finetune (`FinetuneConfig`, *optional*): the few-shot recipe; defaults to the paper's.
+        pixel_metrics (`bool`): pixel ROC-AUC, pixel F1-max and AUPRO (needs masks).
+        plots (`bool`): write the PNG figures (needs matplotlib).
+        device (`str`): `"auto"` is each process's accelerator (`accelerate.PartialState().device`).
+        show_progress (`bool`): tqdm bars.
+    """
+
+    model: str
+    dataset: str
+    output_dir: str
+    categories: Sequence[str] | None = None
+    shots: Sequence[int] = (0, 1)
+    num_shot_seeds: int = 3
+    num_masks: int = 32
+    mask_ratio: float = 0.75
+    mask_seed: int = 0
+    mask_schedule: str = "random"
+    batch_size: int = 8
+    repetitions: Sequence[int] = PAPER_REPETITIONS
+    ensemble: Literal["patchcore"] | None = None
+    patchcore: Any = None
+    finetune: Any = None
+    pixel_metrics: bool = True
+    plots: bool = True
+    device: str = "auto"
+    show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.model, self.dataset, self.output_dir = os.fspath(self.model), os.fspath(self.dataset), os.fspath(
+            self.output_dir
+        )
+        self.categories = None if self.categories is None else tuple(self.categories)
+        if self.categories is not None and not self.categories:
+            raise ValueError("categories is empty; leave it out to evaluate every category of the dataset.")
+        self.shots = tuple(sorted(set(self.shots)))
+        if not self.shots or any(isinstance(k, bool) or not isinstance(k, int) or k < 0 for k in self.shots):
+            raise ValueError(f"shots must be integers >= 0 (0 is zero-shot), got {list(self.shots)}.")
+        validate_positive_int(self.num_shot_seeds, "num_shot_seeds")
+        validate_positive_int(self.num_masks, "num_masks")
+        validate_positive_int(self.batch_size, "batch_size")
+        self.mask_ratio = validate_mask_ratio(self.mask_ratio)
+        validate_seed(self.mask_seed)
+        self.mask_schedule = validate_mask_schedule(self.mask_schedule)
+        self.repetitions = tuple(sorted(set(self.repetitions)))
+        for n in self.repetitions:
+            validate_positive_int(n, "repetitions")
+        if self.ensemble not in (None, "patchcore"):
+            raise ValueError(f"ensemble must be None or 'patchcore', got {self.ensemble!r}.")
+        if self.ensemble is not None and not any(k > 0 for k in self.shots):
+            raise ValueError("ensemble='patchcore' needs shots > 0 (PatchCore builds its memory bank from the shots).")
+        if self.patchcore is None and self.ensemble is not None:
+            from .patchcore import PatchCoreConfig
+
+            self.patchcore = PatchCoreConfig()
+        if self.finetune is None:
+            from .finetune import FinetuneConfig
+
+            self.finetune = FinetuneConfig()
+
+    def settings(self) -> dict[str, Any]:
+        """What the value of a unit depends on (categories, shots and seeds only add units)."""
+        return {
+            "model": self.model,
+            "dataset": self.dataset,
+            "mask_ratio": self.mask_ratio,
+            "mask_seed": self.mask_seed,
+            "num_masks": self.num_masks,
+            "mask_schedule": self.mask_schedule,
+            "pixel_metrics": self.pixel_metrics,
+            "finetune": self.finetune.recipe(),
+            "patchcore": None if self.patchcore is None else _jsonable(dataclasses.asdict(self.patchcore)),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("finetune", "patchcore")}
+        return _jsonable({**fields, **self.settings()})
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+# ------------------------------------------------------------------------------------------------------------- units
+@dataclass(frozen=True)
+class Unit:
+    """One result: a method on one category's test split, for k shots selected with one seed."""
+
+    category: str
+    method: str
+    shots: int
+    shot_seed: int = 0
+    study: Study = "main"
+    num_masks: int | None = None
+    mask_schedule: str | None = None
+
+    @property
+    def name(self) -> str:
+        if self.study == "repetitions":
+            return f"k0-n{self.num_masks}-{self.mask_schedule}-{self.method}"
+        return f"k{self.shots}-seed{self.shot_seed}-{self.method}"
+
+    def path(self, output_dir: str | os.PathLike) -> Path:
+        return Path(output_dir) / UNITS_DIR / self.category / f"{self.name}.json"
+
+
+@dataclass(frozen=True)
+class Task:
+    """Units computed together because they share shots and predictions (e.g. MAEDAY, PatchCore, their ensemble)."""
+
+    category: str
+    shots: int
+    shot_seed: int
+    num_masks: int
+    mask_schedule: str
+    units: tuple[Unit, ...]
+
+    def adapter_dir(self, output_dir: str | os.PathLike) -> Path:
+        return Path(output_dir) / ADAPTERS_DIR / self.category / f"k{self.shots}-seed{self.shot_seed}"
+
+    def pending(self, output_dir: str | os.PathLike) -> tuple[Unit, ...]:
+        return tuple(unit for unit in self.units if not unit.path(output_dir).is_file())
+
+
+def plan_tasks(config: ProtocolConfig, categories: Sequence[str]) -> list[Task]:
+    """Every task of the run, in a fixed order (the same on every process)."""
+    tasks = []
+    for category in categories:
+        for shots in config.shots:
+            seeds = range(config.num_shot_seeds) if shots > 0 else range(1)
+            methods = ("maeday",) if shots == 0 or config.ensemble is None else METHODS
+            for seed in seeds:
+                units = tuple(
+                    Unit(category, method, shots, seed, "main",
+                         config.num_masks if "maeday" in method else None,
+                         config.mask_schedule if "maeday" in method else None)
+                    for method in methods
+                )
+                tasks.append(Task(category, shots, seed, config.num_masks, config.mask_schedule, units))
+        for num_masks in config.repetitions:
+            for schedule in MASK_SCHEDULES:
+                unit = Unit(category, "maeday", 0, 0, "repetitions", num_masks, schedule)
+                tasks.append(Task(category, 0, 0, num_masks, schedule, (unit,)))
+    return tasks
+
+
+def split_round_robin(tasks: Sequence[Task], process_index: int, num_processes: int) -> list[Task]:
+    """The tasks of process `process_index` out of `num_processes`: every `num_processes`-th, starting at its index."""
+    if not 0 <= process_index < num_processes:
+        raise ValueError(f"process_index must be in [0, {num_processes}), got {process_index}.")
+    return list(tasks[process_index::num_processes])
+
+
+# ------------------------------------------------------------------------------------------------------- preparation
+@dataclass
+class PreparedProtocol:
+    """A validated run: the source, the loaded categories and the planned tasks."""
+
+    config: ProtocolConfig
+    source: DatasetSource
+    categories: tuple[str, ...]
+    splits: dict[str, datasets.DatasetDict]
+    tasks: list[Task]
+    finetune_fn: Callable[..., Any] | None = field(default=None, repr=False)
+
+
+def _check_category_splits(name: str, splits: datasets.DatasetDict, config: ProtocolConfig) -> None:
+    if "test" not in splits:
+        raise ValueError(f"Category {name!r} has no test split (splits: {list(splits)}).")
+    test = splits["test"]
+    labels = list(test["label"])
+    num_anomalous = int(sum(labels))
+    if num_anomalous == 0 or num_anomalous == len(labels):
+        raise ValueError(
+            f"Category {name!r}: image ROC-AUC needs good and anomalous test images, got {len(labels) - num_anomalous} "
+            f"good and {num_anomalous} anomalous."
+        )
+    max_shots = max(config.shots)
+    if max_shots > 0:
+        num_train = len(splits["train"]) if "train" in splits else 0
+        if num_train < max_shots:
+            raise ValueError(
+                f"Category {name!r} has {num_train} training images but --shots asks for k={max_shots}; "
+                f"{'use --shots 0 (this dataset has no train split)' if num_train == 0 else 'lower the shots'}."
+            )
+    if config.pixel_metrics:
+        masks = test.cast_column("mask", datasets.Image(decode=False))["mask"]
+        unmasked = sum(1 for label, mask in zip(labels, masks) if label == 1 and mask is None)
+        if unmasked:
+            raise ValueError(
+                f"Category {name!r}: {unmasked} of {num_anomalous} anomalous test images have no ground-truth mask, "
+                f"so pixel metrics cannot be computed; pass --no-pixel-metrics for image metrics only."
+            )
+
+
+def _check_settings(config: ProtocolConfig) -> None:
+    path = Path(config.output_dir) / SETTINGS_FILE
+    if not path.is_file():
+        return
+    recorded = json.loads(path.read_text(encoding="utf-8"))
+    current = _jsonable(config.settings())
+    different = sorted(key for key in set(recorded) | set(current) if recorded.get(key) != current.get(key))
+    if different:
+        raise ValueError(
+            f"{config.output_dir!r} holds results of a run with other settings ({', '.join(different)} differ: "
+            f"{ {k: recorded.get(k) for k in different} } there); resume with the same settings or use another "
+            f"--output-dir."
+        )
+
+
+def _check_model(config: ProtocolConfig) -> None:
+    from transformers import AutoConfig
+
+    from .finetune import load_base_config
+
+    try:
+        if any(k > 0 for k in config.shots):
+            load_base_config(config.model)  # also rejects adapter folders as a fine-tuning base
+        else:
+            model_config = AutoConfig.from_pretrained(os.path.expanduser(config.model))
+            if getattr(model_config, "model_type", None) != "vit_mae":
+                raise ValueError(f"Model {config.model!r} has model_type {model_config.model_type!r}; expected 'vit_mae'.")
+    except OSError as error:
+        raise OSError(
+            f"Cannot load the model {config.model!r}: not a local checkpoint folder and not in the Hugging Face cache "
+            f"({str(error).splitlines()[0]})."
+        ) from error
+
+
+def prepare_protocol(config: ProtocolConfig) -> PreparedProtocol:
+    """Validate the run and plan its tasks; nothing is computed or written.
+
+    Raises:
+        `ValueError`, `FileNotFoundError`, `OSError`, `ImportError`: bad input, named (see the module docstring).
+    """
+    if config.plots:
+        require_matplotlib()
+    _check_settings(config)
+    source = resolve_dataset(config.dataset)
+    if not source.categories:
+        raise ValueError(f"Dataset {config.dataset!r} has no categories.")
+    categories = config.categories if config.categories is not None else source.categories
+    unknown = [c for c in categories if c not in source.categories]
+    if unknown:
+        raise ValueError(
+            f"Unknown category {', '.join(map(repr, unknown))} for dataset {config.dataset!r}; valid: "
+            f"{', '.join(source.categories)}."
+        )
+    splits = {}
+    for category in categories:
+        splits[category] = source.load(category)
+        _check_category_splits(category, splits[category], config)
+    _check_model(config)
+    tasks = plan_tasks(config, categories)
+    logger.info("Planned %d units in %d tasks over %d categories", sum(len(t.units) for t in tasks), len(tasks),
+                len(categories))
+    return PreparedProtocol(config, source, tuple(categories), splits, tasks)
+
+
+# ---------------------------------------------------------------------------------------------------------- running
+class ProcessState(Protocol):
+    """What the runner needs of `accelerate.PartialState` (tests pass a stand-in)."""
+
+    process_index: int
+    num_processes: int
+    is_main_process: bool
+
+    def wait_for_everyone(self) -> None: ...
+
+
+def _test_images(test: datasets.Dataset) -> list:
+    return [example["image"] for example in test.select_columns(["image"])]
+
+
+def _gt_masks(test: datasets.Dataset):
+    for example in test.select_columns(["mask"]):
+        yield None if example["mask"] is None else np.asarray(example["mask"])
+
+
+def compute_metrics(
+    predictions: Sequence[dict[str, Any]], test: datasets.Dataset, pixel_metrics: bool
+) -> dict[str, float | None]:
+    """Image ROC-AUC and F1-max, and (with `pixel_metrics`) pixel ROC-AUC, pixel F1-max and AUPRO (streamed)."""
+    labels = np.asarray(list(test["label"]))
+    scores = np.array([p["score"] for p in predictions], dtype=np.float64)
+    metrics: dict[str, float | None] = {
+        "image_roc_auc": image_roc_auc(labels, scores),
+        "image_f1_max": image_f1_max(labels, scores),
+    }
+    if pixel_metrics:
+        maps = [p["anomaly_map"] for p in predictions]
+        score_range = (min(float(m.min()) for m in maps), max(float(m.max()) for m in maps))
+        pixel = compute_pixel_metrics(_gt_masks(test), maps, score_range=score_range)
+        metrics.update(pixel_roc_auc=pixel.pixel_roc_auc, pixel_f1_max=pixel.pixel_f1_max, aupro=pixel.aupro)
+    return metrics
+
+
+class _Runner:
+    """Executes tasks in one process: caches the zero-shot detector and the PatchCore backbone."""
+
+    def __init__(self, prepared: PreparedProtocol, device) -> None:
+        self.prepared = prepared
+        self.config = prepared.config
+        self.device = device
+        self._base_detector = None
+        self._feature_extractor = None
+
+    def base_detector(self):
+        from .modeling import load_detector
+
+        if self._base_detector is None:
+            self._base_detector = load_detector(self.config.model, device=self.device)
+        return self._base_detector
+
+    def score_maeday(self, detector, images: list, num_masks: int, schedule: str) -> list[dict[str, Any]]:
+        config = self.config
+        predictions = []
+        chunk = config.batch_size
+        for start in tqdm(range(0, len(images), chunk), desc="MAEDAY", leave=False, disable=not config.show_progress):
+            predictions += detector(
+                images[start : start + chunk], num_masks=num_masks, mask_ratio=config.mask_ratio,
+                seed=config.mask_seed, mask_schedule=schedule, batch_size=chunk,
+            )
+        return predictions
+
+    def patchcores(self, shot_images: list, num_models: int):
+        from .patchcore import PatchCore, fit_patchcores
+
+        if self._feature_extractor is None:
+            self._feature_extractor = PatchCore(self.config.patchcore, device=self.device).feature_extractor
+        return fit_patchcores(
+            shot_images, seeds=tuple(range(num_models)), config=self.config.patchcore,
+            feature_extractor=self._feature_extractor, device=self.device,
+        )
+
+    def run(self, task: Task) -> list[Unit]:
+        """Compute and write the pending units of `task`; returns them."""
+        from .ensemble import ensemble_predictions
+        from .modeling import load_detector
+
+        output_dir = self.config.output_dir
+        pending = task.pending(output_dir)
+        if not pending:
+            return []
+        start = time.perf_counter()
+        splits = self.prepared.splits[task.category]
+        test = splits["test"]
+        images = _test_images(test)
+        methods = {unit.method for unit in pending}
+        predictions: dict[str, list[dict[str, Any]]] = {}
+        indices = shot_indices(len(splits["train"]), task.shots, task.shot_seed) if task.shots > 0 else []
+        if methods & {"maeday", "maeday+patchcore"}:
+            if task.shots == 0:
+                detector = self.base_detector()
+            else:
+                detector = load_detector(task.adapter_dir(output_dir), device=self.device)
+            predictions["maeday"] = self.score_maeday(detector, images, task.num_masks, task.mask_schedule)
+        if methods & {"patchcore", "2xpatchcore", "maeday+patchcore"}:
+            shot_images = _test_images(select_shots(splits["train"], task.shots, task.shot_seed))
+            models = self.patchcores(shot_images, 2 if "2xpatchcore" in methods else 1)
+            for index, model in enumerate(models):
+                predictions[f"patchcore{index}"] = model.predict(images)
+        combined = {
+            "maeday": lambda: predictions["maeday"],
+            "patchcore": lambda: predictions["patchcore0"],
+            "2xpatchcore": lambda: ensemble_predictions([predictions["patchcore0"], predictions["patchcore1"]]),
+            "maeday+patchcore": lambda: ensemble_predictions([predictions["maeday"], predictions["patchcore0"]]),
+        }
+        seconds = time.perf_counter() - start
+        for unit in pending:
+            metrics = compute_metrics(combined[unit.method](), test, self.config.pixel_metrics)
+            record = {
+                **dataclasses.asdict(unit),
+                "unit": unit.name,
+                "metrics": metrics,
+                "num_test_images": len(test),
+                "num_anomalous": int(sum(test["label"])),
+                "shot_indices": indices,
+                "adapter": str(task.adapter_dir(output_dir)) if task.shots > 0 and "maeday" in unit.method else None,
+                "task_seconds": seconds,
+                "settings": _jsonable(self.config.settings()),
+            }
+            write_json(unit.path(output_dir), record)
+            logger.info("%s/%s: %s", unit.category, unit.name, {k: v for k, v in metrics.items() if v is not None})
+        return list(pending)
+
+
+def _finetune_missing(prepared: PreparedProtocol, tasks: Sequence[Task], device) -> None:
+    """Fine-tune every adapter that a pending MAEDAY unit needs; every process calls this with the same `tasks`."""
+    from .finetune import finetune
+
+    config = prepared.config
+    finetune_fn = prepared.finetune_fn or finetune
+    recipe = dataclasses.replace(
+        config.finetune, use_cpu=str(device).startswith("cpu"), disable_tqdm=not config.show_progress
+    )
+    needed = [
+        task for task in tasks
+        if task.shots > 0 and any("maeday" in u.method for u in task.pending(config.output_dir))
+        and not task.adapter_dir(config.output_dir).is_dir()
+    ]
+    for task in tqdm(needed, desc="fine-tune", disable=not config.show_progress):
+        logger.info("Fine-tuning %s k=%d seed=%d", task.category, task.shots, task.shot_seed)
+        finetune_fn(
+            config.model, prepared.splits[task.category]["train"], task.adapter_dir(config.output_dir),
+            config=recipe, num_shots=task.shots, shot_seed=task.shot_seed,
+        )
+
+
+def _versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for package in ("maeday-hf", "torch", "transformers", "peft", "accelerate", "datasets", "numpy"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def gather_results(prepared: PreparedProtocol) -> Path:
+    """Read every planned unit and write `results.json`, `tables.md` and the figures; returns `results.json`'s path.
+
+    Raises:
+        `RuntimeError`: a planned unit has no file (a process failed).
+    """
+    config = prepared.config
+    units = [unit for task in prepared.tasks for unit in task.units]
+    missing = [str(unit.path(config.output_dir)) for unit in units if not unit.path(config.output_dir).is_file()]
+    if missing:
+        raise RuntimeError(f"{len(missing)} unit(s) did not finish, e.g. {missing[:3]}; rerun to complete them.")
+    records = [json.loads(unit.path(config.output_dir).read_text(encoding="utf-8")) for unit in units]
+    output_dir = Path(config.output_dir)
+    summary = {}
+    for metric in ("image_roc_auc", "pixel_roc_auc", "aupro", "image_f1_max", "pixel_f1_max"):
+        cells = summarize(records, metric)
+        if cells:
+            summary[metric] = {
+                f"k{shots}/{method}": {c: cells[(c, shots, method)] for c in prepared.categories if (c, shots, method) in cells}
+                for shots, method in table_columns(records)
+            }
+    results = {
+        "config": config.to_dict(),
+        "dataset": {"kind": prepared.source.kind, "location": prepared.source.location},
+        "categories": list(prepared.categories),
+        "versions": _versions(),
+        "summary": summary,
+        "units": records,
+    }
+    path = write_json(output_dir / "results.json", results)
+    write_text(output_dir / "tables.md", render_tables(records, prepared.categories))
+    if config.plots:
+        plot_shots(records, prepared.categories, output_dir / "fig2_shots.png")
+        plot_repetitions(records, output_dir / "fig3_repetitions.png")
+    logger.info("Wrote %s, tables.md and figures in %s", path.name, output_dir)
+    return path
+
+
+def execute_protocol(prepared: PreparedProtocol, state: ProcessState | None = None) -> Path | None:
+    """Run the pending units of this process, then (main process) gather everything.
+
+    Args:
+        prepared (`PreparedProtocol`): from [`prepare_protocol`].
+        state (*optional*): `accelerate.PartialState()` by default: `process_index`, `num_processes`,
+            `is_main_process`, `wait_for_everyone()`.
+
+    Returns:
+        The path of `results.json` on the main process, `None` on the others.
+    """
+    config = prepared.config
+    if state is None:
+        from accelerate import PartialState
+
+        state = PartialState()
+    device = getattr(state, "device", None) if config.device == "auto" else config.device
+    device = device if device is not None else "cpu"
+    output_dir = Path(config.output_dir)
+    pending = [task for task in prepared.tasks if task.pending(output_dir)]
+    num_pending_units = sum(len(task.pending(output_dir)) for task in pending)
+    logger.info("%d of %d units left (%d tasks)", num_pending_units, sum(len(t.units) for t in prepared.tasks),
+                len(pending))
+    if state.is_main_process:
+        write_json(output_dir / SETTINGS_FILE, config.settings())
+    state.wait_for_everyone()  # every process listed the same pending tasks before anyone writes a unit
+    _finetune_missing(prepared, pending, device)
+    runner = _Runner(prepared, device)
+    mine = split_round_robin(pending, state.process_index, state.num_processes)
+    for task in tqdm(mine, desc=f"units [process {state.process_index}]", disable=not config.show_progress):
+        runner.run(task)
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return None
+    return gather_results(prepared)
+
+
+def run_protocol(config: ProtocolConfig) -> Path | None:
+    """[`prepare_protocol`] then [`execute_protocol`]: the whole run, resumable and distributable.
+
+    Example:
+
+    ```python
+    >>> from maeday_hf.protocol import ProtocolConfig, run_protocol
+    >>> run_protocol(ProtocolConfig("facebook/vit-mae-base", "/data/mvtec", "results", categories=["bottle"]))
+    ```
+    """
+    return execute_protocol(prepare_protocol(config))
