@@ -1,0 +1,311 @@
+"""The protocol runner end to end on the synthetic set with a tiny ViTMAE: outputs, tables, resume, processes, bad input."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from maeday_hf import protocol
+from maeday_hf.data import load_mvtec, write_hub_folder
+from maeday_hf.protocol import (
+    ProtocolConfig,
+    Unit,
+    execute_protocol,
+    plan_tasks,
+    prepare_protocol,
+    resolve_dataset,
+    split_round_robin,
+)
+from maeday_hf.report import category_groups, format_cell, render_tables
+from maeday_hf.synthetic import write_synthetic_mvtec
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CATEGORIES = ("stripes", "disc")  # one texture, one object
+FAST = ["--num-masks", "2", "--finetune-steps", "3", "--finetune-batch-size", "4", "--finetune-learning-rate", "0.2",
+        "--quiet"]
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("evaluate_script", REPO_ROOT / "scripts" / "evaluate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+evaluate_script = _load_script()
+
+
+@pytest.fixture(scope="module")
+def synthetic_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("synthetic")
+    write_synthetic_mvtec(root, categories=CATEGORIES, num_train=3, num_test_good=2, num_test_per_defect=1, image_size=32)
+    return root
+
+
+def _argv(model, root, output_dir, *extra) -> list[str]:
+    return ["--model", str(model), "--dataset", f"synthetic:{root}", "--output-dir", str(output_dir),
+            "--categories", *CATEGORIES, *FAST, *extra]
+
+
+@pytest.fixture(scope="module")
+def protocol_run(tiny_checkpoint, synthetic_root, tmp_path_factory) -> Path:
+    """0-shot and 1-shot (2 shot seeds), Fig. 3 with N in {1, 2}."""
+    output_dir = tmp_path_factory.mktemp("results")
+    argv = _argv(tiny_checkpoint, synthetic_root, output_dir, "--shots", "0", "1", "--shot-seeds", "2",
+                 "--repetitions", "1", "2")
+    assert evaluate_script.main(argv) == 0
+    return output_dir
+
+
+def _unit_metric(output_dir: Path, category: str, name: str, metric: str) -> float:
+    return json.loads((output_dir / "units" / category / f"{name}.json").read_text())["metrics"][metric]
+
+
+def _table_rows(tables: str, title: str) -> dict[str, dict[str, str]]:
+    """`row label -> {column header -> cell}` of the Markdown table under `## <title>`."""
+    section = tables.split(f"## {title}\n\n", 1)[1].split("\n\n", 1)[0]
+    lines = [line.strip("|").split("|") for line in section.strip().splitlines()]
+    header = [cell.strip() for cell in lines[0]]
+    return {cells[0].strip(): dict(zip(header, (c.strip() for c in cells))) for cells in lines[2:]}
+
+
+def test_end_to_end_writes_units_results_tables_and_figures(protocol_run):
+    results = json.loads((protocol_run / "results.json").read_text())
+    # Per category: one 0-shot unit, two 1-shot seeds, 2 repetition counts x 2 schedules.
+    assert len(results["units"]) == len(CATEGORIES) * (1 + 2 + 4)
+    assert len(list((protocol_run / "units").rglob("*.json"))) == len(results["units"])
+    assert {"torch", "transformers", "maeday-hf"} <= set(results["versions"])
+    assert results["config"]["num_masks"] == 2 and results["config"]["finetune"]["num_steps"] == 3
+    for unit in results["units"]:
+        assert set(unit["metrics"]) == {"image_roc_auc", "image_f1_max", "pixel_roc_auc", "pixel_f1_max", "aupro"}
+        assert all(0 <= value <= 1 for value in unit["metrics"].values())
+    for category in CATEGORIES:
+        for seed in (0, 1):
+            assert (protocol_run / "adapters" / category / f"k1-seed{seed}" / "config.json").is_file()
+    for figure in ("fig2_shots.png", "fig3_repetitions.png"):
+        assert (protocol_run / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(("title", "metric"), [("Table 1. Image-level ROC-AUC", "image_roc_auc"),
+                                               ("Table 2. Pixel-level ROC-AUC", "pixel_roc_auc")])
+def test_tables_are_mean_and_std_over_shot_seeds_of_the_unit_files(protocol_run, title, metric):
+    rows = _table_rows((protocol_run / "tables.md").read_text(), title)
+    assert list(rows)[:3] == ["**Objects**", "disc", "Mean (Objects)"]  # the synthetic set's own object/texture lists
+    assert list(rows)[-1] == "Mean (All)"
+    category_means = {0: [], 1: []}
+    for category in CATEGORIES:
+        zero = _unit_metric(protocol_run, category, "k0-seed0-maeday", metric)
+        seeds = [_unit_metric(protocol_run, category, f"k1-seed{s}-maeday", metric) for s in (0, 1)]
+        assert rows[category]["0-shot MAEDAY"] == f"{100 * zero:.1f}"
+        assert rows[category]["1-shot MAEDAY"] == f"{100 * np.mean(seeds):.1f} ± {100 * np.std(seeds):.1f}"
+        category_means[0].append(zero)
+        category_means[1].append(np.mean(seeds))
+    assert rows["Mean (All)"]["0-shot MAEDAY"] == f"{100 * np.mean(category_means[0]):.1f}"
+    assert rows["Mean (All)"]["1-shot MAEDAY"] == f"{100 * np.mean(category_means[1]):.1f}"
+
+
+def test_rerun_does_no_new_work_and_an_interrupted_run_continues(protocol_run, tiny_checkpoint, synthetic_root,
+                                                                  monkeypatch):
+    import maeday_hf.finetune
+
+    calls = {"finetune": 0, "score": 0}
+    real_score = protocol._Runner.score_maeday
+
+    def counting_score(self, *args, **kwargs):
+        calls["score"] += 1
+        return real_score(self, *args, **kwargs)
+
+    def no_finetune(*args, **kwargs):
+        calls["finetune"] += 1
+        raise AssertionError("a finished adapter must not be fine-tuned again")
+
+    monkeypatch.setattr(protocol._Runner, "score_maeday", counting_score)
+    monkeypatch.setattr(maeday_hf.finetune, "finetune", no_finetune)
+    argv = _argv(tiny_checkpoint, synthetic_root, protocol_run, "--shots", "0", "1", "--shot-seeds", "2",
+                 "--repetitions", "1", "2")
+    units = sorted((protocol_run / "units").rglob("*.json"))
+    mtimes = {path: path.stat().st_mtime_ns for path in units}
+
+    assert evaluate_script.main(argv) == 0
+    assert calls == {"finetune": 0, "score": 0}
+    assert {path: path.stat().st_mtime_ns for path in units} == mtimes
+
+    # An interrupted run: one unit never written. Only that unit is computed; its adapter is reused.
+    lost = protocol_run / "units" / "disc" / "k1-seed1-maeday.json"
+    expected = json.loads(lost.read_text())["metrics"]
+    lost.unlink()
+    assert evaluate_script.main(argv) == 0
+    assert calls == {"finetune": 0, "score": 1}
+    assert json.loads(lost.read_text())["metrics"] == pytest.approx(expected)
+    assert all(path.stat().st_mtime_ns == mtime for path, mtime in mtimes.items() if path != lost)
+
+
+class _ThreadState:
+    """A stand-in for `accelerate.PartialState` in one of `num_processes` threads sharing a barrier."""
+
+    def __init__(self, process_index: int, num_processes: int, barrier: threading.Barrier):
+        self.process_index, self.num_processes, self.barrier = process_index, num_processes, barrier
+        self.is_main_process = process_index == 0
+        self.device = "cpu"
+
+    def wait_for_everyone(self) -> None:
+        self.barrier.wait(timeout=120)
+
+
+def test_units_are_split_round_robin_across_processes_and_gathered_once(tiny_checkpoint, synthetic_root, tmp_path,
+                                                                        monkeypatch):
+    config = ProtocolConfig(tiny_checkpoint, f"synthetic:{synthetic_root}", str(tmp_path / "results"),
+                            categories=CATEGORIES, shots=(0,), num_masks=2, repetitions=(1,), show_progress=False)
+    prepared = prepare_protocol(config)
+    done: dict[int, list] = {0: [], 1: []}
+    real_run = protocol._Runner.run
+
+    def recording_run(self, task):
+        done[threading.current_thread().process_index].append(task)
+        return real_run(self, task)
+
+    monkeypatch.setattr(protocol._Runner, "run", recording_run)
+    barrier, returned, errors = threading.Barrier(2), {}, []
+
+    def process(index: int) -> None:
+        threading.current_thread().process_index = index
+        try:
+            returned[index] = execute_protocol(prepared, _ThreadState(index, 2, barrier))
+        except BaseException as error:  # surfaced below
+            errors.append(error)
+            barrier.abort()
+
+    threads = [threading.Thread(target=process, args=(index,)) for index in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert returned[1] is None and returned[0] == tmp_path / "results" / "results.json"
+    for index in (0, 1):
+        assert done[index] == split_round_robin(prepared.tasks, index, 2)
+    results = json.loads(returned[0].read_text())
+    assert len(results["units"]) == len(prepared.tasks) == len(CATEGORIES) * (1 + 2)
+
+
+def test_plan_and_round_robin():
+    config = ProtocolConfig("m", "d", "out", shots=(0, 2), num_shot_seeds=3, repetitions=(1, 4), ensemble="patchcore")
+    tasks = plan_tasks(config, ["a"])
+    names = [unit.name for task in tasks for unit in task.units]
+    assert names[0] == "k0-seed0-maeday"  # zero-shot: MAEDAY only, one "seed"
+    assert "k2-seed2-maeday+patchcore" in names and "k0-n4-balanced-maeday" in names
+    assert len(names) == 1 + 3 * 4 + 2 * 2
+    shares = [split_round_robin(tasks, index, 3) for index in range(3)]
+    assert sorted(sum(shares, []), key=tasks.index) == tasks
+    assert Unit("a", "maeday", 1, 2).path("out") == Path("out/units/a/k1-seed2-maeday.json")
+
+
+def _run_error(capsys, argv) -> str:
+    assert evaluate_script.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    return err
+
+
+def test_unknown_category_is_named_with_the_valid_ones(tiny_checkpoint, synthetic_root, tmp_path, capsys):
+    argv = _argv(tiny_checkpoint, synthetic_root, tmp_path / "out")
+    argv[argv.index("--categories") + 1] = "bottle"
+    err = _run_error(capsys, argv)
+    assert "'bottle'" in err and "stripes" in err and "plate" in err
+    assert not (tmp_path / "out").exists()  # nothing written before the input was checked
+
+
+def test_folder_that_is_not_mvtec_shaped(tiny_checkpoint, tmp_path, capsys):
+    (tmp_path / "data" / "photos").mkdir(parents=True)
+    argv = ["--model", tiny_checkpoint, "--dataset", str(tmp_path / "data"), "--output-dir", str(tmp_path / "out")]
+    assert "not MVTec-shaped" in _run_error(capsys, argv)
+
+
+def test_single_category_folder_gets_a_hint(tiny_checkpoint, synthetic_root, tmp_path, capsys):
+    argv = ["--model", tiny_checkpoint, "--dataset", str(synthetic_root / "disc"), "--output-dir", str(tmp_path / "o")]
+    err = _run_error(capsys, argv)
+    assert "single category" in err and "--categories disc" in err
+
+
+def test_dataset_without_masks_when_pixel_metrics_are_asked(tiny_checkpoint, tmp_path, capsys):
+    for folder, value in (("normal", 100), ("foreign_object", 200)):
+        (tmp_path / "fod" / "indoor" / folder).mkdir(parents=True)
+        Image.new("RGB", (32, 32), (value,) * 3).save(tmp_path / "fod" / "indoor" / folder / "000.png")
+    argv = ["--model", tiny_checkpoint, "--dataset", f"fod:{tmp_path / 'fod'}", "--shots", "0",
+            "--output-dir", str(tmp_path / "out")]
+    err = _run_error(capsys, argv)
+    assert "'indoor'" in err and "no ground-truth mask" in err and "--no-pixel-metrics" in err
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (["--shots", "5"], "3 training images"),
+        (["--shots", "-1"], "shots must be integers >= 0"),
+        (["--ensemble", "patchcore", "--shots", "0"], "needs shots > 0"),
+    ],
+)
+def test_bad_options(tiny_checkpoint, synthetic_root, tmp_path, capsys, extra, expected):
+    assert expected in _run_error(capsys, _argv(tiny_checkpoint, synthetic_root, tmp_path / "out", *extra))
+
+
+def test_missing_model(synthetic_root, tmp_path, capsys):
+    err = _run_error(capsys, _argv(tmp_path / "no-model", synthetic_root, tmp_path / "out", "--shots", "0"))
+    assert "no-model" in err
+
+
+def test_rerun_with_other_settings_is_refused(protocol_run, tiny_checkpoint, synthetic_root, capsys):
+    argv = _argv(tiny_checkpoint, synthetic_root, protocol_run, "--shots", "0") + ["--num-masks", "3"]
+    assert "num_masks" in _run_error(capsys, argv)
+
+
+def test_hub_folder_is_resolved_by_its_configs(synthetic_root, tmp_path):
+    write_hub_folder({"stripes": load_mvtec(synthetic_root, "stripes")}, tmp_path / "repo")
+    source = resolve_dataset(tmp_path / "repo")
+    assert (source.kind, source.categories) == ("hub", ("stripes",))
+    assert resolve_dataset(synthetic_root).kind == "mvtec"
+
+
+def test_report_formatting_and_groups():
+    assert format_cell({"mean": 0.7432, "std": 0.0, "values": [0.7432]}) == "74.3"
+    assert format_cell({"mean": 0.748, "std": 0.0012, "values": [0.747, 0.749]}) == "74.8 ± 0.1"
+    assert format_cell(None) == "–"
+    assert category_groups(["wood", "bottle"]) == [("Objects", ["bottle"]), ("Textures", ["wood"])]
+    assert category_groups(["a", "b"]) == [("Categories", ["a", "b"])]
+    records = [
+        {"category": c, "method": m, "shots": k, "shot_seed": 0, "study": "main", "metrics": {"image_roc_auc": v}}
+        for c, m, k, v in [("indoor", "maeday", 0, 0.956), ("outdoor", "maeday", 0, 0.856),
+                           ("indoor", "patchcore", 1, 0.982), ("outdoor", "patchcore", 1, 0.732)]
+    ]
+    rows = _table_rows(render_tables(records, ["indoor", "outdoor"]), "Table 3. Foreign Object Detection, image-level ROC-AUC")
+    assert rows["MAEDAY"] == {"Method": "MAEDAY", "Shots": "0", "indoor": "95.6", "outdoor": "85.6", "Mean": "90.6"}
+    assert rows["PC"]["Mean"] == "85.7"
+
+
+def test_ensemble_patchcore_units(tiny_checkpoint, tmp_path):
+    from transformers import ResNetBackbone, ResNetConfig
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    backbone = tmp_path / "resnet"
+    ResNetBackbone(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1], layer_type="basic",
+                                out_indices=[4])).eval().save_pretrained(backbone)
+    # PatchCore's Gaussian (σ=4, kernel 33) needs maps larger than 33 px.
+    root = write_synthetic_mvtec(tmp_path / "data", categories=["disc"], num_train=2, num_test_good=2,
+                                 num_test_per_defect=1, image_size=64)
+    argv = ["--model", tiny_checkpoint, "--dataset", str(root), "--output-dir", str(tmp_path / "out"), *FAST,
+            "--shots", "1", "--shot-seeds", "1", "--repetitions", "--ensemble", "patchcore",
+            "--patchcore-backbone", str(backbone), "--patchcore-image-size", "64", "--no-plots"]
+    assert evaluate_script.main(argv) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert sorted(unit["method"] for unit in results["units"]) == ["2xpatchcore", "maeday", "maeday+patchcore",
+                                                                    "patchcore"]
+    assert {unit["shot_indices"][0] for unit in results["units"]} == {results["units"][0]["shot_indices"][0]}
+    header = _table_rows((tmp_path / "out" / "tables.md").read_text(), "Table 1. Image-level ROC-AUC")["disc"]
+    assert list(header)[1:] == ["1-shot PC", "1-shot MAEDAY", "1-shot 2×PC", "1-shot MAEDAY+PC"]
