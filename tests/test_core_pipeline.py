@@ -246,3 +246,30 @@ def test_float64_model_gives_float32_maps(tiny_checkpoint, images):
     detector64 = pipeline("anomaly-detection", model=tiny_checkpoint, dtype=torch.float64)
     result = detector64(images[0], num_masks=2)
     assert result["anomaly_map"].dtype == np.float32
+
+
+def test_push_to_hub_uploads_the_remote_code_bundle(detector):
+    from unittest import mock
+
+    api = mock.MagicMock()
+    api.create_repo.return_value.repo_id = "maeday-test/detector"
+    uploaded = {}
+
+    def create_commit(**kwargs):
+        for operation in kwargs["operations"]:
+            with open(operation.path_or_fileobj, "rb") as handle:
+                uploaded[operation.path_in_repo] = handle.read()
+
+    api.create_commit.side_effect = create_commit
+    with mock.patch("transformers.utils.hub.hf_api", return_value=api):
+        detector.push_to_hub("maeday-test/detector")
+    api.create_repo.assert_called_once()
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "pipeline.py", "masking.py",
+            "reconstruction.py", "scoring.py", "images.py"} <= set(uploaded)
+    config = json.loads(uploaded["config.json"])
+    assert config["custom_pipelines"]["anomaly-detection"]["impl"] == "pipeline.AnomalyDetectionPipeline"
+    import re
+
+    for name, content in uploaded.items():
+        if name.endswith(".py"):
+            assert not re.search(rb"^\s*(from|import)\s+maeday_hf", content, re.MULTILINE), f"{name} imports maeday_hf"
