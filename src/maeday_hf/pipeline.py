@@ -81,6 +81,16 @@ def _threshold_outputs(score: float, anomaly_map: np.ndarray, threshold: float) 
     }
 
 
+THRESHOLD_CONFIG_KEY = "anomaly_threshold"
+"""Config key of the threshold a few-shot fine-tune calibrated on its normal shots (`maeday_hf.calibration`)."""
+
+
+def calibrated_threshold(config: Any) -> float | None:
+    """`config.anomaly_threshold` if the checkpoint has one (few-shot fine-tunes do), else None."""
+    threshold = getattr(config, THRESHOLD_CONFIG_KEY, None)
+    return None if threshold is None else _validate_threshold(threshold)
+
+
 class AnomalyDetectionPipeline(Pipeline):
     """Pixel anomaly maps and image anomaly scores with MAEDAY (zero-shot, or few-shot with a fine-tuned checkpoint).
 
@@ -117,6 +127,10 @@ class AnomalyDetectionPipeline(Pipeline):
                 "No image processor was found with this checkpoint: save one next to it (e.g. ViTImageProcessor with "
                 "the model's image size and normalisation) or pass `image_processor=` to `pipeline()`."
             )
+        # A fine-tuned checkpoint's calibrated threshold is the default `threshold`; one passed at init or call wins.
+        default_threshold = calibrated_threshold(self.model.config)
+        if default_threshold is not None:
+            self._postprocess_params.setdefault("threshold", default_threshold)
 
     def _sanitize_parameters(self, **kwargs):
         return split_call_parameters(**kwargs)

@@ -1,0 +1,82 @@
+"""Wall time of MAEDAY's few-shot fine-tuning (LoRA, the paper's recipe) for ViT-B/16 geometry, printed as JSON.
+
+Random weights (`ViTMAEConfig()` defaults are ViT-B/16 at 224 px): the timing does not depend on the values.
+
+    python scripts/benchmark_finetune.py --steps 5            # CPU: measure 5 steps, extrapolate to 50
+    python scripts/benchmark_finetune.py --steps 50 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import tempfile
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import ViTImageProcessor, ViTMAEConfig, ViTMAEForPreTraining
+
+from maeday_hf.finetune import FinetuneConfig, finetune
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=50, help="steps measured (50 = the paper's run)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--num-shots", type=int, default=1)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--full-finetune", action="store_true")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    with tempfile.TemporaryDirectory() as work:
+        base = os.path.join(work, "vit-mae-b16-random")
+        torch.manual_seed(0)
+        ViTMAEForPreTraining(ViTMAEConfig()).save_pretrained(base)
+        ViTImageProcessor(size={"height": 224, "width": 224}).save_pretrained(base)
+        rng = np.random.default_rng(0)
+        shots = []
+        for index in range(args.num_shots):
+            path = os.path.join(work, f"shot_{index}.png")
+            Image.fromarray((rng.random((256, 256, 3)) * 255).astype(np.uint8)).save(path)
+            shots.append(path)
+        config = FinetuneConfig(
+            num_steps=args.steps,
+            batch_size=args.batch_size,
+            full_finetune=args.full_finetune,
+            use_cpu=args.device == "cpu",
+            bf16=args.bf16,
+            disable_tqdm=True,
+            logging_steps=max(1, args.steps),
+            calibration_views_per_shot=1,
+            calibration_num_masks=8,
+        )
+        start = time.perf_counter()
+        result = finetune(base, shots, os.path.join(work, "out"), config)
+        total = time.perf_counter() - start
+    print(json.dumps({
+        "benchmark": "finetune",
+        "geometry": "ViT-B/16 224px (ViTMAEConfig defaults, random weights)",
+        "method": "full" if args.full_finetune else "lora-r32",
+        "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(0),
+        "cpu_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "batch_size": args.batch_size,
+        "num_shots": args.num_shots,
+        "steps_measured": args.steps,
+        "train_seconds": round(result.train_seconds, 2),
+        "seconds_per_step": round(result.train_seconds / args.steps, 3),
+        "extrapolated_50_step_seconds": round(result.train_seconds / args.steps * 50, 1),
+        "end_to_end_seconds_incl_load_calibrate_save": round(total, 2),
+    }))
+
+
+if __name__ == "__main__":
+    main()
