@@ -26,9 +26,12 @@ USER_ERRORS = (ValueError, TypeError, OSError, ImportError)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", required=True, help="ViTMAE checkpoint (Hub id or folder).")
-    parser.add_argument("--dataset", required=True, help="MVTec folder, repo folder, ORG/NAME, synthetic:DIR or fod:DIR.")
+    parser.add_argument("--dataset", required=True,
+                        help="MVTec folder, repo folder, ORG/NAME, synthetic:DIR or fod:DIR.")
     parser.add_argument("--categories", "--config", nargs="+", help="Categories (configs); default: all of them.")
     parser.add_argument("--output-dir", required=True, help="RESULTS folder; rerunning into it resumes.")
     parser.add_argument("--shots", type=int, nargs="+", default=[0, 1], help="k values (0 = zero-shot).")
@@ -102,6 +105,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.quiet:
+        import datasets
+        from transformers.utils import logging as transformers_logging
+
+        datasets.disable_progress_bars()
+        transformers_logging.disable_progress_bar()
     try:
         prepared = prepare_protocol(config_from_args(args))
     except USER_ERRORS as error:

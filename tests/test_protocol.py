@@ -1,4 +1,4 @@
-"""The protocol runner end to end on the synthetic set with a tiny ViTMAE: outputs, tables, resume, processes, bad input."""
+"""The protocol end to end on the synthetic set with a tiny ViTMAE: outputs, tables, resume, processes, errors."""
 
 from __future__ import annotations
 
@@ -44,7 +44,8 @@ evaluate_script = _load_script()
 @pytest.fixture(scope="module")
 def synthetic_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("synthetic")
-    write_synthetic_mvtec(root, categories=CATEGORIES, num_train=3, num_test_good=2, num_test_per_defect=1, image_size=32)
+    write_synthetic_mvtec(root, categories=CATEGORIES, num_train=3, num_test_good=2, num_test_per_defect=1,
+                          image_size=32)
     return root
 
 
@@ -283,7 +284,8 @@ def test_report_formatting_and_groups():
         for c, m, k, v in [("indoor", "maeday", 0, 0.956), ("outdoor", "maeday", 0, 0.856),
                            ("indoor", "patchcore", 1, 0.982), ("outdoor", "patchcore", 1, 0.732)]
     ]
-    rows = _table_rows(render_tables(records, ["indoor", "outdoor"]), "Table 3. Foreign Object Detection, image-level ROC-AUC")
+    tables = render_tables(records, ["indoor", "outdoor"])
+    rows = _table_rows(tables, "Table 3. Foreign Object Detection, image-level ROC-AUC")
     assert rows["MAEDAY"] == {"Method": "MAEDAY", "Shots": "0", "indoor": "95.6", "outdoor": "85.6", "Mean": "90.6"}
     assert rows["PC"]["Mean"] == "85.7"
 

@@ -39,11 +39,11 @@ import logging
 import os
 import platform
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import datasets
 import numpy as np
@@ -64,6 +64,10 @@ from .report import (
     write_json,
     write_text,
 )
+
+if TYPE_CHECKING:
+    from .finetune import FinetuneConfig
+    from .patchcore import PatchCoreConfig
 
 logger = logging.getLogger(__name__)
 
@@ -104,9 +108,10 @@ class DatasetSource:
 def _is_hub_folder(folder: Path) -> bool:
     """A dataset repo folder (e.g. `write_hub_folder`'s dry run): a README.md whose YAML header lists `configs`."""
     readme = folder / "README.md"
-    return readme.is_file() and readme.read_text(encoding="utf-8").startswith("---") and "configs:" in readme.read_text(
-        encoding="utf-8"
-    )
+    if not readme.is_file():
+        return False
+    text = readme.read_text(encoding="utf-8")
+    return text.startswith("---") and "\nconfigs:" in text.split("\n---", 2)[0]
 
 
 def resolve_dataset(spec: str | os.PathLike) -> DatasetSource:
@@ -145,7 +150,8 @@ def resolve_dataset(spec: str | os.PathLike) -> DatasetSource:
         if categories:
             return DatasetSource("mvtec", str(path), categories)
         hint = (
-            f" It looks like a single category; pass its parent folder {str(path.parent)!r} and --categories {path.name}."
+            f" It looks like a single category; pass its parent folder {str(path.parent)!r} and "
+            f"--categories {path.name}."
             if (path / "train").is_dir() and (path / "test").is_dir()
             else ""
         )
@@ -156,7 +162,8 @@ def resolve_dataset(spec: str | os.PathLike) -> DatasetSource:
         )
     if spec.startswith((".", "/", "~")) or path.exists() or spec.count("/") != 1:
         raise FileNotFoundError(
-            f"Dataset {spec!r} is neither an existing folder nor a Hub dataset id ORG/NAME (nor synthetic:DIR / fod:DIR)."
+            f"Dataset {spec!r} is neither an existing folder nor a Hub dataset id ORG/NAME "
+            f"(nor synthetic:DIR / fod:DIR)."
         )
     try:
         return DatasetSource("hub", spec, tuple(datasets.get_dataset_config_names(spec)))
@@ -202,8 +209,8 @@ class ProtocolConfig:
     batch_size: int = 8
     repetitions: Sequence[int] = PAPER_REPETITIONS
     ensemble: Literal["patchcore"] | None = None
-    patchcore: Any = None
-    finetune: Any = None
+    patchcore: PatchCoreConfig | None = None
+    finetune: FinetuneConfig | None = None
     pixel_metrics: bool = True
     plots: bool = True
     device: str = "auto"
@@ -213,7 +220,7 @@ class ProtocolConfig:
         self.model, self.dataset, self.output_dir = os.fspath(self.model), os.fspath(self.dataset), os.fspath(
             self.output_dir
         )
-        self.categories = None if self.categories is None else tuple(self.categories)
+        self.categories = None if self.categories is None else tuple(dict.fromkeys(self.categories))
         if self.categories is not None and not self.categories:
             raise ValueError("categories is empty; leave it out to evaluate every category of the dataset.")
         self.shots = tuple(sorted(set(self.shots)))
@@ -256,7 +263,8 @@ class ProtocolConfig:
         }
 
     def to_dict(self) -> dict[str, Any]:
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("finetune", "patchcore")}
+        skip = ("finetune", "patchcore")  # their settings() form is JSON-friendly
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
         return _jsonable({**fields, **self.settings()})
 
 
@@ -344,7 +352,6 @@ class PreparedProtocol:
     categories: tuple[str, ...]
     splits: dict[str, datasets.DatasetDict]
     tasks: list[Task]
-    finetune_fn: Callable[..., Any] | None = field(default=None, repr=False)
 
 
 def _check_category_splits(name: str, splits: datasets.DatasetDict, config: ProtocolConfig) -> None:
@@ -402,7 +409,9 @@ def _check_model(config: ProtocolConfig) -> None:
         else:
             model_config = AutoConfig.from_pretrained(os.path.expanduser(config.model))
             if getattr(model_config, "model_type", None) != "vit_mae":
-                raise ValueError(f"Model {config.model!r} has model_type {model_config.model_type!r}; expected 'vit_mae'.")
+                raise ValueError(
+                    f"Model {config.model!r} has model_type {model_config.model_type!r}; expected 'vit_mae'."
+                )
     except OSError as error:
         raise OSError(
             f"Cannot load the model {config.model!r}: not a local checkpoint folder and not in the Hugging Face cache "
@@ -573,7 +582,6 @@ def _finetune_missing(prepared: PreparedProtocol, tasks: Sequence[Task], device)
     from .finetune import finetune
 
     config = prepared.config
-    finetune_fn = prepared.finetune_fn or finetune
     recipe = dataclasses.replace(
         config.finetune, use_cpu=str(device).startswith("cpu"), disable_tqdm=not config.show_progress
     )
@@ -584,7 +592,7 @@ def _finetune_missing(prepared: PreparedProtocol, tasks: Sequence[Task], device)
     ]
     for task in tqdm(needed, desc="fine-tune", disable=not config.show_progress):
         logger.info("Fine-tuning %s k=%d seed=%d", task.category, task.shots, task.shot_seed)
-        finetune_fn(
+        finetune(
             config.model, prepared.splits[task.category]["train"], task.adapter_dir(config.output_dir),
             config=recipe, num_shots=task.shots, shot_seed=task.shot_seed,
         )
@@ -618,7 +626,9 @@ def gather_results(prepared: PreparedProtocol) -> Path:
         cells = summarize(records, metric)
         if cells:
             summary[metric] = {
-                f"k{shots}/{method}": {c: cells[(c, shots, method)] for c in prepared.categories if (c, shots, method) in cells}
+                f"k{shots}/{method}": {
+                    c: cells[(c, shots, method)] for c in prepared.categories if (c, shots, method) in cells
+                }
                 for shots, method in table_columns(records)
             }
     results = {

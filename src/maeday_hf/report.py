@@ -88,7 +88,10 @@ def category_groups(categories: Sequence[str]) -> list[tuple[str, list[str]]]:
     chosen = set(categories)
     for objects, textures in ((MVTEC_OBJECTS, MVTEC_TEXTURES), (SYNTHETIC_OBJECTS, SYNTHETIC_TEXTURES)):
         if chosen <= set(objects) | set(textures):
-            groups = [("Objects", [c for c in objects if c in chosen]), ("Textures", [c for c in textures if c in chosen])]
+            groups = [
+                ("Objects", [c for c in objects if c in chosen]),
+                ("Textures", [c for c in textures if c in chosen]),
+            ]
             return [(name, members) for name, members in groups if members]
     return [("Categories", list(categories))]
 
