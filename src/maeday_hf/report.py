@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ import numpy as np
 from .data import FOD_CONFIGS, MVTEC_OBJECTS, MVTEC_TEXTURES
 from .synthetic import OBJECT_CATEGORIES as SYNTHETIC_OBJECTS
 from .synthetic import TEXTURE_CATEGORIES as SYNTHETIC_TEXTURES
+from .atomic_io import write_atomically
 
 METHODS: tuple[str, ...] = ("maeday", "patchcore", "2xpatchcore", "maeday+patchcore")
 """Methods a unit can hold: MAEDAY, one PatchCore, the 2×PatchCore ensemble, the MAEDAY+PatchCore ensemble."""
@@ -53,21 +53,6 @@ METRIC_TITLES: dict[str, str] = {
 MISSING = "–"
 
 Record = dict[str, Any]
-
-
-def write_atomically(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call `write(temp_path)` next to `path`, then rename: readers (and resumed runs) never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        write(temp_name)
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def write_json(path: str | os.PathLike, payload: Any) -> Path:

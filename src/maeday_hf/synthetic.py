@@ -9,11 +9,11 @@ CLI and protocol run on it.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from .atomic_io import write_atomically
 
 TEXTURE_CATEGORIES: tuple[str, ...] = ("stripes", "weave", "wood")
 OBJECT_CATEGORIES: tuple[str, ...] = ("disc", "plate")
@@ -120,16 +120,8 @@ def make_sample(
     return defective, Image.fromarray(mask.astype(np.uint8) * 255)
 
 
-def _save_png_atomically(image: Image.Image, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(suffix=".png", dir=path.parent)
-    os.close(handle)
-    try:
-        image.save(temp_name, format="PNG")
-        os.replace(temp_name, path)
-    except BaseException:
-        os.unlink(temp_name)
-        raise
+def _save_png(image: Image.Image, path: Path) -> None:
+    write_atomically(path, lambda temp_path: image.save(temp_path, format="PNG"))
 
 
 def write_synthetic_mvtec(
@@ -153,13 +145,13 @@ def write_synthetic_mvtec(
         category_dir = root / category
         for index in range(num_train):
             image, _ = make_sample(category, None, image_size, seed=10_000 * seed + index)
-            _save_png_atomically(image, category_dir / "train" / "good" / f"{index:03d}.png")
+            _save_png(image, category_dir / "train" / "good" / f"{index:03d}.png")
         for index in range(num_test_good):
             image, _ = make_sample(category, None, image_size, seed=10_000 * seed + 1_000 + index)
-            _save_png_atomically(image, category_dir / "test" / "good" / f"{index:03d}.png")
+            _save_png(image, category_dir / "test" / "good" / f"{index:03d}.png")
         for defect_type in DEFECT_TYPES:
             for index in range(num_test_per_defect):
                 image, mask = make_sample(category, defect_type, image_size, seed=10_000 * seed + 2_000 + index)
-                _save_png_atomically(image, category_dir / "test" / defect_type / f"{index:03d}.png")
-                _save_png_atomically(mask, category_dir / "ground_truth" / defect_type / f"{index:03d}_mask.png")
+                _save_png(image, category_dir / "test" / defect_type / f"{index:03d}.png")
+                _save_png(mask, category_dir / "ground_truth" / defect_type / f"{index:03d}_mask.png")
     return root

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import datasets
 import yaml
 from datasets.table import embed_table_storage
+from ..atomic_io import write_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -44,19 +44,6 @@ def push_configs_to_hub(
         dataset_dict.push_to_hub(
             repo_id, config_name=name, private=private, token=token, commit_message=f"Add config {name}"
         )
-
-
-def _write_atomically(path: Path, write) -> None:
-    """Call `write(temp_path)` next to `path`, then rename: readers never see a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(handle)
-    try:
-        write(temp_name)
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
 
 
 def _embedded(dataset: datasets.Dataset) -> datasets.Dataset:
@@ -106,7 +93,7 @@ def write_hub_folder(
     for name, dataset_dict in configs.items():
         for split, dataset in dataset_dict.items():
             path = folder / name / f"{split}-00000-of-00001.parquet"
-            _write_atomically(path, _embedded(dataset).to_parquet)
+            write_atomically(path, _embedded(dataset).to_parquet)
             logger.info("Wrote %s (%d rows)", path, len(dataset))
         entries[name] = {
             "config_name": name,
@@ -114,5 +101,5 @@ def write_hub_folder(
         }
     header["configs"] = [entries[name] for name in sorted(entries)]
     card = f"---\n{yaml.safe_dump(header, sort_keys=False)}---\n{body if card_body is None else card_body}"
-    _write_atomically(folder / README, lambda temp: Path(temp).write_text(card, encoding="utf-8"))
+    write_atomically(folder / README, lambda temp: Path(temp).write_text(card, encoding="utf-8"))
     return folder
