@@ -10,13 +10,15 @@ import argparse
 import csv
 import io
 import logging
-import os
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 from tqdm.auto import tqdm
+
+from .atomic_io import write_atomically
 
 logger = logging.getLogger("maeday_hf")
 
@@ -53,19 +55,6 @@ def collect_images(inputs: Sequence[str]) -> list[tuple[Path, str]]:
     return images
 
 
-def write_atomically(path: Path, write: Callable[[str], None]) -> None:
-    """Call `write(temp_path)` and rename the result to `path`; nothing is left behind on failure."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(handle)
-    try:
-        write(temp_name)
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-
-
 def run_detect(args: argparse.Namespace) -> int:
     from .images import load_rgb_image
     from .masking import validate_positive_int
@@ -91,15 +80,18 @@ def run_detect(args: argparse.Namespace) -> int:
     # A generator in gives an iterator out: results stream while the bar advances.
     results = detector((str(path) for path, _ in images), batch_size=args.batch_size, **call_kwargs)
     rows = []
-    maps = []
-    for (path, name), result in tqdm(zip(images, results), total=len(images), desc="maeday detect", disable=args.quiet):
-        rows.append((str(path), result["score"], result.get("label")))
-        maps.append((path, name, result["anomaly_map"]))
-    # One colour scale for the whole set, so heatmaps compare across images.
-    vmax = max(float(anomaly_map.max()) for _, _, anomaly_map in maps)
-    for path, name, anomaly_map in maps:
-        overlay = overlay_heatmap(load_rgb_image(path), anomaly_map, vmin=0.0, vmax=vmax)
-        write_atomically(out_dir / "heatmaps" / f"{name}.png", lambda temp: overlay.save(temp, format="PNG"))
+    with tempfile.TemporaryDirectory(prefix="maeday-maps-") as maps_dir:
+        # Maps wait on disk, not in memory, until the common colour scale is known.
+        vmax = 0.0
+        progress = tqdm(zip(images, results), total=len(images), desc="maeday detect", disable=args.quiet)
+        for index, ((path, _), result) in enumerate(progress):
+            rows.append((str(path), result["score"], result.get("label")))
+            np.save(Path(maps_dir) / f"{index}.npy", result["anomaly_map"])
+            vmax = max(vmax, float(result["anomaly_map"].max()))
+        for index, (path, name) in enumerate(images):
+            anomaly_map = np.load(Path(maps_dir) / f"{index}.npy")
+            overlay = overlay_heatmap(load_rgb_image(path), anomaly_map, vmin=0.0, vmax=vmax)
+            write_atomically(out_dir / "heatmaps" / f"{name}.png", lambda temp: overlay.save(temp, format="PNG"))
 
     buffer = io.StringIO()
     writer = csv.writer(buffer)
@@ -133,7 +125,8 @@ def add_detect_parser(subparsers) -> None:
     parser.add_argument("--threshold", type=float, default=None, help="adds a normal/anomalous label per image")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
-    parser.add_argument("--mask-batch-size", type=int, default=128, help="most (image, mask) pairs per forward")
+    parser.add_argument("--mask-batch-size", type=int, default=None,
+                        help="most (image, mask) pairs per forward (default: 1024 on a GPU, 128 on a CPU)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(handler=run_detect)
 
