@@ -159,16 +159,33 @@ def test_full_finetune_writes_a_plain_checkpoint_that_loads(tiny_checkpoint, sho
     assert "label" in detector(str(shot_files[1]), num_masks=2)
 
 
-def test_accelerate_launch_of_the_script_writes_an_adapter(tiny_checkpoint, shot_files, tmp_path):
-    out = tmp_path / "launched"
+def _launch(num_processes: int, checkpoint: str, shot: Path, out: Path, tmp_path: Path) -> list[float]:
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO_ROOT / "scripts" / "finetune.py"),
-        "--model", tiny_checkpoint, "--shots", str(shot_files[0]), "--output-dir", str(out), "--steps", "2",
-        "--batch-size", "2", "--calibration-views", "1", "--calibration-masks", "2", "--quiet",
+        sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(num_processes),
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        str(REPO_ROOT / "scripts" / "finetune.py"), "--model", checkpoint, "--shots", str(shot), "--output-dir",
+        str(out), "--steps", "2", "--batch-size", "4", "--learning-rate", "0.2", "--calibration-views", "1",
+        "--calibration-masks", "2", "--quiet",
     ]
     env = dict(os.environ, HF_HUB_OFFLINE="1", ACCELERATE_CONFIG_FILE=str(tmp_path / "no-accelerate-config.yaml"))
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
-    assert len(json.loads((out / "training_log.json").read_text())["losses"]) == 2
+    return [entry["loss"] for entry in json.loads((out / "training_log.json").read_text())["losses"]]
+
+
+def test_accelerate_launch_of_the_script_writes_an_adapter(tiny_checkpoint, shot_files, tmp_path):
+    losses = _launch(1, tiny_checkpoint, shot_files[0], tmp_path / "launched", tmp_path)
+    assert len(losses) == 2
+    # The same run in-process: same seed, same views, same LoRA init -> same losses.
+    result = finetune(tiny_checkpoint, shot_files[:1], tmp_path / "in-process", FinetuneConfig(
+        num_steps=2, batch_size=4, learning_rate=0.2, use_cpu=True, disable_tqdm=True, calibration_views_per_shot=1,
+        calibration_num_masks=2))
+    assert losses == pytest.approx([loss for _, loss in result.losses], rel=1e-6)
+
+
+def test_two_process_ddp_keeps_the_effective_batch(tiny_checkpoint, shot_files, tmp_path):
+    """2 CPU processes (gloo) with per-process batch 2 train exactly like 1 process with batch 4."""
+    one = _launch(1, tiny_checkpoint, shot_files[0], tmp_path / "one", tmp_path)
+    two = _launch(2, tiny_checkpoint, shot_files[0], tmp_path / "two", tmp_path)
+    assert two == pytest.approx(one, rel=1e-5)

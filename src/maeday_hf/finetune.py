@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoImageProcessor, Trainer, TrainingArguments, ViTMAEForPreTraining
+from transformers.trainer_callback import PrinterCallback
 from transformers.dynamic_module_utils import custom_object_save
 
 from .adapter_model import ADAPTER_CONFIG_KEY, ADAPTER_SUBFOLDER, THRESHOLD_CONFIG_KEY, MaedayAdapterForPreTraining
@@ -241,13 +242,17 @@ def build_trainer(
             f"size divisible by the number of processes so the effective batch stays {config.batch_size}."
         )
     args.per_device_train_batch_size = config.batch_size // args.world_size
-    return MaedayTrainer(
+    trainer = MaedayTrainer(
         model=trained_model,
         args=args,
         train_dataset=views,
         optimizer_cls_and_kwargs=(torch.optim.SGD, {"lr": config.learning_rate, "momentum": config.momentum}),
         reconstruction_model=reconstruction_model,
     )
+    if config.disable_tqdm:
+        # Without a bar the Trainer prints every log dict; quiet means quiet (losses stay in `state.log_history`).
+        trainer.remove_callback(PrinterCallback)
+    return trainer
 
 
 def _validate_output(output_dir: Path, overwrite: bool) -> None:
@@ -444,7 +449,12 @@ def finetune(
         trained = model
         trained.requires_grad_(True)
     else:
-        trained = add_lora(model, make_lora_config(model, config.lora_rank, config.lora_alpha, config.lora_dropout))
+        lora_config = make_lora_config(model, config.lora_rank, config.lora_alpha, config.lora_dropout)
+        # PEFT draws lora_A from the global RNG: seed it inside a fork, so the init is the run seed's on every process
+        # and the caller's RNG state is left as it was.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            trained = add_lora(model, lora_config)
         trained.peft_config["default"].base_model_name_or_path = recorded_base
     views = ShotViews(
         pixel_values,
