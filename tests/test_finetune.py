@@ -18,7 +18,6 @@ from transformers import ViTMAEForPreTraining
 from maeday_hf.adapter_model import load_merged_model
 from maeday_hf.finetune import (
     FinetuneConfig,
-    MaedayTrainer,
     all_patch_loss,
     build_trainer,
     finetune,
@@ -32,7 +31,6 @@ from maeday_hf.shot_views import ShotViews, random_crop_rotate, view_generator
 
 from conftest import TINY_IMAGE_SIZE, make_tiny_model
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 # Few steps, small batches, a large learning rate: the tiny random model moves visibly in a second.
 FAST = dict(num_steps=12, batch_size=8, learning_rate=0.2, disable_tqdm=True, use_cpu=True,
             calibration_views_per_shot=2, calibration_num_masks=4)
