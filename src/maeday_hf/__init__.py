@@ -41,9 +41,24 @@ def register_pipeline() -> None:
 
 register_pipeline()
 
+# Heavier entry points (Trainer, peft, datasets) load on first use.
+_LAZY_EXPORTS = {
+    "FinetuneConfig": "finetune",  # the function itself: `from maeday_hf.finetune import finetune`
+    "load_detector": "modeling",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY_EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 __all__ = [
     "DEFAULT_CHECKPOINT",
     "TASK",
+    "FinetuneConfig",
     "AnomalyDetectionPipeline",
     "NormalizationStats",
     "PatchCore",
@@ -53,6 +68,7 @@ __all__ = [
     "ensemble_scores",
     "fit_patchcores",
     "gaussian_filter",
+    "load_detector",
     "load_rgb_image",
     "maeday_anomaly_maps",
     "make_mask_noise",
