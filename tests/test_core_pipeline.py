@@ -175,6 +175,9 @@ def test_a_checkpoint_that_is_not_vit_mae_is_refused(tmp_path):
     ViTImageProcessor().save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="bert"):
         pipeline("anomaly-detection", model=str(tmp_path))
+    (tmp_path / "preprocessor_config.json").unlink()
+    with pytest.raises(ValueError, match="model_type 'bert'"):
+        load_detector(str(tmp_path), device="cpu")
 
 
 def test_load_detector_errors(tmp_path):

@@ -58,6 +58,11 @@ def load_detector(
             pipeline_kwargs.setdefault("threshold", threshold)
         if adapter_subfolder(config) is not None:
             return _load_adapter_detector(os.path.expanduser(model), config, device, base_model, pipeline_kwargs)
+        if getattr(config, "model_type", None) != "vit_mae":
+            raise ValueError(
+                f"{model!r} is a {type(config).__name__} (model_type {getattr(config, 'model_type', None)!r}); "
+                f"MAEDAY needs a ViTMAEForPreTraining checkpoint (model_type 'vit_mae') or a maeday-hf adapter folder."
+            )
         if base_model is not None:
             raise ValueError(f"base_model={os.fspath(base_model)!r} applies only to adapter folders; {model!r} is a "
                              f"full checkpoint.")
