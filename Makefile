@@ -1,6 +1,8 @@
 # Two entry points for a fresh machine:  `make demo` (set up + zero-shot detection on the synthetic set)
 # and `make test` (set up + the test suite). Both create .venv; neither pulls a CUDA build of torch:
-# torch is installed first, pinned by TORCH (override e.g. TORCH="torch==2.13.0 --index-url ..." for CUDA).
+# torch is installed first, pinned by TORCH. On the project's machines `torch==2.13.0` resolves to a CPU wheel kept on
+# disk; elsewhere choose the build: TORCH="torch --index-url https://download.pytorch.org/whl/cpu" (CPU) or a CUDA one.
+# The other libraries are installed at the tested versions of constraints.txt.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
@@ -11,11 +13,11 @@ PY := $(VENV)/bin/python
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	touch $@
 
 test: setup
