@@ -41,9 +41,12 @@ def make_tiny_config(**overrides) -> ViTMAEConfig:
 def make_tiny_model(seed: int = 0, **overrides) -> ViTMAEForPreTraining:
     torch.manual_seed(seed)
     model = ViTMAEForPreTraining(make_tiny_config(**overrides))
-    # Random init zeroes the decoder's mask token and positions; give them values so masking matters.
+    # Random init leaves the mask token and both position embeddings at zero (pretrained checkpoints carry them);
+    # give them values, so the model knows where each patch is and masking matters.
     with torch.no_grad():
         model.decoder.mask_token.normal_(std=0.5)
+        model.vit.embeddings.position_embeddings.normal_(std=0.5)
+        model.decoder.decoder_pos_embed.normal_(std=0.5)
     return model.eval()
 
 

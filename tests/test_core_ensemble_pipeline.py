@@ -65,3 +65,20 @@ def test_bad_ensemble_options(detector, queries, kwargs, error, fragment):
 def test_ensemble_refuses_a_single_query(detector, fitted_patchcore, queries):
     with pytest.raises(ValueError, match="at least 2"):
         detector(queries[0], ensemble=fitted_patchcore)
+
+
+def test_fixed_ensemble_stats_make_results_independent_of_the_other_queries(detector, fitted_patchcore, queries):
+    from maeday_hf.ensemble import compute_normalization_stats
+
+    maeday = detector(queries, num_masks=3)
+    patchcore = fitted_patchcore.predict(queries)
+    stats = [
+        compute_normalization_stats([r["score"] for r in outputs], [r["anomaly_map"] for r in outputs])
+        for outputs in (maeday, patchcore)
+    ]
+    together = detector(queries, ensemble=fitted_patchcore, ensemble_stats=stats, num_masks=3)
+    alone = detector(queries[1], ensemble=fitted_patchcore, ensemble_stats=stats, num_masks=3)
+    assert alone["score"] == pytest.approx(together[1]["score"], rel=1e-5)
+    np.testing.assert_allclose(alone["anomaly_map"], together[1]["anomaly_map"], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="2 NormalizationStats"):
+        detector(queries, ensemble=fitted_patchcore, ensemble_stats=stats[:1])

@@ -221,8 +221,12 @@ def test_save_load_by_path_repo_id_and_remote_code_give_identical_scores(trained
     query = tmp_path / "query.png"
     _smooth_image(phase=0.5).save(query)
     detector = load_detector(trained.output_dir, device="cpu")
+    calibrated_at = json.loads((trained.output_dir / "calibration.json").read_text())
+    calibrated_call = dict(num_masks=calibrated_at["num_masks"], mask_ratio=calibrated_at["mask_ratio"])
+    # The calibrated threshold is the default at the settings it was calibrated with, and only there.
+    assert detector(str(query), **calibrated_call)["label"] in ("normal", "anomalous")
     result = detector(str(query), num_masks=3)
-    assert result["label"] in ("normal", "anomalous")  # calibrated threshold is the default
+    assert "label" not in result
     assert detector(str(query), num_masks=3, threshold=-1.0)["label"] == "anomalous"
 
     # The folder as the Hub cache holds a pushed repo; offline, the repo id resolves to it.
@@ -257,9 +261,9 @@ def test_save_load_by_path_repo_id_and_remote_code_give_identical_scores(trained
             detector = pipeline("anomaly-detection", model=model, trust_remote_code=True)
             assert "maeday_hf" not in type(detector).__module__
             assert type(detector.model).__name__ == "ViTMAEForPreTraining"
-            result = detector({str(query)!r}, num_masks=3)
-            assert "label" in result and "mask" in result  # the calibrated threshold is the default
-            scores.append(result["score"])
+            calibrated = detector({str(query)!r}, **{calibrated_call!r})
+            assert "label" in calibrated and "mask" in calibrated  # the calibrated threshold is the default
+            scores.append(detector({str(query)!r}, num_masks=3)["score"])
         print(json.dumps(scores))
         """,
         env,

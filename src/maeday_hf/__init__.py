@@ -18,12 +18,10 @@ from .ensemble import NormalizationStats, compute_normalization_stats, ensemble_
 from .images import load_rgb_image
 from .masking import make_mask_noise
 from .patchcore import PatchCore, PatchCoreConfig, fit_patchcores
-from .pipeline import DEFAULT_CHECKPOINT, AnomalyDetectionPipeline
+from .pipeline import DEFAULT_CHECKPOINT, TASK, AnomalyDetectionPipeline
 from .scoring import gaussian_filter, maeday_anomaly_maps
 
 __version__ = "0.1.0"
-
-TASK = "anomaly-detection"
 
 
 def register_pipeline() -> None:

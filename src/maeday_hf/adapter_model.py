@@ -31,13 +31,13 @@ from typing import Any
 from transformers import AutoConfig, PretrainedConfig, ViTMAEForPreTraining
 from transformers.utils import cached_file
 
+from .pipeline import THRESHOLD_CONFIG_KEY, THRESHOLD_SETTINGS_CONFIG_KEY
+
 logger = logging.getLogger(__name__)
 
 ADAPTER_CONFIG_KEY = "maeday_adapter"
 """`config.json` key marking an adapter folder: `{"subfolder": "adapter"}`."""
 ADAPTER_SUBFOLDER = "adapter"
-THRESHOLD_CONFIG_KEY = "anomaly_threshold"
-"""`config.json` key of the threshold calibrated on the normal shots; the pipeline's default `threshold`."""
 
 # Config fields that fix the shapes and meaning of the weights: an adapter only fits a base that agrees on all of them.
 GEOMETRY_KEYS: tuple[str, ...] = (
@@ -157,12 +157,12 @@ def load_merged_model(
     base = ViTMAEForPreTraining.from_pretrained(base_name, **load_kwargs)
     peft_model = PeftModel.from_pretrained(base, peft_folder)
     peft_model.eval()
-    threshold = getattr(config, THRESHOLD_CONFIG_KEY, None)
     if not merge:
         return peft_model
     model = peft_model.merge_and_unload()
-    if threshold is not None:
-        setattr(model.config, THRESHOLD_CONFIG_KEY, threshold)
+    for key in (THRESHOLD_CONFIG_KEY, THRESHOLD_SETTINGS_CONFIG_KEY):  # the pipeline's calibrated default threshold
+        if getattr(config, key, None) is not None:
+            setattr(model.config, key, getattr(config, key))
     return model.eval()
 
 

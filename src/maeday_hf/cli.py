@@ -19,10 +19,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .atomic_io import write_atomically
+from .images import IMAGE_SUFFIXES
 
 logger = logging.getLogger("maeday_hf")
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, OSError)
 
 
@@ -93,11 +93,13 @@ def run_detect(args: argparse.Namespace) -> int:
             overlay = overlay_heatmap(load_rgb_image(path), anomaly_map, vmin=0.0, vmax=vmax)
             write_atomically(out_dir / "heatmaps" / f"{name}.png", lambda temp: overlay.save(temp, format="PNG"))
 
+    # A label column when labels exist: from --threshold or from a fine-tune's calibrated threshold.
+    with_labels = any(label is not None for _, _, label in rows)
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["path", "score"] + (["label"] if args.threshold is not None else []))
+    writer.writerow(["path", "score"] + (["label"] if with_labels else []))
     for path, score, label in rows:
-        writer.writerow([path, f"{score:.6g}"] + ([label] if args.threshold is not None else []))
+        writer.writerow([path, f"{score:.6g}"] + ([label] if with_labels else []))
     write_atomically(out_dir / "scores.csv", lambda temp: Path(temp).write_text(buffer.getvalue()))
     print(f"Scored {len(rows)} images: {out_dir / 'scores.csv'}, heatmaps in {out_dir / 'heatmaps'}")
     return 0

@@ -42,18 +42,17 @@ from transformers import AutoConfig, AutoImageProcessor, Trainer, TrainingArgume
 from transformers.trainer_callback import PrinterCallback
 from transformers.dynamic_module_utils import custom_object_save
 
-from .adapter_model import ADAPTER_CONFIG_KEY, ADAPTER_SUBFOLDER, THRESHOLD_CONFIG_KEY, MaedayAdapterForPreTraining
+from .adapter_model import ADAPTER_CONFIG_KEY, ADAPTER_SUBFOLDER, MaedayAdapterForPreTraining
 from .calibration import Calibration, calibrate_threshold
 from .lora import add_lora, make_lora_config
 from .masking import validate_mask_ratio
 from .model_card import render_model_card
-from .pipeline import AnomalyDetectionPipeline
+from .pipeline import TASK, THRESHOLD_CONFIG_KEY, THRESHOLD_SETTINGS_CONFIG_KEY, AnomalyDetectionPipeline
 from .reconstruction import is_vit_mae_for_pretraining, mask_ratio_set_to, reconstruction_targets
 from .shot_views import ShotViews, load_shot_images, shots_from_split
 
 logger = logging.getLogger(__name__)
 
-TASK = "anomaly-detection"
 LORA_LEARNING_RATE = 1e-2
 FULL_FINETUNE_LEARNING_RATE = 1e-4
 CALIBRATION_FILE = "calibration.json"
@@ -124,6 +123,9 @@ class FinetuneConfig:
                 raise ValueError(f"lora_rank must be an integer >= 1, got {self.lora_rank!r}.")
             if self.lora_alpha is None:
                 self.lora_alpha = float(self.lora_rank)
+            if not isinstance(self.lora_alpha, (int, float)) or not math.isfinite(self.lora_alpha) or self.lora_alpha <= 0:
+                raise ValueError(f"lora_alpha must be a finite number > 0 (the update is scaled by alpha / rank), got "
+                                 f"{self.lora_alpha!r}.")
             if self.lora_dropout is None:
                 self.lora_dropout = 0.0
             if not 0 <= self.lora_dropout < 1:
@@ -344,6 +346,8 @@ def _write_folder(
         }
     folder_config.custom_pipelines = _custom_pipelines_entry()
     setattr(folder_config, THRESHOLD_CONFIG_KEY, calibration.threshold)
+    setattr(folder_config, THRESHOLD_SETTINGS_CONFIG_KEY, {"num_masks": calibration.num_masks,
+                                                           "mask_ratio": calibration.mask_ratio})
     if config.full_finetune:
         model.save_pretrained(folder)
     else:
@@ -445,8 +449,12 @@ def finetune(
 
     partial = output_dir.with_name(f".{output_dir.name}.partial")
     if config.full_finetune:
+        # Every weight MAE trains is trained; its fixed sin-cos position embeddings stay frozen, as in MAE (loading
+        # a checkpoint can hand them back as trainable parameters, so freeze them explicitly).
         trained = model
         trained.requires_grad_(True)
+        for fixed in (model.vit.embeddings.position_embeddings, model.decoder.decoder_pos_embed):
+            fixed.requires_grad_(False)
     else:
         lora_config = make_lora_config(model, config.lora_rank, config.lora_alpha, config.lora_dropout)
         # PEFT draws lora_A from the global RNG: seed it inside a fork, so the init is the run seed's on every process

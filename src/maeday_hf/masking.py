@@ -15,6 +15,7 @@ Two schedules:
 
 from __future__ import annotations
 
+import numbers
 from typing import Literal
 
 import torch
@@ -29,7 +30,7 @@ def num_kept_patches(num_patches: int, mask_ratio: float) -> int:
 
 
 def validate_mask_ratio(mask_ratio: float) -> float:
-    if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, (int, float)):
+    if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, numbers.Real):
         raise TypeError(f"mask_ratio must be a float in [0, 1), got {mask_ratio!r} ({type(mask_ratio).__name__}).")
     if not 0 <= mask_ratio < 1:
         raise ValueError(f"mask_ratio must be in [0, 1) (0 keeps every patch visible), got {mask_ratio}.")
@@ -37,11 +38,11 @@ def validate_mask_ratio(mask_ratio: float) -> float:
 
 
 def validate_positive_int(value: int, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be a positive integer, got {value!r} ({type(value).__name__}).")
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}.")
-    return value
+    return int(value)
 
 
 def validate_mask_schedule(schedule: str) -> str:
@@ -51,9 +52,11 @@ def validate_mask_schedule(schedule: str) -> str:
 
 
 def validate_seed(seed: int) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"seed must be an integer, got {seed!r} ({type(seed).__name__}).")
-    return seed
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be in [0, 2**63), got {seed}.")
+    return int(seed)
 
 
 def random_mask_noise(num_masks: int, num_patches: int, generator: torch.Generator) -> torch.Tensor:

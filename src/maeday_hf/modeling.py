@@ -12,7 +12,7 @@ import os
 import torch
 from transformers import AutoConfig, AutoImageProcessor, pipeline
 
-from .adapter_model import THRESHOLD_CONFIG_KEY, adapter_subfolder, load_merged_model
+from .adapter_model import adapter_subfolder, load_merged_model
 from .pipeline import DEFAULT_CHECKPOINT, AnomalyDetectionPipeline
 
 logger = logging.getLogger(__name__)
@@ -39,7 +39,8 @@ def load_detector(
         base_model (`str`, *optional*): for an adapter, the base to merge into instead of the one its
             `adapter_config.json` names (e.g. a local copy); it must have the same geometry.
         pipeline_kwargs: passed to `pipeline()`; call defaults such as `threshold=` or `num_masks=` included. A
-            checkpoint with a calibrated `anomaly_threshold` in its config gets it as default `threshold`.
+            checkpoint with a calibrated `anomaly_threshold` in its config gets it as default `threshold` (see
+            `AnomalyDetectionPipeline`).
 
     Raises:
         FileNotFoundError: `model` looks like a local path (exists as a file, or starts with `.`, `/` or `~`) but is
@@ -48,14 +49,14 @@ def load_detector(
         ValueError: the checkpoint is not a ViTMAEForPreTraining.
     """
     model = os.fspath(model)
-    looks_local = model.startswith((".", "/", "~")) or os.path.isfile(model)
+    # A Hub id is "name" or "org/name"; anything with more path parts, or rooted, is a local path.
+    looks_local = (
+        model.startswith((".", "/", "~")) or os.path.isfile(model) or model.count("/") > 1 or os.sep in model.replace("/", "")
+    )
     if looks_local and not os.path.isdir(os.path.expanduser(model)):
         raise FileNotFoundError(f"Model folder not found: {model!r} (expected a folder with config.json).")
     try:
         config = AutoConfig.from_pretrained(os.path.expanduser(model))
-        threshold = getattr(config, THRESHOLD_CONFIG_KEY, None)
-        if threshold is not None:
-            pipeline_kwargs.setdefault("threshold", threshold)
         if adapter_subfolder(config) is not None:
             return _load_adapter_detector(os.path.expanduser(model), config, device, base_model, pipeline_kwargs)
         if getattr(config, "model_type", None) != "vit_mae":

@@ -91,6 +91,12 @@ class PatchCoreConfig:
             raise ValueError(f"Expected `batch_size` >= 1, got {self.batch_size}.")
         if self.image_size is not None and self.image_size < 1:
             raise ValueError(f"Expected `image_size` >= 1 or None, got {self.image_size}.")
+        smallest_side = _gaussian_kernel_size(self.sigma) // 2 + 1
+        if self.sigma > 0 and self.image_size is not None and self.image_size < smallest_side:
+            raise ValueError(
+                f"Expected `image_size` >= {smallest_side} for the sigma={self.sigma} Gaussian on the pixel map, got "
+                f"{self.image_size}; use a larger image_size or a smaller sigma."
+            )
 
 
 def coreset_size(num_embeddings: int, coreset_ratio: float, min_coreset_size: int) -> int:

@@ -8,7 +8,9 @@ pipeline loads with `trust_remote_code=True` where `maeday_hf` is not installed.
 from __future__ import annotations
 
 import functools
+import logging
 import math
+import numbers
 from typing import Any
 
 import numpy as np
@@ -28,7 +30,10 @@ from .masking import (
 from .reconstruction import is_vit_mae_for_pretraining
 from .scoring import maeday_anomaly_maps
 
+logger = logging.getLogger(__name__)
+
 DEFAULT_CHECKPOINT = "facebook/vit-mae-base"
+TASK = "anomaly-detection"
 
 
 @functools.lru_cache(maxsize=16)
@@ -37,7 +42,7 @@ def _cached_mask_noise(num_masks: int, num_patches: int, mask_ratio: float, sche
 
 
 def _validate_threshold(threshold: float) -> float:
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not math.isfinite(threshold):
         raise ValueError(f"threshold must be a finite number (an anomaly-map value), got {threshold!r}.")
     return float(threshold)
 
@@ -68,6 +73,8 @@ def split_call_parameters(
     if mask_batch_size is not None:
         forward_params["mask_batch_size"] = validate_positive_int(mask_batch_size, "mask_batch_size")
     if return_uncertainty is not None:
+        if not isinstance(return_uncertainty, (bool, np.bool_)):
+            raise TypeError(f"return_uncertainty must be True or False, got {return_uncertainty!r}.")
         forward_params["return_uncertainty"] = bool(return_uncertainty)
     if threshold is not None:
         postprocess_params["threshold"] = _validate_threshold(threshold)
@@ -81,8 +88,13 @@ def _threshold_outputs(score: float, anomaly_map: np.ndarray, threshold: float) 
     }
 
 
+DEFAULT_NUM_MASKS = 32
+DEFAULT_MASK_RATIO = 0.75
+
 THRESHOLD_CONFIG_KEY = "anomaly_threshold"
 """Config key of the threshold a few-shot fine-tune calibrated on its normal shots (`maeday_hf.calibration`)."""
+THRESHOLD_SETTINGS_CONFIG_KEY = "anomaly_threshold_settings"
+"""Config key of the scoring settings the threshold was calibrated with: `{"num_masks": N, "mask_ratio": r}`."""
 
 
 def calibrated_threshold(config: Any) -> float | None:
@@ -129,14 +141,30 @@ class AnomalyDetectionPipeline(Pipeline):
             )
         # A fine-tuned checkpoint's calibrated threshold is the default `threshold`; one passed at init or call wins.
         default_threshold = calibrated_threshold(self.model.config)
-        if default_threshold is not None:
-            self._postprocess_params.setdefault("threshold", default_threshold)
+        if default_threshold is not None and "threshold" not in self._postprocess_params:
+            self._postprocess_params["threshold"] = default_threshold
+            self._calibration_settings = dict(getattr(self.model.config, THRESHOLD_SETTINGS_CONFIG_KEY, None) or {})
 
     def _sanitize_parameters(self, **kwargs):
-        return split_call_parameters(**kwargs)
+        preprocess_params, forward_params, postprocess_params = split_call_parameters(**kwargs)
+        calibration_settings = getattr(self, "_calibration_settings", None)
+        if calibration_settings and "threshold" not in postprocess_params:
+            # The calibrated threshold holds for the score distribution it was measured on: fewer masks or another
+            # mask ratio shift that distribution, so its labels would be wrong. Drop it rather than mislabel.
+            effective = {"num_masks": DEFAULT_NUM_MASKS, "mask_ratio": DEFAULT_MASK_RATIO}
+            effective.update({key: self._forward_params[key] for key in effective if key in self._forward_params})
+            effective.update({key: forward_params[key] for key in effective if key in forward_params})
+            differing = {key: value for key, value in effective.items() if calibration_settings.get(key, value) != value}
+            if differing:
+                logger.warning(
+                    "Not applying the calibrated threshold: it was calibrated with %s, this call uses %s. Pass "
+                    "threshold= to label anyway.", calibration_settings, effective,
+                )
+                postprocess_params["threshold"] = None
+        return preprocess_params, forward_params, postprocess_params
 
     def __call__(
-        self, inputs, ensemble=None, reference_images=None, **kwargs: Any
+        self, inputs, ensemble=None, reference_images=None, ensemble_stats=None, **kwargs: Any
     ) -> dict[str, Any] | list[dict[str, Any]]:
         """Score one image or a list of images.
 
@@ -160,6 +188,10 @@ class AnomalyDetectionPipeline(Pipeline):
                 images of this call (no labels), so pass at least two images; `"patchcore"` fits a PatchCore with the
                 default backbone on `reference_images` at each call — fit one yourself to reuse it.
             reference_images (list of images, *optional*): the normal shots for `ensemble="patchcore"`.
+            ensemble_stats (two `maeday_hf.NormalizationStats`, *optional*): fixed normalisation of (MAEDAY,
+                PatchCore), e.g. from `compute_normalization_stats` on an earlier unlabeled batch; then a single image
+                may be scored and results no longer depend on the other images of the call. `threshold` is then in
+                the ensemble's units (sums of standardised scores); a calibrated MAEDAY threshold does not apply.
 
         Return:
             A dict (or a list of dicts, one per input) with:
@@ -173,20 +205,24 @@ class AnomalyDetectionPipeline(Pipeline):
               `threshold`.
         """
         if ensemble is None:
-            if reference_images is not None:
-                raise ValueError("reference_images is only used with ensemble='patchcore'.")
+            if reference_images is not None or ensemble_stats is not None:
+                raise ValueError("reference_images and ensemble_stats are only used with ensemble=.")
             return super().__call__(inputs, **kwargs)
-        return self._ensemble_call(inputs, ensemble, reference_images, **kwargs)
+        return self._ensemble_call(inputs, ensemble, reference_images, ensemble_stats, **kwargs)
 
-    def _ensemble_call(self, inputs, ensemble, reference_images, threshold: float | None = None, **kwargs: Any):
+    def _ensemble_call(
+        self, inputs, ensemble, reference_images, ensemble_stats, threshold: float | None = None, **kwargs: Any
+    ):
         from .ensemble import ensemble_predictions
         from .patchcore import PatchCore
 
         images = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
-        if len(images) < 2:
+        if ensemble_stats is not None and len(ensemble_stats) != 2:
+            raise ValueError(f"ensemble_stats must hold 2 NormalizationStats (MAEDAY, PatchCore), got {len(ensemble_stats)}.")
+        if ensemble_stats is None and len(images) < 2:
             raise ValueError(
-                f"ensemble needs at least 2 query images per call to normalise each method's scores without labels, "
-                f"got {len(images)}."
+                f"ensemble needs at least 2 query images per call to normalise each method's scores without labels "
+                f"(or fixed ensemble_stats), got {len(images)}."
             )
         if isinstance(ensemble, str):
             if ensemble != "patchcore":
@@ -198,10 +234,10 @@ class AnomalyDetectionPipeline(Pipeline):
             patchcore = ensemble
         else:
             raise TypeError(f"ensemble must be 'patchcore' or a fitted PatchCore, got {type(ensemble).__name__}.")
-        # Decode once; both methods see the same RGB images.
+        # Decode once; both methods see the same RGB images. MAEDAY's own labels, if any, are dropped by the sum.
         images = [load_rgb_image(image) for image in images]
         maeday_outputs = super().__call__(images, **kwargs)
-        results = ensemble_predictions([maeday_outputs, patchcore.predict(images)])
+        results = ensemble_predictions([maeday_outputs, patchcore.predict(images)], stats=ensemble_stats)
         if threshold is not None:
             threshold = _validate_threshold(threshold)
             for result in results:
@@ -218,8 +254,8 @@ class AnomalyDetectionPipeline(Pipeline):
     def _forward(
         self,
         model_inputs: dict[str, torch.Tensor],
-        num_masks: int = 32,
-        mask_ratio: float = 0.75,
+        num_masks: int = DEFAULT_NUM_MASKS,
+        mask_ratio: float = DEFAULT_MASK_RATIO,
         seed: int = 0,
         mask_schedule: str = "random",
         mask_batch_size: int | None = None,

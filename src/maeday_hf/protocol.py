@@ -51,7 +51,13 @@ from tqdm.auto import tqdm
 
 from .data import FOD_CONFIGS, load_fod, load_mvtec, load_synthetic_dataset, select_shots, shot_indices
 from .data import SYNTHETIC_CATEGORIES
-from .masking import validate_mask_ratio, validate_mask_schedule, validate_positive_int, validate_seed
+from .masking import (
+    MASK_SCHEDULES,
+    validate_mask_ratio,
+    validate_mask_schedule,
+    validate_positive_int,
+    validate_seed,
+)
 from .metrics import compute_pixel_metrics, image_f1_max, image_roc_auc
 from .report import (
     METHODS,
@@ -74,7 +80,6 @@ logger = logging.getLogger(__name__)
 PAPER_REPETITIONS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
 """Repetitions N of Fig. 3."""
 
-MASK_SCHEDULES: tuple[str, ...] = ("random", "balanced")
 """Fig. 3 compares both mask schedules."""
 
 DatasetKind = Literal["mvtec", "hub", "synthetic", "fod"]
@@ -509,10 +514,12 @@ class _Runner:
         predictions = []
         chunk = config.batch_size
         for start in tqdm(range(0, len(images), chunk), desc="MAEDAY", leave=False, disable=not config.show_progress):
-            predictions += detector(
+            results = detector(
                 images[start : start + chunk], num_masks=num_masks, mask_ratio=config.mask_ratio,
                 seed=config.mask_seed, mask_schedule=schedule, batch_size=chunk,
             )
+            # Only what the metrics read: a fine-tune's calibrated labels and PIL masks would pile up for nothing.
+            predictions += [{"score": r["score"], "anomaly_map": r["anomaly_map"]} for r in results]
         return predictions
 
     def patchcores(self, shot_images: list, num_models: int):

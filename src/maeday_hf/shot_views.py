@@ -27,9 +27,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .images import load_rgb_image
+from .images import IMAGE_SUFFIXES, load_rgb_image
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 _SEED_STRIDE = 2**32
 
 

@@ -9,11 +9,12 @@ CLI and protocol run on it.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from .atomic_io import write_atomically
 
 TEXTURE_CATEGORIES: tuple[str, ...] = ("stripes", "weave", "wood")
 OBJECT_CATEGORIES: tuple[str, ...] = ("disc", "plate")
@@ -121,7 +122,8 @@ def make_sample(
 
 
 def _save_png(image: Image.Image, path: Path) -> None:
-    write_atomically(path, lambda temp_path: image.save(temp_path, format="PNG"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, format="PNG")
 
 
 def write_synthetic_mvtec(
@@ -136,22 +138,50 @@ def write_synthetic_mvtec(
     """Write the synthetic set in the MVTec AD layout under `root` and return `root`.
 
     Layout per category: `train/good/000.png`, `test/good/000.png`, `test/<defect>/000.png`,
-    `ground_truth/<defect>/000_mask.png`. Files are written atomically (temp file, then rename).
+    `ground_truth/<defect>/000_mask.png`. Each category appears whole or not at all (written aside, then renamed).
     """
     root = Path(root)
     for category in categories:
         if category not in CATEGORIES:
             raise ValueError(f"Unknown synthetic category {category!r}; expected one of {CATEGORIES}.")
-        category_dir = root / category
-        for index in range(num_train):
-            image, _ = make_sample(category, None, image_size, seed=10_000 * seed + index)
-            _save_png(image, category_dir / "train" / "good" / f"{index:03d}.png")
-        for index in range(num_test_good):
-            image, _ = make_sample(category, None, image_size, seed=10_000 * seed + 1_000 + index)
-            _save_png(image, category_dir / "test" / "good" / f"{index:03d}.png")
-        for defect_type in DEFECT_TYPES:
-            for index in range(num_test_per_defect):
-                image, mask = make_sample(category, defect_type, image_size, seed=10_000 * seed + 2_000 + index)
-                _save_png(image, category_dir / "test" / defect_type / f"{index:03d}.png")
-                _save_png(mask, category_dir / "ground_truth" / defect_type / f"{index:03d}_mask.png")
+    for category in categories:
+        # Each category is written whole into a private folder, then renamed into place: a reader (or a concurrent
+        # writer, e.g. another process of an `accelerate launch`) never sees half a category.
+        partial = Path(tempfile.mkdtemp(prefix=f".{category}.partial-", dir=_make_dirs(root)))
+        try:
+            _write_category(partial, category, num_train, num_test_good, num_test_per_defect, image_size, seed)
+            target = root / category
+            previous = root / f".{category}.previous-{os.getpid()}"
+            if target.exists():
+                os.replace(target, previous)  # swapped aside, not deleted under a reader's feet
+            try:
+                os.replace(partial, target)
+            except OSError:
+                if not (target / "test").is_dir():  # not a concurrent writer that finished first
+                    raise
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+            shutil.rmtree(root / f".{category}.previous-{os.getpid()}", ignore_errors=True)
     return root
+
+
+def _make_dirs(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _write_category(
+    category_dir: Path, category: str, num_train: int, num_test_good: int, num_test_per_defect: int,
+    image_size: int, seed: int,
+) -> None:
+    for index in range(num_train):
+        image, _ = make_sample(category, None, image_size, seed=10_000 * seed + index)
+        _save_png(image, category_dir / "train" / "good" / f"{index:03d}.png")
+    for index in range(num_test_good):
+        image, _ = make_sample(category, None, image_size, seed=10_000 * seed + 1_000 + index)
+        _save_png(image, category_dir / "test" / "good" / f"{index:03d}.png")
+    for defect_type in DEFECT_TYPES:
+        for index in range(num_test_per_defect):
+            image, mask = make_sample(category, defect_type, image_size, seed=10_000 * seed + 2_000 + index)
+            _save_png(image, category_dir / "test" / defect_type / f"{index:03d}.png")
+            _save_png(mask, category_dir / "ground_truth" / defect_type / f"{index:03d}_mask.png")

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from PIL import Image
 
-IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
+from ..images import IMAGE_SUFFIXES
+
 MASK_SUFFIX = "_mask"
 """MVTec AD names the mask of `<stem>.png` `<stem>_mask.png`; FOD follows it."""
 
@@ -16,7 +17,7 @@ _MAX_LISTED = 10
 
 def list_images(folder: Path) -> list[Path]:
     """Image files directly in `folder`, sorted by name (so example order, and thus shot selection, is reproducible)."""
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def require_dir(folder: Path, expectation: str) -> Path:

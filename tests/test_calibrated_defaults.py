@@ -1,0 +1,80 @@
+"""A fine-tune's calibrated threshold: applied only where it holds; the CLI reports its labels; frozen weights stay."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import pipeline
+
+from conftest import save_tiny_checkpoint
+from maeday_hf.cli import main
+from maeday_hf.finetune import FinetuneConfig, finetune
+
+
+@pytest.fixture(scope="module")
+def calibrated_checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("calibrated")
+    save_tiny_checkpoint(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["anomaly_threshold"] = 0.0  # every score is above it
+    config["anomaly_threshold_settings"] = {"num_masks": 4, "mask_ratio": 0.75}
+    (folder / "config.json").write_text(json.dumps(config))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def image():
+    return Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+
+
+def test_calibrated_threshold_applies_at_its_own_settings(calibrated_checkpoint, image):
+    detector = pipeline("anomaly-detection", model=calibrated_checkpoint)
+    result = detector(image, num_masks=4)
+    assert result["label"] == "anomalous" and result["mask"].mode == "L"
+
+
+@pytest.mark.parametrize("call", [dict(num_masks=2), dict(mask_ratio=0.5), dict()])  # dict(): the default N=32
+def test_calibrated_threshold_is_dropped_with_a_warning_elsewhere(calibrated_checkpoint, image, call, caplog):
+    detector = pipeline("anomaly-detection", model=calibrated_checkpoint)
+    with caplog.at_level(logging.WARNING, logger="maeday_hf.pipeline"):
+        result = detector(image, **call)
+    assert "label" not in result and "mask" not in result
+    assert "calibrated threshold" in caplog.text
+
+
+def test_an_explicit_threshold_always_wins(calibrated_checkpoint, image):
+    detector = pipeline("anomaly-detection", model=calibrated_checkpoint)
+    assert detector(image, num_masks=2, threshold=1e9)["label"] == "normal"
+    assert pipeline("anomaly-detection", model=calibrated_checkpoint, threshold=1e9)(image, num_masks=4)["label"] == (
+        "normal"
+    )
+
+
+def test_cli_writes_the_calibrated_labels(calibrated_checkpoint, image, tmp_path):
+    image.save(tmp_path / "query.png")
+    out = tmp_path / "out"
+    assert main(["detect", str(tmp_path / "query.png"), "--model", calibrated_checkpoint, "--out", str(out),
+                 "--num-masks", "4", "--quiet"]) == 0
+    with open(out / "scores.csv") as handle:
+        (row,) = list(csv.DictReader(handle))
+    assert row["label"] == "anomalous"
+
+
+def test_full_finetune_keeps_the_fixed_position_embeddings(tiny_checkpoint, tmp_path, image):
+    image.save(tmp_path / "shot.png")
+    config = FinetuneConfig(full_finetune=True, num_steps=2, batch_size=2, disable_tqdm=True, use_cpu=True,
+                            calibration_views_per_shot=1, calibration_num_masks=2, learning_rate=0.5)
+    result = finetune(tiny_checkpoint, [tmp_path / "shot.png"], tmp_path / "full", config)
+    from transformers import ViTMAEForPreTraining
+
+    before = ViTMAEForPreTraining.from_pretrained(tiny_checkpoint)
+    after = ViTMAEForPreTraining.from_pretrained(result.output_dir)
+    assert torch.equal(before.vit.embeddings.position_embeddings, after.vit.embeddings.position_embeddings)
+    assert torch.equal(before.decoder.decoder_pos_embed, after.decoder.decoder_pos_embed)
+    assert not torch.equal(before.decoder.decoder_pred.weight, after.decoder.decoder_pred.weight)
