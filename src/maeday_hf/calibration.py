@@ -87,6 +87,11 @@ def calibrate_threshold(
     for chunk in views.split(max(1, mask_batch_size // num_masks)):
         outputs = maeday_anomaly_maps(model, chunk.to(device), noise, mask_ratio, mask_batch_size=mask_batch_size)
         scores.extend(float(score) for score in outputs["pred_score"].cpu())
+    if len(scores) < 8:
+        logger.warning(
+            "Calibrating the threshold from only %d normal views: their spread is a poor estimate, so expect "
+            "mislabelled queries; raise calibration_views_per_shot (or use more shots).", len(scores)
+        )
     mean = sum(scores) / len(scores)
     std = math.sqrt(sum((s - mean) ** 2 for s in scores) / max(1, len(scores) - 1))
     threshold = max(mean + num_std * std, max(scores))
