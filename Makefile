@@ -25,7 +25,7 @@ test: setup
 
 demo: setup
 	$(VENV)/bin/maeday synthetic demo/data --seed 0
-	$(VENV)/bin/maeday detect demo/data --model $(MODEL) --out demo/results
+	$(VENV)/bin/maeday detect demo/data/*/test --model $(MODEL) --out demo/results
 
 clean:
 	rm -rf $(VENV) demo

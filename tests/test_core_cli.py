@@ -91,3 +91,13 @@ def test_synthetic_command_writes_the_layout(tmp_path, capsys):
     assert (tmp_path / "syn" / "disc" / "ground_truth" / "scratch" / "000_mask.png").exists()
     mask = np.asarray(Image.open(tmp_path / "syn" / "disc" / "ground_truth" / "hole" / "000_mask.png"))
     assert set(np.unique(mask)) <= {0, 255} and mask.any()
+
+
+def test_names_from_several_folders_keep_their_category(tmp_path):
+    from maeday_hf.cli import collect_images
+
+    root = write_synthetic_mvtec(tmp_path, categories=("disc", "wood"), num_train=1, num_test_good=1,
+                                 num_test_per_defect=1, image_size=32)
+    names = [name for _, name in collect_images([str(root / "disc" / "test"), str(root / "wood" / "test")])]
+    assert "disc__test__good__000" in names and "wood__test__hole__000" in names and len(set(names)) == len(names)
+    assert [name for _, name in collect_images([str(root / "disc" / "test" / "good" / "000.png")])] == ["000"]

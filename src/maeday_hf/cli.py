@@ -10,6 +10,7 @@ import argparse
 import csv
 import io
 import logging
+import os
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -33,24 +34,29 @@ class CommandError(Exception):
 def collect_images(inputs: Sequence[str]) -> list[tuple[Path, str]]:
     """Expand files and folders (recursively) into `(path, output name)` pairs, sorted, names unique.
 
-    A file keeps its stem as name; a file found in a folder is named by its path relative to that folder, with `__`
-    for separators (MVTec has `test/good/000.png` and `test/crack/000.png`).
+    Names are paths relative to the inputs' common folder, `__` for separators: `maeday detect data/*/test` names
+    `data/wood/test/crack/000.png` `wood__test__crack__000` (MVTec has `test/good/000.png` and `test/crack/000.png`).
     """
-    images: list[tuple[Path, str]] = []
+    found: list[Path] = []
+    roots: list[Path] = []
     for entry in inputs:
         path = Path(entry)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-            if not found:
+            images = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            if not images:
                 raise CommandError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in folder {entry!r}")
-            images.extend((p, "__".join(p.relative_to(path).with_suffix("").parts)) for p in found)
+            found.extend(images)
+            roots.append(path)
         elif path.is_file():
-            images.append((path, path.stem))
+            found.append(path)
+            roots.append(path.parent)
         else:
             raise CommandError(f"input {entry!r} does not exist (expected an image file or a folder of images)")
+    common = Path(os.path.commonpath([os.path.abspath(root) for root in roots]))
+    images = [(path, "__".join(Path(os.path.abspath(path)).relative_to(common).with_suffix("").parts)) for path in found]
     names = [name for _, name in images]
     if len(set(names)) != len(names):
-        # Same stem from different arguments: fall back to a running index to keep names unique.
+        # The same file given twice, or a.png next to a.jpg: a running index keeps names unique.
         images = [(path, f"{index:05d}_{name}") for index, (path, name) in enumerate(images)]
     return images
 
