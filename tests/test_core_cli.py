@@ -101,3 +101,11 @@ def test_names_from_several_folders_keep_their_category(tmp_path):
     names = [name for _, name in collect_images([str(root / "disc" / "test"), str(root / "wood" / "test")])]
     assert "disc__test__good__000" in names and "wood__test__hole__000" in names and len(set(names)) == len(names)
     assert [name for _, name in collect_images([str(root / "disc" / "test" / "good" / "000.png")])] == ["000"]
+
+
+def test_worker_processes_give_the_same_scores(synthetic_root, tiny_checkpoint, tmp_path):
+    folder = str(synthetic_root / "stripes" / "test")
+    common = ["--model", tiny_checkpoint, "--num-masks", "2", "--quiet", "--device", "cpu", "--batch-size", "2"]
+    assert main(["detect", folder, "--out", str(tmp_path / "a"), "--num-workers", "0", *common]) == 0
+    assert main(["detect", folder, "--out", str(tmp_path / "b"), "--num-workers", "2", *common]) == 0
+    assert (tmp_path / "a" / "scores.csv").read_text() == (tmp_path / "b" / "scores.csv").read_text()

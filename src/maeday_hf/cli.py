@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from .atomic_io import write_atomically
@@ -61,6 +62,17 @@ def collect_images(inputs: Sequence[str]) -> list[tuple[Path, str]]:
     return images
 
 
+class _PathDataset(torch.utils.data.Dataset):
+    def __init__(self, paths: list[str]):
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> str:
+        return self.paths[index]
+
+
 def run_detect(args: argparse.Namespace) -> int:
     from .images import load_rgb_image
     from .masking import validate_positive_int
@@ -83,8 +95,13 @@ def run_detect(args: argparse.Namespace) -> int:
     detector = load_detector(args.model, device=args.device)
 
     out_dir = Path(args.out)
-    # A generator in gives an iterator out: results stream while the bar advances.
-    results = detector((str(path) for path, _ in images), batch_size=args.batch_size, **call_kwargs)
+    # A map-style dataset in gives an iterator out: results stream while the bar advances, and DataLoader workers
+    # decode and resize the next images while the model runs.
+    num_workers = args.num_workers if args.num_workers is not None else (2 if detector.device.type == "cuda" else 0)
+    results = detector(
+        _PathDataset([str(path) for path, _ in images]), batch_size=args.batch_size, num_workers=num_workers,
+        **call_kwargs,
+    )
     rows = []
     with tempfile.TemporaryDirectory(prefix="maeday-maps-") as maps_dir:
         # Maps wait on disk, not in memory, until the common colour scale is known.
@@ -132,7 +149,9 @@ def add_detect_parser(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the masks")
     parser.add_argument("--threshold", type=float, default=None, help="adds a normal/anomalous label per image")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (times N masks)")
+    parser.add_argument("--num-workers", type=int, default=None,
+                        help="processes decoding images ahead of the model (default: 2 on a GPU, 0 on a CPU)")
     parser.add_argument("--mask-batch-size", type=int, default=None,
                         help="most (image, mask) pairs per forward (default: 1024 on a GPU, 128 on a CPU)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
