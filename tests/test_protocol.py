@@ -290,7 +290,7 @@ def test_report_formatting_and_groups():
     assert rows["PC"]["Mean"] == "85.7"
 
 
-def test_ensemble_patchcore_units(tiny_checkpoint, tmp_path):
+def test_ensemble_patchcore_units(tiny_checkpoint, tmp_path, capsys):
     from transformers import ResNetBackbone, ResNetConfig
 
     torch = pytest.importorskip("torch")
@@ -301,9 +301,12 @@ def test_ensemble_patchcore_units(tiny_checkpoint, tmp_path):
     # PatchCore's Gaussian (σ=4, kernel 33) needs maps larger than 33 px.
     root = write_synthetic_mvtec(tmp_path / "data", categories=["disc"], num_train=2, num_test_good=2,
                                  num_test_per_defect=1, image_size=64)
-    argv = ["--model", tiny_checkpoint, "--dataset", str(root), "--output-dir", str(tmp_path / "out"), *FAST,
-            "--shots", "1", "--shot-seeds", "1", "--repetitions", "--ensemble", "patchcore",
-            "--patchcore-backbone", str(backbone), "--patchcore-image-size", "64", "--no-plots"]
+    maeday_only = ["--model", tiny_checkpoint, "--dataset", str(root), "--output-dir", str(tmp_path / "out"), *FAST,
+                   "--shots", "1", "--shot-seeds", "1", "--repetitions", "--no-plots"]
+    assert evaluate_script.main(maeday_only) == 0
+    # Adding the ensemble to a finished run only adds units: allowed, and the fine-tuned adapter is reused.
+    argv = maeday_only + ["--ensemble", "patchcore", "--patchcore-backbone", str(backbone),
+                          "--patchcore-image-size", "64"]
     assert evaluate_script.main(argv) == 0
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert sorted(unit["method"] for unit in results["units"]) == ["2xpatchcore", "maeday", "maeday+patchcore",
@@ -311,3 +314,6 @@ def test_ensemble_patchcore_units(tiny_checkpoint, tmp_path):
     assert {unit["shot_indices"][0] for unit in results["units"]} == {results["units"][0]["shot_indices"][0]}
     header = _table_rows((tmp_path / "out" / "tables.md").read_text(), "Table 1. Image-level ROC-AUC")["disc"]
     assert list(header)[1:] == ["1-shot PC", "1-shot MAEDAY", "1-shot 2×PC", "1-shot MAEDAY+PC"]
+    # ... but another PatchCore would not fit the recorded units.
+    assert "patchcore" in _run_error(capsys, argv[:-1] + ["48"])
+    assert evaluate_script.main(maeday_only) == 0  # leaving the ensemble out again is fine

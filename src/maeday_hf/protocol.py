@@ -388,13 +388,30 @@ def _check_category_splits(name: str, splits: datasets.DatasetDict, config: Prot
             )
 
 
+def _recorded_settings(output_dir: str | os.PathLike) -> dict[str, Any] | None:
+    path = Path(output_dir) / SETTINGS_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _settings_to_record(config: ProtocolConfig) -> dict[str, Any]:
+    """Current settings; the PatchCore settings of an earlier run are kept when this run has no ensemble."""
+    settings = _jsonable(config.settings())
+    recorded = _recorded_settings(config.output_dir) or {}
+    if settings.get("patchcore") is None and recorded.get("patchcore") is not None:
+        settings["patchcore"] = recorded["patchcore"]
+    return settings
+
+
 def _check_settings(config: ProtocolConfig) -> None:
-    path = Path(config.output_dir) / SETTINGS_FILE
-    if not path.is_file():
+    recorded = _recorded_settings(config.output_dir)
+    if recorded is None:
         return
-    recorded = json.loads(path.read_text(encoding="utf-8"))
     current = _jsonable(config.settings())
-    different = sorted(key for key in set(recorded) | set(current) if recorded.get(key) != current.get(key))
+    # Adding (or leaving out) the PatchCore ensemble only adds (or skips) units; a different PatchCore does not fit.
+    optional = {"patchcore"} if recorded.get("patchcore") is None or current.get("patchcore") is None else set()
+    different = sorted(
+        key for key in (set(recorded) | set(current)) - optional if recorded.get(key) != current.get(key)
+    )
     if different:
         raise ValueError(
             f"{config.output_dir!r} holds results of a run with other settings ({', '.join(different)} differ: "
@@ -679,7 +696,7 @@ def execute_protocol(prepared: PreparedProtocol, state: ProcessState | None = No
     logger.info("%d of %d units left (%d tasks)", num_pending_units, sum(len(t.units) for t in prepared.tasks),
                 len(pending))
     if state.is_main_process:
-        write_json(output_dir / SETTINGS_FILE, config.settings())
+        write_json(output_dir / SETTINGS_FILE, _settings_to_record(config))
     state.wait_for_everyone()  # every process listed the same pending tasks before anyone writes a unit
     _finetune_missing(prepared, pending, device)
     runner = _Runner(prepared, device)
