@@ -126,6 +126,20 @@ def benchmark_geometry(name, args, device):
     print(json.dumps(common | dict(
         method="ratio", baseline_over_maeday_hf=round(results["paper_baseline"] / results["maeday_hf"], 3)
     )), flush=True)
+    if args.compare_precision:
+        call = dict(num_masks=args.num_masks, mask_ratio=args.mask_ratio, batch_size=args.batch_size)
+        exact = detector(images, bf16=False, **call)
+        fast = detector(images, bf16=True, **call)
+        map_differences = [
+            float(np.abs(f["anomaly_map"] - e["anomaly_map"]).max() / np.abs(e["anomaly_map"]).max())
+            for f, e in zip(fast, exact)
+        ]
+        score_differences = [abs(f["score"] - e["score"]) / abs(e["score"]) for f, e in zip(fast, exact)]
+        print(json.dumps(common | dict(
+            method="bf16_vs_fp32",
+            max_map_difference_relative_to_map_max=round(max(map_differences), 6),
+            max_score_difference_relative=round(max(score_differences), 6),
+        )), flush=True)
 
 
 def main(argv=None):
@@ -139,6 +153,8 @@ def main(argv=None):
     parser.add_argument("--mask-batch-size", type=int, default=256)
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers for decoding/preprocessing")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--compare-precision", action="store_true",
+                        help="also report how far bf16-autocast maps are from float32 maps")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     transformers.utils.logging.disable_progress_bar()

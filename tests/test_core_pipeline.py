@@ -276,3 +276,14 @@ def test_push_to_hub_uploads_the_remote_code_bundle(detector):
     for name, content in uploaded.items():
         if name.endswith(".py"):
             assert not re.search(rb"^\s*(from|import)\s+maeday_hf", content, re.MULTILINE), f"{name} imports maeday_hf"
+
+
+def test_bf16_autocast_stays_close_to_float32(detector, images):
+    exact = detector(images[1], num_masks=4)
+    fast = detector(images[1], num_masks=4, bf16=True)
+    assert not np.array_equal(exact["anomaly_map"], fast["anomaly_map"])  # bf16 really ran
+    scale = np.abs(exact["anomaly_map"]).max()
+    assert np.abs(fast["anomaly_map"] - exact["anomaly_map"]).max() < 0.05 * scale
+    assert fast["score"] == pytest.approx(exact["score"], rel=0.05)
+    with pytest.raises(TypeError, match="bf16"):
+        detector(images[1], bf16="yes")

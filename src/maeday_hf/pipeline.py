@@ -41,6 +41,12 @@ def _cached_mask_noise(num_masks: int, num_patches: int, mask_ratio: float, sche
     return make_mask_noise(num_masks, num_patches, mask_ratio, schedule, seed)
 
 
+def _validate_flag(value: bool, name: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}.")
+    return bool(value)
+
+
 def _validate_threshold(threshold: float) -> float:
     if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not math.isfinite(threshold):
         raise ValueError(f"threshold must be a finite number (an anomaly-map value), got {threshold!r}.")
@@ -55,6 +61,7 @@ def split_call_parameters(
     mask_schedule: str | None = None,
     mask_batch_size: int | None = None,
     return_uncertainty: bool | None = None,
+    bf16: bool | None = None,
     threshold: float | None = None,
     timeout: float | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
@@ -73,9 +80,9 @@ def split_call_parameters(
     if mask_batch_size is not None:
         forward_params["mask_batch_size"] = validate_positive_int(mask_batch_size, "mask_batch_size")
     if return_uncertainty is not None:
-        if not isinstance(return_uncertainty, (bool, np.bool_)):
-            raise TypeError(f"return_uncertainty must be True or False, got {return_uncertainty!r}.")
-        forward_params["return_uncertainty"] = bool(return_uncertainty)
+        forward_params["return_uncertainty"] = _validate_flag(return_uncertainty, "return_uncertainty")
+    if bf16 is not None:
+        forward_params["bf16"] = _validate_flag(bf16, "bf16")
     if threshold is not None:
         postprocess_params["threshold"] = _validate_threshold(threshold)
     return preprocess_params, forward_params, postprocess_params
@@ -181,6 +188,8 @@ class AnomalyDetectionPipeline(Pipeline):
             mask_batch_size (`int`, *optional*): most (image, mask) pairs per forward pass (default 1024 on a GPU, 128
                 on a CPU).
             return_uncertainty (`bool`, *optional*, defaults to `False`): add `uncertainty_map`.
+            bf16 (`bool`, *optional*): run the model under bfloat16 autocast (default: on a GPU yes, on a CPU no);
+                `bf16=False` on a GPU gives exact float32 maps.
             threshold (`float`, *optional*): add `label` and `mask` by thresholding the score and the map.
             batch_size (`int`, *optional*): images per forward pass (their masked copies are batched too).
             ensemble (`"patchcore"` or a fitted `maeday_hf.PatchCore`, *optional*): sum MAEDAY's and PatchCore's
@@ -260,6 +269,7 @@ class AnomalyDetectionPipeline(Pipeline):
         mask_schedule: str = "random",
         mask_batch_size: int | None = None,
         return_uncertainty: bool = False,
+        bf16: bool | None = None,
     ) -> dict[str, torch.Tensor]:
         pixel_values = model_inputs["pixel_values"]
         patch_size = self.model.config.patch_size
@@ -272,6 +282,7 @@ class AnomalyDetectionPipeline(Pipeline):
             mask_ratio=mask_ratio,
             mask_batch_size=mask_batch_size,
             return_uncertainty=return_uncertainty,
+            bf16=bf16,
         )
         outputs["original_size"] = model_inputs["original_size"]
         return outputs

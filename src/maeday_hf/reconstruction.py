@@ -63,21 +63,24 @@ def reconstruction_targets(model: torch.nn.Module, pixel_values: torch.Tensor) -
     return target
 
 
-def predict_patches(model: torch.nn.Module, pixel_values: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+def predict_patches(
+    model: torch.nn.Module, pixel_values: torch.Tensor, noise: torch.Tensor, bf16: bool | None = None
+) -> torch.Tensor:
     """One masked reconstruction per row of `noise`.
 
     Args:
         pixel_values (`torch.Tensor` of shape `(batch_size, num_channels, height, width)`).
         noise (`torch.Tensor` of shape `(batch_size, num_patches)`): the model keeps the smallest-noise patches.
+        bf16 (`bool`, *optional*): run the model under bfloat16 autocast; by default on CUDA only.
 
     Returns:
         `torch.Tensor` of shape `(batch_size, num_patches, patch_size**2 * num_channels)`: the decoder's predictions
         for *all* patches, in float32 (float64 for a float64 model).
     """
+    if bf16 is None:
+        bf16 = pixel_values.device.type == "cuda"
     autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if pixel_values.device.type == "cuda"
-        else contextlib.nullcontext()
+        torch.autocast(pixel_values.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     )
     with autocast:
         # Encoder and decoder of the stock model, without the training loss its forward also computes.

@@ -76,6 +76,7 @@ def maeday_anomaly_maps(
     return_uncertainty: bool = False,
     kernel_size: int = GAUSSIAN_KERNEL_SIZE,
     sigma: float = GAUSSIAN_SIGMA,
+    bf16: bool | None = None,
 ) -> dict[str, torch.Tensor]:
     """Zero-shot MAEDAY for a batch of images: N masked reconstructions each, compared with the input.
 
@@ -91,6 +92,8 @@ def maeday_anomaly_maps(
         mask_batch_size (`int`, *optional*): most (image, mask) pairs per forward pass; by default
             `default_mask_batch_size(device)`.
         return_uncertainty (`bool`): also return the per-pixel standard deviation of the N filtered maps E_i.
+        bf16 (`bool`, *optional*): the model's forward under bfloat16 autocast (default: on CUDA, not on CPU); errors,
+            filtering and averaging always run in float32.
 
     Returns:
         `dict` with `anomaly_map` `(batch_size, height, width)`, `pred_score` `(batch_size,)` and, if asked,
@@ -110,7 +113,7 @@ def maeday_anomaly_maps(
     with mask_ratio_set_to(model, mask_ratio):
         for chunk in pair_index.split(mask_batch_size):
             image_index, mask_index = chunk // num_masks, chunk % num_masks
-            predicted = predict_patches(model, pixel_values[image_index], noise[mask_index])
+            predicted = predict_patches(model, pixel_values[image_index], noise[mask_index], bf16=bf16)
             errors = squared_error_per_pixel(model, predicted, target_patches[image_index])
             error_sum.index_add_(0, image_index, errors)
             if spread is not None:
