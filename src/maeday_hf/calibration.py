@@ -56,7 +56,7 @@ def calibrate_threshold(
     mask_ratio: float = 0.75,
     num_std: float = 3.0,
     seed: int = 0,
-    mask_batch_size: int = 128,
+    mask_batch_size: int | None = None,
     min_crop_scale: float = 0.75,
     max_rotation_degrees: float = 15.0,
 ) -> Calibration:
@@ -83,10 +83,8 @@ def calibrate_threshold(
     patch_size = model.config.patch_size
     num_patches = (views.shape[-2] // patch_size) * (views.shape[-1] // patch_size)
     noise = make_mask_noise(num_masks, num_patches, mask_ratio, "random", seed)
-    scores = []
-    for chunk in views.split(max(1, mask_batch_size // num_masks)):
-        outputs = maeday_anomaly_maps(model, chunk.to(device), noise, mask_ratio, mask_batch_size=mask_batch_size)
-        scores.extend(float(score) for score in outputs["pred_score"].cpu())
+    outputs = maeday_anomaly_maps(model, views.to(device), noise, mask_ratio, mask_batch_size=mask_batch_size)
+    scores = outputs["pred_score"].cpu().tolist()
     if len(scores) < 8:
         logger.warning(
             "Calibrating the threshold from only %d normal views: their spread is a poor estimate, so expect "

@@ -80,7 +80,6 @@ logger = logging.getLogger(__name__)
 PAPER_REPETITIONS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
 """Repetitions N of Fig. 3."""
 
-"""Fig. 3 compares both mask schedules."""
 
 DatasetKind = Literal["mvtec", "hub", "synthetic", "fod"]
 Study = Literal["main", "repetitions"]
@@ -492,19 +491,16 @@ def _gt_masks(test: datasets.Dataset):
 
 
 def compute_metrics(
-    predictions: Sequence[dict[str, Any]], test: datasets.Dataset, pixel_metrics: bool
+    predictions: Sequence[dict[str, Any]], labels: np.ndarray, gt_masks: Sequence[np.ndarray | None] | None
 ) -> dict[str, float | None]:
-    """Image ROC-AUC and F1-max, and (with `pixel_metrics`) pixel ROC-AUC, pixel F1-max and AUPRO (streamed)."""
-    labels = np.asarray(list(test["label"]))
+    """Image ROC-AUC and F1-max, and (given `gt_masks`) pixel ROC-AUC, pixel F1-max and AUPRO (streamed)."""
     scores = np.array([p["score"] for p in predictions], dtype=np.float64)
     metrics: dict[str, float | None] = {
         "image_roc_auc": image_roc_auc(labels, scores),
         "image_f1_max": image_f1_max(labels, scores),
     }
-    if pixel_metrics:
-        maps = [p["anomaly_map"] for p in predictions]
-        score_range = (min(float(m.min()) for m in maps), max(float(m.max()) for m in maps))
-        pixel = compute_pixel_metrics(_gt_masks(test), maps, score_range=score_range)
+    if gt_masks is not None:
+        pixel = compute_pixel_metrics(gt_masks, [p["anomaly_map"] for p in predictions])
         metrics.update(pixel_roc_auc=pixel.pixel_roc_auc, pixel_f1_max=pixel.pixel_f1_max, aupro=pixel.aupro)
     return metrics
 
@@ -528,16 +524,15 @@ class _Runner:
 
     def score_maeday(self, detector, images: list, num_masks: int, schedule: str) -> list[dict[str, Any]]:
         config = self.config
-        predictions = []
-        chunk = config.batch_size
-        for start in tqdm(range(0, len(images), chunk), desc="MAEDAY", leave=False, disable=not config.show_progress):
-            results = detector(
-                images[start : start + chunk], num_masks=num_masks, mask_ratio=config.mask_ratio,
-                seed=config.mask_seed, mask_schedule=schedule, batch_size=chunk,
-            )
-            # Only what the metrics read: a fine-tune's calibrated labels and PIL masks would pile up for nothing.
-            predictions += [{"score": r["score"], "anomaly_map": r["anomaly_map"]} for r in results]
-        return predictions
+        results = detector(
+            (image for image in images), num_masks=num_masks, mask_ratio=config.mask_ratio, seed=config.mask_seed,
+            mask_schedule=schedule, batch_size=config.batch_size,
+        )
+        # Only what the metrics read: a fine-tune's calibrated labels and PIL masks would pile up for nothing.
+        return [
+            {"score": r["score"], "anomaly_map": r["anomaly_map"]}
+            for r in tqdm(results, total=len(images), desc="MAEDAY", leave=False, disable=not config.show_progress)
+        ]
 
     def patchcores(self, shot_images: list, num_models: int):
         from .patchcore import PatchCore, fit_patchcores
@@ -583,14 +578,16 @@ class _Runner:
             "maeday+patchcore": lambda: ensemble_predictions([predictions["maeday"], predictions["patchcore0"]]),
         }
         seconds = time.perf_counter() - start
+        labels = np.asarray(test["label"])
+        gt_masks = list(_gt_masks(test)) if self.config.pixel_metrics else None  # decoded once for every method
         for unit in pending:
-            metrics = compute_metrics(combined[unit.method](), test, self.config.pixel_metrics)
+            metrics = compute_metrics(combined[unit.method](), labels, gt_masks)
             record = {
                 **dataclasses.asdict(unit),
                 "unit": unit.name,
                 "metrics": metrics,
                 "num_test_images": len(test),
-                "num_anomalous": int(sum(test["label"])),
+                "num_anomalous": int(labels.sum()),
                 "shot_indices": indices,
                 "adapter": str(task.adapter_dir(output_dir)) if task.shots > 0 and "maeday" in unit.method else None,
                 "task_seconds": seconds,
