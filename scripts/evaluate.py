@@ -19,6 +19,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from maeday_hf.masking import MASK_SCHEDULES
 from maeday_hf.protocol import PAPER_REPETITIONS, ProtocolConfig, execute_protocol, prepare_protocol
 
 PROG = "evaluate.py"
@@ -39,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-masks", type=int, default=32, help="Masked reconstructions per image (N).")
     parser.add_argument("--mask-ratio", type=float, default=0.75)
     parser.add_argument("--mask-seed", type=int, default=0)
-    parser.add_argument("--mask-schedule", choices=("random", "balanced"), default="random")
+    parser.add_argument("--mask-schedule", choices=MASK_SCHEDULES, default="random")
     parser.add_argument("--batch-size", type=int, default=8, help="Images per MAEDAY forward pass.")
     parser.add_argument("--repetitions", type=int, nargs="*", default=list(PAPER_REPETITIONS),
                         help="N values of Fig. 3 (zero-shot, both schedules); give none to skip Fig. 3.")

@@ -49,7 +49,7 @@ def no_training(monkeypatch):
     [
         (dict(full_finetune=True, lora_rank=8), ValueError, "full_finetune"),
         (dict(num_steps=0), ValueError, "num_steps"),
-        (dict(batch_size=True), ValueError, "batch_size"),
+        (dict(batch_size=True), TypeError, "batch_size"),  # a wrong type is a TypeError, as everywhere
         (dict(learning_rate=-1.0), ValueError, "learning_rate"),
         (dict(mask_ratio=1.0), ValueError, "mask_ratio"),
         (dict(lora_dropout=1.5), ValueError, "lora_dropout"),

@@ -22,6 +22,8 @@ from tqdm.auto import tqdm
 
 from .atomic_io import write_atomically
 from .images import IMAGE_SUFFIXES
+from .masking import MASK_SCHEDULES
+from .pipeline import DEFAULT_CHECKPOINT, DEFAULT_MASK_RATIO, DEFAULT_NUM_MASKS
 
 logger = logging.getLogger("maeday_hf")
 
@@ -141,11 +143,11 @@ def run_synthetic(args: argparse.Namespace) -> int:
 def add_detect_parser(subparsers) -> None:
     parser = subparsers.add_parser("detect", help="zero-/few-shot anomaly maps and scores for images")
     parser.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
-    parser.add_argument("--model", default="facebook/vit-mae-base", help="Hub id or local ViTMAE/adapter folder")
+    parser.add_argument("--model", default=DEFAULT_CHECKPOINT, help="Hub id or local ViTMAE/adapter folder")
     parser.add_argument("--out", required=True, help="output folder: scores.csv and heatmaps/")
-    parser.add_argument("--num-masks", type=int, default=32, help="masked reconstructions per image (N)")
-    parser.add_argument("--mask-ratio", type=float, default=0.75, help="share of patches masked, in [0, 1)")
-    parser.add_argument("--mask-schedule", choices=("random", "balanced"), default="random")
+    parser.add_argument("--num-masks", type=int, default=DEFAULT_NUM_MASKS, help="masked reconstructions per image (N)")
+    parser.add_argument("--mask-ratio", type=float, default=DEFAULT_MASK_RATIO, help="share of patches masked, in [0, 1)")
+    parser.add_argument("--mask-schedule", choices=MASK_SCHEDULES, default="random")
     parser.add_argument("--seed", type=int, default=0, help="seed of the masks")
     parser.add_argument("--threshold", type=float, default=None, help="adds a normal/anomalous label per image")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
@@ -223,7 +225,7 @@ def run_finetune(args: argparse.Namespace) -> int:
 
 def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     """The `maeday finetune` options (also used by scripts/finetune.py); defaults are the paper's recipe."""
-    parser.add_argument("--model", default="facebook/vit-mae-base", help="base ViTMAE: Hub id or local folder")
+    parser.add_argument("--model", default=DEFAULT_CHECKPOINT, help="base ViTMAE: Hub id or local folder")
     parser.add_argument("--shots", nargs="+", default=None, help="normal shot images and/or folders of them")
     parser.add_argument("--dataset-root", default=None, help="MVTec-layout root to pick shots from (with --category)")
     parser.add_argument("--category", default=None, help="category under --dataset-root")

@@ -45,7 +45,7 @@ from transformers.dynamic_module_utils import custom_object_save
 from .adapter_model import ADAPTER_CONFIG_KEY, ADAPTER_SUBFOLDER, MaedayAdapterForPreTraining
 from .calibration import Calibration, calibrate_threshold
 from .lora import add_lora, make_lora_config
-from .masking import validate_mask_ratio
+from .masking import validate_mask_ratio, validate_positive_int
 from .model_card import render_model_card
 from .pipeline import TASK, THRESHOLD_CONFIG_KEY, THRESHOLD_SETTINGS_CONFIG_KEY, AnomalyDetectionPipeline
 from .reconstruction import is_vit_mae_for_pretraining, mask_ratio_set_to, reconstruction_targets
@@ -106,9 +106,7 @@ class FinetuneConfig:
 
     def __post_init__(self):
         for name in ("num_steps", "batch_size", "calibration_views_per_shot", "calibration_num_masks", "logging_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+            validate_positive_int(getattr(self, name), name)
         if self.full_finetune:
             given = [name for name in ("lora_rank", "lora_alpha", "lora_dropout") if getattr(self, name) is not None]
             if given:

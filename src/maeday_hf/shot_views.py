@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .data.layout import list_images
 from .images import IMAGE_SUFFIXES, load_rgb_image
 
 _SEED_STRIDE = 2**32
@@ -43,7 +44,7 @@ def expand_shot_paths(shots: Sequence[str | os.PathLike]) -> list[Path]:
     for entry in shots:
         path = Path(entry)
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            found = list_images(path)
             if not found:
                 raise ValueError(f"No shot images ({', '.join(sorted(IMAGE_SUFFIXES))}) in folder {os.fspath(path)!r}.")
             paths.extend(found)

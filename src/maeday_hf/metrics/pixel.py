@@ -118,10 +118,11 @@ def _histogram_counts(
     num_images = 0
     for mask, scores in pairs:
         indices = histogram.bin_indices(scores)
+        positive = indices[mask]
         histogram.add_binned(indices[~mask], _NEGATIVE)
-        histogram.add_binned(indices[mask], _POSITIVE)
+        histogram.add_binned(positive, _POSITIVE)
         if with_regions:
-            histogram.add_binned(indices[mask], _REGION, _region_weights(mask, connectivity))
+            histogram.add_binned(positive, _REGION, _region_weights(mask, connectivity))
         num_images += 1
     return histogram, num_images
 
