@@ -43,6 +43,7 @@ from transformers.trainer_callback import PrinterCallback
 from transformers.dynamic_module_utils import custom_object_save
 
 from .adapter_model import ADAPTER_CONFIG_KEY, ADAPTER_SUBFOLDER, MaedayAdapterForPreTraining
+from .atomic_io import replace_folder
 from .calibration import Calibration, calibrate_threshold
 from .lora import add_lora, make_lora_config
 from .masking import validate_mask_ratio, validate_positive_int
@@ -374,17 +375,6 @@ def _write_folder(
     (folder / "README.md").write_text(card)
 
 
-def _move_into_place(partial: Path, output_dir: Path) -> None:
-    if output_dir.exists():
-        stale = output_dir.with_name(f".{output_dir.name}.replaced")
-        shutil.rmtree(stale, ignore_errors=True)
-        os.replace(output_dir, stale)
-        os.replace(partial, output_dir)
-        shutil.rmtree(stale, ignore_errors=True)
-    else:
-        os.replace(partial, output_dir)
-
-
 def push_folder_to_hub(folder: str | os.PathLike, repo_id: str, private: bool = False, token: str | None = None) -> str:
     """Create `repo_id` (if needed) and upload `folder` to it in one commit; returns the commit URL."""
     from huggingface_hub import HfApi
@@ -507,7 +497,7 @@ def finetune(
                 partial, merged, image_processor, recorded_base, config, calibration, shot_names, losses,
                 train_seconds, name=hub_model_id or output_dir.name,
             )
-            _move_into_place(partial, output_dir)
+            replace_folder(partial, output_dir)
             logger.info("Wrote %s", output_dir)
     except BaseException:
         if is_main:

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .atomic_io import replace_folder
+
 TEXTURE_CATEGORIES: tuple[str, ...] = ("stripes", "weave", "wood")
 OBJECT_CATEGORIES: tuple[str, ...] = ("disc", "plate")
 CATEGORIES: tuple[str, ...] = TEXTURE_CATEGORIES + OBJECT_CATEGORIES
@@ -150,18 +152,13 @@ def write_synthetic_mvtec(
         partial = Path(tempfile.mkdtemp(prefix=f".{category}.partial-", dir=_make_dirs(root)))
         try:
             _write_category(partial, category, num_train, num_test_good, num_test_per_defect, image_size, seed)
-            target = root / category
-            previous = root / f".{category}.previous-{os.getpid()}"
-            if target.exists():
-                os.replace(target, previous)  # swapped aside, not deleted under a reader's feet
             try:
-                os.replace(partial, target)
+                replace_folder(partial, root / category)
             except OSError:
-                if not (target / "test").is_dir():  # not a concurrent writer that finished first
+                if not (root / category / "test").is_dir():  # not a concurrent writer that finished first
                     raise
         finally:
             shutil.rmtree(partial, ignore_errors=True)
-            shutil.rmtree(root / f".{category}.previous-{os.getpid()}", ignore_errors=True)
     return root
 
 
