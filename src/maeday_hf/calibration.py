@@ -20,6 +20,7 @@ import math
 import torch
 
 from .masking import make_mask_noise
+from .reconstruction import count_patches
 from .scoring import maeday_anomaly_maps
 from .shot_views import random_crop_rotate, view_generator
 
@@ -80,8 +81,7 @@ def calibrate_threshold(
             views.append(random_crop_rotate(pixel_values[shot_index], generator, min_crop_scale, max_rotation_degrees))
     views = torch.stack(views)
     device = next(model.parameters()).device
-    patch_size = model.config.patch_size
-    num_patches = (views.shape[-2] // patch_size) * (views.shape[-1] // patch_size)
+    num_patches = count_patches(model, views)
     noise = make_mask_noise(num_masks, num_patches, mask_ratio, "random", seed)
     outputs = maeday_anomaly_maps(model, views.to(device), noise, mask_ratio, mask_batch_size=mask_batch_size)
     scores = outputs["pred_score"].cpu().tolist()

@@ -49,7 +49,7 @@ from .lora import add_lora, make_lora_config
 from .masking import validate_mask_ratio, validate_positive_int
 from .model_card import render_model_card
 from .pipeline import TASK, THRESHOLD_CONFIG_KEY, THRESHOLD_SETTINGS_CONFIG_KEY, AnomalyDetectionPipeline
-from .reconstruction import is_vit_mae_for_pretraining, mask_ratio_set_to, reconstruction_targets
+from .reconstruction import count_patches, is_vit_mae_for_pretraining, mask_ratio_set_to, reconstruction_targets
 from .shot_views import ShotViews, load_shot_images, shots_from_split
 
 logger = logging.getLogger(__name__)
@@ -432,8 +432,7 @@ def finetune(
     if not is_vit_mae_for_pretraining(model):
         raise ValueError(f"{base_model!r} did not load as a ViTMAEForPreTraining with its decoder.")
     pixel_values = image_processor(images=images, return_tensors="pt")["pixel_values"]
-    patch_size = model.config.patch_size
-    num_patches = (pixel_values.shape[-2] // patch_size) * (pixel_values.shape[-1] // patch_size)
+    num_patches = count_patches(model, pixel_values)
 
     partial = output_dir.with_name(f".{output_dir.name}.partial")
     if config.full_finetune:

@@ -27,7 +27,7 @@ from .masking import (
     validate_positive_int,
     validate_seed,
 )
-from .reconstruction import is_vit_mae_for_pretraining
+from .reconstruction import count_patches, is_vit_mae_for_pretraining
 from .scoring import maeday_anomaly_maps
 
 logger = logging.getLogger(__name__)
@@ -272,8 +272,7 @@ class AnomalyDetectionPipeline(Pipeline):
         bf16: bool | None = None,
     ) -> dict[str, torch.Tensor]:
         pixel_values = model_inputs["pixel_values"]
-        patch_size = self.model.config.patch_size
-        num_patches = (pixel_values.shape[-2] // patch_size) * (pixel_values.shape[-1] // patch_size)
+        num_patches = count_patches(self.model, pixel_values)
         noise = _cached_mask_noise(num_masks, num_patches, mask_ratio, mask_schedule, seed)
         outputs = maeday_anomaly_maps(
             self.model,

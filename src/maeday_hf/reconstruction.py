@@ -34,6 +34,12 @@ def is_vit_mae_for_pretraining(model: torch.nn.Module) -> bool:
     )
 
 
+def count_patches(model: torch.nn.Module, pixel_values: torch.Tensor) -> int:
+    """L, the number of patches the model cuts `(..., height, width)` pixel values into (the length of `noise`)."""
+    patch_size = model.config.patch_size
+    return (pixel_values.shape[-2] // patch_size) * (pixel_values.shape[-1] // patch_size)
+
+
 @contextlib.contextmanager
 def mask_ratio_set_to(model: torch.nn.Module, mask_ratio: float) -> Iterator[None]:
     """Temporarily set `model.config.mask_ratio` (read by `random_masking` at each forward), then restore it."""
