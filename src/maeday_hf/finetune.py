@@ -49,7 +49,13 @@ from .lora import add_lora, make_lora_config
 from .masking import validate_mask_ratio, validate_positive_int
 from .model_card import render_model_card
 from .pipeline import TASK, THRESHOLD_CONFIG_KEY, THRESHOLD_SETTINGS_CONFIG_KEY, AnomalyDetectionPipeline
-from .reconstruction import count_patches, is_vit_mae_for_pretraining, mask_ratio_set_to, reconstruction_targets
+from .reconstruction import (
+    count_patches,
+    is_vit_mae_for_pretraining,
+    mask_ratio_set_to,
+    reconstruction_targets,
+    require_vit_mae_config,
+)
 from .shot_views import ShotViews, load_shot_images, shots_from_split
 
 logger = logging.getLogger(__name__)
@@ -281,11 +287,7 @@ def _recorded_base_name(base_model: str) -> str:
 def load_base_config(base_model: str) -> Any:
     """The base's config, checked to be a plain ViTMAE (not another model, not an adapter folder)."""
     config = AutoConfig.from_pretrained(base_model)
-    if getattr(config, "model_type", None) != "vit_mae":
-        raise ValueError(
-            f"The base model {base_model!r} has model_type {getattr(config, 'model_type', None)!r}; MAEDAY fine-tunes "
-            f"a ViTMAE checkpoint (model_type 'vit_mae', e.g. facebook/vit-mae-base)."
-        )
+    require_vit_mae_config(config, base_model)
     if getattr(config, ADAPTER_CONFIG_KEY, None) is not None:
         raise ValueError(
             f"{base_model!r} is already a MAEDAY adapter; fine-tune its base checkpoint (named in "

@@ -14,6 +14,7 @@ from transformers import AutoConfig, AutoImageProcessor, pipeline
 
 from .adapter_model import adapter_subfolder, load_merged_model
 from .pipeline import DEFAULT_CHECKPOINT, AnomalyDetectionPipeline
+from .reconstruction import require_vit_mae_config
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,10 @@ def load_detector(
     model = os.fspath(model)
     # A Hub id is "name" or "org/name"; anything with more path parts, or rooted, is a local path.
     looks_local = (
-        model.startswith((".", "/", "~")) or os.path.isfile(model) or model.count("/") > 1 or os.sep in model.replace("/", "")
+        model.startswith((".", "/", "~"))
+        or os.path.isfile(model)
+        or model.count("/") > 1
+        or os.sep in model.replace("/", "")  # a backslash path on Windows
     )
     if looks_local and not os.path.isdir(os.path.expanduser(model)):
         raise FileNotFoundError(f"Model folder not found: {model!r} (expected a folder with config.json).")
@@ -59,11 +63,7 @@ def load_detector(
         config = AutoConfig.from_pretrained(os.path.expanduser(model))
         if adapter_subfolder(config) is not None:
             return _load_adapter_detector(os.path.expanduser(model), config, device, base_model, pipeline_kwargs)
-        if getattr(config, "model_type", None) != "vit_mae":
-            raise ValueError(
-                f"{model!r} is a {type(config).__name__} (model_type {getattr(config, 'model_type', None)!r}); "
-                f"MAEDAY needs a ViTMAEForPreTraining checkpoint (model_type 'vit_mae') or a maeday-hf adapter folder."
-            )
+        require_vit_mae_config(config, model)
         if base_model is not None:
             raise ValueError(f"base_model={os.fspath(base_model)!r} applies only to adapter folders; {model!r} is a "
                              f"full checkpoint.")

@@ -423,16 +423,13 @@ def _check_model(config: ProtocolConfig) -> None:
     from transformers import AutoConfig
 
     from .finetune import load_base_config
+    from .reconstruction import require_vit_mae_config
 
     try:
         if any(k > 0 for k in config.shots):
             load_base_config(config.model)  # also rejects adapter folders as a fine-tuning base
         else:
-            model_config = AutoConfig.from_pretrained(os.path.expanduser(config.model))
-            if getattr(model_config, "model_type", None) != "vit_mae":
-                raise ValueError(
-                    f"Model {config.model!r} has model_type {model_config.model_type!r}; expected 'vit_mae'."
-                )
+            require_vit_mae_config(AutoConfig.from_pretrained(os.path.expanduser(config.model)), config.model)
     except OSError as error:
         raise OSError(
             f"Cannot load the model {config.model!r}: not a local checkpoint folder and not in the Hugging Face cache "

@@ -34,6 +34,16 @@ def is_vit_mae_for_pretraining(model: torch.nn.Module) -> bool:
     )
 
 
+def require_vit_mae_config(config, name: str) -> None:
+    """Raise a `ValueError` naming `name` unless `config` is a ViTMAE config (model_type 'vit_mae')."""
+    model_type = getattr(config, "model_type", None)
+    if model_type != "vit_mae":
+        raise ValueError(
+            f"{name!r} is a {type(config).__name__} (model_type {model_type!r}); MAEDAY needs a ViTMAEForPreTraining "
+            f"checkpoint (model_type 'vit_mae', e.g. facebook/vit-mae-base)."
+        )
+
+
 def count_patches(model: torch.nn.Module, pixel_values: torch.Tensor) -> int:
     """L, the number of patches the model cuts `(..., height, width)` pixel values into (the length of `noise`)."""
     patch_size = model.config.patch_size
