@@ -14,7 +14,10 @@ Nothing here changes the model: the mask ratio is set for the duration of a call
 from __future__ import annotations
 
 import contextlib
+import itertools
+import weakref
 from collections.abc import Iterator
+from copy import deepcopy
 
 import torch
 
@@ -79,6 +82,48 @@ def reconstruction_targets(model: torch.nn.Module, pixel_values: torch.Tensor) -
     return target
 
 
+_BFLOAT16_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _parameter_signature(model: torch.nn.Module) -> tuple:
+    """Changes whenever a parameter or buffer is replaced or modified in place (optimizer steps, `load_state_dict`)."""
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    return tuple((id(tensor), tensor._version, tensor.device) for tensor in tensors)
+
+
+def bfloat16_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` with bfloat16 weights, for inference: made once and reused while `model`'s weights stay unchanged.
+
+    Running the bf16 weights directly, instead of the float32 model under autocast, spares the casts autocast makes at
+    every call and keeps the residual stream and LayerNorms in bf16 (about 20 % faster on an H200, same accuracy as
+    autocast; see the README's Speed section). A model already in bf16 is returned as is. The copy is rebuilt if any
+    weight of `model` was replaced or changed in place since it was made, so it never serves stale weights.
+    """
+    if next(model.parameters()).dtype == torch.bfloat16:
+        return model
+    signature = _parameter_signature(model)
+    cached = _BFLOAT16_COPIES.get(model)
+    if cached is not None and cached[0] == signature:
+        return cached[1]
+    # The copy shares `model.config`, so `mask_ratio_set_to(model, ...)` applies to it too.
+    copy = deepcopy(model, memo={id(model.config): model.config}).to(torch.bfloat16).eval().requires_grad_(False)
+    _BFLOAT16_COPIES[model] = (signature, copy)
+    return copy
+
+
+def _cudnn_autotuned(device: torch.device):
+    """Let cuDNN pick the fastest convolution for the patch embedding (its default heuristic picks a slow one for
+    16x16/stride-16 in bf16), unless the user asked for deterministic algorithms."""
+    if device.type != "cuda" or torch.are_deterministic_algorithms_enabled() or torch.backends.cudnn.deterministic:
+        return contextlib.nullcontext()
+    return torch.backends.cudnn.flags(
+        enabled=torch.backends.cudnn.enabled,
+        benchmark=True,
+        deterministic=False,
+        allow_tf32=torch.backends.cudnn.allow_tf32,
+    )
+
+
 def predict_patches(
     model: torch.nn.Module, pixel_values: torch.Tensor, noise: torch.Tensor, bf16: bool | None = None
 ) -> torch.Tensor:
@@ -87,7 +132,8 @@ def predict_patches(
     Args:
         pixel_values (`torch.Tensor` of shape `(batch_size, num_channels, height, width)`).
         noise (`torch.Tensor` of shape `(batch_size, num_patches)`): the model keeps the smallest-noise patches.
-        bf16 (`bool`, *optional*): run the model under bfloat16 autocast; by default on CUDA only.
+        bf16 (`bool`, *optional*): run the model in bfloat16 (its weights cast once, see `bfloat16_copy`); by default
+            on CUDA only. A bf16 model always runs in bf16.
 
     Returns:
         `torch.Tensor` of shape `(batch_size, num_patches, patch_size**2 * num_channels)`: the decoder's predictions
@@ -95,13 +141,12 @@ def predict_patches(
     """
     if bf16 is None:
         bf16 = pixel_values.device.type == "cuda"
-    autocast = (
-        torch.autocast(pixel_values.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-    )
-    with autocast:
+    forward_model = bfloat16_copy(model) if bf16 else model
+    dtype = next(forward_model.parameters()).dtype
+    with _cudnn_autotuned(pixel_values.device):
         # Encoder and decoder of the stock model, without the training loss its forward also computes.
-        encoded = model.vit(pixel_values=pixel_values, noise=noise)
-        logits = model.decoder(encoded.last_hidden_state, encoded.ids_restore).logits
+        encoded = forward_model.vit(pixel_values=pixel_values.to(dtype), noise=noise)
+        logits = forward_model.decoder(encoded.last_hidden_state, encoded.ids_restore).logits
     return _at_least_float32(logits)
 
 
