@@ -100,22 +100,26 @@ def test_trainer_loss_is_the_all_patch_loss_in_the_scoring_space(norm_pix, tiny_
     views = ShotViews(torch.randn(1, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE), num_views=4, num_patches=16)
     trainer = build_trainer(model, model, views, FinetuneConfig(num_steps=1, batch_size=4, **{"use_cpu": True}),
                             "unused")
-    batch = {key: torch.stack([views[i][key] for i in range(4)]) for key in ("pixel_values", "noise")}
+    batch = views.batch(range(4))
+    pixel_values = views.render(batch)
     with torch.no_grad():
         loss = trainer.compute_loss(model, batch)
-        logits = model(**batch).logits
-    assert torch.allclose(loss, all_patch_loss(logits, reconstruction_targets(model, batch["pixel_values"])))
+        logits = model(pixel_values=pixel_values, noise=batch["noise"]).logits
+    assert torch.allclose(loss, all_patch_loss(logits, reconstruction_targets(model, pixel_values)))
 
 
 def test_views_repeat_the_shots_with_their_own_masks_and_augmentations():
     shots = torch.randn(3, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)
     views = ShotViews(shots, num_views=8, num_patches=16, seed=5)
     first, again, fourth = views[0], views[0], views[3]  # views 0 and 3 are both shot 0
-    assert torch.equal(first["pixel_values"], again["pixel_values"]) and torch.equal(first["noise"], again["noise"])
+    assert all(torch.equal(first[key], again[key]) for key in first)
+    assert int(first["shot_index"]) == int(fourth["shot_index"]) == 0 and int(views[4]["shot_index"]) == 1
     assert not torch.equal(first["noise"], fourth["noise"])
-    assert not torch.equal(first["pixel_values"], fourth["pixel_values"])
+    pixels = views.render(views.batch([0, 0, 3]))
+    assert torch.equal(pixels[0], pixels[1]) and not torch.equal(pixels[0], pixels[2])
     plain = ShotViews(shots, num_views=8, num_patches=16, seed=5, augment=False)
-    assert torch.equal(plain[3]["pixel_values"], shots[0])
+    assert torch.equal(plain.render(plain.batch([3, 4]))[0], shots[0])
+    assert torch.equal(plain.render(plain.batch([3, 4]))[1], shots[1])
 
 
 def test_crop_rotate_keeps_shape_and_is_identity_without_crop_or_rotation():
@@ -154,11 +158,13 @@ def test_loss_on_the_shots_goes_down(trained, tiny_checkpoint, shot_path):
     # Same views, same masks, before and after: the loss the run minimises went down.
     pixel_values = _pixel_values(tiny_checkpoint, Image.open(shot_path))
     views = ShotViews(pixel_values, num_views=16, num_patches=16, seed=123)
-    batch = {key: torch.stack([views[i][key] for i in range(16)]) for key in ("pixel_values", "noise")}
+    batch = views.batch(range(16))
+    pixel_values = views.render(batch)
 
     def fixed_view_loss(model):
         with torch.no_grad(), mask_ratio_set_to(model, 0.5):
-            return float(all_patch_loss(model(**batch).logits, reconstruction_targets(model, batch["pixel_values"])))
+            logits = model(pixel_values=pixel_values, noise=batch["noise"]).logits
+            return float(all_patch_loss(logits, reconstruction_targets(model, pixel_values)))
 
     base = ViTMAEForPreTraining.from_pretrained(tiny_checkpoint).eval()
     assert fixed_view_loss(load_merged_model(trained.output_dir)) < fixed_view_loss(base)

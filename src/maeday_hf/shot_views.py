@@ -5,12 +5,14 @@ Paper (Sec. 3): "The batch size is set to 32, so the few available shots are use
 `i % k`, cropped, rotated and masked with randomness drawn from its own generator seeded by `(seed, i)`: the views
 do not depend on the order they are drawn in, on the number of processes, or on global RNG state.
 
-Augmentations run in torch on the processed `pixel_values` (no torchvision):
+Augmentations run in torch on the processed `pixel_values` (no torchvision), a whole batch at once on the training
+device, as one affine resampling per view:
 
-- random crop: a square covering a uniform share in `[min_crop_scale, 1]` of the image area, at a uniform position,
-  resized back to the model's size (bilinear);
-- random rotation: a uniform angle in `[-max_rotation_degrees, max_rotation_degrees]` about the centre, borders filled
-  by reflection (a constant fill would add straight edges the shots never have).
+- random crop: covering a uniform share in `[min_crop_scale, 1]` of the image area, at a uniform position, resized back
+  to the model's size (bilinear);
+- random rotation: a uniform angle in `[-max_rotation_degrees, max_rotation_degrees]` about the crop's centre; where
+  the rotated crop reaches past the image, the border is filled by reflection (a constant fill would add straight
+  edges the shots never have).
 
 The paper gives no ranges; the defaults are mild so that views stay normal images of the same object.
 """
@@ -97,13 +99,57 @@ def shots_from_split(split, k: int, seed: int) -> tuple[list[Image.Image], list[
     return images, [f"train[{index}]" for index in indices]
 
 
+def crop_rotate_transform(
+    generator: torch.Generator, height: int, width: int, min_crop_scale: float = 0.75, max_rotation_degrees: float = 15.0
+) -> torch.Tensor:
+    """One random crop (resized back to the full image) and rotation, as the affine map `F.affine_grid` takes.
+
+    The crop covers a uniform share in `[min_crop_scale, 1]` of the image area (the same share of each side) at a
+    uniform position; the rotation is a uniform angle in `[-max_rotation_degrees, max_rotation_degrees]` about the
+    crop's centre. Composing them into one map resamples the image once instead of twice.
+
+    Returns:
+        `torch.Tensor` of shape `(2, 3)`, float32: output -> input, in normalised coordinates.
+    """
+    scale = min_crop_scale + (1 - min_crop_scale) * torch.rand((), generator=generator).item()
+    side = math.sqrt(scale)  # the crop's side, as a share of the image's
+    centre_x = (1 - side) * (2 * torch.rand((), generator=generator).item() - 1)
+    centre_y = (1 - side) * (2 * torch.rand((), generator=generator).item() - 1)
+    angle = math.radians(max_rotation_degrees * (2 * torch.rand((), generator=generator).item() - 1))
+    cos, sin = math.cos(angle), math.sin(angle)
+    # A rotation in pixels, expressed in coordinates normalised per axis (exact for non-square images too).
+    return torch.tensor(
+        [
+            [side * cos, -side * sin * height / width, centre_x],
+            [side * sin * width / height, side * cos, centre_y],
+        ],
+        dtype=torch.float32,
+    )
+
+
+def render_views(shots: torch.Tensor, shot_index: torch.Tensor, transforms: torch.Tensor) -> torch.Tensor:
+    """The views, all at once, on the shots' device: bilinear, borders filled by reflection.
+
+    Args:
+        shots (`torch.Tensor` of shape `(num_shots, num_channels, height, width)`).
+        shot_index (`torch.Tensor` of shape `(batch_size,)`): which shot each view shows.
+        transforms (`torch.Tensor` of shape `(batch_size, 2, 3)`): from `crop_rotate_transform`.
+
+    Returns:
+        `torch.Tensor` of shape `(batch_size, num_channels, height, width)`, the shots' dtype.
+    """
+    images = shots[shot_index.to(shots.device)]
+    grid = F.affine_grid(transforms.to(shots.device, images.dtype), list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
 def random_crop_rotate(
     pixel_values: torch.Tensor,
     generator: torch.Generator,
     min_crop_scale: float = 0.75,
     max_rotation_degrees: float = 15.0,
 ) -> torch.Tensor:
-    """One random crop (resized back) and rotation of an image.
+    """One random crop (resized back) and rotation of an image (see `crop_rotate_transform`).
 
     Args:
         pixel_values (`torch.Tensor` of shape `(num_channels, height, width)`).
@@ -113,26 +159,17 @@ def random_crop_rotate(
         `torch.Tensor` of the same shape and dtype.
     """
     _, height, width = pixel_values.shape
-    scale = min_crop_scale + (1 - min_crop_scale) * torch.rand((), generator=generator).item()
-    crop_h = max(1, round(height * math.sqrt(scale)))
-    crop_w = max(1, round(width * math.sqrt(scale)))
-    top = int(torch.randint(0, height - crop_h + 1, (), generator=generator))
-    left = int(torch.randint(0, width - crop_w + 1, (), generator=generator))
-    angle = math.radians(max_rotation_degrees * (2 * torch.rand((), generator=generator).item() - 1))
-
-    image = pixel_values[None, :, top : top + crop_h, left : left + crop_w].float()
-    if (crop_h, crop_w) != (height, width):
-        image = F.interpolate(image, size=(height, width), mode="bilinear", align_corners=False)
-    if angle != 0.0:
-        cos, sin = math.cos(angle), math.sin(angle)
-        theta = torch.tensor([[[cos, -sin, 0.0], [sin, cos, 0.0]]], dtype=image.dtype)
-        grid = F.affine_grid(theta, list(image.shape), align_corners=False)
-        image = F.grid_sample(image, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-    return image[0].to(pixel_values.dtype)
+    transform = crop_rotate_transform(generator, height, width, min_crop_scale, max_rotation_degrees)
+    image = pixel_values[None].float()
+    return render_views(image, torch.zeros(1, dtype=torch.long), transform[None])[0].to(pixel_values.dtype)
 
 
 class ShotViews(torch.utils.data.Dataset):
     """`num_views` augmented, masked views of k shots: view `i` is shot `i % k`.
+
+    Items hold what makes a view, not its pixels: `{"shot_index": (), "transform": (2, 3), "noise": (L,)}`. A batch
+    of them becomes pixels with `render(batch)`, on the batch's device, in one `grid_sample` (the shots are copied to
+    that device once).
 
     Args:
         pixel_values (`torch.Tensor` of shape `(num_shots, num_channels, height, width)`): the processed shots.
@@ -140,8 +177,6 @@ class ShotViews(torch.utils.data.Dataset):
         num_patches (`int`): L, length of each view's mask noise.
         seed (`int`): run seed.
         augment (`bool`): crop and rotate (else only the mask changes between copies).
-
-    Each item is `{"pixel_values": (C, H, W), "noise": (L,)}`.
     """
 
     def __init__(
@@ -163,15 +198,38 @@ class ShotViews(torch.utils.data.Dataset):
         self.augment = augment
         self.min_crop_scale = min_crop_scale
         self.max_rotation_degrees = max_rotation_degrees
+        self._shots_by_device: dict[torch.device, torch.Tensor] = {}
 
     def __len__(self) -> int:
         return self.num_views
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         generator = view_generator(self.seed, index)
-        image = self.pixel_values[index % self.pixel_values.shape[0]]
+        height, width = self.pixel_values.shape[-2:]
         if self.augment:
-            image = random_crop_rotate(image, generator, self.min_crop_scale, self.max_rotation_degrees)
+            transform = crop_rotate_transform(generator, height, width, self.min_crop_scale, self.max_rotation_degrees)
+        else:
+            transform = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
         # "small is keep, large is remove": a fresh random mask for every copy.
         noise = torch.rand(self.num_patches, generator=generator)
-        return {"pixel_values": image, "noise": noise}
+        shot_index = torch.tensor(index % self.pixel_values.shape[0])
+        return {"shot_index": shot_index, "transform": transform, "noise": noise}
+
+    def shots_on(self, device: torch.device) -> torch.Tensor:
+        """The processed shots, float32, on `device` (copied there once)."""
+        device = torch.device(device)
+        if device not in self._shots_by_device:
+            self._shots_by_device[device] = self.pixel_values.to(device, torch.float32)
+        return self._shots_by_device[device]
+
+    def render(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Pixels of a batch of items (stacked, as a DataLoader collates them), on the device of `batch["noise"]`."""
+        shots = self.shots_on(batch["noise"].device)
+        if not self.augment:
+            return shots[batch["shot_index"].to(shots.device)]
+        return render_views(shots, batch["shot_index"], batch["transform"])
+
+    def batch(self, indices) -> dict[str, torch.Tensor]:
+        """Items `indices`, stacked as the DataLoader would."""
+        items = [self[index] for index in indices]
+        return {key: torch.stack([item[key] for item in items]) for key in items[0]}

@@ -1,0 +1,128 @@
+"""The fine-tuning steps without the `Trainer` loop around them: on one GPU, each step is one CUDA graph replay.
+
+A LoRA step on ViT-B launches some 4,000 small kernels (every Linear gains two more matmuls, plus their casts and
+gradients); Python launching them, not the GPU running them, sets the pace. Captured once into a CUDA graph, a step
+is replayed with one launch. The math is the Trainer's: the same optimizer (built by `Trainer.create_optimizer`, so
+the same parameter groups and weight decay), the same views in the same order, the same loss, no gradient clipping.
+
+Capturing needs a few warm-up steps (they create the gradients and momentum buffers the graph reuses); they run with
+a learning rate of 0 and the momentum buffers are zeroed afterwards, so the run's weights are exactly as if they never
+happened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+
+from .reconstruction import reconstruction_targets
+from .training_loss import all_patch_loss
+
+logger = logging.getLogger(__name__)
+
+_WARMUP_STEPS = 3
+
+
+def _views_on(views, num_steps: int, batch_size: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """What every view of the run is made of (shot, transform, mask noise), on `device`, in one copy."""
+    everything = views.batch(range(num_steps * batch_size))
+    return {key: value.to(device) for key, value in everything.items()}
+
+
+def _step_batch(all_views: dict[str, torch.Tensor], step: int, batch_size: int) -> dict[str, torch.Tensor]:
+    return {key: value[step * batch_size : (step + 1) * batch_size] for key, value in all_views.items()}
+
+
+def step_loss(trained, reconstruction_model, views, batch, bf16: bool) -> torch.Tensor:
+    """All-patch loss of one batch of views (the `MaedayTrainer.compute_loss` math)."""
+    pixel_values = views.render(batch)
+    device_type = pixel_values.device.type
+    # No autocast weight cache: inside a CUDA graph, cached casts would be captured once and go stale.
+    autocast = torch.autocast(device_type, dtype=torch.bfloat16, cache_enabled=False) if bf16 else contextlib.nullcontext()
+    with autocast:
+        logits = trained(pixel_values=pixel_values, noise=batch["noise"]).logits
+    return all_patch_loss(logits, reconstruction_targets(reconstruction_model, pixel_values))
+
+
+def run_steps(
+    trained: torch.nn.Module,
+    reconstruction_model: torch.nn.Module,
+    views,
+    optimizer: torch.optim.Optimizer,
+    num_steps: int,
+    batch_size: int,
+    bf16: bool = False,
+    cuda_graph: bool | None = None,
+) -> list[float]:
+    """`num_steps` optimizer steps over consecutive batches of `views`; returns the loss of every step.
+
+    Args:
+        trained: the model whose trainable parameters `optimizer` holds (a `PeftModel`, or the model itself).
+        reconstruction_model (`ViTMAEForPreTraining`): the unwrapped model (for `patchify` and `norm_pix_loss`).
+        views (`ShotViews`): at least `num_steps * batch_size` views.
+        cuda_graph (`bool`, *optional*): replay a captured graph per step; by default on CUDA. If the capture fails,
+            a warning is logged and the steps run eagerly.
+    """
+    device = next(trained.parameters()).device
+    if cuda_graph is None:
+        cuda_graph = device.type == "cuda"
+    trained.train()
+    all_views = _views_on(views, num_steps, batch_size, device)
+    losses = torch.zeros(num_steps, device=device)
+    if cuda_graph:
+        try:
+            graph, static_batch, static_loss = _capture(trained, reconstruction_model, views, optimizer, all_views,
+                                                        batch_size, bf16)
+        except Exception as error:  # noqa: BLE001 - any capture failure falls back to the same steps, eagerly
+            logger.warning("CUDA graph capture failed (%s); running the fine-tuning steps eagerly.", error)
+            _reset(optimizer)
+        else:
+            for step in range(num_steps):
+                for key, value in _step_batch(all_views, step, batch_size).items():
+                    static_batch[key].copy_(value)
+                graph.replay()
+                losses[step].copy_(static_loss)
+            return losses.tolist()
+    for step in range(num_steps):
+        loss = step_loss(trained, reconstruction_model, views, _step_batch(all_views, step, batch_size), bf16)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses[step] = loss.detach()
+    return losses.tolist()
+
+
+def _reset(optimizer: torch.optim.Optimizer) -> None:
+    """Zero the momentum buffers and drop the gradients (so the next step is a first step again)."""
+    for state in optimizer.state.values():
+        if state.get("momentum_buffer") is not None:
+            state["momentum_buffer"].zero_()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _capture(trained, reconstruction_model, views, optimizer, all_views, batch_size: int, bf16: bool):
+    static_batch = {key: value.clone() for key, value in _step_batch(all_views, 0, batch_size).items()}
+    learning_rates = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0  # warm-up steps leave every weight as it is
+    side_stream = torch.cuda.Stream()
+    side_stream.wait_stream(torch.cuda.current_stream())
+    try:
+        with torch.cuda.stream(side_stream):
+            for _ in range(_WARMUP_STEPS):
+                optimizer.zero_grad(set_to_none=True)
+                step_loss(trained, reconstruction_model, views, static_batch, bf16).backward()
+                optimizer.step()
+        torch.cuda.current_stream().wait_stream(side_stream)
+    finally:
+        for group, learning_rate in zip(optimizer.param_groups, learning_rates):
+            group["lr"] = learning_rate
+    _reset(optimizer)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = step_loss(trained, reconstruction_model, views, static_batch, bf16)
+        static_loss.backward()
+        optimizer.step()
+    return graph, static_batch, static_loss

@@ -1,0 +1,197 @@
+"""The speed paths change no result: device-side normalisation, the overlapped GPU loop (run here on the CPU), the bf16
+weight copy, batched view rendering and the Trainer-free step loop."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import ViTImageProcessor, pipeline
+from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
+
+from conftest import TINY_IMAGE_SIZE, make_tiny_model
+from maeday_hf.finetune import FinetuneConfig, build_trainer, logged_losses
+from maeday_hf.lora import add_lora, make_lora_config
+from maeday_hf.masking import make_mask_noise
+from maeday_hf.overlap import batched, prefetch
+from maeday_hf.pipeline import DeviceNormalization
+from maeday_hf.reconstruction import bfloat16_copy, mask_ratio_set_to, predict_patches
+from maeday_hf.shot_views import ShotViews, crop_rotate_transform, render_views, view_generator
+from maeday_hf.step_loop import run_steps
+
+
+@pytest.fixture(scope="module")
+def detector(tiny_checkpoint):
+    return pipeline("anomaly-detection", model=tiny_checkpoint, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def images():
+    rng = np.random.default_rng(1)
+    sizes = [(40, 56), (32, 32), (77, 23), (64, 64), (33, 90)]
+    return [Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)) for size in sizes]
+
+
+# --- preprocessing ------------------------------------------------------------------------------------------------
+
+
+def test_device_normalisation_equals_the_image_processor(images):
+    processor = ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.4, 0.5, 0.6], image_std=[0.2, 0.3, 0.25])
+    normalise = DeviceNormalization.from_processor(processor)
+    assert normalise is not None
+    for image in images:
+        expected = processor(images=image, return_tensors="pt")["pixel_values"]
+        pixels = processor(images=image, do_rescale=False, do_normalize=False, return_tensors="pt")["pixel_values"]
+        assert pixels.dtype == torch.uint8
+        torch.testing.assert_close(normalise(pixels), expected, rtol=0, atol=1e-6)
+
+
+def test_unknown_processors_run_whole_on_the_cpu_with_the_same_result(tiny_checkpoint, images, detector):
+    class PlainProcessor(ViTImageProcessorPil):  # steps this package does not know: no device normalisation
+        pass
+
+    processor = PlainProcessor.from_pretrained(tiny_checkpoint)
+    assert DeviceNormalization.from_processor(processor) is None
+    plain = pipeline("anomaly-detection", model=tiny_checkpoint, image_processor=processor, device="cpu")
+    assert "pixel_values" in plain.preprocess(images[0]) and "pixels" in detector.preprocess(images[0])
+    for ours, theirs in zip(detector(images, num_masks=3), plain(images, num_masks=3)):
+        np.testing.assert_allclose(ours["anomaly_map"], theirs["anomaly_map"], rtol=1e-5, atol=1e-7)
+
+
+# --- the overlapped loop ------------------------------------------------------------------------------------------
+
+
+def test_prefetch_keeps_order_and_raises_at_the_failing_item():
+    assert list(prefetch(range(20), lambda x: x * x, num_threads=3, lookahead=4)) == [x * x for x in range(20)]
+    assert [len(batch) for batch in batched(range(7), 3)] == [3, 3, 1]
+
+    def fails_at_five(x):
+        if x == 5:
+            raise ValueError("item 5")
+        return x
+
+    seen = []
+    with pytest.raises(ValueError, match="item 5"):
+        for value in prefetch(range(10), fails_at_five, num_threads=2, lookahead=3):
+            seen.append(value)
+    assert seen == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 5])
+def test_overlapped_loop_returns_what_the_stock_loop_returns(detector, images, batch_size):
+    call = dict(num_masks=3, seed=2, threshold=0.5, return_uncertainty=True)
+    stock = detector(images, batch_size=batch_size, **call)
+    preprocess, forward, postprocess = detector._sanitize_parameters(**call)
+    overlapped = list(detector._overlapped_results(images, 2, batch_size, preprocess, forward, postprocess))
+    assert len(overlapped) == len(stock)
+    for ours, theirs in zip(overlapped, stock):
+        assert ours["score"] == theirs["score"] and ours["label"] == theirs["label"]
+        for key in ("anomaly_map", "uncertainty_map"):
+            np.testing.assert_array_equal(ours[key], theirs[key])
+
+
+# --- bf16 weights -------------------------------------------------------------------------------------------------
+
+
+def test_bfloat16_copy_is_reused_until_a_weight_changes_and_shares_the_config():
+    model = make_tiny_model()
+    copy = bfloat16_copy(model)
+    assert next(copy.parameters()).dtype == torch.bfloat16 and next(model.parameters()).dtype == torch.float32
+    assert bfloat16_copy(model) is copy and copy.config is model.config
+    with torch.no_grad():
+        model.decoder.decoder_pred.weight.add_(1.0)  # in place: the copy is stale now
+    fresh = bfloat16_copy(model)
+    assert fresh is not copy
+    torch.testing.assert_close(fresh.decoder.decoder_pred.weight.float(), model.decoder.decoder_pred.weight,
+                               rtol=1e-2, atol=1e-2)
+    assert bfloat16_copy(fresh) is fresh  # already bf16
+
+
+def test_bf16_follows_the_call_mask_ratio_and_stays_close_to_float32():
+    model = make_tiny_model()
+    pixel_values = torch.randn(3, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)
+    for mask_ratio in (0.25, 0.75):
+        noise = make_mask_noise(3, 16, mask_ratio, seed=0)
+        with mask_ratio_set_to(model, mask_ratio):
+            exact = predict_patches(model, pixel_values, noise, bf16=False)
+            fast = predict_patches(model, pixel_values, noise, bf16=True)
+        assert fast.dtype == torch.float32
+        assert ((fast - exact).norm() / exact.norm()) < 2e-2
+
+
+# --- views --------------------------------------------------------------------------------------------------------
+
+
+def test_render_views_crops_exactly_where_the_transform_says():
+    # Bilinear sampling reproduces a linear ramp exactly, so every output pixel is checked against the map itself.
+    height, width = 8, 12
+    ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32),
+                            indexing="ij")
+    image = (0.3 * xs + 0.7 * ys + 1.0).expand(1, 3, height, width).contiguous()
+    side, centre_x, centre_y = 0.5, 0.2, -0.1
+    transform = torch.tensor([[[side, 0.0, centre_x], [0.0, side, centre_y]]])
+    out = render_views(image, torch.tensor([0]), transform)
+    output_x = (2 * torch.arange(width) + 1) / width - 1  # pixel centres, normalised
+    output_y = (2 * torch.arange(height) + 1) / height - 1
+    source_x = ((centre_x + side * output_x) + 1) * width / 2 - 0.5
+    source_y = ((centre_y + side * output_y) + 1) * height / 2 - 0.5
+    expected = 0.3 * source_x[None, :] + 0.7 * source_y[:, None] + 1.0
+    torch.testing.assert_close(out[0, 1], expected, rtol=0, atol=1e-5)
+
+
+def test_render_views_rotates_a_quarter_turn_exactly():
+    image = torch.randn(2, 3, 8, 8)
+    quarter = torch.tensor([[[0.0, -1.0, 0.0], [1.0, 0.0, 0.0]]] * 2)
+    out = render_views(image, torch.tensor([1, 0]), quarter)
+    rotated = [torch.rot90(image[[1, 0]], k, dims=(2, 3)) for k in (1, 3)]
+    assert any(torch.allclose(out, candidate, atol=1e-5) for candidate in rotated)
+
+
+def test_drawn_transforms_stay_in_their_ranges():
+    for index in range(200):
+        transform = crop_rotate_transform(view_generator(3, index), 16, 16, min_crop_scale=0.6, max_rotation_degrees=20)
+        side = math.hypot(transform[0, 0], transform[1, 0])
+        angle = math.degrees(math.atan2(transform[1, 0], transform[0, 0]))
+        assert math.sqrt(0.6) - 1e-6 <= side <= 1 + 1e-6 and abs(angle) <= 20 + 1e-4
+        assert abs(transform[0, 2]) <= 1 - side + 1e-6 and abs(transform[1, 2]) <= 1 - side + 1e-6
+
+
+# --- the step loop ------------------------------------------------------------------------------------------------
+
+
+def _lora_model(seed: int = 0):
+    model = make_tiny_model()
+    torch.manual_seed(seed)
+    return model, add_lora(model, make_lora_config(model))
+
+
+def test_step_loop_trains_exactly_like_the_trainer(tmp_path):
+    config = FinetuneConfig(num_steps=3, batch_size=4, use_cpu=True, disable_tqdm=True, weight_decay=0.05)
+    shots = torch.randn(2, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)
+    results = []
+    for use_trainer in (True, False):
+        model, peft_model = _lora_model()
+        views = ShotViews(shots, num_views=12, num_patches=16, seed=4)
+        trainer = build_trainer(peft_model, model, views, config, tmp_path / str(use_trainer))
+        with mask_ratio_set_to(model, config.mask_ratio):
+            if use_trainer:
+                trainer.train()
+                losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+            else:
+                losses = run_steps(peft_model, model, views, trainer.create_optimizer(), 3, 4, cuda_graph=False)
+        weights = {name: p.detach().clone() for name, p in peft_model.named_parameters() if p.requires_grad}
+        results.append((losses, weights))
+    (trainer_losses, trainer_weights), (loop_losses, loop_weights) = results
+    np.testing.assert_allclose(loop_losses, trainer_losses, rtol=1e-3)  # the Trainer logs 4 decimals
+    assert trainer_weights.keys() == loop_weights.keys()
+    for name in trainer_weights:
+        torch.testing.assert_close(loop_weights[name], trainer_weights[name], rtol=1e-5, atol=1e-6)
+    assert any(not torch.all(w == 0) for name, w in loop_weights.items() if "lora_B" in name)
+
+
+def test_logged_losses_average_each_window_like_the_trainer():
+    assert logged_losses([1.0, 3.0, 5.0, 7.0, 9.0], 2) == [(2, 2.0), (4, 6.0), (5, 9.0)]
+    assert logged_losses([4.0], 1) == [(1, 4.0)]
