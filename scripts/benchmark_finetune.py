@@ -3,7 +3,8 @@
 Random weights (`ViTMAEConfig()` defaults are ViT-B/16 at 224 px): the timing does not depend on the values.
 
     python scripts/benchmark_finetune.py --steps 5            # CPU: measure 5 steps, extrapolate to 50
-    python scripts/benchmark_finetune.py --steps 50 --device cuda
+    python scripts/benchmark_finetune.py --steps 50 --device cuda --bf16                 # CUDA graph replays
+    python scripts/benchmark_finetune.py --steps 50 --device cuda --bf16 --trainer-loop  # the Trainer loop
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--full-finetune", action="store_true")
+    parser.add_argument("--trainer-loop", action="store_true",
+                        help="on a GPU, use the Trainer loop instead of CUDA graph replays (the baseline)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -52,6 +55,7 @@ def main() -> None:
             full_finetune=args.full_finetune,
             use_cpu=args.device == "cpu",
             bf16=args.bf16,
+            cuda_graph=not args.trainer_loop,
             disable_tqdm=True,
             logging_steps=max(1, args.steps),
             calibration_views_per_shot=1,
@@ -64,6 +68,8 @@ def main() -> None:
         "benchmark": "finetune",
         "geometry": "ViT-B/16 224px (ViTMAEConfig defaults, random weights)",
         "method": "full" if args.full_finetune else "lora-r32",
+        "loop": "trainer" if args.trainer_loop or args.device == "cpu" else "cuda-graph",
+        "bf16": args.bf16,
         "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(0),
         "cpu_threads": torch.get_num_threads(),
         "platform": platform.platform(),
@@ -72,6 +78,7 @@ def main() -> None:
         "num_shots": args.num_shots,
         "steps_measured": args.steps,
         "train_seconds": round(result.train_seconds, 2),
+        "first_and_last_logged_loss": [round(result.losses[0][1], 5), round(result.losses[-1][1], 5)],
         "seconds_per_step": round(result.train_seconds / args.steps, 3),
         "extrapolated_50_step_seconds": round(result.train_seconds / args.steps * 50, 1),
         "end_to_end_seconds_incl_load_calibrate_save": round(total, 2),

@@ -303,10 +303,16 @@ def load_base_config(base_model: str) -> Any:
     return config
 
 
-def _load_shots(shots: Any, num_shots: int | None, shot_seed: int):
-    import datasets
+def _is_datasets_split(shots: Any) -> bool:
+    try:
+        import datasets
+    except ImportError:  # `datasets` is only needed for splits
+        return False
+    return isinstance(shots, datasets.Dataset)
 
-    if isinstance(shots, datasets.Dataset):
+
+def _load_shots(shots: Any, num_shots: int | None, shot_seed: int):
+    if _is_datasets_split(shots):
         if num_shots is None:
             raise ValueError("Shots from a datasets split need num_shots (k) to pick them with select_shots.")
         return shots_from_split(shots, num_shots, shot_seed)

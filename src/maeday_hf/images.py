@@ -96,3 +96,8 @@ def load_rgb_image(image: str | os.PathLike | Image.Image | np.ndarray, timeout:
     raise TypeError(
         f"Expected an image path, URL, PIL.Image.Image or numpy.ndarray, got {type(image).__name__}: {image!r:.80}."
     )
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files directly in `folder`, sorted by name (so example order, and thus shot selection, is reproducible)."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)

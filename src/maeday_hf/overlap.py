@@ -70,20 +70,41 @@ class PendingOutputs:
         return self._outputs
 
 
+_COPY_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _copy_stream(device: torch.device) -> torch.cuda.Stream:
+    if device not in _COPY_STREAMS:
+        _COPY_STREAMS[device] = torch.cuda.Stream(device)
+    return _COPY_STREAMS[device]
+
+
 def copy_to_host_async(outputs: dict[str, Any]) -> PendingOutputs:
-    """Start copying every CUDA tensor of `outputs` into pinned host memory; other values pass through."""
-    host: dict[str, Any] = {}
-    on_cuda = False
-    for key, value in outputs.items():
-        if isinstance(value, torch.Tensor) and value.is_cuda:
-            pinned = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
-            pinned.copy_(value, non_blocking=True)
-            host[key] = pinned
-            on_cuda = True
-        else:
-            host[key] = value
-    event = None
-    if on_cuda:
+    """Start copying every CUDA tensor of `outputs` (values, or lists of them) into pinned host memory, on a side
+    stream so the copy overlaps the next batch's compute; other values pass through."""
+    cuda_tensors = [
+        tensor
+        for value in outputs.values()
+        for tensor in (value if isinstance(value, list) else [value])
+        if isinstance(tensor, torch.Tensor) and tensor.is_cuda
+    ]
+    if not cuda_tensors:
+        return PendingOutputs(dict(outputs), None)
+    stream = _copy_stream(cuda_tensors[0].device)
+    stream.wait_stream(torch.cuda.current_stream(cuda_tensors[0].device))
+
+    def to_host(value):
+        if isinstance(value, list):
+            return [to_host(item) for item in value]
+        if not (isinstance(value, torch.Tensor) and value.is_cuda):
+            return value
+        pinned = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+        pinned.copy_(value, non_blocking=True)
+        value.record_stream(stream)  # its memory is not reused before the copy has read it
+        return pinned
+
+    with torch.cuda.stream(stream):
+        host = {key: to_host(value) for key, value in outputs.items()}
         event = torch.cuda.Event()
-        event.record()
+        event.record(stream)
     return PendingOutputs(host, event)

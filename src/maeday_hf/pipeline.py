@@ -45,6 +45,16 @@ def _cached_mask_noise(
     return make_mask_noise(num_masks, num_patches, mask_ratio, schedule, seed).to(device)
 
 
+MAP_KEYS = ("anomaly_map", "uncertainty_map")
+
+
+def _at_original_size(maps: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """`(batch_size, h, w)` maps -> `(batch_size, height, width)`, bilinear (unchanged if already that size)."""
+    if maps.shape[-2:] == (height, width):
+        return maps.float()
+    return F.interpolate(maps[:, None].float(), size=(height, width), mode="bilinear", align_corners=False)[:, 0]
+
+
 DEFAULT_GPU_BATCH_SIZE = 32
 """Images per forward on a GPU when the call names no `batch_size`: 32 x 32 masks = 1024 (image, mask) pairs."""
 
@@ -349,12 +359,22 @@ class AnomalyDetectionPipeline(Pipeline):
                         pixels = pixels.pin_memory()
                     model_inputs[key] = pixels.to(self.device, non_blocking=True)
             outputs = self._forward(model_inputs, **forward_params)
+            # Maps are brought to each image's original size where they are (cheap on a GPU), not by this thread.
+            for key in MAP_KEYS:
+                if key in outputs:
+                    outputs[key] = [
+                        _at_original_size(maps[None], int(height), int(width))
+                        for maps, (height, width) in zip(outputs[key], outputs["original_size"])
+                    ]
             return copy_to_host_async(outputs)
 
     def _postprocess_batch(self, launched, postprocess_params):
         outputs = launched.wait()
         for index in range(len(outputs["original_size"])):
-            item = {key: value[index : index + 1] for key, value in outputs.items()}
+            item = {
+                key: value[index] if isinstance(value, list) else value[index : index + 1]
+                for key, value in outputs.items()
+            }
             yield self.postprocess(item, **postprocess_params)
 
     def preprocess(self, image, timeout: float | None = None) -> dict[str, torch.Tensor]:
@@ -403,12 +423,10 @@ class AnomalyDetectionPipeline(Pipeline):
     def postprocess(self, model_outputs: dict[str, torch.Tensor], threshold: float | None = None) -> dict[str, Any]:
         height, width = (int(v) for v in model_outputs["original_size"][0])
         result: dict[str, Any] = {"score": float(model_outputs["pred_score"][0])}
-        for key in ("anomaly_map", "uncertainty_map"):
+        for key in MAP_KEYS:
             if key in model_outputs:
-                resized = F.interpolate(
-                    model_outputs[key][:1, None].float(), size=(height, width), mode="bilinear", align_corners=False
-                )
-                result[key] = resized[0, 0].numpy().astype(np.float32)
+                resized = _at_original_size(model_outputs[key][:1], height, width)
+                result[key] = np.asarray(resized[0].numpy(), dtype=np.float32)
         if threshold is not None:
             result.update(_threshold_outputs(result["score"], result["anomaly_map"], threshold))
         return result

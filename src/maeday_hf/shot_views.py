@@ -29,8 +29,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .data.layout import list_images
-from .images import IMAGE_SUFFIXES, load_rgb_image
+from .images import IMAGE_SUFFIXES, list_images, load_rgb_image
 
 _SEED_STRIDE = 2**32
 

@@ -7,17 +7,12 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..images import IMAGE_SUFFIXES
+from ..images import IMAGE_SUFFIXES, list_images  # noqa: F401 - list_images is part of this module's API
 
 MASK_SUFFIX = "_mask"
 """MVTec AD names the mask of `<stem>.png` `<stem>_mask.png`; FOD follows it."""
 
 _MAX_LISTED = 10
-
-
-def list_images(folder: Path) -> list[Path]:
-    """Image files directly in `folder`, sorted by name (so example order, and thus shot selection, is reproducible)."""
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def require_dir(folder: Path, expectation: str) -> Path:
