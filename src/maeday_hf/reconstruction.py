@@ -111,19 +111,6 @@ def bfloat16_copy(model: torch.nn.Module) -> torch.nn.Module:
     return copy
 
 
-def _cudnn_autotuned(device: torch.device):
-    """Let cuDNN pick the fastest convolution for the patch embedding (its default heuristic picks a slow one for
-    16x16/stride-16 in bf16), unless the user asked for deterministic algorithms."""
-    if device.type != "cuda" or torch.are_deterministic_algorithms_enabled() or torch.backends.cudnn.deterministic:
-        return contextlib.nullcontext()
-    return torch.backends.cudnn.flags(
-        enabled=torch.backends.cudnn.enabled,
-        benchmark=True,
-        deterministic=False,
-        allow_tf32=torch.backends.cudnn.allow_tf32,
-    )
-
-
 def predict_patches(
     model: torch.nn.Module, pixel_values: torch.Tensor, noise: torch.Tensor, bf16: bool | None = None
 ) -> torch.Tensor:
@@ -143,10 +130,9 @@ def predict_patches(
         bf16 = pixel_values.device.type == "cuda"
     forward_model = bfloat16_copy(model) if bf16 else model
     dtype = next(forward_model.parameters()).dtype
-    with _cudnn_autotuned(pixel_values.device):
-        # Encoder and decoder of the stock model, without the training loss its forward also computes.
-        encoded = forward_model.vit(pixel_values=pixel_values.to(dtype), noise=noise)
-        logits = forward_model.decoder(encoded.last_hidden_state, encoded.ids_restore).logits
+    # Encoder and decoder of the stock model, without the training loss its forward also computes.
+    encoded = forward_model.vit(pixel_values=pixel_values.to(dtype), noise=noise)
+    logits = forward_model.decoder(encoded.last_hidden_state, encoded.ids_restore).logits
     return _at_least_float32(logits)
 
 
