@@ -89,8 +89,8 @@ class FinetuneConfig:
         use_cpu (`bool`): train on the CPU even when a GPU is there.
         bf16 (`bool`): bf16 mixed precision (GPU).
         cuda_graph (`bool`, defaults to `True`): on a single GPU, run the steps as CUDA graph replays instead of the
-            Trainer loop (`step_loop.py`: same optimizer, views and loss; about 20x faster for LoRA on ViT-B). Under
-            several processes or on the CPU the Trainer loop runs.
+            Trainer loop (`step_loop.py`: same optimizer, views and loss; 50 LoRA steps of ViT-B in 2.76 s instead of
+            7.15 s on an H200). Under several processes or on the CPU the Trainer loop runs.
         disable_tqdm (`bool`): no progress bar.
     """
 

@@ -1,0 +1,116 @@
+#!/usr/bin/env python
+"""Balanced vs random masks at N = 4..32 on the synthetic set (see `maeday_hf.schedule_study`), as JSON lines.
+
+No pretrained weights are reachable offline, so a small ViTMAE is first pretrained on synthetic normal images the way
+MAE is (its own masked-patch loss, AdamW, through `transformers.Trainer`), then every test image is scored under each
+schedule, N and seed. A model must use the visible patches to be a fair test: one that predicts each masked patch from
+its position alone makes every balanced schedule give the same map.
+
+    python scripts/study_mask_schedule.py                      # about 10 min on 2 CPU cores
+    python scripts/study_mask_schedule.py --steps 100 --num-test 10 --seeds 0 1   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import torch
+from transformers import (
+    AutoImageProcessor,
+    Trainer,
+    TrainingArguments,
+    ViTImageProcessor,
+    ViTMAEConfig,
+    ViTMAEForPreTraining,
+)
+from transformers.models.vit_mae.modeling_vit_mae import build_2d_sinusoidal_position_embedding
+from transformers.trainer_callback import PrinterCallback
+
+from maeday_hf.schedule_study import compare_mask_schedules, summarize
+from maeday_hf.synthetic import CATEGORIES, DEFECT_TYPES, make_normal_image, make_sample
+
+
+def small_mae(image_size: int) -> ViTMAEForPreTraining:
+    config = ViTMAEConfig(
+        image_size=image_size, patch_size=8, hidden_size=192, num_hidden_layers=6, num_attention_heads=3,
+        intermediate_size=768, decoder_hidden_size=128, decoder_num_hidden_layers=2, decoder_num_attention_heads=4,
+        decoder_intermediate_size=512,
+    )
+    model = ViTMAEForPreTraining(config)
+    grid = image_size // config.patch_size
+    with torch.no_grad():  # MAE's fixed sin-cos position embeddings (a random init leaves them at zero)
+        for parameter in (model.vit.embeddings.position_embeddings, model.decoder.decoder_pos_embed):
+            table = build_2d_sinusoidal_position_embedding(grid, grid, parameter.shape[-1], cls_token=True)
+            parameter.copy_(table.reshape(parameter.shape))
+    return model
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--num-train", type=int, default=200, help="normal training images per category")
+    parser.add_argument("--num-test", type=int, default=12, help="test images per category (half defective)")
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--num-masks", type=int, nargs="+", default=[4, 8, 16, 32])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--reference-num-masks", type=int, default=512)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    torch.manual_seed(0)
+
+    with tempfile.TemporaryDirectory() as work:
+        base = os.path.join(work, "small-mae")
+        small_mae(args.image_size).save_pretrained(base)
+        ViTImageProcessor(size={"height": args.image_size, "width": args.image_size}).save_pretrained(base)
+        model = ViTMAEForPreTraining.from_pretrained(base)
+        processor = AutoImageProcessor.from_pretrained(base)
+        normals = [make_normal_image(category, args.image_size, seed) for category in CATEGORIES
+                   for seed in range(args.num_train)]
+        train_set = [{"pixel_values": pixel_values}
+                     for pixel_values in processor(images=normals, return_tensors="pt")["pixel_values"]]
+        trainer = Trainer(model=model, train_dataset=train_set, args=TrainingArguments(
+            output_dir=os.path.join(work, "trainer"), max_steps=args.steps, per_device_train_batch_size=32,
+            learning_rate=args.learning_rate, weight_decay=0.05, warmup_steps=args.steps // 10,
+            lr_scheduler_type="cosine", optim="adamw_torch", use_cpu=True, report_to="none", save_strategy="no",
+            logging_steps=max(1, args.steps // 10), disable_tqdm=True, seed=0,
+        ))
+        trainer.remove_callback(PrinterCallback)
+        start = time.perf_counter()
+        trainer.train()
+        print(json.dumps({"pretrained": "small ViTMAE (6+2 layers, 64 patches), masked-patch loss", "steps": args.steps,
+                          "seconds": round(time.perf_counter() - start, 1),
+                          "losses": [[entry["step"], entry["loss"]] for entry in trainer.state.log_history
+                                     if "loss" in entry]}), flush=True)
+        model.eval()
+
+    images, masks, labels = [], [], []
+    for category in CATEGORIES:
+        for index in range(args.num_test):
+            seed = 10_000 + index  # not a training image
+            defect = DEFECT_TYPES[index % len(DEFECT_TYPES)] if index % 2 else None
+            image, mask = make_sample(category, defect, args.image_size, seed)
+            images.append(image)
+            masks.append(np.zeros((args.image_size,) * 2, bool) if mask is None else np.asarray(mask) > 0)
+            labels.append(int(defect is not None))
+    pixel_values = processor(images=images, return_tensors="pt")["pixel_values"]
+    results = compare_mask_schedules(
+        model, pixel_values, masks, labels, args.num_masks, args.seeds, args.reference_num_masks
+    )
+    for row in summarize(results):
+        print(json.dumps({key: round(value, 5) if isinstance(value, float) else value for key, value in row.items()}),
+              flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""The mask-schedule study: its deviation measure and its wiring (maps, reference, metrics)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY_IMAGE_SIZE, make_tiny_model
+from maeday_hf.masking import make_mask_noise
+from maeday_hf.metrics import image_roc_auc, pixel_roc_auc
+from maeday_hf.schedule_study import REFERENCE_SEED, compare_mask_schedules, map_deviation, summarize
+from maeday_hf.scoring import maeday_anomaly_maps
+
+
+def test_map_deviation_is_the_mean_relative_frobenius_distance():
+    rng = np.random.default_rng(0)
+    maps, reference = rng.random((3, 5, 4)), rng.random((3, 5, 4)) + 0.5
+    expected = np.mean([np.linalg.norm(m - r) / np.linalg.norm(r) for m, r in zip(maps, reference)])
+    assert map_deviation(torch.tensor(maps), torch.tensor(reference)) == pytest.approx(expected, rel=1e-12)
+
+
+def test_study_scores_each_schedule_against_the_converged_map_and_the_labels():
+    model = make_tiny_model()
+    torch.manual_seed(0)
+    pixel_values = torch.randn(4, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)
+    masks = [np.zeros((TINY_IMAGE_SIZE,) * 2, bool) for _ in range(4)]
+    masks[1][4:12, 4:12] = masks[3][20:30, 2:9] = True
+    labels = [0, 1, 0, 1]
+    results = compare_mask_schedules(model, pixel_values, masks, labels, num_masks_grid=(8,), seeds=(REFERENCE_SEED, 3),
+                                     reference_num_masks=8)
+    assert [(r.schedule, r.num_masks, r.seed) for r in results] == [
+        ("random", 8, REFERENCE_SEED), ("random", 8, 3), ("balanced", 8, REFERENCE_SEED), ("balanced", 8, 3)
+    ]
+    # The reference's own masks reproduce it; other masks do not.
+    assert results[0].map_deviation == 0.0 and all(r.map_deviation > 0 for r in results[1:])
+    outputs = maeday_anomaly_maps(model, pixel_values, make_mask_noise(8, 16, 0.75, "balanced", 3), 0.75)
+    assert results[3].pixel_roc_auc == pixel_roc_auc(masks, list(outputs["anomaly_map"].numpy()), num_bins=None)
+    assert results[3].image_roc_auc == image_roc_auc(labels, outputs["pred_score"].numpy())
+    rows = summarize(results)
+    assert [(row["schedule"], row["num_seeds"]) for row in rows] == [("random", 2), ("balanced", 2)]
+    assert rows[1]["map_deviation_mean"] == pytest.approx(np.mean([r.map_deviation for r in results[2:]]))
