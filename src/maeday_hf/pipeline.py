@@ -246,8 +246,9 @@ class AnomalyDetectionPipeline(Pipeline):
             mask_batch_size (`int`, *optional*): most (image, mask) pairs per forward pass (default 1024 on a GPU, 128
                 on a CPU).
             return_uncertainty (`bool`, *optional*, defaults to `False`): add `uncertainty_map`.
-            bf16 (`bool`, *optional*): run the model under bfloat16 autocast (default: on a GPU yes, on a CPU no);
-                `bf16=False` on a GPU gives exact float32 maps.
+            bf16 (`bool`, *optional*): run the model in bfloat16 (a bf16 copy of its weights, made once; default: on
+                a GPU yes, on a CPU no); errors, filtering and averaging stay float32. `bf16=False` on a GPU gives
+                float32 maps.
             threshold (`float`, *optional*): add `label` and `mask` by thresholding the score and the map.
             batch_size (`int`, *optional*): images per forward pass (their masked copies are batched too); default 1
                 on a CPU, 32 on a GPU. Results do not depend on it.

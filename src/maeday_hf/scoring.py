@@ -92,8 +92,8 @@ def maeday_anomaly_maps(
         mask_batch_size (`int`, *optional*): most (image, mask) pairs per forward pass; by default
             `default_mask_batch_size(device)`.
         return_uncertainty (`bool`): also return the per-pixel standard deviation of the N filtered maps E_i.
-        bf16 (`bool`, *optional*): the model's forward under bfloat16 autocast (default: on CUDA, not on CPU); errors,
-            filtering and averaging always run in float32.
+        bf16 (`bool`, *optional*): the model's forward in bfloat16 weights (`reconstruction.bfloat16_copy`; default:
+            on CUDA, not on CPU); errors, filtering and averaging always run in float32.
 
     Returns:
         `dict` with `anomaly_map` `(batch_size, height, width)`, `pred_score` `(batch_size,)` and, if asked,
