@@ -93,6 +93,17 @@ def test_overlapped_loop_returns_what_the_stock_loop_returns(detector, images, b
             np.testing.assert_array_equal(ours[key], theirs[key])
 
 
+def test_overlapped_loop_reads_datasets_by_index_and_generators_in_order(detector, images):
+    from datasets import Dataset
+    from transformers.pipelines.pt_utils import KeyDataset
+
+    preprocess, forward, postprocess = detector._sanitize_parameters(num_masks=2)
+    stock = detector(images, num_masks=2)
+    for inputs in (KeyDataset(Dataset.from_dict({"image": images}), "image"), (image for image in images)):
+        results = list(detector._overlapped_results(inputs, 2, 2, preprocess, forward, postprocess))
+        assert [r["score"] for r in results] == pytest.approx([r["score"] for r in stock], rel=1e-5)
+
+
 # --- bf16 weights -------------------------------------------------------------------------------------------------
 
 

@@ -7,6 +7,7 @@ pipeline loads with `trust_remote_code=True` where `maeday_hf` is not installed.
 
 from __future__ import annotations
 
+import collections.abc
 import functools
 import logging
 import math
@@ -337,8 +338,12 @@ class AnomalyDetectionPipeline(Pipeline):
         On a GPU, `num_workers` counts preprocessing threads (default `overlap.default_num_threads()`), not
         DataLoader processes: decoding and resizing release the GIL, and threads start at no cost per call.
         """
+        items = inputs
+        if isinstance(inputs, collections.abc.Sized) and hasattr(inputs, "__getitem__"):
+            # Lists and map-style datasets (`KeyDataset` included) are read by index, as the stock loop does.
+            items = (inputs[index] for index in range(len(inputs)))
         preprocessed = prefetch(
-            inputs, lambda item: self.preprocess(item, **preprocess_params), num_threads, lookahead=2 * batch_size
+            items, lambda item: self.preprocess(item, **preprocess_params), num_threads, lookahead=2 * batch_size
         )
         in_flight = None
         for batch in batched(preprocessed, batch_size):
