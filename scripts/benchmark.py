@@ -102,21 +102,23 @@ def benchmark_geometry(name, args, device):
     size = (args.image_size, args.image_size, 3)
     images = [Image.fromarray(rng.integers(0, 256, size, dtype=np.uint8)) for _ in range(args.num_images)]
     flops_per_image = reconstruction_flops(config, args.mask_ratio) * args.num_masks
-    common = dict(geometry=name, device=str(device), num_masks=args.num_masks, num_images=args.num_images,
-                  input_size=args.image_size)
+    common = dict(geometry=name, device=str(device), num_masks=args.num_masks, mask_schedule=args.mask_schedule,
+                  num_images=args.num_images, input_size=args.image_size)
 
     detector = load_detector(folder, device=device)
     baseline_model = ViTMAEForPreTraining.from_pretrained(folder).to(device).eval()
     results = {}
     # The package's public call, with its defaults unless the command line overrides them.
-    call = dict(num_masks=args.num_masks, mask_ratio=args.mask_ratio)
+    call = dict(num_masks=args.num_masks, mask_ratio=args.mask_ratio, mask_schedule=args.mask_schedule)
     call.update({key: value for key, value in dict(
         batch_size=args.batch_size, mask_batch_size=args.mask_batch_size, num_workers=args.num_workers
     ).items() if value is not None})
     # The scoring path alone, on images already processed and on the device: what the pipeline would reach if
     # decoding, resizing and copying cost nothing.
     pixel_values = detector.image_processor(images=images, return_tensors="pt")["pixel_values"].to(device)
-    noise = make_mask_noise(args.num_masks, count_patches(detector.model, pixel_values), args.mask_ratio)
+    noise = make_mask_noise(
+        args.num_masks, count_patches(detector.model, pixel_values), args.mask_ratio, args.mask_schedule
+    )
     scoring_batch = call.get("batch_size") or (32 if device.type == "cuda" else 1)
 
     def scoring_path():
@@ -170,6 +172,8 @@ def main(argv=None):
     parser.add_argument("--num-images", type=int, default=8)
     parser.add_argument("--num-masks", type=int, default=32)
     parser.add_argument("--mask-ratio", type=float, default=0.75)
+    parser.add_argument("--mask-schedule", choices=("random", "balanced"), default="random",
+                        help="the package paths' schedule (the paper baseline always draws its own random masks)")
     parser.add_argument("--image-size", type=int, default=256, help="side of the decoded input images")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="images per forward in the package path (default: the pipeline's, 32 on a GPU, 1 on a CPU)")

@@ -10,8 +10,8 @@
 #
 # then run it there with `carry: [".whl"]`:  bash scripts/device_check.sh
 # It writes JSON lines under $OUT (or results/device): the GPU tests, the inference speed table of the README (ViT-B
-# on 256 px and 1024 px inputs, ViT-L, ViT-H; with the bf16-vs-fp32 map difference), and the 50-step fine-tune time
-# with CUDA graph replays and with the Trainer loop.
+# on 256 px and 1024 px inputs, ViT-L, ViT-H, and ViT-B with 4 balanced masks; with the bf16-vs-fp32 map difference),
+# and the 50-step fine-tune time with CUDA graph replays and with the Trainer loop. About 4 minutes on an H200.
 set -euo pipefail
 out=${OUT:-results/device}
 mkdir -p "$out"
@@ -26,6 +26,9 @@ python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 | tail -1
     python3 scripts/benchmark.py --device cuda --geometries base --num-images 256 --repeats 3 --compare-precision
     python3 scripts/benchmark.py --device cuda --geometries base --num-images 128 --repeats 3 --image-size 1024
     python3 scripts/benchmark.py --device cuda --geometries large huge --num-images 64 --repeats 2
+    # The balanced schedule's 4 masks (README "Fewer masks"), 256 images per forward to keep 1,024 pairs per forward.
+    python3 scripts/benchmark.py --device cuda --geometries base --num-images 256 --repeats 3 --num-masks 4 \
+        --mask-schedule balanced --batch-size 256
 } 2>&1 | grep '^{' | tee "$out/benchmark.jsonl"
 {
     python3 scripts/benchmark_finetune.py --device cuda --steps 50 --bf16
