@@ -104,20 +104,50 @@ def test_overlapped_loop_reads_datasets_by_index_and_generators_in_order(detecto
         assert [r["score"] for r in results] == pytest.approx([r["score"] for r in stock], rel=1e-5)
 
 
+def test_overlapped_loop_hands_out_finished_results_before_a_bad_item_raises(detector, images, tmp_path):
+    preprocess, forward, postprocess = detector._sanitize_parameters(num_masks=2)
+    inputs = (item for item in [images[0], images[1], images[2], str(tmp_path / "missing.png")])
+    results = []
+    with pytest.raises(FileNotFoundError):
+        for result in detector._overlapped_results(inputs, 2, 2, preprocess, forward, postprocess):
+            results.append(result)
+    assert len(results) == 2  # the first batch was computed; the stock loop hands it out too
+
+
+def test_overlapped_loop_decodes_a_repeated_lazily_opened_image_safely(detector, images, tmp_path):
+    path = tmp_path / "lazy.png"
+    images[3].save(path)
+    preprocess, forward, postprocess = detector._sanitize_parameters(num_masks=2)
+    with Image.open(path) as lazy:
+        results = list(detector._overlapped_results([lazy] * 16, 8, 8, preprocess, forward, postprocess))
+    assert len({r["score"] for r in results}) == 1 and results[0]["anomaly_map"].shape == (64, 64)
+
+
+def test_device_normalisation_takes_one_number_for_every_channel(images):
+    processor = ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=0.5, image_std=0.25)
+    pixels = processor(images=images[0], do_rescale=False, do_normalize=False, return_tensors="pt")["pixel_values"]
+    expected = processor(images=images[0], return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(DeviceNormalization.from_processor(processor)(pixels), expected, rtol=0, atol=1e-6)
+
+
 # --- bf16 weights -------------------------------------------------------------------------------------------------
 
 
-def test_bfloat16_copy_is_reused_until_a_weight_changes_and_shares_the_config():
+def test_bfloat16_copy_always_holds_the_current_weights_and_shares_the_config():
     model = make_tiny_model()
-    copy = bfloat16_copy(model)
+    with torch.inference_mode():  # as inside the pipeline
+        copy = bfloat16_copy(model)
     assert next(copy.parameters()).dtype == torch.bfloat16 and next(model.parameters()).dtype == torch.float32
-    assert bfloat16_copy(model) is copy and copy.config is model.config
-    with torch.no_grad():
-        model.decoder.decoder_pred.weight.add_(1.0)  # in place: the copy is stale now
+    assert copy.config is model.config and not next(copy.parameters()).is_inference()
+    weight = model.decoder.decoder_pred.weight
+    for change in (lambda: weight.data.add_(1.0),  # in place behind autograd's back, as PEFT's merge does
+                   lambda: model.load_state_dict(make_tiny_model(seed=5).state_dict())):
+        change()
+        assert bfloat16_copy(model) is copy  # same module, current values
+        torch.testing.assert_close(copy.decoder.decoder_pred.weight.float(), weight, rtol=1e-2, atol=1e-2)
+    model.decoder.decoder_pred.weight = torch.nn.Parameter(torch.zeros_like(weight))  # a new tensor: rebuilt
     fresh = bfloat16_copy(model)
-    assert fresh is not copy
-    torch.testing.assert_close(fresh.decoder.decoder_pred.weight.float(), model.decoder.decoder_pred.weight,
-                               rtol=1e-2, atol=1e-2)
+    assert fresh is not copy and torch.all(fresh.decoder.decoder_pred.weight == 0)
     assert bfloat16_copy(fresh) is fresh  # already bf16
 
 
@@ -196,13 +226,20 @@ def test_step_loop_trains_exactly_like_the_trainer(tmp_path):
         weights = {name: p.detach().clone() for name, p in peft_model.named_parameters() if p.requires_grad}
         results.append((losses, weights))
     (trainer_losses, trainer_weights), (loop_losses, loop_weights) = results
-    np.testing.assert_allclose(loop_losses, trainer_losses, rtol=1e-3)  # the Trainer logs 4 decimals
+    np.testing.assert_allclose(loop_losses, trainer_losses, rtol=1e-5)
     assert trainer_weights.keys() == loop_weights.keys()
     for name in trainer_weights:
         torch.testing.assert_close(loop_weights[name], trainer_weights[name], rtol=1e-5, atol=1e-6)
     assert any(not torch.all(w == 0) for name, w in loop_weights.items() if "lora_B" in name)
 
 
-def test_logged_losses_average_each_window_like_the_trainer():
-    assert logged_losses([1.0, 3.0, 5.0, 7.0, 9.0], 2) == [(2, 2.0), (4, 6.0), (5, 9.0)]
+def test_logged_losses_average_each_window_like_the_trainer(tmp_path):
+    assert logged_losses([1.0, 3.0, 5.0, 7.0, 9.0], 2) == [(2, 2.0), (4, 6.0)]
     assert logged_losses([4.0], 1) == [(1, 4.0)]
+    # The Trainer's own log for 3 steps, logging every 2: one entry, the mean of steps 1-2.
+    model, peft_model = _lora_model()
+    views = ShotViews(torch.randn(1, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE), num_views=12, num_patches=16)
+    config = FinetuneConfig(num_steps=3, batch_size=4, use_cpu=True, disable_tqdm=True, logging_steps=2)
+    trainer = build_trainer(peft_model, model, views, config, tmp_path)
+    trainer.train()
+    assert [entry["step"] for entry in trainer.state.log_history if "loss" in entry] == [2]

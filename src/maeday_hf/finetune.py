@@ -258,14 +258,12 @@ def _runs_as_graph_replays(trainer: MaedayTrainer, config: FinetuneConfig) -> bo
 
 
 def logged_losses(step_losses: list[float], logging_steps: int) -> list[tuple[int, float]]:
-    """`(step, mean loss since the previous entry)` every `logging_steps` steps and at the last, as the Trainer logs."""
-    entries, last = [], 0
-    for step in range(1, len(step_losses) + 1):
-        if step % logging_steps == 0 or step == len(step_losses):
-            window = step_losses[last:step]
-            entries.append((step, sum(window) / len(window)))
-            last = step
-    return entries
+    """`(step, mean loss since the previous entry)` every `logging_steps` steps, as the Trainer logs them (it logs no
+    final partial window either)."""
+    return [
+        (step, sum(step_losses[step - logging_steps : step]) / logging_steps)
+        for step in range(logging_steps, len(step_losses) + 1, logging_steps)
+    ]
 
 
 def _validate_output(output_dir: Path, overwrite: bool) -> None:

@@ -12,6 +12,7 @@ import functools
 import logging
 import math
 import numbers
+import threading
 from typing import Any
 
 import numpy as np
@@ -60,6 +61,15 @@ DEFAULT_GPU_BATCH_SIZE = 32
 """Images per forward on a GPU when the call names no `batch_size`: 32 x 32 masks = 1024 (image, mask) pairs."""
 
 
+def _per_channel(values) -> tuple[float, ...] | None:
+    """A processor's mean or std: one number for every channel, or one per channel."""
+    if values is None:
+        return None
+    if isinstance(values, numbers.Real):
+        return (float(values),)
+    return tuple(float(value) for value in values)
+
+
 class DeviceNormalization:
     """The last two steps of a ViT image processor, rescale and normalise, run on the model's device.
 
@@ -70,8 +80,8 @@ class DeviceNormalization:
 
     def __init__(self, rescale_factor: float | None, image_mean, image_std):
         self.rescale_factor = rescale_factor
-        self.image_mean = None if image_mean is None else tuple(float(value) for value in image_mean)
-        self.image_std = None if image_std is None else tuple(float(value) for value in image_std)
+        self.image_mean = _per_channel(image_mean)
+        self.image_std = _per_channel(image_std)
         self._constants: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
@@ -342,17 +352,31 @@ class AnomalyDetectionPipeline(Pipeline):
         if isinstance(inputs, collections.abc.Sized) and hasattr(inputs, "__getitem__"):
             # Lists and map-style datasets (`KeyDataset` included) are read by index, as the stock loop does.
             items = (inputs[index] for index in range(len(inputs)))
-        preprocessed = prefetch(
-            items, lambda item: self.preprocess(item, **preprocess_params), num_threads, lookahead=2 * batch_size
-        )
+        load_locks: dict[int, threading.Lock] = {}
+
+        def preprocess(item):
+            if isinstance(item, Image.Image):
+                # The same lazily opened image may come several times: let one thread decode it at a time.
+                with load_locks.setdefault(id(item), threading.Lock()):
+                    item.load()
+            return self.preprocess(item, **preprocess_params)
+
+        batches = batched(prefetch(items, preprocess, num_threads, lookahead=2 * batch_size), batch_size)
         in_flight = None
-        for batch in batched(preprocessed, batch_size):
-            launched = self._launch(batch, forward_params)
+        while True:
+            try:
+                batch = next(batches, None)
+                launched = None if batch is None else self._launch(batch, forward_params)
+            except Exception:
+                # A bad item (or a failed launch) ends the run, but not before the batch already computed is out.
+                if in_flight is not None:
+                    yield from self._postprocess_batch(in_flight, postprocess_params)
+                raise
             if in_flight is not None:
                 yield from self._postprocess_batch(in_flight, postprocess_params)
+            if launched is None:
+                return
             in_flight = launched
-        if in_flight is not None:
-            yield from self._postprocess_batch(in_flight, postprocess_params)
 
     def _launch(self, batch: list[dict[str, torch.Tensor]], forward_params):
         """Queue one batch on the GPU and the copy of its results to pinned host memory; returns without waiting."""

@@ -85,29 +85,44 @@ def reconstruction_targets(model: torch.nn.Module, pixel_values: torch.Tensor) -
 _BFLOAT16_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _parameter_signature(model: torch.nn.Module) -> tuple:
-    """Changes whenever a parameter or buffer is replaced or modified in place (optimizer steps, `load_state_dict`)."""
-    tensors = itertools.chain(model.parameters(), model.buffers())
-    return tuple((id(tensor), tensor._version, tensor.device) for tensor in tensors)
+def _tensors(model: torch.nn.Module) -> list[torch.Tensor]:
+    return list(itertools.chain(model.parameters(), model.buffers()))
 
 
+def _layout(tensors: list[torch.Tensor]) -> tuple:
+    """Which tensors the model has, and their shapes, dtypes and devices (not their values)."""
+    return tuple((id(tensor), tuple(tensor.shape), tensor.dtype, tensor.device) for tensor in tensors)
+
+
+@torch.no_grad()
 def bfloat16_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """`model` with bfloat16 weights, for inference: made once and reused while `model`'s weights stay unchanged.
+    """`model` with bfloat16 weights, for inference, holding `model`'s current weights.
 
-    Running the bf16 weights directly, instead of the float32 model under autocast, spares the casts autocast makes at
-    every call and keeps the residual stream and LayerNorms in bf16 (about 20 % faster on an H200, same accuracy as
-    autocast; see the README's Speed section). A model already in bf16 is returned as is. The copy is rebuilt if any
-    weight of `model` was replaced or changed in place since it was made, so it never serves stale weights.
+    Running bf16 weights directly, instead of the float32 model under autocast, keeps the residual stream and the
+    LayerNorms in bf16 and spares autocast's per-op casts: 2.66 -> 2.10 ms per image for ViT-B's 32 masked forwards
+    on an H200, with the same accuracy as autocast (see the README's Speed section).
+
+    The module is deep-copied once per model and kept (it shares `model.config`, so `mask_ratio_set_to(model, ...)`
+    applies to it too); at every call the current weights are cast into it, a few hundred device-side copies (0.7 GB
+    of traffic for ViT-B, about 0.2 ms on an H200) and no host sync. So it is never stale, however the weights were
+    changed (optimizer steps, `load_state_dict`, in-place writes through `.data`, PEFT's `merge_and_unload`). It is
+    rebuilt if tensors are added, replaced or moved. A model already in bf16 is returned as is.
     """
     if next(model.parameters()).dtype == torch.bfloat16:
         return model
-    signature = _parameter_signature(model)
+    sources = _tensors(model)
+    layout = _layout(sources)
     cached = _BFLOAT16_COPIES.get(model)
-    if cached is not None and cached[0] == signature:
-        return cached[1]
-    # The copy shares `model.config`, so `mask_ratio_set_to(model, ...)` applies to it too.
-    copy = deepcopy(model, memo={id(model.config): model.config}).to(torch.bfloat16).eval().requires_grad_(False)
-    _BFLOAT16_COPIES[model] = (signature, copy)
+    if cached is None or cached[0] != layout:
+        # Built outside inference mode, so its tensors can be refreshed, and used, in and out of it.
+        with torch.inference_mode(False):
+            copy = deepcopy(model, memo={id(model.config): model.config}).to(torch.bfloat16)
+        copy.eval().requires_grad_(False)
+        cached = (layout, copy, _tensors(copy))
+        _BFLOAT16_COPIES[model] = cached
+    _, copy, targets = cached
+    for target, source in zip(targets, sources):
+        target.copy_(source)
     return copy
 
 

@@ -84,6 +84,7 @@ def run_steps(
                     static_batch[key].copy_(value)
                 graph.replay()
                 losses[step].copy_(static_loss)
+            optimizer.zero_grad(set_to_none=True)  # as after every eager step; frees the graph's gradients
             return losses.tolist()
     for step in range(num_steps):
         loss = step_loss(trained, reconstruction_model, views, _step_batch(all_views, step, batch_size), bf16)
