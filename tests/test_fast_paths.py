@@ -130,6 +130,29 @@ def test_device_normalisation_takes_one_number_for_every_channel(images):
     torch.testing.assert_close(DeviceNormalization.from_processor(processor)(pixels), expected, rtol=0, atol=1e-6)
 
 
+# --- patch embeddings once per image ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_patches_embedded_once_per_image_give_the_per_pair_reconstructions(bf16):
+    model = make_tiny_model(norm_pix_loss=True)
+    images = torch.randn(3, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)
+    image_index = torch.tensor([2, 0, 0, 1, 2, 2, 1])
+    noise = make_mask_noise(7, 16, 0.75, seed=4)
+    seen = []
+    conv = model.vit.embeddings.patch_embeddings.projection
+    handle = conv.register_forward_hook(lambda _module, args, _output: seen.append(args[0].shape[0]))
+    with mask_ratio_set_to(model, 0.75):
+        per_pair = predict_patches(model, images[image_index], noise, bf16=bf16)
+        once = predict_patches(model, images, noise, bf16=bf16, image_index=image_index)
+    handle.remove()
+    if not bf16:  # (the bf16 copy has its own convolution)
+        assert seen == [7, 3]  # one embedding per pair, then one per image
+    torch.testing.assert_close(once, per_pair, rtol=1e-5, atol=1e-6)
+    patch_embeddings = model.vit.embeddings.patch_embeddings
+    assert not patch_embeddings._forward_hooks and not patch_embeddings._forward_pre_hooks  # hooks removed
+
+
 # --- bf16 weights -------------------------------------------------------------------------------------------------
 
 

@@ -126,16 +126,45 @@ def bfloat16_copy(model: torch.nn.Module) -> torch.nn.Module:
     return copy
 
 
+@contextlib.contextmanager
+def patches_embedded_once_per_image(
+    model: torch.nn.Module, images: torch.Tensor, image_index: torch.Tensor
+) -> Iterator[None]:
+    """Inside, `model.vit` embeds the patches of each of `images` once, and row i of its batch gets those of
+    `images[image_index[i]]`.
+
+    The N masked copies of an image share its patch embedding (it comes before masking), so computing it per (image,
+    mask) pair repeats the same convolution N times: 9 % of ViT-B's GPU time at N = 32, measured. Two hooks on the
+    model's own patch-embedding module do the rest: the input it sees becomes `images`, its output is indexed by
+    `image_index`. Everything else, masking included, runs as usual on the batch of pairs.
+    """
+    module = model.vit.embeddings.patch_embeddings
+    swap_input = module.register_forward_pre_hook(lambda _module, _args: (images,))
+    spread_output = module.register_forward_hook(lambda _module, _args, output: output[image_index])
+    try:
+        yield
+    finally:
+        swap_input.remove()
+        spread_output.remove()
+
+
 def predict_patches(
-    model: torch.nn.Module, pixel_values: torch.Tensor, noise: torch.Tensor, bf16: bool | None = None
+    model: torch.nn.Module,
+    pixel_values: torch.Tensor,
+    noise: torch.Tensor,
+    bf16: bool | None = None,
+    image_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One masked reconstruction per row of `noise`.
 
     Args:
-        pixel_values (`torch.Tensor` of shape `(batch_size, num_channels, height, width)`).
+        pixel_values (`torch.Tensor` of shape `(num_images, num_channels, height, width)`).
         noise (`torch.Tensor` of shape `(batch_size, num_patches)`): the model keeps the smallest-noise patches.
-        bf16 (`bool`, *optional*): run the model in bfloat16 (its weights cast once, see `bfloat16_copy`); by default
-            on CUDA only. A bf16 model always runs in bf16.
+        bf16 (`bool`, *optional*): run the model in bfloat16 (see `bfloat16_copy`); by default on CUDA only. A bf16
+            model always runs in bf16.
+        image_index (`torch.Tensor` of shape `(batch_size,)`, *optional*): row i of `noise` masks image
+            `image_index[i]` (each image's patches are then embedded once, see `patches_embedded_once_per_image`);
+            by default row i masks image i.
 
     Returns:
         `torch.Tensor` of shape `(batch_size, num_patches, patch_size**2 * num_channels)`: the decoder's predictions
@@ -144,9 +173,16 @@ def predict_patches(
     if bf16 is None:
         bf16 = pixel_values.device.type == "cuda"
     forward_model = bfloat16_copy(model) if bf16 else model
-    dtype = next(forward_model.parameters()).dtype
-    # Encoder and decoder of the stock model, without the training loss its forward also computes.
-    encoded = forward_model.vit(pixel_values=pixel_values.to(dtype), noise=noise)
+    images = pixel_values.to(next(forward_model.parameters()).dtype)
+    if image_index is None:
+        embedding = contextlib.nullcontext()
+        batch = images
+    else:
+        embedding = patches_embedded_once_per_image(forward_model, images, image_index)
+        batch = images[:1].expand(len(image_index), -1, -1, -1)  # only its shape is read
+    with embedding:
+        # Encoder and decoder of the stock model, without the training loss its forward also computes.
+        encoded = forward_model.vit(pixel_values=batch, noise=noise)
     logits = forward_model.decoder(encoded.last_hidden_state, encoded.ids_restore).logits
     return _at_least_float32(logits)
 

@@ -109,11 +109,18 @@ def maeday_anomaly_maps(
     spread = _RunningSpread(error_sum) if return_uncertainty else None
     if mask_batch_size is None:
         mask_batch_size = default_mask_batch_size(device)
-    pair_index = torch.arange(batch_size * num_masks, device=device)
+    num_pairs = batch_size * num_masks
     with mask_ratio_set_to(model, mask_ratio):
-        for chunk in pair_index.split(mask_batch_size):
+        for start in range(0, num_pairs, mask_batch_size):
+            stop = min(start + mask_batch_size, num_pairs)
+            chunk = torch.arange(start, stop, device=device)
             image_index, mask_index = chunk // num_masks, chunk % num_masks
-            predicted = predict_patches(model, pixel_values[image_index], noise[mask_index], bf16=bf16)
+            # The chunk's images are consecutive: each is embedded once, whatever number of its masks is in the chunk.
+            first_image, end_image = start // num_masks, (stop - 1) // num_masks + 1
+            predicted = predict_patches(
+                model, pixel_values[first_image:end_image], noise[mask_index], bf16=bf16,
+                image_index=image_index - first_image,
+            )
             errors = squared_error_per_pixel(model, predicted, target_patches[image_index])
             error_sum.index_add_(0, image_index, errors)
             if spread is not None:
