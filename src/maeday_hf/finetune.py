@@ -434,14 +434,14 @@ def finetune(
     output_dir = Path(output_dir).expanduser().absolute()
     _validate_output(output_dir, overwrite)
     _validate_hub_flags(push_to_hub, hub_model_id)
-    load_base_config(base_model)
+    base_config = load_base_config(base_model)
     images, shot_names = _load_shots(shots, num_shots, shot_seed)
     recorded_base = _recorded_base_name(base_model)
     if push_to_hub and os.path.isabs(recorded_base):
         logger.warning("The base %s is a local folder: the pushed adapter loads only where that path exists.", recorded_base)
 
     image_processor = AutoImageProcessor.from_pretrained(base_model)
-    model = ViTMAEForPreTraining.from_pretrained(base_model)
+    model = ViTMAEForPreTraining.from_pretrained(base_model, config=base_config)
     if not is_vit_mae_for_pretraining(model):
         raise ValueError(f"{base_model!r} did not load as a ViTMAEForPreTraining with its decoder.")
     pixel_values = image_processor(images=images, return_tensors="pt")["pixel_values"]
