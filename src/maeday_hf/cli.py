@@ -92,16 +92,18 @@ def run_detect(args: argparse.Namespace) -> int:
     if args.threshold is not None:
         call_kwargs["threshold"] = args.threshold
     split_call_parameters(**call_kwargs)  # bad options fail before the model loads
-    validate_positive_int(args.batch_size, "batch_size")
+    if args.batch_size is not None:
+        validate_positive_int(args.batch_size, "batch_size")
     images = collect_images(args.inputs)
     detector = load_detector(args.model, device=args.device)
 
     out_dir = Path(args.out)
-    # A map-style dataset in gives an iterator out: results stream while the bar advances, and DataLoader workers
-    # decode and resize the next images while the model runs.
-    num_workers = args.num_workers if args.num_workers is not None else (2 if detector.device.type == "cuda" else 0)
+    # A map-style dataset in gives an iterator out: results stream while the bar advances, and workers (threads on a
+    # GPU, DataLoader processes on a CPU) decode and resize the next images while the model runs.
+    on_gpu = detector.device.type == "cuda"
+    batch_size = args.batch_size if args.batch_size is not None else (32 if on_gpu else 8)
     results = detector(
-        _PathDataset([str(path) for path, _ in images]), batch_size=args.batch_size, num_workers=num_workers,
+        _PathDataset([str(path) for path, _ in images]), batch_size=batch_size, num_workers=args.num_workers,
         **call_kwargs,
     )
     rows = []
@@ -151,9 +153,10 @@ def add_detect_parser(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the masks")
     parser.add_argument("--threshold", type=float, default=None, help="adds a normal/anomalous label per image")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (times N masks)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="images per forward pass, times N masks (default: 32 on a GPU, 8 on a CPU)")
     parser.add_argument("--num-workers", type=int, default=None,
-                        help="processes decoding images ahead of the model (default: 2 on a GPU, 0 on a CPU)")
+                        help="decoding ahead of the model: threads on a GPU (default 8), processes on a CPU (default 0)")
     parser.add_argument("--mask-batch-size", type=int, default=None,
                         help="most (image, mask) pairs per forward (default: 1024 on a GPU, 128 on a CPU)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
