@@ -47,10 +47,12 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import datasets
 import numpy as np
+import yaml
 from tqdm.auto import tqdm
 
 from .data import FOD_CONFIGS, load_fod, load_mvtec, load_synthetic_dataset, select_shots, shot_indices
 from .data import SYNTHETIC_CATEGORIES
+from .data.publish import read_card
 from .masking import (
     MASK_SCHEDULES,
     validate_mask_ratio,
@@ -111,11 +113,11 @@ class DatasetSource:
 
 def _is_hub_folder(folder: Path) -> bool:
     """A dataset repo folder (e.g. `write_hub_folder`'s dry run): a README.md whose YAML header lists `configs`."""
-    readme = folder / "README.md"
-    if not readme.is_file():
+    try:
+        header, _ = read_card(folder / "README.md")
+    except yaml.YAMLError:  # a README with some other front matter: not a dataset card
         return False
-    text = readme.read_text(encoding="utf-8")
-    return text.startswith("---") and "\nconfigs:" in text.split("\n---", 2)[0]
+    return isinstance(header, dict) and "configs" in header
 
 
 def resolve_dataset(spec: str | os.PathLike) -> DatasetSource:

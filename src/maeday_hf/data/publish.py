@@ -51,7 +51,7 @@ def _embedded(dataset: datasets.Dataset) -> datasets.Dataset:
     return dataset.with_format("arrow").map(embed_table_storage, batched=True, keep_in_memory=True).with_format(None)
 
 
-def _read_card(readme: Path) -> tuple[dict, str]:
+def read_card(readme: Path) -> tuple[dict, str]:
     """YAML header and body of an existing dataset card (empty if there is none)."""
     if not readme.is_file():
         return {}, ""
@@ -88,7 +88,7 @@ def write_hub_folder(
     if not configs:
         raise ValueError("No configs to write: got an empty mapping.")
     folder = Path(folder)
-    header, body = _read_card(folder / README)
+    header, body = read_card(folder / README)
     entries = {entry["config_name"]: entry for entry in header.get("configs", [])}
     for name, dataset_dict in configs.items():
         for split, dataset in dataset_dict.items():
