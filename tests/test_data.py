@@ -242,3 +242,16 @@ def test_synthetic_set_has_the_same_features(tmp_path):
     assert len(dataset["train"]) == 2 and sum(dataset["test"]["label"]) == len(dataset["test"]) - 1
     with pytest.raises(ValueError, match="Unknown synthetic category"):
         load_synthetic_dataset(tmp_path, "bottle")
+
+
+@pytest.mark.parametrize("ending", ["---\n", "---", "--- \n"])
+def test_dataset_cards_are_read_as_the_hub_reads_them(tmp_path, ending):
+    from maeday_hf.data.publish import read_card
+    from maeday_hf.protocol import _is_hub_folder
+
+    (tmp_path / "README.md").write_text(f"---\nconfigs:\n- config_name: bottle\n{ending}body\n" if ending != "---"
+                                        else "---\nconfigs:\n- config_name: bottle\n---", encoding="utf-8")
+    header, _ = read_card(tmp_path / "README.md")
+    assert header["configs"] == [{"config_name": "bottle"}] and _is_hub_folder(tmp_path)
+    (tmp_path / "README.md").write_bytes(b"---\n\xff\xfe not text\n---\n")
+    assert not _is_hub_folder(tmp_path)

@@ -153,6 +153,30 @@ def test_patches_embedded_once_per_image_give_the_per_pair_reconstructions(bf16)
     assert not patch_embeddings._forward_hooks and not patch_embeddings._forward_pre_hooks  # hooks removed
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_threads_sharing_a_model_get_their_own_reconstructions(bf16):
+    import concurrent.futures
+
+    model = make_tiny_model()
+    torch.manual_seed(1)
+    jobs = []
+    for job in range(8):
+        images = torch.randn(2 + job % 3, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)
+        image_index = torch.arange(len(images)).repeat_interleave(3)
+        noise = make_mask_noise(len(image_index), 16, 0.75, seed=job)
+        jobs.append((images, image_index, noise))
+    with mask_ratio_set_to(model, 0.75):
+        expected = [predict_patches(model, images[index], noise, bf16=bf16) for images, index, noise in jobs]
+
+        def run(job):
+            images, index, noise = jobs[job % len(jobs)]
+            return job % len(jobs), predict_patches(model, images, noise, bf16=bf16, image_index=index)
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            for job, result in pool.map(run, range(64)):
+                torch.testing.assert_close(result, expected[job], rtol=1e-5, atol=1e-6)
+
+
 # --- bf16 weights -------------------------------------------------------------------------------------------------
 
 
@@ -172,6 +196,31 @@ def test_bfloat16_copy_always_holds_the_current_weights_and_shares_the_config():
     fresh = bfloat16_copy(model)
     assert fresh is not copy and torch.all(fresh.decoder.decoder_pred.weight == 0)
     assert bfloat16_copy(fresh) is fresh  # already bf16
+
+
+def test_bfloat16_copy_follows_peft_adapter_switches():
+    model = make_tiny_model()
+    torch.manual_seed(0)
+    peft_model = add_lora(model, make_lora_config(model))
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.05)
+    pixel_values = torch.randn(4, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)
+    noise = make_mask_noise(4, 16, 0.75, seed=0)
+
+    def relative_error():
+        with torch.no_grad(), mask_ratio_set_to(model, 0.75):
+            exact = predict_patches(peft_model.base_model.model, pixel_values, noise, bf16=False)
+            fast = predict_patches(peft_model.base_model.model, pixel_values, noise, bf16=True)
+        return float((fast - exact).norm() / exact.norm())
+
+    errors = {"adapter on": relative_error()}
+    with peft_model.disable_adapter():
+        errors["adapter disabled"] = relative_error()
+    peft_model.merge_adapter()
+    errors["adapter merged"] = relative_error()
+    assert max(errors.values()) < 1e-2, errors
 
 
 def test_bf16_follows_the_call_mask_ratio_and_stays_close_to_float32():

@@ -115,7 +115,7 @@ def _is_hub_folder(folder: Path) -> bool:
     """A dataset repo folder (e.g. `write_hub_folder`'s dry run): a README.md whose YAML header lists `configs`."""
     try:
         header, _ = read_card(folder / "README.md")
-    except yaml.YAMLError:  # a README with some other front matter: not a dataset card
+    except (yaml.YAMLError, ValueError, UnicodeDecodeError):  # some other README: not a dataset card
         return False
     return isinstance(header, dict) and "configs" in header
 

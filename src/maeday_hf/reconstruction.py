@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import threading
 import weakref
 from collections.abc import Iterator
 from copy import deepcopy
@@ -89,9 +90,18 @@ def _tensors(model: torch.nn.Module) -> list[torch.Tensor]:
     return list(itertools.chain(model.parameters(), model.buffers()))
 
 
-def _layout(tensors: list[torch.Tensor]) -> tuple:
-    """Which tensors the model has, and their shapes, dtypes and devices (not their values)."""
-    return tuple((id(tensor), tuple(tensor.shape), tensor.dtype, tensor.device) for tensor in tensors)
+def _layout(model: torch.nn.Module, tensors: list[torch.Tensor]) -> tuple:
+    """What the copy must be rebuilt for: which tensors the model has (their shapes, dtypes and devices, not their
+    values), and the switches that change what a module computes without touching a tensor (PEFT's merged, disabled
+    and active adapters, read by name so that this module needs no PEFT import)."""
+    tensor_layout = tuple((id(tensor), tuple(tensor.shape), tensor.dtype, tensor.device) for tensor in tensors)
+    switches = tuple(
+        (id(module), repr(module.merged_adapters), repr(getattr(module, "disable_adapters", None)),
+         repr(module.active_adapters))
+        for module in model.modules()
+        if hasattr(module, "merged_adapters") and hasattr(module, "active_adapters")
+    )
+    return tensor_layout, switches
 
 
 @torch.no_grad()
@@ -111,11 +121,12 @@ def bfloat16_copy(model: torch.nn.Module) -> torch.nn.Module:
     if next(model.parameters()).dtype == torch.bfloat16:
         return model
     sources = _tensors(model)
-    layout = _layout(sources)
+    layout = _layout(model, sources)
     cached = _BFLOAT16_COPIES.get(model)
     if cached is None or cached[0] != layout:
-        # Built outside inference mode, so its tensors can be refreshed, and used, in and out of it.
-        with torch.inference_mode(False):
+        # Built outside inference mode, so its tensors can be refreshed, and used, in and out of it; and not while
+        # another thread has its patch-embedding hooks on `model` (the copy would inherit them).
+        with torch.inference_mode(False), _patch_embedding_lock(model):
             copy = deepcopy(model, memo={id(model.config): model.config}).to(torch.bfloat16)
         copy.eval().requires_grad_(False)
         cached = (layout, copy, _tensors(copy))
@@ -124,6 +135,17 @@ def bfloat16_copy(model: torch.nn.Module) -> torch.nn.Module:
     for target, source in zip(targets, sources):
         target.copy_(source)
     return copy
+
+
+_PATCH_EMBEDDING_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _patch_embedding_lock(model: torch.nn.Module):
+    """One lock per patch-embedding module: its hooks hold for one call, so two threads sharing a model take turns."""
+    module = getattr(getattr(getattr(model, "vit", None), "embeddings", None), "patch_embeddings", None)
+    if module is None:
+        return contextlib.nullcontext()
+    return _PATCH_EMBEDDING_LOCKS.setdefault(module, threading.RLock())
 
 
 @contextlib.contextmanager
@@ -136,16 +158,18 @@ def patches_embedded_once_per_image(
     The N masked copies of an image share its patch embedding (it comes before masking), so computing it per (image,
     mask) pair repeats the same convolution N times: 9 % of ViT-B's GPU time at N = 32, measured. Two hooks on the
     model's own patch-embedding module do the rest: the input it sees becomes `images`, its output is indexed by
-    `image_index`. Everything else, masking included, runs as usual on the batch of pairs.
+    `image_index`. Everything else, masking included, runs as usual on the batch of pairs. Other threads calling the
+    same model wait until the block ends.
     """
     module = model.vit.embeddings.patch_embeddings
-    swap_input = module.register_forward_pre_hook(lambda _module, _args: (images,))
-    spread_output = module.register_forward_hook(lambda _module, _args, output: output[image_index])
-    try:
-        yield
-    finally:
-        swap_input.remove()
-        spread_output.remove()
+    with _patch_embedding_lock(model):
+        swap_input = module.register_forward_pre_hook(lambda _module, _args: (images,))
+        spread_output = module.register_forward_hook(lambda _module, _args, output: output[image_index])
+        try:
+            yield
+        finally:
+            swap_input.remove()
+            spread_output.remove()
 
 
 def predict_patches(

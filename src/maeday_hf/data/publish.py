@@ -15,6 +15,7 @@ from pathlib import Path
 import datasets
 import yaml
 from datasets.table import embed_table_storage
+from huggingface_hub import RepoCard
 from ..atomic_io import write_atomically
 
 logger = logging.getLogger(__name__)
@@ -52,14 +53,18 @@ def _embedded(dataset: datasets.Dataset) -> datasets.Dataset:
 
 
 def read_card(readme: Path) -> tuple[dict, str]:
-    """YAML header and body of an existing dataset card (empty if there is none)."""
+    """YAML header and body of an existing dataset card (empty if there is none), parsed as the Hub parses cards.
+
+    Raises:
+        yaml.YAMLError: the header is not valid YAML.
+    """
     if not readme.is_file():
         return {}, ""
     text = readme.read_text(encoding="utf-8")
-    if not text.startswith("---\n"):
+    if not text.startswith("---"):
         return {}, text
-    header, _, body = text[4:].partition("\n---\n")
-    return yaml.safe_load(header) or {}, body
+    card = RepoCard(text)
+    return card.data.to_dict(), card.text
 
 
 def write_hub_folder(
