@@ -17,7 +17,7 @@ from maeday_hf.finetune import FinetuneConfig, build_trainer, logged_losses
 from maeday_hf.lora import add_lora, make_lora_config
 from maeday_hf.masking import make_mask_noise
 from maeday_hf.overlap import batched, prefetch
-from maeday_hf.pipeline import DeviceNormalization
+from maeday_hf.pipeline import DeviceNormalization, default_gpu_batch_size
 from maeday_hf.reconstruction import bfloat16_copy, mask_ratio_set_to, predict_patches
 from maeday_hf.shot_views import ShotViews, crop_rotate_transform, render_views, view_generator
 from maeday_hf.step_loop import run_steps
@@ -59,6 +59,11 @@ def test_unknown_processors_run_whole_on_the_cpu_with_the_same_result(tiny_check
     assert "pixel_values" in plain.preprocess(images[0]) and "pixels" in detector.preprocess(images[0])
     for ours, theirs in zip(detector(images, num_masks=3), plain(images, num_masks=3)):
         np.testing.assert_allclose(ours["anomaly_map"], theirs["anomaly_map"], rtol=1e-5, atol=1e-7)
+
+
+def test_gpu_default_batch_fills_about_1024_pairs_whatever_the_number_of_masks():
+    assert [default_gpu_batch_size(n) for n in (32, 4, 1, 2048, 3)] == [32, 256, 1024, 1, 341]
+    assert default_gpu_batch_size("many") == 32 == default_gpu_batch_size(0)  # reported later, by the checks
 
 
 # --- the overlapped loop ------------------------------------------------------------------------------------------

@@ -101,7 +101,7 @@ def run_detect(args: argparse.Namespace) -> int:
     # A map-style dataset in gives an iterator out: results stream while the bar advances, and workers (threads on a
     # GPU, DataLoader processes on a CPU) decode and resize the next images while the model runs.
     on_gpu = detector.device.type == "cuda"
-    batch_size = args.batch_size if args.batch_size is not None else (32 if on_gpu else 8)
+    batch_size = args.batch_size if args.batch_size is not None else (None if on_gpu else 8)  # None: the pipeline's
     results = detector(
         _PathDataset([str(path) for path, _ in images]), batch_size=batch_size, num_workers=args.num_workers,
         **call_kwargs,
@@ -154,7 +154,8 @@ def add_detect_parser(subparsers) -> None:
     parser.add_argument("--threshold", type=float, default=None, help="adds a normal/anomalous label per image")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--batch-size", type=int, default=None,
-                        help="images per forward pass, times N masks (default: 32 on a GPU, 8 on a CPU)")
+                        help="images per forward pass, times N masks (default: 8 on a CPU; on a GPU enough for 1,024 "
+                             "image x mask pairs, 32 at N = 32)")
     parser.add_argument("--num-workers", type=int, default=None,
                         help="decoding ahead of the model: threads on a GPU (default 8), processes on a CPU (default 0)")
     parser.add_argument("--mask-batch-size", type=int, default=None,
