@@ -67,6 +67,15 @@ def tiny_checkpoint(tmp_path_factory) -> str:
     return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny-vit-mae"))
 
 
+@pytest.fixture(scope="module")
+def detector(tiny_checkpoint):
+    """The `anomaly-detection` pipeline on the tiny checkpoint, on the CPU (one per test module)."""
+    import maeday_hf  # noqa: F401 - registers the task
+    from transformers import pipeline
+
+    return pipeline("anomaly-detection", model=tiny_checkpoint, device="cpu")
+
+
 @pytest.fixture(scope="session")
 def tiny_norm_pix_checkpoint(tmp_path_factory) -> str:
     """Same geometry, norm_pix_loss=True."""

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import ResNetBackbone, ResNetConfig, pipeline
+from transformers import ResNetBackbone, ResNetConfig
 
 from maeday_hf.ensemble import ensemble_predictions
 from maeday_hf.patchcore import PatchCore, PatchCoreConfig
@@ -26,11 +26,6 @@ def fitted_patchcore(tmp_path_factory):
 @pytest.fixture(scope="module")
 def queries():
     return [make_sample("weave", defect, 64, seed=10 + i)[0] for i, defect in enumerate([None, "hole", "stain"])]
-
-
-@pytest.fixture(scope="module")
-def detector(tiny_checkpoint):
-    return pipeline("anomaly-detection", model=tiny_checkpoint, device="cpu")
 
 
 def test_ensemble_equals_normalised_sum_of_both_methods(detector, fitted_patchcore, queries):

@@ -23,11 +23,6 @@ from maeday_hf.scoring import maeday_anomaly_maps
 
 
 @pytest.fixture(scope="module")
-def detector(tiny_checkpoint):
-    return pipeline("anomaly-detection", model=tiny_checkpoint, device="cpu")
-
-
-@pytest.fixture(scope="module")
 def images():
     rng = np.random.default_rng(0)
     return [

@@ -24,11 +24,6 @@ from maeday_hf.step_loop import run_steps
 
 
 @pytest.fixture(scope="module")
-def detector(tiny_checkpoint):
-    return pipeline("anomaly-detection", model=tiny_checkpoint, device="cpu")
-
-
-@pytest.fixture(scope="module")
 def images():
     rng = np.random.default_rng(1)
     sizes = [(40, 56), (32, 32), (77, 23), (64, 64), (33, 90)]

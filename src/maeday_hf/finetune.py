@@ -53,12 +53,11 @@ from .reconstruction import (
     count_patches,
     is_vit_mae_for_pretraining,
     mask_ratio_set_to,
-    reconstruction_targets,
     require_vit_mae_config,
 )
 from .shot_views import ShotViews, load_shot_images, shots_from_split
-from .step_loop import run_steps
-from .training_loss import all_patch_loss
+from .step_loop import run_steps, views_loss
+from .training_loss import all_patch_loss  # noqa: F401 - the recipe's loss, importable from here too
 
 logger = logging.getLogger(__name__)
 
@@ -183,9 +182,8 @@ class MaedayTrainer(Trainer):
         self.reconstruction_model = reconstruction_model
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        pixel_values = self.train_dataset.render(inputs)  # the batch's views, augmented on its device
-        outputs = model(pixel_values=pixel_values, noise=inputs["noise"])
-        loss = all_patch_loss(outputs.logits, reconstruction_targets(self.reconstruction_model, pixel_values))
+        # The batch's views, rendered on its device (accelerate's autocast, if any, wraps the model's forward).
+        loss, outputs = views_loss(model, self.reconstruction_model, self.train_dataset, inputs)
         return (loss, outputs) if return_outputs else loss
 
     def _get_train_sampler(self, train_dataset=None):

@@ -1,8 +1,8 @@
 """`AnomalyDetectionPipeline`: zero-shot MAEDAY as a `transformers` pipeline.
 
-This module and the ones it imports relatively (`masking`, `reconstruction`, `scoring`, `images`, `overlap`) depend only on torch,
-numpy, PIL and transformers, so `pipeline.save_pretrained(folder)` / `push_to_hub` can ship them as remote code and the
-pipeline loads with `trust_remote_code=True` where `maeday_hf` is not installed.
+This module and the ones it imports relatively (`masking`, `reconstruction`, `scoring`, `images`, `overlap`) depend
+only on torch, numpy, PIL and transformers, so `pipeline.save_pretrained(folder)` / `push_to_hub` can ship them as
+remote code and the pipeline loads with `trust_remote_code=True` where `maeday_hf` is not installed.
 """
 
 from __future__ import annotations
@@ -267,8 +267,8 @@ class AnomalyDetectionPipeline(Pipeline):
             mask_batch_size (`int`, *optional*): most (image, mask) pairs per forward pass (default 1024 on a GPU, 128
                 on a CPU).
             return_uncertainty (`bool`, *optional*, defaults to `False`): add `uncertainty_map`.
-            bf16 (`bool`, *optional*): run the model in bfloat16 (a bf16 copy of its weights, made once; default: on
-                a GPU yes, on a CPU no); errors, filtering and averaging stay float32. `bf16=False` on a GPU gives
+            bf16 (`bool`, *optional*): run the model in bfloat16 (a bf16 copy of its weights, kept current; default:
+                on a GPU yes, on a CPU no); errors, filtering and averaging stay float32. `bf16=False` on a GPU gives
                 float32 maps.
             threshold (`float`, *optional*): add `label` and `mask` by thresholding the score and the map.
             batch_size (`int`, *optional*): images per forward pass (their masked copies are batched too); default 1

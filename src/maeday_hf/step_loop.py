@@ -35,15 +35,21 @@ def _step_batch(all_views: dict[str, torch.Tensor], step: int, batch_size: int) 
     return {key: value[step * batch_size : (step + 1) * batch_size] for key, value in all_views.items()}
 
 
-def step_loss(trained, reconstruction_model, views, batch, bf16: bool) -> torch.Tensor:
-    """All-patch loss of one batch of views (the `MaedayTrainer.compute_loss` math)."""
+def views_loss(trained, reconstruction_model, views, batch, autocast=None):
+    """All-patch loss of one batch of views, and the model's outputs: the views rendered on the batch's device, the
+    model's forward (under `autocast`, if given), the loss against the views in the scoring space."""
     pixel_values = views.render(batch)
-    device_type = pixel_values.device.type
+    with autocast if autocast is not None else contextlib.nullcontext():
+        outputs = trained(pixel_values=pixel_values, noise=batch["noise"])
+    return all_patch_loss(outputs.logits, reconstruction_targets(reconstruction_model, pixel_values)), outputs
+
+
+def step_loss(trained, reconstruction_model, views, batch, bf16: bool) -> torch.Tensor:
+    """`views_loss` of one step, the forward under bf16 autocast if asked."""
     # No autocast weight cache: inside a CUDA graph, cached casts would be captured once and go stale.
-    autocast = torch.autocast(device_type, dtype=torch.bfloat16, cache_enabled=False) if bf16 else contextlib.nullcontext()
-    with autocast:
-        logits = trained(pixel_values=pixel_values, noise=batch["noise"]).logits
-    return all_patch_loss(logits, reconstruction_targets(reconstruction_model, pixel_values))
+    device_type = batch["noise"].device.type
+    autocast = torch.autocast(device_type, dtype=torch.bfloat16, cache_enabled=False) if bf16 else None
+    return views_loss(trained, reconstruction_model, views, batch, autocast)[0]
 
 
 def run_steps(
