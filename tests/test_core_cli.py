@@ -39,15 +39,21 @@ def test_detect_writes_scores_and_heatmaps(synthetic_root, tiny_checkpoint, tmp_
     assert "Scored 5 images" in capsys.readouterr().out
 
 
-def test_scores_match_the_pipeline(synthetic_root, tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize("precision, bf16", [("auto", None), ("fp32", False), ("bf16", True)])
+def test_scores_match_the_pipeline(synthetic_root, tiny_checkpoint, tmp_path, precision, bf16):
     from transformers import pipeline
 
     image = synthetic_root / "stripes" / "test" / "hole" / "000.png"
-    main(["detect", str(image), "--model", tiny_checkpoint, "--out", str(tmp_path), "--num-masks", "4", "--quiet"])
+    main(["detect", str(image), "--model", tiny_checkpoint, "--out", str(tmp_path), "--num-masks", "4", "--quiet",
+          "--precision", precision])
     with open(tmp_path / "scores.csv") as handle:
         (row,) = list(csv.DictReader(handle))
-    expected = pipeline("anomaly-detection", model=tiny_checkpoint)(str(image), num_masks=4)["score"]
+    detector = pipeline("anomaly-detection", model=tiny_checkpoint)
+    expected = detector(str(image), num_masks=4, **({} if bf16 is None else {"bf16": bf16}))["score"]
     assert float(row["score"]) == pytest.approx(expected, rel=1e-5)
+    if bf16 is not None:  # the two precisions really differ, so the option reached the model
+        other = detector(str(image), num_masks=4, bf16=not bf16)["score"]
+        assert float(row["score"]) != pytest.approx(other, rel=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,8 @@ from maeday_hf.lora import add_lora, make_lora_config
 from maeday_hf.masking import make_mask_noise
 from maeday_hf.overlap import batched, prefetch
 from maeday_hf.pipeline import DeviceNormalization, default_gpu_batch_size
-from maeday_hf.reconstruction import bfloat16_copy, mask_ratio_set_to, predict_patches
+from maeday_hf import reconstruction
+from maeday_hf.reconstruction import bfloat16_copy, mask_ratio_set_to, predict_patches, runs_bfloat16_natively
 from maeday_hf.shot_views import ShotViews, crop_rotate_transform, render_views, view_generator
 from maeday_hf.step_loop import run_steps
 
@@ -234,6 +235,38 @@ def test_bf16_follows_the_call_mask_ratio_and_stays_close_to_float32():
         assert fast.dtype == torch.float32
         assert ((fast - exact).norm() / exact.norm()) < 2e-2
 
+
+
+@pytest.mark.parametrize(
+    "capabilities, expected",
+    [({"avx512_bf16": True}, True), ({"amx_bf16": True, "avx512_bf16": False}, True),
+     ({"avx512_bf16": False, "avx2": True}, False), ({}, False)],
+)
+def test_bf16_by_default_only_on_cpus_that_multiply_bf16_in_hardware(monkeypatch, capabilities, expected):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities, raising=False)
+    reconstruction._runs_bfloat16_natively.cache_clear()
+    try:
+        assert runs_bfloat16_natively("cpu") is expected
+        assert runs_bfloat16_natively(torch.device("meta")) is False
+    finally:
+        reconstruction._runs_bfloat16_natively.cache_clear()
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_default_precision_is_bf16_for_float32_models_where_native(monkeypatch, native):
+    monkeypatch.setattr(reconstruction, "runs_bfloat16_natively", lambda device: native)
+    model = make_tiny_model()
+    pixel_values = torch.randn(2, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)
+    noise = make_mask_noise(2, 16, 0.75, seed=0)
+    with torch.no_grad(), mask_ratio_set_to(model, 0.75):
+        default = predict_patches(model, pixel_values, noise)
+        assert torch.equal(default, predict_patches(model, pixel_values, noise, bf16=native))
+        assert not torch.equal(default, predict_patches(model, pixel_values, noise, bf16=not native))
+        # A float64 model keeps its precision unless bf16 is asked for.
+        double = model.double()
+        default = predict_patches(double, pixel_values.double(), noise)
+        assert default.dtype == torch.float64
+        assert torch.equal(default, predict_patches(double, pixel_values.double(), noise, bf16=False))
 
 # --- views --------------------------------------------------------------------------------------------------------
 

@@ -88,6 +88,7 @@ def run_detect(args: argparse.Namespace) -> int:
         seed=args.seed,
         mask_schedule=args.mask_schedule,
         mask_batch_size=args.mask_batch_size,
+        bf16={"auto": None, "bf16": True, "fp32": False}[args.precision],
     )
     if args.threshold is not None:
         call_kwargs["threshold"] = args.threshold
@@ -160,6 +161,9 @@ def add_detect_parser(subparsers) -> None:
                         help="decoding ahead of the model: threads on a GPU (default 8), processes on a CPU (default 0)")
     parser.add_argument("--mask-batch-size", type=int, default=None,
                         help="most (image, mask) pairs per forward (default: 1024 on a GPU, 128 on a CPU)")
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                        help="the model's forward; auto: bf16 where the device multiplies it in hardware (GPUs from "
+                             "Ampere on, CPUs with AVX512-BF16/AMX), else fp32; maps stay fp32")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(handler=run_detect)
 

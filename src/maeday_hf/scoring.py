@@ -93,7 +93,7 @@ def maeday_anomaly_maps(
             `default_mask_batch_size(device)`.
         return_uncertainty (`bool`): also return the per-pixel standard deviation of the N filtered maps E_i.
         bf16 (`bool`, *optional*): the model's forward in bfloat16 weights (`reconstruction.bfloat16_copy`; default:
-            on CUDA, not on CPU); errors, filtering and averaging always run in float32.
+            where the device multiplies bf16 in hardware, `reconstruction.runs_bfloat16_natively`); errors, filtering and averaging always run in float32.
 
     Returns:
         `dict` with `anomaly_map` `(batch_size, height, width)`, `pred_score` `(batch_size,)` and, if asked,
