@@ -3,8 +3,9 @@
 Random weights (`ViTMAEConfig()` defaults are ViT-B/16 at 224 px): the timing does not depend on the values.
 
     python scripts/benchmark_finetune.py --steps 5            # CPU: measure 5 steps, extrapolate to 50
-    python scripts/benchmark_finetune.py --steps 50 --device cuda --bf16                 # CUDA graph replays
-    python scripts/benchmark_finetune.py --steps 50 --device cuda --bf16 --trainer-loop  # the Trainer loop
+    python scripts/benchmark_finetune.py --steps 50 --device cuda                 # CUDA graph replays (bf16 on Ampere+)
+    python scripts/benchmark_finetune.py --steps 50 --device cuda --trainer-loop  # the Trainer loop
+    python scripts/benchmark_finetune.py --steps 2 --precision fp32               # CPU, float32 (default: auto)
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--num-shots", type=int, default=1)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                        help="auto: the package's default (bf16 where the device multiplies it in hardware)")
+    parser.add_argument("--bf16", dest="precision", action="store_const", const="bf16", help="--precision bf16")
     parser.add_argument("--full-finetune", action="store_true")
     parser.add_argument("--trainer-loop", action="store_true",
                         help="on a GPU, use the Trainer loop instead of CUDA graph replays (the baseline)")
@@ -54,7 +57,7 @@ def main() -> None:
             batch_size=args.batch_size,
             full_finetune=args.full_finetune,
             use_cpu=args.device == "cpu",
-            bf16=args.bf16,
+            bf16={"auto": None, "bf16": True, "fp32": False}[args.precision],
             cuda_graph=not args.trainer_loop,
             disable_tqdm=True,
             logging_steps=max(1, args.steps),
@@ -64,12 +67,15 @@ def main() -> None:
         start = time.perf_counter()
         result = finetune(base, shots, os.path.join(work, "out"), config)
         total = time.perf_counter() - start
+        with open(os.path.join(work, "out", "training_log.json")) as handle:
+            training_log = json.load(handle)  # what ran, bf16 resolved
     print(json.dumps({
         "benchmark": "finetune",
         "geometry": "ViT-B/16 224px (ViTMAEConfig defaults, random weights)",
         "method": "full" if args.full_finetune else "lora-r32",
         "loop": "trainer" if args.trainer_loop or args.device == "cpu" else "cuda-graph",
-        "bf16": args.bf16,
+        "precision": args.precision,
+        "bf16": training_log["recipe"]["bf16"],
         "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(0),
         "cpu_threads": torch.get_num_threads(),
         "platform": platform.platform(),

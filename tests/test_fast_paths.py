@@ -13,7 +13,7 @@ from transformers import ViTImageProcessor, pipeline
 from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
 
 from conftest import TINY_IMAGE_SIZE, make_tiny_model
-from maeday_hf.finetune import FinetuneConfig, build_trainer, logged_losses
+from maeday_hf.finetune import FinetuneConfig, build_trainer, logged_losses, trains_in_bf16
 from maeday_hf.lora import add_lora, make_lora_config
 from maeday_hf.masking import make_mask_noise
 from maeday_hf.overlap import batched, prefetch
@@ -314,8 +314,9 @@ def _lora_model(seed: int = 0):
     return model, add_lora(model, make_lora_config(model))
 
 
-def test_step_loop_trains_exactly_like_the_trainer(tmp_path):
-    config = FinetuneConfig(num_steps=3, batch_size=4, use_cpu=True, disable_tqdm=True, weight_decay=0.05)
+@pytest.mark.parametrize("bf16", [False, True])
+def test_step_loop_trains_exactly_like_the_trainer(tmp_path, bf16):
+    config = FinetuneConfig(num_steps=3, batch_size=4, use_cpu=True, disable_tqdm=True, weight_decay=0.05, bf16=bf16)
     shots = torch.randn(2, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)
     results = []
     for use_trainer in (True, False):
@@ -327,7 +328,9 @@ def test_step_loop_trains_exactly_like_the_trainer(tmp_path):
                 trainer.train()
                 losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
             else:
-                losses = run_steps(peft_model, model, views, trainer.create_optimizer(), 3, 4, cuda_graph=False)
+                assert trains_in_bf16(trainer) is bf16
+                losses = run_steps(peft_model, model, views, trainer.create_optimizer(), 3, 4, bf16=bf16,
+                                   cuda_graph=False)
         weights = {name: p.detach().clone() for name, p in peft_model.named_parameters() if p.requires_grad}
         results.append((losses, weights))
     (trainer_losses, trainer_weights), (loop_losses, loop_weights) = results

@@ -54,6 +54,7 @@ def no_training(monkeypatch):
         (dict(mask_ratio=1.0), ValueError, "mask_ratio"),
         (dict(lora_dropout=1.5), ValueError, "lora_dropout"),
         (dict(min_crop_scale=0.0), ValueError, "min_crop_scale"),
+        (dict(bf16="yes"), TypeError, "bf16"),
     ],
 )
 def test_config_rejects_bad_values_and_conflicts(kwargs, error, fragment):
@@ -67,6 +68,28 @@ def test_config_defaults_are_the_paper_recipe():
         50, 32, 1e-2, 0.9, 0.05)
     assert (config.lora_rank, config.lora_alpha, config.mask_ratio) == (32, 32.0, 0.75)
     assert FinetuneConfig(full_finetune=True).learning_rate == 1e-4
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_precision_defaults_to_bf16_where_native_and_the_log_records_what_ran(
+    monkeypatch, tiny_checkpoint, shot_files, tmp_path, native
+):
+    import maeday_hf.finetune as finetune_module
+
+    monkeypatch.setattr(finetune_module, "runs_bfloat16_natively", lambda device: native)
+    ran_in = []
+    original_train = MaedayTrainer.train
+
+    def train(self, *args, **kwargs):
+        ran_in.append(self.args.mixed_precision)
+        return original_train(self, *args, **kwargs)
+
+    monkeypatch.setattr(MaedayTrainer, "train", train)
+    for bf16, expected in ((None, native), (False, False), (True, True)):
+        out = tmp_path / f"out-{bf16}"
+        finetune(tiny_checkpoint, shot_files[:1], out, FinetuneConfig(**TINY, bf16=bf16))
+        assert ran_in[-1] == ("bf16" if expected else "no")
+        assert json.loads((out / "training_log.json").read_text())["recipe"]["bf16"] is expected
 
 
 def test_bad_input_fails_before_training(tiny_checkpoint, shot_files, tmp_path, no_training):

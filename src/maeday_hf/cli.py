@@ -64,6 +64,9 @@ def collect_images(inputs: Sequence[str]) -> list[tuple[Path, str]]:
     return images
 
 
+# --precision -> the `bf16` argument of the pipeline and of FinetuneConfig (None: the device decides).
+_BF16_OF_PRECISION = {"auto": None, "bf16": True, "fp32": False}
+
 class _PathDataset(torch.utils.data.Dataset):
     def __init__(self, paths: list[str]):
         self.paths = paths
@@ -88,7 +91,7 @@ def run_detect(args: argparse.Namespace) -> int:
         seed=args.seed,
         mask_schedule=args.mask_schedule,
         mask_batch_size=args.mask_batch_size,
-        bf16={"auto": None, "bf16": True, "fp32": False}[args.precision],
+        bf16=_BF16_OF_PRECISION[args.precision],
     )
     if args.threshold is not None:
         call_kwargs["threshold"] = args.threshold
@@ -161,7 +164,7 @@ def add_detect_parser(subparsers) -> None:
                         help="decoding ahead of the model: threads on a GPU (default 8), processes on a CPU (default 0)")
     parser.add_argument("--mask-batch-size", type=int, default=None,
                         help="most (image, mask) pairs per forward (default: 1024 on a GPU, 128 on a CPU)")
-    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+    parser.add_argument("--precision", choices=tuple(_BF16_OF_PRECISION), default="auto",
                         help="the model's forward; auto: bf16 where the device multiplies it in hardware (GPUs from "
                              "Ampere on, CPUs with AVX512-BF16/AMX), else fp32; maps stay fp32")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -211,7 +214,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         calibration_views_per_shot=args.calibration_views,
         calibration_num_masks=args.calibration_masks,
         use_cpu=args.cpu,
-        bf16=args.bf16,
+        bf16=_BF16_OF_PRECISION[args.precision],
         disable_tqdm=args.quiet,
     )
     result = finetune(
@@ -259,7 +262,11 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calibration-views", type=int, default=4, help="views per shot scored for the threshold")
     parser.add_argument("--calibration-masks", type=int, default=32, help="masks per calibration view")
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is available")
-    parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
+    parser.add_argument("--precision", choices=tuple(_BF16_OF_PRECISION), default="auto",
+                        help="auto: bf16 mixed precision where the device multiplies bf16 in hardware (GPUs from "
+                             "Ampere on, CPUs with AVX512-BF16/AMX), else fp32")
+    parser.add_argument("--bf16", dest="precision", action="store_const", const="bf16",
+                        help="same as --precision bf16")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
