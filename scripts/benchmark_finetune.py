@@ -40,6 +40,7 @@ def main() -> None:
                         help="on a GPU, use the Trainer loop instead of CUDA graph replays (the baseline)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("maeday_hf.step_loop").setLevel(logging.INFO)  # where the graph loop's time goes (stderr)
 
     with tempfile.TemporaryDirectory() as work:
         base = os.path.join(work, "vit-mae-b16-random")

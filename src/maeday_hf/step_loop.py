@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 
 import torch
 
@@ -78,6 +79,7 @@ def run_steps(
     all_views = _views_on(views, num_steps, batch_size, device)
     losses = torch.zeros(num_steps, device=device)
     if cuda_graph:
+        started = time.perf_counter()
         try:
             graph, static_batch, static_loss = _capture(trained, reconstruction_model, views, optimizer, all_views,
                                                         batch_size, bf16)
@@ -85,13 +87,25 @@ def run_steps(
             logger.warning("CUDA graph capture failed (%s); running the fine-tuning steps eagerly.", error)
             _reset(optimizer)
         else:
+            timed = logger.isEnabledFor(logging.INFO)
+            if timed:  # (one host sync, only when asked: where a run's time goes, for scripts/benchmark_finetune.py)
+                torch.cuda.synchronize(device)
+                captured = time.perf_counter()
             for step in range(num_steps):
                 for key, value in _step_batch(all_views, step, batch_size).items():
                     static_batch[key].copy_(value)
                 graph.replay()
                 losses[step].copy_(static_loss)
             optimizer.zero_grad(set_to_none=True)  # as after every eager step; frees the graph's gradients
-            return losses.tolist()
+            step_losses = losses.tolist()
+            if timed:
+                finished = time.perf_counter()
+                logger.info(
+                    "%d warm-up steps and the capture took %.3f s; %d replays %.3f s (%.1f ms per step)",
+                    _WARMUP_STEPS, captured - started, num_steps, finished - captured,
+                    1e3 * (finished - captured) / num_steps,
+                )
+            return step_losses
     for step in range(num_steps):
         loss = step_loss(trained, reconstruction_model, views, _step_batch(all_views, step, batch_size), bf16)
         loss.backward()
