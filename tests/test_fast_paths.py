@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import ExifTags, Image
 from transformers import ViTImageProcessor, pipeline
 from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
 
@@ -17,7 +17,9 @@ from maeday_hf.finetune import FinetuneConfig, build_trainer, logged_losses, tra
 from maeday_hf.lora import add_lora, make_lora_config
 from maeday_hf.masking import make_mask_noise
 from maeday_hf.overlap import batched, prefetch
-from maeday_hf.pipeline import DeviceNormalization, default_gpu_batch_size
+from maeday_hf.images import load_rgb_image
+from maeday_hf.pipeline import default_gpu_batch_size
+from maeday_hf.preprocessing import DeviceNormalization, ProcessorResize
 from maeday_hf import reconstruction
 from maeday_hf.reconstruction import bfloat16_copy, mask_ratio_set_to, predict_patches, runs_bfloat16_natively
 from maeday_hf.shot_views import ShotViews, crop_rotate_transform, render_views, view_generator
@@ -43,6 +45,60 @@ def test_device_normalisation_equals_the_image_processor(images):
         pixels = processor(images=image, do_rescale=False, do_normalize=False, return_tensors="pt")["pixel_values"]
         assert pixels.dtype == torch.uint8
         torch.testing.assert_close(normalise(pixels), expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("resample", list(Image.Resampling))
+def test_direct_resize_gives_the_processors_exact_pixels(resample):
+    processor = ViTImageProcessorPil(size={"height": 32, "width": 48}, resample=resample)
+    resize = ProcessorResize.from_processor(processor)
+    assert resize is not None
+    rng = np.random.default_rng(int(resample))
+    for height, width in ((1, 1), (32, 48), (31, 200), (300, 17), (1024, 1024), (5, 7)):
+        image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        expected = processor(images=image, do_rescale=False, do_normalize=False, return_tensors="pt")["pixel_values"]
+        assert torch.equal(resize(image), expected), (height, width)
+
+
+def test_direct_resize_only_where_the_processor_does_nothing_else():
+    assert ProcessorResize.from_processor(ViTImageProcessorPil(do_resize=False)) is None
+    assert ProcessorResize.from_processor(ViTImageProcessorPil(size={"shortest_edge": 32})) is None
+
+    class CroppingProcessor(ViTImageProcessorPil):
+        do_center_crop = True
+
+    assert ProcessorResize.from_processor(CroppingProcessor()) is None
+
+    class OtherResampling(ViTImageProcessorPil):  # e.g. another backend: probed, found different, not used
+        def __call__(self, *args, **kwargs):
+            outputs = super().__call__(*args, **kwargs)
+            outputs["pixel_values"] = outputs["pixel_values"] // 2
+            return outputs
+
+    assert ProcessorResize.from_processor(OtherResampling()) is None
+
+
+def test_pipeline_preprocessing_gives_the_processors_pixels(tiny_checkpoint, images, detector):
+    assert detector._resize is not None
+    for image in images:
+        expected = detector.image_processor(images=image, return_tensors="pt")["pixel_values"]
+        pixels = detector.preprocess(image)["pixels"]
+        assert pixels.dtype == torch.uint8
+        torch.testing.assert_close(detector._device_normalization(pixels), expected, rtol=0, atol=1e-6)
+
+
+def test_upright_rgb_images_are_not_copied_and_exif_orientation_is_applied(tmp_path, images):
+    assert load_rgb_image(images[0]) is images[0]
+    path = tmp_path / "rotated.png"
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6  # stored rotated: shown turned 90 degrees clockwise
+    images[0].save(path, exif=exif)
+    loaded = load_rgb_image(path)
+    assert loaded.size == images[0].size[::-1]
+    np.testing.assert_array_equal(np.asarray(loaded), np.asarray(images[0].transpose(Image.Transpose.ROTATE_270)))
+    with Image.open(path) as lazy:
+        assert load_rgb_image(lazy) is not lazy and load_rgb_image(lazy).size == images[0].size[::-1]
+    gray = images[0].convert("L")
+    assert load_rgb_image(gray).mode == "RGB" and gray.mode == "L"
 
 
 def test_unknown_processors_run_whole_on_the_cpu_with_the_same_result(tiny_checkpoint, images, detector):

@@ -1,6 +1,7 @@
 """`AnomalyDetectionPipeline`: zero-shot MAEDAY as a `transformers` pipeline.
 
-This module and the ones it imports relatively (`masking`, `reconstruction`, `scoring`, `images`, `overlap`) depend
+This module and the ones it imports relatively (`masking`, `reconstruction`, `scoring`, `images`, `overlap`,
+`preprocessing`) depend
 only on torch, numpy, PIL and transformers, so `pipeline.save_pretrained(folder)` / `push_to_hub` can ship them as
 remote code and the pipeline loads with `trust_remote_code=True` where `maeday_hf` is not installed.
 """
@@ -30,6 +31,7 @@ from .masking import (
     validate_seed,
 )
 from .overlap import batched, copy_to_host_async, default_num_threads, prefetch
+from .preprocessing import DeviceNormalization, ProcessorResize
 from .reconstruction import count_patches, is_vit_mae_for_pretraining
 from .scoring import maeday_anomaly_maps
 
@@ -69,54 +71,6 @@ def default_gpu_batch_size(num_masks: Any) -> int:
     if isinstance(num_masks, bool) or not isinstance(num_masks, numbers.Integral) or num_masks < 1:
         num_masks = DEFAULT_NUM_MASKS
     return max(1, GPU_PAIRS_PER_FORWARD // int(num_masks))
-
-
-def _per_channel(values) -> tuple[float, ...] | None:
-    """A processor's mean or std: one number for every channel, or one per channel."""
-    if values is None:
-        return None
-    if isinstance(values, numbers.Real):
-        return (float(values),)
-    return tuple(float(value) for value in values)
-
-
-class DeviceNormalization:
-    """The last two steps of a ViT image processor, rescale and normalise, run on the model's device.
-
-    The processor still resizes each image on the CPU (so its resampling is exactly the checkpoint's), but hands over
-    uint8 pixels: four times fewer bytes to move, and the float arithmetic happens where the model is.
-    `from_processor` returns None for processors whose steps it does not know; those run whole on the CPU.
-    """
-
-    def __init__(self, rescale_factor: float | None, image_mean, image_std):
-        self.rescale_factor = rescale_factor
-        self.image_mean = _per_channel(image_mean)
-        self.image_std = _per_channel(image_std)
-        self._constants: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    @classmethod
-    def from_processor(cls, image_processor) -> DeviceNormalization | None:
-        # Only processors whose pipeline is convert -> resize -> rescale -> normalise (ViT's, either backend).
-        if not type(image_processor).__name__.startswith("ViTImageProcessor"):
-            return None
-        rescale = image_processor.rescale_factor if image_processor.do_rescale else None
-        if image_processor.do_normalize:
-            return cls(rescale, image_processor.image_mean, image_processor.image_std)
-        return cls(rescale, None, None)
-
-    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        """`(batch_size, 3, H, W)` resized pixels (uint8, or float in 0..255) -> float32 model input."""
-        pixel_values = pixels.to(torch.float32)
-        if self.rescale_factor is not None:
-            pixel_values = pixel_values * self.rescale_factor
-        if self.image_mean is not None:
-            if pixel_values.device not in self._constants:
-                mean = torch.tensor(self.image_mean, dtype=torch.float32)[:, None, None].to(pixel_values.device)
-                std = torch.tensor(self.image_std, dtype=torch.float32)[:, None, None].to(pixel_values.device)
-                self._constants[pixel_values.device] = (mean, std)
-            mean, std = self._constants[pixel_values.device]
-            pixel_values = (pixel_values - mean) / std
-        return pixel_values
 
 
 def _validate_flag(value: bool, name: str) -> bool:
@@ -226,6 +180,7 @@ class AnomalyDetectionPipeline(Pipeline):
             )
         # A fine-tuned checkpoint's calibrated threshold is the default `threshold`; one passed at init or call wins.
         self._device_normalization = DeviceNormalization.from_processor(self.image_processor)
+        self._resize = ProcessorResize.from_processor(self.image_processor) if self._device_normalization else None
         default_threshold = calibrated_threshold(self.model.config)
         if default_threshold is not None and "threshold" not in self._postprocess_params:
             self._postprocess_params["threshold"] = default_threshold
@@ -424,8 +379,12 @@ class AnomalyDetectionPipeline(Pipeline):
         image = load_rgb_image(image, timeout=timeout)
         if self._device_normalization is not None:
             # Resized uint8 pixels; `_forward` rescales and normalises them on the model's device.
-            pixels = self.image_processor(images=image, do_rescale=False, do_normalize=False, return_tensors="pt")
-            model_inputs = {"pixels": pixels["pixel_values"]}
+            if self._resize is not None:
+                pixels = self._resize(image)
+            else:
+                pixels = self.image_processor(images=image, do_rescale=False, do_normalize=False, return_tensors="pt")
+                pixels = pixels["pixel_values"]
+            model_inputs = {"pixels": pixels}
         else:
             pixel_values = self.image_processor(images=image, return_tensors="pt")["pixel_values"]
             model_inputs = {"pixel_values": pixel_values.to(torch.float32)}
