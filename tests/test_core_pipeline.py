@@ -263,7 +263,7 @@ def test_push_to_hub_uploads_the_remote_code_bundle(detector):
         detector.push_to_hub("maeday-test/detector")
     api.create_repo.assert_called_once()
     assert {"config.json", "model.safetensors", "preprocessor_config.json", "pipeline.py", "masking.py",
-            "reconstruction.py", "scoring.py", "images.py"} <= set(uploaded)
+            "reconstruction.py", "scoring.py", "images.py", "overlap.py", "preprocessing.py"} <= set(uploaded)
     config = json.loads(uploaded["config.json"])
     assert config["custom_pipelines"]["anomaly-detection"]["impl"] == "pipeline.AnomalyDetectionPipeline"
     import re

@@ -196,7 +196,7 @@ def test_adapter_folder_layout_card_and_unchanged_config(trained, tiny_checkpoin
     assert {
         "config.json", "preprocessor_config.json", "README.md", "calibration.json", "training_log.json",
         "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter_model.py",
-        "pipeline.py", "masking.py", "reconstruction.py", "scoring.py", "images.py",
+        "pipeline.py", "masking.py", "reconstruction.py", "scoring.py", "images.py", "overlap.py", "preprocessing.py",
     } <= names
     assert not any(name.endswith(("model.safetensors",)) and "/" not in name for name in names)  # no full weights
     assert not list(out.parent.glob(".adapter.partial*"))
