@@ -304,6 +304,9 @@ def test_bf16_by_default_only_on_cpus_that_multiply_bf16_in_hardware(monkeypatch
     try:
         assert runs_bfloat16_natively("cpu") is expected
         assert runs_bfloat16_natively(torch.device("meta")) is False
+        monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+        reconstruction._runs_bfloat16_natively.cache_clear()
+        assert runs_bfloat16_natively("cpu") is False  # a torch build without oneDNN
     finally:
         reconstruction._runs_bfloat16_natively.cache_clear()
 

@@ -90,6 +90,8 @@ def _runs_bfloat16_natively(device_type: str, device_index: int | None) -> bool:
         # Ampere and later (and ROCm) multiply bf16 in hardware; older GPUs emulate it, slower than float32.
         return bool(torch.version.hip) or torch.cuda.get_device_properties(device_index or 0).major >= 8
     if device_type == "cpu":
+        if not torch.backends.mkldnn.is_available():  # bf16 matmuls go through oneDNN
+            return False
         get_capabilities = getattr(torch.cpu, "get_capabilities", None)  # public from torch 2.13
         if get_capabilities is not None:
             capabilities = get_capabilities()
