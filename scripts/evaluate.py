@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-pixel-metrics", dest="pixel_metrics", action="store_false",
                         help="Image metrics only (datasets without masks).")
     parser.add_argument("--no-plots", dest="plots", action="store_false", help="Skip the PNG figures.")
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                        help="Model precision for scoring and fine-tuning; auto: bf16 where the device multiplies it "
+                             "in hardware (recorded with the settings).")
     parser.add_argument("--device", default="auto", help="'auto' (each process's accelerator), 'cpu', 'cuda:0', ...")
     parser.add_argument("--quiet", action="store_true", help="No progress bars.")
     parser.add_argument("--verbose", action="store_true", help="Log every unit.")
@@ -97,6 +100,7 @@ def config_from_args(args: argparse.Namespace) -> ProtocolConfig:
         finetune=FinetuneConfig(**recipe),
         pixel_metrics=args.pixel_metrics,
         plots=args.plots,
+        bf16={"auto": None, "bf16": True, "fp32": False}[args.precision],
         device=args.device,
         show_progress=not args.quiet,
     )

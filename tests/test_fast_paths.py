@@ -311,6 +311,27 @@ def test_bf16_by_default_only_on_cpus_that_multiply_bf16_in_hardware(monkeypatch
         reconstruction._runs_bfloat16_natively.cache_clear()
 
 
+@pytest.mark.parametrize(
+    "hip, properties, expected",
+    [(None, dict(major=8), True), (None, dict(major=9), True), (None, dict(major=7), False),
+     ("6.2", dict(major=9, gcnArchName="gfx942:sramecc+:xnack-"), True), ("6.2", dict(major=9, gcnArchName="gfx906"), False)],
+)
+def test_bf16_by_default_only_on_gpus_that_multiply_bf16_in_hardware(monkeypatch, hip, properties, expected):
+    from types import SimpleNamespace
+
+    asked = []
+    monkeypatch.setattr(torch.version, "hip", hip)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: asked.append(index) or SimpleNamespace(**properties))
+    reconstruction._runs_bfloat16_natively.cache_clear()
+    try:
+        assert runs_bfloat16_natively("cuda:1") is expected
+        assert runs_bfloat16_natively("cuda") is expected
+        assert asked == [1, 3]  # a bare "cuda" is the current device
+    finally:
+        reconstruction._runs_bfloat16_natively.cache_clear()
+
+
 @pytest.mark.parametrize("native", [False, True])
 def test_default_precision_is_bf16_for_float32_models_where_native(monkeypatch, native):
     monkeypatch.setattr(reconstruction, "runs_bfloat16_natively", lambda device: native)

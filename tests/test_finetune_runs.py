@@ -77,6 +77,7 @@ def test_precision_defaults_to_bf16_where_native_and_the_log_records_what_ran(
     import maeday_hf.finetune as finetune_module
 
     monkeypatch.setattr(finetune_module, "runs_bfloat16_natively", lambda device: native)
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
     ran_in = []
     original_train = MaedayTrainer.train
 
@@ -89,7 +90,42 @@ def test_precision_defaults_to_bf16_where_native_and_the_log_records_what_ran(
         out = tmp_path / f"out-{bf16}"
         finetune(tiny_checkpoint, shot_files[:1], out, FinetuneConfig(**TINY, bf16=bf16))
         assert ran_in[-1] == ("bf16" if expected else "no")
-        assert json.loads((out / "training_log.json").read_text())["recipe"]["bf16"] is expected
+        log = json.loads((out / "training_log.json").read_text())
+        assert log["recipe"]["bf16"] is expected and log["mixed_precision"] == ran_in[-1]
+
+
+@pytest.mark.parametrize(
+    "launcher, bf16, native, expected",
+    [
+        (None, None, True, "bf16"), (None, None, False, "no"),  # no launcher: the hardware decides
+        ("no", None, True, "no"), ("bf16", None, False, "bf16"),  # accelerate launch --mixed_precision decides
+        ("bf16", False, True, "no"), ("no", True, False, "bf16"),  # an explicit bf16 wins over both
+        (None, True, False, "bf16"),  # also on a machine without a GPU and without use_cpu
+    ],
+)
+def test_precision_comes_from_the_config_then_the_launcher_then_the_hardware(
+    monkeypatch, caplog, tmp_path, launcher, bf16, native, expected
+):
+    import torch
+
+    import maeday_hf.finetune as finetune_module
+    from conftest import make_tiny_model
+    from maeday_hf.lora import add_lora, make_lora_config
+    from maeday_hf.shot_views import ShotViews
+
+    if launcher is None:
+        monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    else:
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launcher)
+    monkeypatch.setattr(finetune_module, "runs_bfloat16_natively", lambda device: native)
+    model = make_tiny_model()
+    views = ShotViews(torch.randn(1, 3, 32, 32), num_views=4, num_patches=16)
+    config = FinetuneConfig(num_steps=2, batch_size=2, disable_tqdm=True, bf16=bf16)
+    trainer = finetune_module.build_trainer(add_lora(model, make_lora_config(model)), model, views, config, tmp_path)
+    assert trainer.args.mixed_precision == expected and trainer.accelerator.mixed_precision == expected
+    assert finetune_module.trains_in_bf16(trainer) is (expected == "bf16")
+    overridden = bf16 is not None and launcher is not None and launcher != expected
+    assert ("overrides the launcher" in caplog.text) is overridden
 
 
 def test_bad_input_fails_before_training(tiny_checkpoint, shot_files, tmp_path, no_training):
@@ -200,10 +236,12 @@ def _launch(num_processes: int, checkpoint: str, shot: Path, out: Path, tmp_path
 def test_accelerate_launch_of_the_script_writes_an_adapter(tiny_checkpoint, shot_files, tmp_path):
     losses = _launch(1, tiny_checkpoint, shot_files[0], tmp_path / "launched", tmp_path)
     assert len(losses) == 2
-    # The same run in-process: same seed, same views, same LoRA init -> same losses.
+    # The same run in-process: same seed, same views, same LoRA init -> same losses (float32: the launch passed
+    # --mixed_precision no, which the launched run follows).
     result = finetune(tiny_checkpoint, shot_files[:1], tmp_path / "in-process", FinetuneConfig(
         num_steps=2, batch_size=4, learning_rate=0.2, use_cpu=True, disable_tqdm=True, calibration_views_per_shot=1,
-        calibration_num_masks=2))
+        calibration_num_masks=2, bf16=False))
+    assert json.loads((tmp_path / "launched" / "training_log.json").read_text())["mixed_precision"] == "no"
     assert losses == pytest.approx([loss for _, loss in result.losses], rel=1e-6)
 
 

@@ -13,6 +13,7 @@ from PIL import Image
 
 from maeday_hf import protocol
 from maeday_hf.data import load_mvtec, write_hub_folder
+from maeday_hf.finetune import FinetuneConfig
 from maeday_hf.protocol import (
     ProtocolConfig,
     Unit,
@@ -264,6 +265,26 @@ def test_missing_model(synthetic_root, tmp_path, capsys):
 def test_rerun_with_other_settings_is_refused(protocol_run, tiny_checkpoint, synthetic_root, capsys):
     argv = _argv(tiny_checkpoint, synthetic_root, protocol_run, "--shots", "0") + ["--num-masks", "3"]
     assert "num_masks" in _run_error(capsys, argv)
+
+
+def test_precision_is_decided_once_recorded_and_a_resume_in_another_is_refused(
+    protocol_run, tiny_checkpoint, synthetic_root, capsys, monkeypatch
+):
+    import maeday_hf.reconstruction as reconstruction
+
+    recorded = json.loads((protocol_run / "results.json").read_text())["config"]
+    assert recorded["bf16"] is reconstruction.runs_bfloat16_natively("cpu")
+    assert recorded["finetune"]["bf16"] is recorded["bf16"]  # fine-tunes in the protocol's precision
+    for native in (False, True):
+        monkeypatch.setattr(reconstruction, "runs_bfloat16_natively", lambda device: native)
+        config = ProtocolConfig(tiny_checkpoint, "unused", "unused", device="cpu")
+        assert config.bf16 is native and config.finetune.bf16 is native and config.settings()["bf16"] is native
+    assert ProtocolConfig(tiny_checkpoint, "unused", "unused", bf16=False, finetune=FinetuneConfig(bf16=True)
+                          ).finetune.bf16 is True  # an explicit recipe keeps its own
+    other = "fp32" if recorded["bf16"] else "bf16"
+    argv = _argv(tiny_checkpoint, synthetic_root, protocol_run, "--shots", "0", "1", "--shot-seeds", "2",
+                 "--repetitions", "1", "2", "--precision", other)
+    assert "bf16" in _run_error(capsys, argv)
 
 
 def test_hub_folder_is_resolved_by_its_configs(synthetic_root, tmp_path):

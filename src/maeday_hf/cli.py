@@ -263,8 +263,9 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calibration-masks", type=int, default=32, help="masks per calibration view")
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is available")
     parser.add_argument("--precision", choices=tuple(_BF16_OF_PRECISION), default="auto",
-                        help="auto: bf16 mixed precision where the device multiplies bf16 in hardware (GPUs from "
-                             "Ampere on, CPUs with AVX512-BF16/AMX), else fp32")
+                        help="auto: under accelerate launch its --mixed_precision, else bf16 mixed precision where "
+                             "the device multiplies bf16 in hardware (GPUs from Ampere on, CPUs with "
+                             "AVX512-BF16/AMX), else fp32; bf16/fp32 override accelerate's setting")
     parser.add_argument("--bf16", dest="precision", action="store_const", const="bf16",
                         help="same as --precision bf16")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -87,10 +87,11 @@ class FinetuneConfig:
         seed (`int`, defaults to 0): seeds the views, their masks and the Trainer.
         calibration_views_per_shot, calibration_num_masks, calibration_num_std: see `calibration.py`.
         use_cpu (`bool`): train on the CPU even when a GPU is there.
-        bf16 (`bool`, *optional*): bf16 mixed precision (autocast; the weights and the optimizer stay float32). By
-            default on where the training device multiplies bf16 in hardware (`runs_bfloat16_natively`: GPUs from
-            Ampere on, x86 CPUs with AVX512-BF16 or AMX, where a ViT-B step runs 3.6x faster than in float32), and
-            where `accelerate launch --mixed_precision bf16` asks for it; `False` trains in float32.
+        bf16 (`bool`, *optional*): bf16 mixed precision (autocast; the weights and the optimizer stay float32);
+            `False` trains in float32. Either overrides `accelerate launch --mixed_precision`. By default: under
+            `accelerate launch`, its `--mixed_precision` (which defaults to "no"); otherwise on where the training
+            device multiplies bf16 in hardware (`runs_bfloat16_natively`: GPUs from Ampere on, x86 CPUs with
+            AVX512-BF16 or AMX, where a ViT-B step runs 3.6x faster than in float32).
         cuda_graph (`bool`, defaults to `True`): on a single GPU, run the steps as CUDA graph replays instead of the
             Trainer loop (`step_loop.py`: same optimizer, views and loss; 50 LoRA steps of ViT-B in 2.76 s instead of
             7.15 s on an H200). Under several processes or on the CPU the Trainer loop runs.
@@ -224,6 +225,31 @@ def _training_arguments(
     )
 
 
+def _precision_resolved_arguments(config: FinetuneConfig, output_dir: str | os.PathLike) -> TrainingArguments:
+    """The recipe's `TrainingArguments`, with the mixed precision decided in this order: `config.bf16` if given; else
+    the launcher's (`accelerate launch --mixed_precision ...` sets ACCELERATE_MIXED_PRECISION, "no" by default);
+    else bf16 where the training device multiplies it in hardware."""
+    float32_arguments = _training_arguments(config, output_dir, bf16=False, use_cpu=config.use_cpu)
+    launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if config.bf16 is not None:
+        bf16 = config.bf16
+        if launcher_precision not in (None, "bf16" if bf16 else "no"):
+            logger.warning("FinetuneConfig.bf16=%s overrides the launcher's mixed_precision=%r.", bf16, launcher_precision)
+    elif launcher_precision is not None:
+        if launcher_precision != "bf16":
+            return float32_arguments  # "no", or fp16 (the Trainer loop scales its loss)
+        bf16 = True
+    else:
+        bf16 = runs_bfloat16_natively(float32_arguments.device)
+    if not bf16:
+        float32_arguments.mixed_precision = "no"  # also over a launcher's bf16/fp16
+        return float32_arguments
+    # The Trainer accepts bf16 on a CPU only with use_cpu, also where there is no GPU to keep away from.
+    return _training_arguments(
+        config, output_dir, bf16=True, use_cpu=config.use_cpu or float32_arguments.device.type == "cpu"
+    )
+
+
 def build_trainer(
     trained_model: torch.nn.Module,
     reconstruction_model: torch.nn.Module,
@@ -243,10 +269,7 @@ def build_trainer(
     Raises:
         ValueError: `batch_size` does not split over the processes.
     """
-    args = _training_arguments(config, output_dir, bf16=bool(config.bf16), use_cpu=config.use_cpu)
-    if config.bf16 is None and args.mixed_precision == "no" and runs_bfloat16_natively(args.device):
-        # (The Trainer takes bf16 on a CPU only with use_cpu, also where no GPU is there to avoid.)
-        args = _training_arguments(config, output_dir, bf16=True, use_cpu=args.device.type == "cpu")
+    args = _precision_resolved_arguments(config, output_dir)
     if config.batch_size % args.world_size:
         raise ValueError(
             f"batch_size={config.batch_size} does not split evenly over {args.world_size} processes; pick a batch "
@@ -369,6 +392,7 @@ def _write_folder(
     losses: list[tuple[int, float]],
     train_seconds: float,
     name: str,
+    mixed_precision: str,
 ) -> None:
     """Everything but the weights/adapter (written before merging): config, processor, remote code, card, logs."""
     if config.full_finetune:
@@ -396,6 +420,7 @@ def _write_folder(
         "base_model": base_model,
         "shots": shot_names,
         "recipe": config.recipe(),
+        "mixed_precision": mixed_precision,
         "losses": [{"step": step, "loss": loss} for step, loss in losses],
         "train_seconds": train_seconds,
     }
@@ -541,7 +566,7 @@ def finetune(
             recorded_config = dataclasses.replace(config, bf16=trains_in_bf16(trainer))  # what actually ran
             _write_folder(
                 partial, merged, image_processor, recorded_base, recorded_config, calibration, shot_names, losses,
-                train_seconds, name=hub_model_id or output_dir.name,
+                train_seconds, name=hub_model_id or output_dir.name, mixed_precision=trainer.args.mixed_precision,
             )
             replace_folder(partial, output_dir)
             logger.info("Wrote %s", output_dir)

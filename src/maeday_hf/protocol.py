@@ -198,6 +198,10 @@ class ProtocolConfig:
         finetune (`FinetuneConfig`, *optional*): the few-shot recipe; defaults to the paper's.
         pixel_metrics (`bool`): pixel ROC-AUC, pixel F1-max and AUPRO (needs masks).
         plots (`bool`): write the PNG figures (needs matplotlib).
+        bf16 (`bool`, *optional*): the model's precision, for scoring and for fine-tuning (unless `finetune.bf16`
+            says otherwise); by default bf16 where `device` multiplies it in hardware (`runs_bfloat16_natively`).
+            Decided when the config is made and recorded with the settings, so a run resumed on other hardware
+            does not mix precisions unnoticed.
         device (`str`): `"auto"` is each process's accelerator (`accelerate.PartialState().device`).
         show_progress (`bool`): tqdm bars.
     """
@@ -219,6 +223,7 @@ class ProtocolConfig:
     finetune: FinetuneConfig | None = None
     pixel_metrics: bool = True
     plots: bool = True
+    bf16: bool | None = None
     device: str = "auto"
     show_progress: bool = True
 
@@ -253,6 +258,19 @@ class ProtocolConfig:
             from .finetune import FinetuneConfig
 
             self.finetune = FinetuneConfig()
+        if self.bf16 is None:
+            import torch
+
+            from .reconstruction import runs_bfloat16_natively
+
+            device = self.device
+            if device == "auto":
+                device = "cuda" if torch.cuda.is_available() else "cpu"
+            self.bf16 = runs_bfloat16_natively(device)
+        elif not isinstance(self.bf16, bool):
+            raise TypeError(f"bf16 must be True, False or None (the device decides), got {self.bf16!r}.")
+        if self.finetune.bf16 is None:  # fixed here, so a launcher's setting does not change it either
+            self.finetune = dataclasses.replace(self.finetune, bf16=self.bf16)
 
     def settings(self) -> dict[str, Any]:
         """What the value of a unit depends on (categories, shots and seeds only add units)."""
@@ -264,6 +282,7 @@ class ProtocolConfig:
             "num_masks": self.num_masks,
             "mask_schedule": self.mask_schedule,
             "pixel_metrics": self.pixel_metrics,
+            "bf16": self.bf16,
             "finetune": self.finetune.recipe(),
             "patchcore": None if self.patchcore is None else _jsonable(dataclasses.asdict(self.patchcore)),
         }
@@ -525,7 +544,7 @@ class _Runner:
         config = self.config
         results = detector(
             (image for image in images), num_masks=num_masks, mask_ratio=config.mask_ratio, seed=config.mask_seed,
-            mask_schedule=schedule, batch_size=config.batch_size,
+            mask_schedule=schedule, batch_size=config.batch_size, bf16=config.bf16,
         )
         # Only what the metrics read: a fine-tune's calibrated labels and PIL masks would pile up for nothing.
         return [

@@ -87,8 +87,11 @@ def reconstruction_targets(model: torch.nn.Module, pixel_values: torch.Tensor) -
 @functools.lru_cache(maxsize=None)
 def _runs_bfloat16_natively(device_type: str, device_index: int | None) -> bool:
     if device_type == "cuda":
-        # Ampere and later (and ROCm) multiply bf16 in hardware; older GPUs emulate it, slower than float32.
-        return bool(torch.version.hip) or torch.cuda.get_device_properties(device_index or 0).major >= 8
+        properties = torch.cuda.get_device_properties(device_index)
+        if torch.version.hip:  # AMD: the CDNA 2/3 (MI200, MI300) and RDNA 3/4 matrix units take bf16
+            return getattr(properties, "gcnArchName", "").startswith(("gfx90a", "gfx94", "gfx95", "gfx11", "gfx12"))
+        # NVIDIA: Ampere and later; older GPUs emulate bf16, slower than float32.
+        return properties.major >= 8
     if device_type == "cpu":
         if not torch.backends.mkldnn.is_available():  # bf16 matmuls go through oneDNN
             return False
@@ -103,12 +106,16 @@ def _runs_bfloat16_natively(device_type: str, device_index: int | None) -> bool:
 def runs_bfloat16_natively(device: torch.device | str) -> bool:
     """Whether `device` multiplies bfloat16 matrices in hardware, so that a bf16 forward is faster than float32.
 
-    True for CUDA GPUs of compute capability 8.0 or more (A100, H100, RTX 30xx on) and ROCm, and for x86 CPUs with
-    AVX512-BF16 or AMX-BF16 (Cooper Lake, Sapphire Rapids and later Xeons, AMD Zen 4 and later), where ViT-B's masked
-    forwards run about 3x faster in bf16 (README, Speed). False elsewhere (there bf16 is emulated, slower than float32).
+    True for CUDA GPUs of compute capability 8.0 or more (A100, H100, RTX 30xx on), AMD MI200/MI300 and RDNA 3 on,
+    and x86 CPUs with AVX512-BF16 or AMX-BF16 (Cooper Lake, Sapphire Rapids and later Xeons, AMD Zen 4 and later),
+    where ViT-B's masked forwards run about 3x faster in bf16 (README, Speed). False elsewhere (there bf16 is
+    emulated, slower than float32). A bare "cuda" is the current CUDA device.
     """
     device = torch.device(device)
-    return _runs_bfloat16_natively(device.type, device.index)
+    index = device.index
+    if device.type == "cuda" and index is None:
+        index = torch.cuda.current_device()
+    return _runs_bfloat16_natively(device.type, index)
 
 
 _BFLOAT16_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
