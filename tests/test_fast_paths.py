@@ -63,10 +63,13 @@ def test_direct_resize_only_where_the_processor_does_nothing_else():
     assert ProcessorResize.from_processor(ViTImageProcessorPil(do_resize=False)) is None
     assert ProcessorResize.from_processor(ViTImageProcessorPil(size={"shortest_edge": 32})) is None
 
-    class CroppingProcessor(ViTImageProcessorPil):
+    class CroppingProcessor(ViTImageProcessorPil):  # a processor that crops after the resize
         do_center_crop = True
+        crop_size = {"height": 16, "width": 16}
 
-    assert ProcessorResize.from_processor(CroppingProcessor()) is None
+    cropping = CroppingProcessor()
+    assert cropping(images=Image.new("RGB", (40, 40)), return_tensors="pt")["pixel_values"].shape[-1] == 16  # it runs
+    assert ProcessorResize.from_processor(cropping) is None
 
     class OtherResampling(ViTImageProcessorPil):  # e.g. another backend: probed, found different, not used
         def __call__(self, *args, **kwargs):
@@ -77,13 +80,25 @@ def test_direct_resize_only_where_the_processor_does_nothing_else():
     assert ProcessorResize.from_processor(OtherResampling()) is None
 
 
-def test_pipeline_preprocessing_gives_the_processors_pixels(tiny_checkpoint, images, detector):
-    assert detector._resize is not None
-    for image in images:
-        expected = detector.image_processor(images=image, return_tensors="pt")["pixel_values"]
-        pixels = detector.preprocess(image)["pixels"]
-        assert pixels.dtype == torch.uint8
-        torch.testing.assert_close(detector._device_normalization(pixels), expected, rtol=0, atol=1e-6)
+def test_pipeline_preprocessing_gives_the_processors_pixels_also_after_the_processor_changes(tiny_checkpoint, images):
+    detector = pipeline("anomaly-detection", model=tiny_checkpoint, device="cpu")
+    processor = detector.image_processor
+
+    def check():
+        normalization, resize = detector._shortcuts(processor)
+        assert normalization is not None and resize is not None
+        for image in images:
+            expected = processor(images=image, return_tensors="pt")["pixel_values"]
+            pixels = detector.preprocess(image)["pixels"]
+            assert pixels.dtype == torch.uint8
+            torch.testing.assert_close(normalization(pixels), expected, rtol=0, atol=1e-6)
+
+    check()
+    processor.size = {"height": 48, "width": 48}  # edited after the pipeline was made: followed
+    processor.resample = Image.Resampling.BICUBIC
+    processor.image_mean = [0.1, 0.2, 0.3]
+    check()
+    assert detector.preprocess(images[0])["pixels"].shape[-2:] == (48, 48)
 
 
 def test_upright_rgb_images_are_not_copied_and_exif_orientation_is_applied(tmp_path, images):

@@ -114,3 +114,29 @@ class DeviceNormalization:
             mean, std = self._constants[pixel_values.device]
             pixel_values = (pixel_values - mean) / std
         return pixel_values
+
+
+_SETTINGS_READ = (
+    "do_resize", "size", "resample", "do_center_crop", "crop_size", "do_pad", "do_rescale", "rescale_factor",
+    "do_normalize", "image_mean", "image_std",
+)
+
+
+class ProcessorShortcuts:
+    """`(DeviceNormalization | None, ProcessorResize | None)` for an image processor, derived again whenever the
+    processor, or one of the settings the shortcuts depend on, changes (a user may edit `pipeline.image_processor`)."""
+
+    def __init__(self):
+        self._key = None
+        self._shortcuts: tuple[DeviceNormalization | None, ProcessorResize | None] = (None, None)
+
+    def __call__(self, image_processor) -> tuple[DeviceNormalization | None, ProcessorResize | None]:
+        key = (id(image_processor), type(image_processor),
+               tuple(repr(getattr(image_processor, name, None)) for name in _SETTINGS_READ))
+        if key != self._key:
+            normalization = DeviceNormalization.from_processor(image_processor)
+            resize = ProcessorResize.from_processor(image_processor) if normalization is not None else None
+            self._shortcuts = (normalization, resize)  # (before the key: a thread that sees the key sees these)
+            self._key = key
+        return self._shortcuts
+
