@@ -8,6 +8,7 @@ import torch
 
 from conftest import make_tiny_model
 from maeday_hf.masking import make_mask_noise
+from maeday_hf.reconstruction import patches_to_image, squared_error_per_patch_pixel
 from maeday_hf.scoring import gaussian_filter, gaussian_kernel1d, maeday_anomaly_maps
 
 
@@ -147,3 +148,24 @@ def test_a_local_defect_raises_the_map_where_it_is():
     inside = difference[8:16, 16:24].mean()
     outside = torch.cat([difference[:, :8].flatten(), difference[:, 28:].flatten()]).mean()
     assert inside > 10 * outside.abs()
+
+
+def test_patch_layout_errors_equal_the_unpatchified_channel_sum():
+    model = make_tiny_model()
+    generator = torch.Generator().manual_seed(3)
+    images = torch.randn(2, 3, 32, 32, generator=generator)
+    targets = model.patchify(images)
+    predicted = (targets + 0.3 * torch.randn(targets.shape, generator=generator)).to(torch.bfloat16)
+    expected = model.unpatchify(predicted.float() - targets).square().sum(dim=1)  # (2, 32, 32)
+    errors = squared_error_per_patch_pixel(model, predicted, targets)
+    assert errors.dtype == torch.float32 and errors.shape == (2, targets.shape[1], model.config.patch_size**2)
+    torch.testing.assert_close(patches_to_image(model, errors, 32, 32), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_patches_to_image_inverts_row_major_patches_on_a_wide_image():
+    model = make_tiny_model()
+    patch = model.config.patch_size
+    image = torch.arange(2 * patch * 3 * patch, dtype=torch.float32).reshape(1, 2 * patch, 3 * patch)
+    # Patches row by row, pixels row by row inside each patch (ViTMAE's patchify order).
+    patches = image.reshape(1, 2, patch, 3, patch).permute(0, 1, 3, 2, 4).reshape(1, 6, patch * patch)
+    assert torch.equal(patches_to_image(model, patches, 2 * patch, 3 * patch), image)

@@ -213,6 +213,7 @@ def predict_patches(
     noise: torch.Tensor,
     bf16: bool | None = None,
     image_index: torch.Tensor | None = None,
+    upcast: bool = True,
 ) -> torch.Tensor:
     """One masked reconstruction per row of `noise`.
 
@@ -225,10 +226,12 @@ def predict_patches(
         image_index (`torch.Tensor` of shape `(batch_size,)`, *optional*): row i of `noise` masks image
             `image_index[i]` (each image's patches are then embedded once, see `patches_embedded_once_per_image`);
             by default row i masks image i.
+        upcast (`bool`, defaults to `True`): return float32 (float64 for a float64 model); `False` returns the
+            dtype the model ran in (`squared_error_per_patch_pixel` upcasts on the fly, without a float32 copy).
 
     Returns:
         `torch.Tensor` of shape `(batch_size, num_patches, patch_size**2 * num_channels)`: the decoder's predictions
-        for *all* patches, in float32 (float64 for a float64 model).
+        for *all* patches.
     """
     if bf16 is None:
         bf16 = next(model.parameters()).dtype == torch.float32 and runs_bfloat16_natively(pixel_values.device)
@@ -244,21 +247,34 @@ def predict_patches(
         # Encoder and decoder of the stock model, without the training loss its forward also computes.
         encoded = forward_model.vit(pixel_values=batch, noise=noise)
     logits = forward_model.decoder(encoded.last_hidden_state, encoded.ids_restore).logits
-    return _at_least_float32(logits)
+    return _at_least_float32(logits) if upcast else logits
 
 
-def squared_error_per_pixel(
+def squared_error_per_patch_pixel(
     model: torch.nn.Module, predicted_patches: torch.Tensor, target_patches: torch.Tensor
 ) -> torch.Tensor:
-    """Squared error of a full reconstruction, summed over the colour channels, as an image.
+    """Squared error of a full reconstruction, summed over the colour channels, per pixel, still in patch layout.
 
     The paper filters each channel's squared error and then sums the channels; the filter is linear, so summing first
-    gives the same map (see `scoring.py`).
+    gives the same map (see `scoring.py`). Staying in patch layout until the errors of all masks are summed leaves a
+    single one-channel map per image to rearrange (`patches_to_image`), instead of every reconstruction.
 
     Args:
-        predicted_patches, target_patches (`torch.Tensor` of shape `(batch_size, num_patches, patch_size**2 * C)`).
+        predicted_patches (`torch.Tensor` of shape `(..., num_patches, patch_size**2 * num_channels)`): any float
+            dtype (bf16 is upcast element by element).
+        target_patches (`torch.Tensor`): broadcastable to `predicted_patches`, float32 or float64 (the result's dtype).
 
     Returns:
-        `torch.Tensor` of shape `(batch_size, height, width)`.
+        `torch.Tensor` of shape `(..., num_patches, patch_size**2)`.
     """
-    return model.unpatchify(predicted_patches - target_patches).square().sum(dim=1)
+    difference = predicted_patches - target_patches
+    return difference.square_().unflatten(-1, (-1, model.config.num_channels)).sum(dim=-1)
+
+
+def patches_to_image(model: torch.nn.Module, patch_maps: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """`(batch_size, num_patches, patch_size**2)` one-channel maps in patch layout (`model.patchify`'s order: patches
+    row by row, pixels row by row within a patch) -> `(batch_size, height, width)` images."""
+    patch_size = model.config.patch_size
+    grid = (height // patch_size, width // patch_size)
+    maps = patch_maps.reshape(patch_maps.shape[0], *grid, patch_size, patch_size)
+    return maps.permute(0, 1, 3, 2, 4).reshape(patch_maps.shape[0], height, width)

@@ -15,7 +15,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .reconstruction import mask_ratio_set_to, predict_patches, reconstruction_targets, squared_error_per_pixel
+from .reconstruction import (
+    mask_ratio_set_to,
+    patches_to_image,
+    predict_patches,
+    reconstruction_targets,
+    squared_error_per_patch_pixel,
+)
 
 GAUSSIAN_KERNEL_SIZE = 7
 GAUSSIAN_SIGMA = 1.4
@@ -93,7 +99,8 @@ def maeday_anomaly_maps(
             `default_mask_batch_size(device)`.
         return_uncertainty (`bool`): also return the per-pixel standard deviation of the N filtered maps E_i.
         bf16 (`bool`, *optional*): the model's forward in bfloat16 weights (`reconstruction.bfloat16_copy`; default:
-            where the device multiplies bf16 in hardware, `reconstruction.runs_bfloat16_natively`); errors, filtering and averaging always run in float32.
+            where the device multiplies bf16 in hardware, `reconstruction.runs_bfloat16_natively`); errors,
+            filtering and averaging always run in float32.
 
     Returns:
         `dict` with `anomaly_map` `(batch_size, height, width)`, `pred_score` `(batch_size,)` and, if asked,
@@ -104,9 +111,15 @@ def maeday_anomaly_maps(
     device = pixel_values.device
     noise = noise.to(device)
     target_patches = reconstruction_targets(model, pixel_values)
+    num_patches = target_patches.shape[1]
+    patch_area = model.config.patch_size**2
 
-    error_sum = torch.zeros(batch_size, height, width, device=device, dtype=target_patches.dtype)
-    spread = _RunningSpread(error_sum) if return_uncertainty else None
+    # Summed over masks (and channels) in patch layout; rearranged into an image once, at the end.
+    error_sum = torch.zeros(batch_size, num_patches, patch_area, device=device, dtype=target_patches.dtype)
+    spread = (
+        _RunningSpread(torch.zeros(batch_size, height, width, device=device, dtype=target_patches.dtype))
+        if return_uncertainty else None
+    )
     if mask_batch_size is None:
         mask_batch_size = default_mask_batch_size(device)
     num_pairs = batch_size * num_masks
@@ -119,14 +132,23 @@ def maeday_anomaly_maps(
             first_image, end_image = start // num_masks, (stop - 1) // num_masks + 1
             predicted = predict_patches(
                 model, pixel_values[first_image:end_image], noise[mask_index], bf16=bf16,
-                image_index=image_index - first_image,
+                image_index=image_index - first_image, upcast=False,
             )
-            errors = squared_error_per_pixel(model, predicted, target_patches[image_index])
+            num_chunk_images = end_image - first_image
+            if stop - start == num_chunk_images * num_masks:
+                # Whole images: each one's N predictions against its target, broadcast (no gathered copies).
+                errors = squared_error_per_patch_pixel(
+                    model, predicted.unflatten(0, (num_chunk_images, num_masks)),
+                    target_patches[first_image:end_image, None],
+                ).flatten(0, 1)
+            else:
+                errors = squared_error_per_patch_pixel(model, predicted, target_patches[image_index])
             error_sum.index_add_(0, image_index, errors)
             if spread is not None:
-                spread.update(image_index, gaussian_filter(errors, kernel_size, sigma))
+                error_maps = patches_to_image(model, errors, height, width)
+                spread.update(image_index, gaussian_filter(error_maps, kernel_size, sigma))
 
-    anomaly_map = gaussian_filter(error_sum / num_masks, kernel_size, sigma)
+    anomaly_map = gaussian_filter(patches_to_image(model, error_sum / num_masks, height, width), kernel_size, sigma)
     outputs = {"anomaly_map": anomaly_map, "pred_score": image_scores(anomaly_map)}
     if spread is not None:
         outputs["uncertainty_map"] = spread.std()
