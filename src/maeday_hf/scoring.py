@@ -136,14 +136,17 @@ def maeday_anomaly_maps(
             )
             num_chunk_images = end_image - first_image
             if stop - start == num_chunk_images * num_masks:
-                # Whole images: each one's N predictions against its target, broadcast (no gathered copies).
+                # Whole images: each one's N predictions against its target, broadcast (no gathered copies), and
+                # summed over the masks in one reduction.
                 errors = squared_error_per_patch_pixel(
                     model, predicted.unflatten(0, (num_chunk_images, num_masks)),
                     target_patches[first_image:end_image, None],
-                ).flatten(0, 1)
+                )
+                error_sum[first_image:end_image] += errors.sum(dim=1)
+                errors = errors.flatten(0, 1)
             else:
                 errors = squared_error_per_patch_pixel(model, predicted, target_patches[image_index])
-            error_sum.index_add_(0, image_index, errors)
+                error_sum.index_add_(0, image_index, errors)
             if spread is not None:
                 error_maps = patches_to_image(model, errors, height, width)
                 spread.update(image_index, gaussian_filter(error_maps, kernel_size, sigma))
