@@ -42,6 +42,8 @@ def main() -> None:
                         help="fine-tunes in this process, one JSON line each: the first also pays the process's "
                              "one-time costs (CUDA's lazy kernel loading, library handles), later ones do not")
     args = parser.parse_args()
+    if args.runs < 1 or args.steps < 1:
+        parser.error(f"--runs and --steps must be >= 1, got {args.runs} and {args.steps}")
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("maeday_hf.step_loop").setLevel(logging.INFO)  # where the graph loop's time goes (stderr)
 

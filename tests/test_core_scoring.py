@@ -84,11 +84,14 @@ def test_gaussian_filter_rejects_too_small_maps():
 
 @pytest.mark.parametrize("norm_pix_loss", [False, True])
 @pytest.mark.parametrize("mask_ratio", [0.75, 0.5, 0.0])
-def test_anomaly_map_and_score_match_the_paper_reference(norm_pix_loss, mask_ratio):
+@pytest.mark.parametrize("mask_batch_size", [3, 5])  # chunks that split the image's masks, one chunk of all of them
+def test_anomaly_map_and_score_match_the_paper_reference(norm_pix_loss, mask_ratio, mask_batch_size):
     model = make_tiny_model(seed=2, norm_pix_loss=norm_pix_loss).double()
     pixel_values = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     noise = make_mask_noise(5, 16, mask_ratio, "random", seed=9)
-    outputs = maeday_anomaly_maps(model, pixel_values, noise, mask_ratio, mask_batch_size=3, return_uncertainty=True)
+    outputs = maeday_anomaly_maps(
+        model, pixel_values, noise, mask_ratio, mask_batch_size=mask_batch_size, return_uncertainty=True
+    )
     expected_map, expected_score, filtered_maps = reference_maeday(model, pixel_values, noise, mask_ratio)
     np.testing.assert_allclose(outputs["anomaly_map"][0].numpy(), expected_map, rtol=1e-5, atol=1e-6)
     assert outputs["pred_score"][0].item() == pytest.approx(expected_score, rel=1e-5)
@@ -162,10 +165,22 @@ def test_patch_layout_errors_equal_the_unpatchified_channel_sum():
     torch.testing.assert_close(patches_to_image(model, errors, 32, 32), expected, rtol=1e-6, atol=1e-6)
 
 
-def test_patches_to_image_inverts_row_major_patches_on_a_wide_image():
+@pytest.mark.parametrize("mask_batch_size", [3, 4])
+def test_a_float64_model_scores_float32_pixels_in_float64_whatever_the_chunks(mask_batch_size):
+    model = make_tiny_model(seed=2).double()
+    pixel_values = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    noise = make_mask_noise(4, 16, 0.75, seed=0)
+    outputs = maeday_anomaly_maps(model, pixel_values, noise, 0.75, mask_batch_size=mask_batch_size)
+    expected = maeday_anomaly_maps(model, pixel_values.double(), noise, 0.75, mask_batch_size=4)
+    assert outputs["anomaly_map"].dtype == torch.float64
+    torch.testing.assert_close(outputs["anomaly_map"], expected["anomaly_map"], rtol=1e-12, atol=1e-12)
+
+
+def test_patches_to_image_inverts_the_models_patchify_on_a_wide_image():
     model = make_tiny_model()
     patch = model.config.patch_size
-    image = torch.arange(2 * patch * 3 * patch, dtype=torch.float32).reshape(1, 2 * patch, 3 * patch)
-    # Patches row by row, pixels row by row inside each patch (ViTMAE's patchify order).
-    patches = image.reshape(1, 2, patch, 3, patch).permute(0, 1, 3, 2, 4).reshape(1, 6, patch * patch)
-    assert torch.equal(patches_to_image(model, patches, 2 * patch, 3 * patch), image)
+    image = torch.randn(2, 3, 2 * patch, 3 * patch, generator=torch.Generator().manual_seed(0))
+    patches = model.patchify(image, interpolate_pos_encoding=True)  # the model's own order, 2 x 3 patches
+    channel_sums = squared_error_per_patch_pixel(model, patches, torch.zeros_like(patches))
+    expected = image.square().sum(dim=1)
+    torch.testing.assert_close(patches_to_image(model, channel_sums, 2 * patch, 3 * patch), expected)

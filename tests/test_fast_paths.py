@@ -101,6 +101,22 @@ def test_pipeline_preprocessing_gives_the_processors_pixels_also_after_the_proce
     assert detector.preprocess(images[0])["pixels"].shape[-2:] == (48, 48)
 
 
+def test_items_preprocessed_before_and_after_a_processor_edit_are_each_finished_as_started(tiny_checkpoint, images):
+    # On a GPU, threads preprocess ahead of the model: an edit can fall between two items of one batch.
+    detector = pipeline("anomaly-detection", model=tiny_checkpoint, device="cpu")
+    processor = detector.image_processor
+    before = detector.preprocess(images[0])
+    expected_before = processor(images=images[0], return_tensors="pt")["pixel_values"]
+    processor.image_mean, processor.image_std = [0.9, 0.1, 0.4], [0.3, 0.6, 0.2]
+    after = detector.preprocess(images[1])
+    expected_after = processor(images=images[1], return_tensors="pt")["pixel_values"]
+    batch = {key: torch.cat([before[key], after[key]]) for key in before}
+    reference = {"pixel_values": torch.cat([expected_before, expected_after]), "original_size": batch["original_size"]}
+    ours, theirs = detector._forward(batch, num_masks=2), detector._forward(reference, num_masks=2)
+    torch.testing.assert_close(ours["anomaly_map"], theirs["anomaly_map"], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(ours["anomaly_map"][0], ours["anomaly_map"][1])
+
+
 def test_upright_rgb_images_are_not_copied_and_exif_orientation_is_applied(tmp_path, images):
     assert load_rgb_image(images[0]) is images[0]
     path = tmp_path / "rotated.png"

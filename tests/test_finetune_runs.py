@@ -121,11 +121,14 @@ def test_precision_comes_from_the_config_then_the_launcher_then_the_hardware(
     model = make_tiny_model()
     views = ShotViews(torch.randn(1, 3, 32, 32), num_views=4, num_patches=16)
     config = FinetuneConfig(num_steps=2, batch_size=2, disable_tqdm=True, bf16=bf16)
+    caplog.set_level("INFO", logger="maeday_hf.finetune")
     trainer = finetune_module.build_trainer(add_lora(model, make_lora_config(model)), model, views, config, tmp_path)
     assert trainer.args.mixed_precision == expected and trainer.accelerator.mixed_precision == expected
     assert finetune_module.trains_in_bf16(trainer) is (expected == "bf16")
     overridden = bf16 is not None and launcher is not None and launcher != expected
-    assert ("overrides the launcher" in caplog.text) is overridden
+    notes = [record for record in caplog.records if "overrides the launcher" in record.getMessage()]
+    assert bool(notes) is overridden
+    assert all(record.levelname == ("INFO" if launcher == "no" else "WARNING") for record in notes)
 
 
 def test_bad_input_fails_before_training(tiny_checkpoint, shot_files, tmp_path, no_training):

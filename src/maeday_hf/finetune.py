@@ -234,7 +234,9 @@ def _precision_resolved_arguments(config: FinetuneConfig, output_dir: str | os.P
     if config.bf16 is not None:
         bf16 = config.bf16
         if launcher_precision not in (None, "bf16" if bf16 else "no"):
-            logger.warning("FinetuneConfig.bf16=%s overrides the launcher's mixed_precision=%r.", bf16, launcher_precision)
+            # "no" is also what `accelerate launch` sets when nothing was asked: worth a note, not a warning.
+            log = logger.info if launcher_precision == "no" else logger.warning
+            log("FinetuneConfig.bf16=%s overrides the launcher's mixed_precision=%r.", bf16, launcher_precision)
     elif launcher_precision is not None:
         if launcher_precision != "bf16":
             return float32_arguments  # "no", or fp16 (the Trainer loop scales its loss)

@@ -31,7 +31,7 @@ from .masking import (
     validate_seed,
 )
 from .overlap import batched, copy_to_host_async, default_num_threads, prefetch
-from .preprocessing import DeviceNormalization, ProcessorShortcuts  # noqa: F401 - DeviceNormalization re-exported
+from .preprocessing import DeviceNormalization, ProcessorShortcuts
 from .reconstruction import count_patches, is_vit_mae_for_pretraining
 from .scoring import maeday_anomaly_maps
 
@@ -350,12 +350,12 @@ class AnomalyDetectionPipeline(Pipeline):
         """Queue one batch on the GPU and the copy of its results to pinned host memory; returns without waiting."""
         model_inputs = {key: torch.cat([item[key] for item in batch]) for key in batch[0]}
         with self.device_placement(), self.get_inference_context()():
-            for key in ("pixels", "pixel_values"):
+            for key in ("pixels", "pixel_normalization", "pixel_values"):
                 if key in model_inputs:
-                    pixels = model_inputs[key]
+                    tensor = model_inputs[key]
                     if self.device.type == "cuda":
-                        pixels = pixels.pin_memory()
-                    model_inputs[key] = pixels.to(self.device, non_blocking=True)
+                        tensor = tensor.pin_memory()
+                    model_inputs[key] = tensor.to(self.device, non_blocking=True)
             outputs = self._forward(model_inputs, **forward_params)
             # Maps are brought to each image's original size where they are (cheap on a GPU), not by this thread.
             for key in MAP_KEYS:
@@ -385,7 +385,7 @@ class AnomalyDetectionPipeline(Pipeline):
             else:
                 pixels = self.image_processor(images=image, do_rescale=False, do_normalize=False, return_tensors="pt")
                 pixels = pixels["pixel_values"]
-            model_inputs = {"pixels": pixels}
+            model_inputs = {"pixels": pixels, "pixel_normalization": normalization.constants()}
         else:
             pixel_values = self.image_processor(images=image, return_tensors="pt")["pixel_values"]
             model_inputs = {"pixel_values": pixel_values.to(torch.float32)}
@@ -404,8 +404,7 @@ class AnomalyDetectionPipeline(Pipeline):
         bf16: bool | None = None,
     ) -> dict[str, torch.Tensor]:
         if "pixels" in model_inputs:
-            normalization, _ = self._shortcuts(self.image_processor)
-            pixel_values = normalization(model_inputs["pixels"])
+            pixel_values = DeviceNormalization.apply(model_inputs["pixels"], model_inputs["pixel_normalization"])
         else:
             pixel_values = model_inputs["pixel_values"]
         # Errors are computed at float32 or better (a float64 model compares in float64).

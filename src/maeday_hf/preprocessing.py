@@ -81,15 +81,17 @@ class DeviceNormalization:
     """The last two steps of a ViT image processor, rescale and normalise, run on the model's device.
 
     The processor still resizes each image on the CPU (so its resampling is exactly the checkpoint's), but hands over
-    uint8 pixels: four times fewer bytes to move, and the float arithmetic happens where the model is.
-    `from_processor` returns None for processors whose steps it does not know; those run whole on the CPU.
+    uint8 pixels: four times fewer bytes to move, and the float arithmetic happens where the model is. Each
+    preprocessed item carries its own constants (`constants()`), so items made before and after an edit of the
+    processor are each finished as they were started. `from_processor` returns None for processors whose steps it
+    does not know; those run whole on the CPU.
     """
 
-    def __init__(self, rescale_factor: float | None, image_mean, image_std):
+    def __init__(self, rescale_factor: float | None, image_mean, image_std, num_channels: int = 3):
         self.rescale_factor = rescale_factor
         self.image_mean = _per_channel(image_mean)
         self.image_std = _per_channel(image_std)
-        self._constants: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.num_channels = num_channels
 
     @classmethod
     def from_processor(cls, image_processor) -> DeviceNormalization | None:
@@ -101,19 +103,25 @@ class DeviceNormalization:
             return cls(rescale, image_processor.image_mean, image_processor.image_std)
         return cls(rescale, None, None)
 
+    def constants(self) -> torch.Tensor:
+        """`(1, 3, num_channels)` float32: the rescale factor, the mean and the std per channel (1, 0 and 1 where the
+        processor skips a step, which leaves the pixels exactly as they are)."""
+        rescale = (1.0 if self.rescale_factor is None else float(self.rescale_factor),)
+        mean = (0.0,) if self.image_mean is None else self.image_mean
+        std = (1.0,) if self.image_std is None else self.image_std
+        rows = [torch.tensor(values, dtype=torch.float32).expand(self.num_channels) for values in (rescale, mean, std)]
+        return torch.stack(rows)[None]
+
+    @staticmethod
+    def apply(pixels: torch.Tensor, constants: torch.Tensor) -> torch.Tensor:
+        """`(batch_size, C, H, W)` resized pixels (uint8, or float in 0..255) and their `(batch_size, 3, C)`
+        constants (on the same device) -> float32 model input, `(pixels * rescale - mean) / std`."""
+        rescale, mean, std = (constants[:, row, :, None, None] for row in range(3))
+        return (pixels.to(torch.float32) * rescale - mean) / std
+
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        """`(batch_size, 3, H, W)` resized pixels (uint8, or float in 0..255) -> float32 model input."""
-        pixel_values = pixels.to(torch.float32)
-        if self.rescale_factor is not None:
-            pixel_values = pixel_values * self.rescale_factor
-        if self.image_mean is not None:
-            if pixel_values.device not in self._constants:
-                mean = torch.tensor(self.image_mean, dtype=torch.float32)[:, None, None].to(pixel_values.device)
-                std = torch.tensor(self.image_std, dtype=torch.float32)[:, None, None].to(pixel_values.device)
-                self._constants[pixel_values.device] = (mean, std)
-            mean, std = self._constants[pixel_values.device]
-            pixel_values = (pixel_values - mean) / std
-        return pixel_values
+        """`(batch_size, C, H, W)` resized pixels -> float32 model input, with this processor's constants."""
+        return self.apply(pixels, self.constants().to(pixels.device).expand(len(pixels), -1, -1))
 
 
 _SETTINGS_READ = (
@@ -127,16 +135,16 @@ class ProcessorShortcuts:
     processor, or one of the settings the shortcuts depend on, changes (a user may edit `pipeline.image_processor`)."""
 
     def __init__(self):
-        self._key = None
-        self._shortcuts: tuple[DeviceNormalization | None, ProcessorResize | None] = (None, None)
+        self._state: tuple = (None, (None, None))  # (key, shortcuts), replaced as one object: thread-safe reads
 
     def __call__(self, image_processor) -> tuple[DeviceNormalization | None, ProcessorResize | None]:
         key = (id(image_processor), type(image_processor),
                tuple(repr(getattr(image_processor, name, None)) for name in _SETTINGS_READ))
-        if key != self._key:
+        known_key, shortcuts = self._state
+        if key != known_key:
             normalization = DeviceNormalization.from_processor(image_processor)
             resize = ProcessorResize.from_processor(image_processor) if normalization is not None else None
-            self._shortcuts = (normalization, resize)  # (before the key: a thread that sees the key sees these)
-            self._key = key
-        return self._shortcuts
+            shortcuts = (normalization, resize)
+            self._state = (key, shortcuts)
+        return shortcuts
 

@@ -88,8 +88,9 @@ def reconstruction_targets(model: torch.nn.Module, pixel_values: torch.Tensor) -
 def _runs_bfloat16_natively(device_type: str, device_index: int | None) -> bool:
     if device_type == "cuda":
         properties = torch.cuda.get_device_properties(device_index)
-        if torch.version.hip:  # AMD: the CDNA 2/3 (MI200, MI300) and RDNA 3/4 matrix units take bf16
-            return getattr(properties, "gcnArchName", "").startswith(("gfx90a", "gfx94", "gfx95", "gfx11", "gfx12"))
+        if torch.version.hip:  # AMD: the CDNA (MI100 to MI300) and RDNA 3/4 matrix units take bf16
+            arch = getattr(properties, "gcnArchName", "")
+            return arch.startswith(("gfx908", "gfx90a", "gfx94", "gfx95", "gfx11", "gfx12"))
         # NVIDIA: Ampere and later; older GPUs emulate bf16, slower than float32.
         return properties.major >= 8
     if device_type == "cpu":
@@ -106,7 +107,7 @@ def _runs_bfloat16_natively(device_type: str, device_index: int | None) -> bool:
 def runs_bfloat16_natively(device: torch.device | str) -> bool:
     """Whether `device` multiplies bfloat16 matrices in hardware, so that a bf16 forward is faster than float32.
 
-    True for CUDA GPUs of compute capability 8.0 or more (A100, H100, RTX 30xx on), AMD MI200/MI300 and RDNA 3 on,
+    True for CUDA GPUs of compute capability 8.0 or more (A100, H100, RTX 30xx on), AMD MI100 to MI300 and RDNA 3 on,
     and x86 CPUs with AVX512-BF16 or AMX-BF16 (Cooper Lake, Sapphire Rapids and later Xeons, AMD Zen 4 and later),
     where ViT-B's masked forwards run about 3x faster in bf16 (README, Speed). False elsewhere (there bf16 is
     emulated, slower than float32). A bare "cuda" is the current CUDA device.
@@ -262,10 +263,10 @@ def squared_error_per_patch_pixel(
     Args:
         predicted_patches (`torch.Tensor` of shape `(..., num_patches, patch_size**2 * num_channels)`): any float
             dtype (bf16 is upcast element by element).
-        target_patches (`torch.Tensor`): broadcastable to `predicted_patches`, float32 or float64 (the result's dtype).
+        target_patches (`torch.Tensor`): broadcastable to `predicted_patches`, float32 or float64.
 
     Returns:
-        `torch.Tensor` of shape `(..., num_patches, patch_size**2)`.
+        `torch.Tensor` of shape `(..., num_patches, patch_size**2)`, in the wider of the two dtypes.
     """
     difference = predicted_patches - target_patches
     return difference.square_().unflatten(-1, (-1, model.config.num_channels)).sum(dim=-1)

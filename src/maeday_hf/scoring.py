@@ -110,7 +110,10 @@ def maeday_anomaly_maps(
     num_masks = noise.shape[0]
     device = pixel_values.device
     noise = noise.to(device)
-    target_patches = reconstruction_targets(model, pixel_values)
+    # Errors in float32, or in float64 where the model or the pixels are: both branches below accumulate in it.
+    model_dtype = next(model.parameters()).dtype
+    error_dtype = torch.promote_types(torch.promote_types(pixel_values.dtype, model_dtype), torch.float32)
+    target_patches = reconstruction_targets(model, pixel_values.to(error_dtype))
     num_patches = target_patches.shape[1]
     patch_area = model.config.patch_size**2
 
