@@ -85,3 +85,18 @@ def test_cuda_graph_steps_equal_eager_steps(bf16, tmp_path):
     np.testing.assert_allclose(graph_losses, eager_losses, rtol=tolerance)
     for name in eager_weights:
         torch.testing.assert_close(graph_weights[name], eager_weights[name], rtol=tolerance, atol=tolerance * 1e-2)
+
+
+def test_gpu_bf16_detection_agrees_with_torch():
+    from maeday_hf.reconstruction import runs_bfloat16_natively
+
+    for index in range(torch.cuda.device_count()):
+        with torch.cuda.device(index):
+            assert runs_bfloat16_natively(f"cuda:{index}") is torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def test_gpu_graph_steps_with_timing_logged_equal_eager_steps(tmp_path, caplog):
+    # The graph loop's INFO timing adds a host sync; the steps must not change with it.
+    caplog.set_level("INFO", logger="maeday_hf.step_loop")
+    test_cuda_graph_steps_equal_eager_steps(False, tmp_path)
+    assert "warm-up steps and the capture took" in caplog.text
