@@ -152,8 +152,9 @@ def test_gpu_default_batch_fills_about_1024_pairs_whatever_the_number_of_masks()
 # --- the overlapped loop ------------------------------------------------------------------------------------------
 
 
-def test_prefetch_keeps_order_and_raises_at_the_failing_item():
-    assert list(prefetch(range(20), lambda x: x * x, num_threads=3, lookahead=4)) == [x * x for x in range(20)]
+@pytest.mark.parametrize("num_threads", [0, 2, 3])
+def test_prefetch_keeps_order_and_raises_at_the_failing_item(num_threads):
+    assert list(prefetch(range(20), lambda x: x * x, num_threads, lookahead=4)) == [x * x for x in range(20)]
     assert [len(batch) for batch in batched(range(7), 3)] == [3, 3, 1]
 
     def fails_at_five(x):
@@ -163,17 +164,32 @@ def test_prefetch_keeps_order_and_raises_at_the_failing_item():
 
     seen = []
     with pytest.raises(ValueError, match="item 5"):
-        for value in prefetch(range(10), fails_at_five, num_threads=2, lookahead=3):
+        for value in prefetch(range(10), fails_at_five, num_threads, lookahead=3):
             seen.append(value)
     assert seen == [0, 1, 2, 3, 4]
 
 
-@pytest.mark.parametrize("batch_size", [1, 2, 5])
-def test_overlapped_loop_returns_what_the_stock_loop_returns(detector, images, batch_size):
+def test_gpu_call_defaults_and_an_explicit_zero_workers(detector, images, monkeypatch):
+    # What the pipeline hands the stock `Pipeline.__call__` on a GPU (faked: the stock call is replaced).
+    from transformers import Pipeline
+
+    from maeday_hf.overlap import default_num_threads
+
+    handed = []
+    monkeypatch.setattr(Pipeline, "__call__", lambda self, inputs, **kwargs: handed.append(kwargs))
+    monkeypatch.setattr(detector, "device", torch.device("cuda"))
+    detector(images, num_masks=32)
+    detector(images, num_masks=4, num_workers=0, batch_size=3)
+    assert handed[0]["num_workers"] == default_num_threads() and handed[0]["batch_size"] == 32
+    assert handed[1]["num_workers"] == 0 and handed[1]["batch_size"] == 3
+
+
+@pytest.mark.parametrize("batch_size, num_threads", [(1, 2), (2, 0), (5, 2)])
+def test_overlapped_loop_returns_what_the_stock_loop_returns(detector, images, batch_size, num_threads):
     call = dict(num_masks=3, seed=2, threshold=0.5, return_uncertainty=True)
     stock = detector(images, batch_size=batch_size, **call)
     preprocess, forward, postprocess = detector._sanitize_parameters(**call)
-    overlapped = list(detector._overlapped_results(images, 2, batch_size, preprocess, forward, postprocess))
+    overlapped = list(detector._overlapped_results(images, num_threads, batch_size, preprocess, forward, postprocess))
     assert len(overlapped) == len(stock)
     for ours, theirs in zip(overlapped, stock):
         assert ours["score"] == theirs["score"] and ours["label"] == theirs["label"]

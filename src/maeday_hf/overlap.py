@@ -30,12 +30,16 @@ def default_num_threads() -> int:
 
 
 def prefetch(items: Iterable[Any], function: Callable[[Any], Any], num_threads: int, lookahead: int) -> Iterator[Any]:
-    """`function(item)` for each item, in order, computed up to `lookahead` items ahead by `num_threads` threads.
+    """`function(item)` for each item, in order, computed up to `lookahead` items ahead by `num_threads` threads
+    (0: in the calling thread, one item at a time).
 
     An exception raised by `function` is raised here, at its item.
     """
     if lookahead < 1:
         raise ValueError(f"lookahead must be at least 1, got {lookahead}.")
+    if num_threads == 0:
+        yield from map(function, items)
+        return
     iterator = iter(items)
     with concurrent.futures.ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="maeday-preprocess") as pool:
         pending = collections.deque(pool.submit(function, item) for item in itertools.islice(iterator, lookahead))

@@ -224,14 +224,15 @@ class AnomalyDetectionPipeline(Pipeline):
             bf16 (`bool`, *optional*): run the model in bfloat16 (a bf16 copy of its weights, kept current); by default
                 where the device multiplies bf16 in hardware (GPUs from Ampere on, CPUs with AVX512-BF16 or AMX),
                 about 3x faster than float32 (maps within 0.23 % of the float32 ones' maximum on a CPU, 0.38 % on
-                an H200, measured with ViT-B). Errors, filtering and
-                averaging stay float32; `bf16=False` gives float32 maps.
+                an H200, measured with ViT-B). Errors, filtering and averaging stay float32; `bf16=False` gives
+                float32 maps.
             threshold (`float`, *optional*): add `label` and `mask` by thresholding the score and the map.
             batch_size (`int`, *optional*): images per forward pass (their masked copies are batched too); default 1
                 on a CPU; on a GPU, enough images for 1,024 (image, mask) pairs (32 at N = 32). Results do not depend
                 on it.
-            num_workers (`int`, *optional*): on a CPU, DataLoader processes that preprocess; on a GPU, threads that
-                decode and resize ahead while the GPU computes (default up to 8).
+            num_workers (`int`, *optional*): on a CPU, DataLoader processes that preprocess (default 0); on a GPU,
+                threads that decode and resize ahead while the GPU computes (default up to 8; 0 preprocesses in the
+                calling thread, between batches).
             ensemble (`"patchcore"` or a fitted `maeday_hf.PatchCore`, *optional*): sum MAEDAY's and PatchCore's
                 normalised scores and maps (the paper's best configuration). Each method is standardised over the
                 images of this call (no labels), so pass at least two images; `"patchcore"` fits a PatchCore with the
@@ -253,12 +254,16 @@ class AnomalyDetectionPipeline(Pipeline):
             - **mask** (`PIL.Image.Image`, mode "L", `(H, W)`) -- 255 where `anomaly_map > threshold`; only with
               `threshold`.
         """
+        if self.device.type == "cuda":
+            # The GPU defaults, decided here: the stock `__call__` turns an unset num_workers into 0.
+            if kwargs.get("batch_size") is None and self._batch_size is None:
+                num_masks = kwargs.get("num_masks", self._forward_params.get("num_masks", DEFAULT_NUM_MASKS))
+                kwargs["batch_size"] = default_gpu_batch_size(num_masks)
+            if kwargs.get("num_workers") is None and self._num_workers is None:
+                kwargs["num_workers"] = default_num_threads()
         if ensemble is None:
             if reference_images is not None or ensemble_stats is not None:
                 raise ValueError("reference_images and ensemble_stats are only used with ensemble=.")
-            if kwargs.get("batch_size") is None and self._batch_size is None and self.device.type == "cuda":
-                num_masks = kwargs.get("num_masks", self._forward_params.get("num_masks", DEFAULT_NUM_MASKS))
-                kwargs["batch_size"] = default_gpu_batch_size(num_masks)
             return super().__call__(inputs, **kwargs)
         return self._ensemble_call(inputs, ensemble, reference_images, ensemble_stats, **kwargs)
 
@@ -304,8 +309,7 @@ class AnomalyDetectionPipeline(Pipeline):
                 inputs, num_workers, batch_size, preprocess_params, forward_params, postprocess_params
             )
         return self._overlapped_results(
-            inputs, num_workers or default_num_threads(), batch_size, preprocess_params, forward_params,
-            postprocess_params,
+            inputs, num_workers, batch_size, preprocess_params, forward_params, postprocess_params
         )
 
     def _overlapped_results(
