@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 from transformers import ViTImageProcessor, ViTMAEConfig, ViTMAEForPreTraining
 
+from maeday_hf.cli import BF16_OF_PRECISION
 from maeday_hf.finetune import FinetuneConfig, finetune
 
 
@@ -32,7 +33,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--num-shots", type=int, default=1)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+    parser.add_argument("--precision", choices=tuple(BF16_OF_PRECISION), default="auto",
                         help="auto: the package's default (bf16 where the device multiplies it in hardware)")
     parser.add_argument("--bf16", dest="precision", action="store_const", const="bf16", help="--precision bf16")
     parser.add_argument("--full-finetune", action="store_true")
@@ -63,7 +64,7 @@ def main() -> None:
             batch_size=args.batch_size,
             full_finetune=args.full_finetune,
             use_cpu=args.device == "cpu",
-            bf16={"auto": None, "bf16": True, "fp32": False}[args.precision],
+            bf16=BF16_OF_PRECISION[args.precision],
             cuda_graph=not args.trainer_loop,
             disable_tqdm=True,
             logging_steps=max(1, args.steps),

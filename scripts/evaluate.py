@@ -19,6 +19,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from maeday_hf.cli import BF16_OF_PRECISION
 from maeday_hf.masking import MASK_SCHEDULES
 from maeday_hf.protocol import PAPER_REPETITIONS, ProtocolConfig, execute_protocol, prepare_protocol
 
@@ -54,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-pixel-metrics", dest="pixel_metrics", action="store_false",
                         help="Image metrics only (datasets without masks).")
     parser.add_argument("--no-plots", dest="plots", action="store_false", help="Skip the PNG figures.")
-    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+    parser.add_argument("--precision", choices=tuple(BF16_OF_PRECISION), default="auto",
                         help="Model precision for scoring and fine-tuning; auto: bf16 where the device multiplies it "
                              "in hardware (recorded with the settings).")
     parser.add_argument("--device", default="auto", help="'auto' (each process's accelerator), 'cpu', 'cuda:0', ...")
@@ -100,7 +101,7 @@ def config_from_args(args: argparse.Namespace) -> ProtocolConfig:
         finetune=FinetuneConfig(**recipe),
         pixel_metrics=args.pixel_metrics,
         plots=args.plots,
-        bf16={"auto": None, "bf16": True, "fp32": False}[args.precision],
+        bf16=BF16_OF_PRECISION[args.precision],
         device=args.device,
         show_progress=not args.quiet,
     )

@@ -64,8 +64,9 @@ def collect_images(inputs: Sequence[str]) -> list[tuple[Path, str]]:
     return images
 
 
-# --precision -> the `bf16` argument of the pipeline and of FinetuneConfig (None: the device decides).
-_BF16_OF_PRECISION = {"auto": None, "bf16": True, "fp32": False}
+# --precision -> the `bf16` argument of the pipeline, FinetuneConfig and ProtocolConfig (None: the device decides).
+BF16_OF_PRECISION = {"auto": None, "bf16": True, "fp32": False}
+
 
 class _PathDataset(torch.utils.data.Dataset):
     def __init__(self, paths: list[str]):
@@ -91,7 +92,7 @@ def run_detect(args: argparse.Namespace) -> int:
         seed=args.seed,
         mask_schedule=args.mask_schedule,
         mask_batch_size=args.mask_batch_size,
-        bf16=_BF16_OF_PRECISION[args.precision],
+        bf16=BF16_OF_PRECISION[args.precision],
     )
     if args.threshold is not None:
         call_kwargs["threshold"] = args.threshold
@@ -164,7 +165,7 @@ def add_detect_parser(subparsers) -> None:
                         help="decoding ahead of the model: threads on a GPU (default 8), processes on a CPU (default 0)")
     parser.add_argument("--mask-batch-size", type=int, default=None,
                         help="most (image, mask) pairs per forward (default: 1024 on a GPU, 128 on a CPU)")
-    parser.add_argument("--precision", choices=tuple(_BF16_OF_PRECISION), default="auto",
+    parser.add_argument("--precision", choices=tuple(BF16_OF_PRECISION), default="auto",
                         help="the model's forward; auto: bf16 where the device multiplies it in hardware (GPUs from "
                              "Ampere on, CPUs with AVX512-BF16/AMX), else fp32; maps stay fp32")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -214,7 +215,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         calibration_views_per_shot=args.calibration_views,
         calibration_num_masks=args.calibration_masks,
         use_cpu=args.cpu,
-        bf16=_BF16_OF_PRECISION[args.precision],
+        bf16=BF16_OF_PRECISION[args.precision],
         disable_tqdm=args.quiet,
     )
     result = finetune(
@@ -262,7 +263,7 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calibration-views", type=int, default=4, help="views per shot scored for the threshold")
     parser.add_argument("--calibration-masks", type=int, default=32, help="masks per calibration view")
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is available")
-    parser.add_argument("--precision", choices=tuple(_BF16_OF_PRECISION), default="auto",
+    parser.add_argument("--precision", choices=tuple(BF16_OF_PRECISION), default="auto",
                         help="auto: under accelerate launch its --mixed_precision, else bf16 mixed precision where "
                              "the device multiplies bf16 in hardware (GPUs from Ampere on, CPUs with "
                              "AVX512-BF16/AMX), else fp32; bf16/fp32 override accelerate's setting")

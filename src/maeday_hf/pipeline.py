@@ -1,9 +1,9 @@
 """`AnomalyDetectionPipeline`: zero-shot MAEDAY as a `transformers` pipeline.
 
 This module and the ones it imports relatively (`masking`, `reconstruction`, `scoring`, `images`, `overlap`,
-`preprocessing`) depend
-only on torch, numpy, PIL and transformers, so `pipeline.save_pretrained(folder)` / `push_to_hub` can ship them as
-remote code and the pipeline loads with `trust_remote_code=True` where `maeday_hf` is not installed.
+`preprocessing`) depend only on torch, numpy, PIL and transformers, so `pipeline.save_pretrained(folder)` /
+`push_to_hub` can ship them as remote code and the pipeline loads with `trust_remote_code=True` where `maeday_hf` is
+not installed.
 """
 
 from __future__ import annotations

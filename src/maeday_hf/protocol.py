@@ -259,14 +259,10 @@ class ProtocolConfig:
 
             self.finetune = FinetuneConfig()
         if self.bf16 is None:
-            import torch
-
+            from .modeling import resolve_device
             from .reconstruction import runs_bfloat16_natively
 
-            device = self.device
-            if device == "auto":
-                device = "cuda" if torch.cuda.is_available() else "cpu"
-            self.bf16 = runs_bfloat16_natively(device)
+            self.bf16 = runs_bfloat16_natively(resolve_device(self.device))
         elif not isinstance(self.bf16, bool):
             raise TypeError(f"bf16 must be True, False or None (the device decides), got {self.bf16!r}.")
         if self.finetune.bf16 is None:  # fixed here, so a launcher's setting does not change it either
