@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import make_tiny_model
 from maeday_hf.cli import main
 from maeday_hf.synthetic import write_synthetic_mvtec
 
@@ -62,6 +63,8 @@ def test_scores_match_the_pipeline(synthetic_root, tiny_checkpoint, tmp_path, pr
         (["--num-masks", "0"], "num_masks must be >= 1, got 0"),
         (["--mask-ratio", "1.0"], "mask_ratio must be in [0, 1)"),
         (["--mask-batch-size", "0"], "mask_batch_size must be >= 1"),
+        (["--device", "nonsense"], "device='nonsense' is not a device"),
+        (["--device", "cuda:7"], "device='cuda:7', but"),
     ],
 )
 def test_bad_options_print_one_line(synthetic_root, tiny_checkpoint, tmp_path, capsys, extra, fragment):
@@ -79,7 +82,11 @@ def test_bad_inputs_print_one_line(tiny_checkpoint, tmp_path, capsys):
     corrupt.write_bytes(b"garbage")
     empty = tmp_path / "empty"
     empty.mkdir()
+    without_processor = tmp_path / "model-without-processor"
+    make_tiny_model().save_pretrained(without_processor)
     cases = [
+        (["detect", str(corrupt), "--model", str(without_processor), "--out", str(tmp_path)],
+         "from its folder: Can't load image processor"),
         (["detect", str(tmp_path / "absent.png"), "--model", tiny_checkpoint, "--out", str(tmp_path)], "absent.png"),
         (["detect", str(empty), "--model", tiny_checkpoint, "--out", str(tmp_path)], "no images"),
         (["detect", str(corrupt), "--model", tiny_checkpoint, "--out", str(tmp_path)], "broken.png"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -164,6 +165,27 @@ def test_bad_image_inputs(detector, tmp_path):
         detector(np.zeros((4, 4, 2), dtype=np.uint8))
 
 
+def test_more_image_inputs_read_as_expected(tmp_path, monkeypatch):
+    from maeday_hf.images import load_rgb_image
+
+    rng = np.random.default_rng(3)
+    values = rng.integers(0, 65536, (6, 7), dtype=np.uint16)
+    # Big-endian 16-bit (NumPy's view of Pillow's "I;16B") reads as the same image as native 16-bit.
+    assert np.array_equal(np.asarray(load_rgb_image(values.astype(">u2"))), np.asarray(load_rgb_image(values)))
+    # Premultiplied grey + alpha ("La"), which Pillow cannot convert to RGB directly.
+    grey = rng.integers(0, 256, (6, 7), dtype=np.uint8)
+    la = Image.merge("LA", [Image.fromarray(grey), Image.new("L", (7, 6), 255)]).convert("La")
+    assert np.array_equal(np.asarray(load_rgb_image(la)), np.repeat(grey[..., None], 3, axis=-1))
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        load_rgb_image(np.full((4, 4, 3), np.nan, dtype=np.float32))
+    # An image over Pillow's decompression-bomb limit: one ValueError naming the file and the setting.
+    path = tmp_path / "huge.png"
+    Image.new("L", (64, 64)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(ValueError, match="huge.png.*MAX_IMAGE_PIXELS"):
+        load_rgb_image(path)
+
+
 def test_a_checkpoint_that_is_not_vit_mae_is_refused(tmp_path):
     config = BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=9)
     BertForPreTraining(config).save_pretrained(tmp_path)
@@ -282,3 +304,15 @@ def test_bf16_autocast_stays_close_to_float32(detector, images):
     assert fast["score"] == pytest.approx(exact["score"], rel=0.05)
     with pytest.raises(TypeError, match="bf16"):
         detector(images[1], bf16="yes")
+
+
+def test_a_device_is_checked_to_exist_here():
+    from maeday_hf.modeling import resolve_device
+
+    assert resolve_device("cpu") == "cpu" and resolve_device(torch.device("cpu")) == torch.device("cpu")
+    assert resolve_device(-1) == -1  # transformers' "CPU"
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for missing in (gpus, f"cuda:{gpus}", -3, "gpu", True):
+        with pytest.raises(ValueError, match=re.escape(f"device={missing!r}")):
+            resolve_device(missing)

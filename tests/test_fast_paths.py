@@ -281,6 +281,30 @@ def test_threads_sharing_a_model_get_their_own_reconstructions(bf16):
                 torch.testing.assert_close(result, expected[job], rtol=1e-5, atol=1e-6)
 
 
+def test_threads_sharing_a_model_with_different_mask_ratios_each_get_their_own():
+    # The mask ratio lives in the shared config: one thread's ratio must not leak into another's forwards.
+    import concurrent.futures
+
+    from maeday_hf.scoring import maeday_anomaly_maps
+
+    model = make_tiny_model()
+    torch.manual_seed(2)
+    images = torch.randn(2, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)
+    ratios = (0.75, 0.25, 0.5)
+    noise = make_mask_noise(3, 16, 0.75, seed=0)
+    expected = {ratio: maeday_anomaly_maps(model, images, noise, ratio, bf16=False)["pred_score"] for ratio in ratios}
+    assert len({tuple(scores.tolist()) for scores in expected.values()}) == len(ratios)  # the ratio matters here
+
+    def run(job):
+        ratio = ratios[job % len(ratios)]
+        return ratio, maeday_anomaly_maps(model, images, noise, ratio, mask_batch_size=2, bf16=False)["pred_score"]
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        for ratio, scores in pool.map(run, range(60)):
+            torch.testing.assert_close(scores, expected[ratio], rtol=1e-5, atol=1e-6)
+    assert model.config.mask_ratio == make_tiny_model().config.mask_ratio
+
+
 # --- bf16 weights -------------------------------------------------------------------------------------------------
 
 

@@ -223,6 +223,16 @@ def test_unknown_category_is_named_with_the_valid_ones(tiny_checkpoint, syntheti
     assert not (tmp_path / "out").exists()  # nothing written before the input was checked
 
 
+@pytest.mark.parametrize("precision", ["auto", "fp32"])
+def test_a_device_that_is_not_here_is_refused_before_anything_is_written(
+    tiny_checkpoint, synthetic_root, tmp_path, capsys, precision
+):
+    for device in ("nonsense", "cuda:7"):
+        argv = _argv(tiny_checkpoint, synthetic_root, tmp_path / "out") + ["--device", device, "--precision", precision]
+        assert f"device={device!r}" in _run_error(capsys, argv)
+        assert not (tmp_path / "out").exists()
+
+
 def test_folder_that_is_not_mvtec_shaped(tiny_checkpoint, tmp_path, capsys):
     (tmp_path / "data" / "photos").mkdir(parents=True)
     argv = ["--model", tiny_checkpoint, "--dataset", str(tmp_path / "data"), "--output-dir", str(tmp_path / "out")]

@@ -33,6 +33,10 @@ def _open_image_file(path: str | os.PathLike) -> Image.Image:
         with Image.open(path) as image:
             image.load()  # decode now, so a truncated file fails here and not later
             return image.copy()
+    except Image.DecompressionBombError as error:
+        raise ValueError(
+            f"Cannot read {os.fspath(path)!r}: {error} To read larger images, raise PIL.Image.MAX_IMAGE_PIXELS."
+        ) from None
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
         raise ValueError(f"Cannot read {os.fspath(path)!r} as an image: {error}") from None
 
@@ -40,8 +44,11 @@ def _open_image_file(path: str | os.PathLike) -> Image.Image:
 def array_to_rgb_image(array: np.ndarray) -> Image.Image:
     """`(H, W)`, `(H, W, 1)`, `(H, W, 3)` or `(H, W, 4)` array -> RGB PIL image.
 
-    uint8 is used as is, uint16 is rescaled from [0, 65535], bool to {0, 255}, floats are taken as [0, 1] (clipped).
+    uint8 is used as is, uint16 is rescaled from [0, 65535] (either byte order), bool to {0, 255}, floats are taken
+    as [0, 1] (clipped; NaN or infinite values are refused).
     """
+    if not array.dtype.isnative:  # e.g. big-endian 16-bit, as NumPy reads Pillow's "I;16B"
+        array = array.astype(array.dtype.newbyteorder("="))
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
@@ -55,6 +62,11 @@ def array_to_rgb_image(array: np.ndarray) -> Image.Image:
     elif array.dtype == np.uint16:
         array = np.round(array / 257.0).astype(np.uint8)
     elif np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise ValueError(
+                f"Expected finite values in a float image array, got {np.count_nonzero(~np.isfinite(array))} NaN or "
+                f"infinite value(s) in an array of shape {array.shape}."
+            )
         array = np.round(np.clip(array, 0.0, 1.0) * 255.0).astype(np.uint8)
     else:
         raise ValueError(f"Expected a uint8, uint16, bool or float image array, got dtype {array.dtype}.")
@@ -81,6 +93,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
         return image
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
+    elif image.mode == "La":  # premultiplied alpha: Pillow converts it only to LA
+        image = image.convert("LA")
     return image.convert("RGB")
 
 

@@ -258,11 +258,13 @@ class ProtocolConfig:
             from .finetune import FinetuneConfig
 
             self.finetune = FinetuneConfig()
+        from .modeling import resolve_device
+
+        device = resolve_device(self.device)  # one that is not here is refused now, before anything is written
         if self.bf16 is None:
-            from .modeling import resolve_device
             from .reconstruction import runs_bfloat16_natively
 
-            self.bf16 = runs_bfloat16_natively(resolve_device(self.device))
+            self.bf16 = runs_bfloat16_natively(device)
         elif not isinstance(self.bf16, bool):
             raise TypeError(f"bf16 must be True, False or None (the device decides), got {self.bf16!r}.")
         if self.finetune.bf16 is None:  # fixed here, so a launcher's setting does not change it either

@@ -55,15 +55,35 @@ def count_patches(model: torch.nn.Module, pixel_values: torch.Tensor) -> int:
     return (pixel_values.shape[-2] // patch_size) * (pixel_values.shape[-1] // patch_size)
 
 
+_CONFIG_LOCKS: dict[int, threading.RLock] = {}
+_CONFIG_LOCKS_GUARD = threading.Lock()
+
+
+def _config_lock(config) -> threading.RLock:
+    """One re-entrant lock per config object (configs are unhashable, so keyed by id, dropped with the config)."""
+    with _CONFIG_LOCKS_GUARD:
+        lock = _CONFIG_LOCKS.get(id(config))
+        if lock is None:
+            lock = _CONFIG_LOCKS[id(config)] = threading.RLock()
+            weakref.finalize(config, _CONFIG_LOCKS.pop, id(config), None)
+    return lock
+
+
 @contextlib.contextmanager
 def mask_ratio_set_to(model: torch.nn.Module, mask_ratio: float) -> Iterator[None]:
-    """Temporarily set `model.config.mask_ratio` (read by `random_masking` at each forward), then restore it."""
-    original_mask_ratio = model.config.mask_ratio
-    model.config.mask_ratio = mask_ratio
-    try:
-        yield
-    finally:
-        model.config.mask_ratio = original_mask_ratio
+    """Temporarily set `model.config.mask_ratio` (read by `random_masking` at each forward), then restore it.
+
+    The config is shared (by the model's bf16 copy, and by every thread holding the model), so the block holds a lock
+    on it: another thread's block, with its own ratio, waits until this one ends instead of changing the ratio under
+    this one's forwards.
+    """
+    with _config_lock(model.config):
+        original_mask_ratio = model.config.mask_ratio
+        model.config.mask_ratio = mask_ratio
+        try:
+            yield
+        finally:
+            model.config.mask_ratio = original_mask_ratio
 
 
 def reconstruction_targets(model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
