@@ -104,6 +104,19 @@ def test_greedy_coreset_with_projection_is_seeded_and_distinct():
     assert len(set(first.tolist())) == 30
 
 
+def test_greedy_coreset_never_picks_a_point_twice_among_near_duplicates():
+    # ReLU-like features with a large common offset and near-duplicate pairs: the distances between the pairs are
+    # below the rounding of the uncentred expansion, and exact duplicates have distance 0.
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(300, 256, generator=generator) * 0.5 + 10
+    features = torch.cat([features, features + 1e-3 * torch.randn(300, 256, generator=generator), features[:50]])
+    indices = greedy_coreset_indices(features, len(features), None, torch.Generator().manual_seed(0))
+    assert sorted(indices.tolist()) == list(range(len(features)))
+    # The first 300 picks are one of each pair: a near-duplicate is the farthest point only once its twin is taken.
+    first = indices[:300] % 300
+    assert len(set(first.tolist())) == 300
+
+
 def test_greedy_coreset_rejects_bad_size():
     with pytest.raises(ValueError, match="num_samples <= 5"):
         greedy_coreset_indices(torch.zeros(5, 2), 6)

@@ -131,18 +131,22 @@ def greedy_coreset_indices(
     start = int(torch.randint(num_points, (1,), generator=generator))
     selected = torch.empty(num_samples, dtype=torch.long, device=features.device)
     selected[0] = start
-    # Squared distance of every point to its nearest selected point (a selected point has ~0 and is not re-picked).
-    # One matrix-vector product per step, ‖x‖² + ‖c‖² − 2x·c, is ~4x faster than materialising x − c.
+    # Squared distance of every point to its nearest selected point. One matrix-vector product per step,
+    # ‖x‖² + ‖c‖² − 2x·c, is ~4x faster than materialising x − c. Centred first: the expansion's rounding grows with
+    # the norms, and ReLU features share a large offset that would otherwise drown the distances of near-duplicates.
+    features = features - features.mean(dim=0)
     squared_norms = features.pow(2).sum(dim=1)
 
     def squared_distances_to(index: torch.Tensor | int) -> torch.Tensor:
         return torch.addmv(squared_norms + squared_norms[index], features, features[index], alpha=-2).clamp_min_(0)
 
     min_distances = squared_distances_to(start)
+    min_distances[start] = -1.0  # selected points stay below every distance, so none is picked twice
     for step in range(1, num_samples):
         index = torch.argmax(min_distances)
         selected[step] = index
         torch.minimum(min_distances, squared_distances_to(index), out=min_distances)
+        min_distances[index] = -1.0
     return selected
 
 
