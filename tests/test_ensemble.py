@@ -128,6 +128,29 @@ def test_constant_scores_fall_back_to_unit_scale(caplog):
     assert "spread" in caplog.text
 
 
+def test_float32_rounding_is_not_taken_for_a_spread(caplog):
+    # Three identical queries scored in two batches: float32 scores one step apart carry no ranking information,
+    # so they must not be blown up to unit variance and decide the ensemble's order.
+    rounded = np.array([1.1287628, 1.1287628, 1.1287627], dtype=np.float32).astype(np.float64)
+    other = np.array([0.0, 1.0, 2.0])
+    maps = [np.full((3, 4, 4), value, dtype=np.float32) for value in (1.0, 2.0)]
+    scores, _ = ensemble_scores([other, rounded], [np.stack([m[0] for m in maps] + [maps[0][0]]), maps[1]])
+    assert np.argsort(scores).tolist() == [0, 1, 2]
+    assert "spread" in caplog.text
+
+
+def test_robust_scale_of_sparse_maps_follows_a_gain():
+    # More than half of the pixels are exactly 0 (zero IQR), the rest vary: the map's scale must still follow a gain.
+    rng = np.random.default_rng(0)
+    sparse = np.zeros((4, 8, 8), dtype=np.float32)
+    sparse[:, 0, :3] = rng.random((4, 3))
+    dense = rng.random((4, 8, 8)).astype(np.float32)
+    scores = [rng.random(4), rng.random(4)]
+    _, maps = ensemble_scores(scores, [dense, sparse], method="robust")
+    _, amplified = ensemble_scores(scores, [dense, sparse * 1000], method="robust")
+    np.testing.assert_allclose(amplified, maps, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize(
     "scores_per_method, maps_per_method, message",
     [

@@ -267,6 +267,39 @@ def test_shots_and_queries_of_any_size_mode_and_type(feature_extractor, tmp_path
     assert all(p["anomaly_map"].dtype == np.float32 and isinstance(p["score"], float) for p in predictions)
 
 
+def test_a_single_image_is_one_image_not_a_sequence(feature_extractor, tmp_path):
+    path = tmp_path / "shot.png"
+    Image.fromarray(_texture(2)).save(path)
+    patchcore = PatchCore(_config(), feature_extractor=feature_extractor, device="cpu")
+    for shot in (str(path), path, Image.open(path), _texture(2)):
+        bank = patchcore.fit(shot).memory_bank
+        torch.testing.assert_close(bank, patchcore.fit([shot]).memory_bank)
+    for query in (str(path), Image.open(path), _texture(5)):
+        predictions = patchcore.predict(query)
+        assert len(predictions) == 1 and predictions[0]["anomaly_map"].shape == (IMAGE_SIZE, IMAGE_SIZE)
+    stacked = np.stack([_texture(5), _texture(6)])  # (N, H, W, C): N images
+    assert [p["score"] for p in patchcore.predict(stacked)] == [
+        p["score"] for p in patchcore.predict([_texture(5), _texture(6)])
+    ]
+
+
+def test_embeddings_of_any_float_dtype_build_a_bank_queries_can_use(feature_extractor):
+    patchcore = PatchCore(_config(), feature_extractor=feature_extractor, device="cpu")
+    embeddings, _ = patchcore.embed([_texture(0)])
+    expected = patchcore.fit_embeddings(embeddings.reshape(-1, embeddings.shape[-1])).predict([_texture(5)])
+    for dtype in (torch.float64, torch.bfloat16):
+        patchcore.fit_embeddings(embeddings.reshape(-1, embeddings.shape[-1]).to(dtype))
+        assert patchcore.memory_bank.dtype == torch.float32
+        score = patchcore.predict([_texture(5)])[0]["score"]
+        assert score == pytest.approx(expected[0]["score"], rel=1e-2)
+
+
+@pytest.mark.parametrize("field, value", [("image_size", 96), ("neighbourhood_size", 5), ("layer_embedding_dim", 8)])
+def test_a_config_that_contradicts_the_given_extractor_is_refused(feature_extractor, field, value):
+    with pytest.raises(ValueError, match=f"PatchCoreConfig.{field}={value}.*feature_extractor"):
+        PatchCore(_config(**{field: value}), feature_extractor=feature_extractor, device="cpu")
+
+
 def test_batch_equals_singles(feature_extractor):
     config = _config(batch_size=2)
     patchcore = PatchCore(config, feature_extractor=feature_extractor, device="cpu").fit([_texture(0)])

@@ -32,8 +32,13 @@ logger = logging.getLogger(__name__)
 
 NormalizationMethod = Literal["zscore", "robust"]
 _METHODS = ("zscore", "robust")
-# A spread at or below this (relative to the values' magnitude) is treated as no spread at all.
-_RELATIVE_EPS = 1e-12
+# A spread at or below this fraction of the values' magnitude is treated as no spread at all: the methods' outputs are
+# float32 (about 6e-8 relative rounding per operation), so a spread of a few float32 steps is rounding, not signal, and
+# dividing by it would blow rounding noise up to unit variance.
+_RELATIVE_EPS = 1e-6
+# Interquartile range / mean absolute deviation of a normal distribution (1.349 sigma / 0.798 sigma): the robust
+# spread of values with a zero IQR (more than half of them equal, e.g. sparse maps) is put on the IQR's scale.
+_IQR_PER_MEAN_ABSOLUTE_DEVIATION = 1.3489795003921634 / math.sqrt(2 / math.pi)
 # Pixel quantiles ("robust") are taken on an evenly strided subsample of at most this many values.
 _MAX_QUANTILE_VALUES = 2**22
 
@@ -70,7 +75,9 @@ def _center_and_scale(chunks: Sequence[np.ndarray], method: NormalizationMethod)
         values = np.concatenate([chunk.ravel()[::stride] for chunk in chunks]).astype(np.float64)
         q25, center, q75 = (float(q) for q in np.percentile(values, [25, 50, 75]))
         scale = q75 - q25
-    if not scale > _RELATIVE_EPS * max(1.0, magnitude):
+        if not scale > _RELATIVE_EPS * magnitude:  # over half the values equal: their mean distance to the median
+            scale = _IQR_PER_MEAN_ABSOLUTE_DEVIATION * float(np.abs(values - center).mean())
+    if not scale > _RELATIVE_EPS * magnitude:
         logger.warning("Cannot measure the spread of %d values (all ~%.4g); normalising with scale 1.", count, center)
         scale = 1.0
     return center, scale

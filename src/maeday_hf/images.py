@@ -119,6 +119,16 @@ def load_rgb_image(image: str | os.PathLike | Image.Image | np.ndarray, timeout:
     )
 
 
+def as_image_list(images) -> list:
+    """A single image (path, URL, PIL image, `(H, W)` or `(H, W, C)` array) -> `[image]`; an `(N, H, W, C)` array or any
+    iterable of images -> a list of them. (Iterating a single image would split it into files' characters or rows.)"""
+    if isinstance(images, (str, os.PathLike, Image.Image)):
+        return [images]
+    if isinstance(images, np.ndarray):
+        return list(images) if images.ndim == 4 else [images]
+    return list(images)
+
+
 def list_images(folder: Path) -> list[Path]:
     """Image files directly in `folder`, sorted by name (so example order, and thus shot selection, is reproducible)."""
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)

@@ -30,6 +30,7 @@ from .feature_extraction import (
     ImageInput,
     PatchFeatureExtractor,
 )
+from .images import as_image_list
 from .scoring import gaussian_filter
 
 logger = logging.getLogger(__name__)
@@ -222,6 +223,22 @@ def reweighted_image_scores(
     return weights * max_scores
 
 
+def _check_extractor_matches(config: PatchCoreConfig, feature_extractor: PatchFeatureExtractor) -> None:
+    """A given extractor decides the features; a config that says otherwise would describe a model that is not run."""
+    # (image_size None is "the checkpoint's", which the extractor has; layer_embedding_dim None is "all channels".)
+    image_size = feature_extractor.image_size if config.image_size is None else (config.image_size, config.image_size)
+    for name, configured, extracted in (
+        ("image_size", image_size, feature_extractor.image_size),
+        ("neighbourhood_size", config.neighbourhood_size, feature_extractor.neighbourhood_size),
+        ("layer_embedding_dim", config.layer_embedding_dim, feature_extractor.layer_embedding_dim),
+    ):
+        if configured != extracted:
+            raise ValueError(
+                f"PatchCoreConfig.{name}={getattr(config, name)!r}, but the given feature_extractor has {name}="
+                f"{extracted!r}; set the config to match it (or leave feature_extractor out to load one from the config)."
+            )
+
+
 def _gaussian_kernel_size(sigma: float) -> int:
     # scipy.ndimage's default truncation (4σ), which the reference implementation uses.
     return 2 * int(4.0 * sigma + 0.5) + 1
@@ -266,6 +283,8 @@ class PatchCore:
                 neighbourhood_size=self.config.neighbourhood_size,
                 layer_embedding_dim=self.config.layer_embedding_dim,
             )
+        else:
+            _check_extractor_matches(self.config, feature_extractor)
         self.feature_extractor = feature_extractor.to(self.device)
         self.show_progress = show_progress
         self.memory_bank: torch.Tensor | None = None
@@ -276,7 +295,7 @@ class PatchCore:
         Returns:
             `embeddings` of shape `(num_images, h, w, dim)` on `self.device` and each image's original `(H0, W0)`.
         """
-        images = list(images)
+        images = as_image_list(images)
         batches, original_sizes = [], []
         starts = range(0, len(images), self.config.batch_size)
         for start in tqdm(starts, desc="PatchCore features", disable=not self.show_progress):
@@ -291,7 +310,7 @@ class PatchCore:
         Raises:
             ValueError: no shots.
         """
-        shots = list(shots)
+        shots = as_image_list(shots)
         if not shots:
             raise ValueError("PatchCore needs at least one normal shot to build its memory bank, got none.")
         embeddings, _ = self.embed(shots)
@@ -304,7 +323,7 @@ class PatchCore:
             raise ValueError(
                 f"Expected patch embeddings of shape (num_patches > 0, dim), got {tuple(embeddings.shape)}."
             )
-        embeddings = embeddings.to(self.device)
+        embeddings = embeddings.to(self.device, torch.float32)  # the backbone's features are float32, so are queries
         num_samples = coreset_size(num_patches, self.config.coreset_ratio, self.config.min_coreset_size)
         if num_samples == num_patches:
             self.memory_bank = embeddings.clone()
@@ -355,7 +374,7 @@ class PatchCore:
         """
         if self.memory_bank is None:
             raise ValueError("PatchCore has no memory bank: call `fit(shots)` before `predict`.")
-        images = list(images)
+        images = as_image_list(images)
         predictions = []
         starts = range(0, len(images), self.config.batch_size)
         for start in tqdm(starts, desc="PatchCore", disable=not self.show_progress):
@@ -390,7 +409,7 @@ def fit_patchcores(
     """
     if not seeds:
         raise ValueError("Expected at least one coreset seed, got none.")
-    shots = list(shots)
+    shots = as_image_list(shots)
     if not shots:
         raise ValueError("PatchCore needs at least one normal shot to build its memory bank, got none.")
     config = config if config is not None else PatchCoreConfig()
