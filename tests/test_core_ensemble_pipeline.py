@@ -77,3 +77,39 @@ def test_fixed_ensemble_stats_make_results_independent_of_the_other_queries(dete
     np.testing.assert_allclose(alone["anomaly_map"], together[1]["anomaly_map"], rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="2 NormalizationStats"):
         detector(queries, ensemble=fitted_patchcore, ensemble_stats=stats[:1])
+
+
+def test_ensemble_inputs_in_any_container_and_one_stat_missing_with_one_image(detector, fitted_patchcore, queries):
+    expected = detector(queries, ensemble=fitted_patchcore, num_masks=3)
+    for container in (tuple(queries), (query for query in queries), np.stack([np.asarray(q) for q in queries])):
+        results = detector(container, ensemble=fitted_patchcore, num_masks=3)
+        assert [r["score"] for r in results] == pytest.approx([r["score"] for r in expected], rel=1e-6)
+    from maeday_hf.ensemble import compute_normalization_stats
+
+    maeday = detector(queries, num_masks=3)
+    stats = compute_normalization_stats([r["score"] for r in maeday], [r["anomaly_map"] for r in maeday])
+    for incomplete in ([None, None], [stats, None]):
+        with pytest.raises(ValueError, match="at least 2"):
+            detector(queries[0], ensemble=fitted_patchcore, ensemble_stats=incomplete)
+    with pytest.raises(ValueError, match="2 NormalizationStats"):
+        detector(queries, ensemble=fitted_patchcore, ensemble_stats=[stats, "unit"])
+    # A single reference image is one shot, as for PatchCore.fit.
+    with pytest.raises(ValueError, match="reference_images"):
+        detector(queries, ensemble="patchcore", reference_images=np.zeros((0, 8, 8, 3), dtype=np.uint8))
+
+
+def test_plain_calls_take_tuples_and_stacked_arrays_as_several_images(detector, queries):
+    expected = [r["score"] for r in detector(queries, num_masks=2)]
+    assert [r["score"] for r in detector(tuple(queries), num_masks=2)] == pytest.approx(expected, rel=1e-6)
+    stacked = np.stack([np.asarray(q) for q in queries])
+    assert [r["score"] for r in detector(stacked, num_masks=2)] == pytest.approx(expected, rel=1e-6)
+
+
+def test_ensemble_uncertainty_is_the_spread_of_maedays_normalised_map(detector, fitted_patchcore, queries):
+    from maeday_hf.ensemble import compute_normalization_stats
+
+    results = detector(queries, ensemble=fitted_patchcore, num_masks=3, return_uncertainty=True)
+    maeday = detector(queries, num_masks=3, return_uncertainty=True)
+    stats = compute_normalization_stats([r["score"] for r in maeday], [r["anomaly_map"] for r in maeday])
+    for result, own in zip(results, maeday):
+        np.testing.assert_allclose(result["uncertainty_map"], own["uncertainty_map"] / stats.map_scale, rtol=1e-5)

@@ -119,14 +119,17 @@ def load_rgb_image(image: str | os.PathLike | Image.Image | np.ndarray, timeout:
     )
 
 
-def as_image_list(images) -> list:
-    """A single image (path, URL, PIL image, `(H, W)` or `(H, W, C)` array) -> `[image]`; an `(N, H, W, C)` array or any
-    iterable of images -> a list of them. (Iterating a single image would split it into files' characters or rows.)"""
-    if isinstance(images, (str, os.PathLike, Image.Image)):
-        return [images]
+def is_single_image(images) -> bool:
+    """Whether `images` is one image (path, URL, PIL image, `(H, W)` or `(H, W, C)` array) rather than several."""
     if isinstance(images, np.ndarray):
-        return list(images) if images.ndim == 4 else [images]
-    return list(images)
+        return images.ndim != 4
+    return isinstance(images, (str, os.PathLike, Image.Image))
+
+
+def as_image_list(images) -> list:
+    """A single image (see `is_single_image`) -> `[image]`; an `(N, H, W, C)` array or any iterable of images -> a
+    list of them. (Iterating a single image would split it into a path's characters or an array's rows.)"""
+    return [images] if is_single_image(images) else list(images)
 
 
 def list_images(folder: Path) -> list[Path]:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import Pipeline
 
-from .images import load_rgb_image
+from .images import as_image_list, is_single_image, load_rgb_image
 from .masking import (
     make_mask_noise,
     validate_mask_ratio,
@@ -209,9 +209,10 @@ class AnomalyDetectionPipeline(Pipeline):
         """Score one image or a list of images.
 
         Args:
-            inputs (`str`, `PIL.Image.Image`, `np.ndarray` or a list of them): paths, URLs, PIL images or arrays
-                (`(H, W)`, `(H, W, 3|4)`; uint8, uint16 or float in [0, 1]). Any size and mode: images are converted
-                to RGB and resized to the model's input; maps come back at the original size.
+            inputs (`str`, `PIL.Image.Image`, `np.ndarray`, or a list, tuple or `(N, H, W, C)` array of them): paths,
+                URLs, PIL images or arrays (`(H, W)`, `(H, W, 3|4)`; uint8, uint16 or float in [0, 1]). Any size and
+                mode: images are converted to RGB and resized to the model's input; maps come back at the original
+                size.
             num_masks (`int`, *optional*, defaults to 32): masked reconstructions per image (N).
             mask_ratio (`float`, *optional*, defaults to 0.75): share of patches masked in each, in [0, 1); the
                 checkpoint's own `config.mask_ratio` is ignored and left unchanged.
@@ -249,7 +250,8 @@ class AnomalyDetectionPipeline(Pipeline):
             - **score** (`float`) -- image anomaly score, the maximum of the anomaly map at the model's resolution.
             - **anomaly_map** (`np.ndarray`, float32, `(H, W)` of the original image) -- pixel anomaly scores.
             - **uncertainty_map** (`np.ndarray`, float32, `(H, W)`) -- per-pixel standard deviation of the N filtered
-              error maps; only with `return_uncertainty=True`.
+              error maps; only with `return_uncertainty=True` (with `ensemble=`, in the ensemble's units: PatchCore
+              draws no masks, so the spread is MAEDAY's divided by its map normalisation scale).
             - **label** (`str`) -- `"anomalous"` if `score > threshold`, else `"normal"`; only with `threshold`.
             - **mask** (`PIL.Image.Image`, mode "L", `(H, W)`) -- 255 where `anomaly_map > threshold`; only with
               `threshold`.
@@ -264,29 +266,35 @@ class AnomalyDetectionPipeline(Pipeline):
         if ensemble is None:
             if reference_images is not None or ensemble_stats is not None:
                 raise ValueError("reference_images and ensemble_stats are only used with ensemble=.")
+            if isinstance(inputs, tuple) or (isinstance(inputs, np.ndarray) and not is_single_image(inputs)):
+                inputs = list(inputs)  # several images, as a list is (the stock call takes a tuple for one input)
             return super().__call__(inputs, **kwargs)
         return self._ensemble_call(inputs, ensemble, reference_images, ensemble_stats, **kwargs)
 
     def _ensemble_call(
         self, inputs, ensemble, reference_images, ensemble_stats, threshold: float | None = None, **kwargs: Any
     ):
-        from .ensemble import ensemble_predictions
+        from .ensemble import NormalizationStats, compute_normalization_stats, ensemble_predictions
         from .patchcore import PatchCore
 
-        images = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
-        if ensemble_stats is not None and len(ensemble_stats) != 2:
-            raise ValueError(f"ensemble_stats must hold 2 NormalizationStats (MAEDAY, PatchCore), got {len(ensemble_stats)}.")
-        if ensemble_stats is None and len(images) < 2:
+        images = as_image_list(inputs)
+        stats = [None, None] if ensemble_stats is None else list(ensemble_stats)
+        if len(stats) != 2 or not all(entry is None or isinstance(entry, NormalizationStats) for entry in stats):
+            raise ValueError(
+                f"ensemble_stats must hold 2 NormalizationStats or None (MAEDAY, PatchCore), got {ensemble_stats!r:.200}."
+            )
+        if len(images) < 2 and None in stats:
             raise ValueError(
                 f"ensemble needs at least 2 query images per call to normalise each method's scores without labels "
-                f"(or fixed ensemble_stats), got {len(images)}."
+                f"(or both methods' fixed ensemble_stats), got {len(images)}."
             )
         if isinstance(ensemble, str):
             if ensemble != "patchcore":
                 raise ValueError(f"ensemble must be 'patchcore' or a fitted PatchCore, got {ensemble!r}.")
-            if not reference_images:
+            shots = as_image_list(reference_images) if reference_images is not None else []
+            if not shots:
                 raise ValueError("ensemble='patchcore' needs reference_images: a non-empty list of normal images.")
-            patchcore = PatchCore(device=self.device).fit(list(reference_images))
+            patchcore = PatchCore(device=self.device).fit(shots)
         elif isinstance(ensemble, PatchCore):
             patchcore = ensemble
         else:
@@ -294,12 +302,20 @@ class AnomalyDetectionPipeline(Pipeline):
         # Decode once; both methods see the same RGB images. MAEDAY's own labels, if any, are dropped by the sum.
         images = [load_rgb_image(image) for image in images]
         maeday_outputs = super().__call__(images, **kwargs)
-        results = ensemble_predictions([maeday_outputs, patchcore.predict(images)], stats=ensemble_stats)
+        if stats[0] is None:
+            stats[0] = compute_normalization_stats(
+                [output["score"] for output in maeday_outputs], [output["anomaly_map"] for output in maeday_outputs]
+            )
+        results = ensemble_predictions([maeday_outputs, patchcore.predict(images)], stats=stats)
+        # PatchCore draws no masks: the spread over masks of the sum is that of MAEDAY's normalised map.
+        for result, output in zip(results, maeday_outputs):
+            if "uncertainty_map" in output:
+                result["uncertainty_map"] = (output["uncertainty_map"] / stats[0].map_scale).astype(np.float32)
         if threshold is not None:
             threshold = _validate_threshold(threshold)
             for result in results:
                 result.update(_threshold_outputs(result["score"], result["anomaly_map"], threshold))
-        return results if isinstance(inputs, (list, tuple)) else results[0]
+        return results[0] if is_single_image(inputs) else results
 
     def get_iterator(
         self, inputs, num_workers: int, batch_size: int, preprocess_params, forward_params, postprocess_params
