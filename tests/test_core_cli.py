@@ -116,6 +116,22 @@ def test_names_from_several_folders_keep_their_category(tmp_path):
     assert [name for _, name in collect_images([str(root / "disc" / "test" / "good" / "000.png")])] == ["000"]
 
 
+def test_a_second_run_into_the_input_folder_scores_the_same_images(tmp_path, tiny_checkpoint):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for index in range(2):
+        Image.fromarray(np.full((32, 32, 3), 40 * index, dtype=np.uint8)).save(folder / f"{index}.png")
+    (folder / "._0.png").write_bytes(b"\x00\x05\x16\x07 macOS resource fork")  # unreadable sidecar: skipped
+    (folder / ".ipynb_checkpoints").mkdir()
+    Image.new("RGB", (32, 32)).save(folder / ".ipynb_checkpoints" / "0-checkpoint.png")
+    argv = ["detect", str(folder), "--model", tiny_checkpoint, "--out", str(folder), "--num-masks", "2", "--quiet",
+            "--device", "cpu"]
+    for _ in range(2):
+        assert main(argv) == 0
+        with open(folder / "scores.csv", newline="") as file:
+            assert [row["path"] for row in csv.DictReader(file)] == [str(folder / "0.png"), str(folder / "1.png")]
+
+
 def test_worker_processes_give_the_same_scores(synthetic_root, tiny_checkpoint, tmp_path):
     folder = str(synthetic_root / "stripes" / "test")
     common = ["--model", tiny_checkpoint, "--num-masks", "2", "--quiet", "--device", "cpu", "--batch-size", "2"]

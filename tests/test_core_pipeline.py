@@ -316,3 +316,12 @@ def test_a_device_is_checked_to_exist_here():
     for missing in (gpus, f"cuda:{gpus}", -3, "gpu", True):
         with pytest.raises(ValueError, match=re.escape(f"device={missing!r}")):
             resolve_device(missing)
+
+
+def test_folder_listing_leaves_out_hidden_files(tmp_path):
+    from maeday_hf.images import list_images
+
+    for name in ("b.png", "a.JPG", "._a.JPG", ".hidden.png", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "sub.png").mkdir()
+    assert [path.name for path in list_images(tmp_path)] == ["a.JPG", "b.png"]

@@ -34,18 +34,29 @@ class CommandError(Exception):
     """An error in the user's input, printed as one line."""
 
 
-def collect_images(inputs: Sequence[str]) -> list[tuple[Path, str]]:
+def collect_images(inputs: Sequence[str], exclude: str | os.PathLike | None = None) -> list[tuple[Path, str]]:
     """Expand files and folders (recursively) into `(path, output name)` pairs, sorted, names unique.
 
     Names are paths relative to the inputs' common folder, `__` for separators: `maeday detect data/*/test` names
     `data/wood/test/crack/000.png` `wood__test__crack__000` (MVTec has `test/good/000.png` and `test/crack/000.png`).
+    In folders, hidden files and folders (`.name`: macOS `._x.png` resource forks, `.ipynb_checkpoints`) and anything
+    under `exclude` (the heatmaps folder, so a second run does not score the first one's heatmaps) are skipped.
     """
+    excluded = Path(os.path.abspath(exclude)) if exclude is not None else None
+
+    def wanted(path: Path, folder: Path) -> bool:
+        if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
+            return False
+        if any(part.startswith(".") for part in path.relative_to(folder).parts):
+            return False
+        return excluded is None or not Path(os.path.abspath(path)).is_relative_to(excluded)
+
     found: list[Path] = []
     roots: list[Path] = []
     for entry in inputs:
         path = Path(entry)
         if path.is_dir():
-            images = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            images = sorted(p for p in path.rglob("*") if wanted(p, path))
             if not images:
                 raise CommandError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in folder {entry!r}")
             found.extend(images)
@@ -99,7 +110,7 @@ def run_detect(args: argparse.Namespace) -> int:
     split_call_parameters(**call_kwargs)  # bad options fail before the model loads
     if args.batch_size is not None:
         validate_positive_int(args.batch_size, "batch_size")
-    images = collect_images(args.inputs)
+    images = collect_images(args.inputs, exclude=Path(args.out) / "heatmaps")  # what a previous run wrote
     detector = load_detector(args.model, device=args.device)
 
     out_dir = Path(args.out)

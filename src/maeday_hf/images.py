@@ -133,5 +133,9 @@ def as_image_list(images) -> list:
 
 
 def list_images(folder: Path) -> list[Path]:
-    """Image files directly in `folder`, sorted by name (so example order, and thus shot selection, is reproducible)."""
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    """Image files directly in `folder`, sorted by name (so example order, and thus shot selection, is reproducible).
+    Hidden files (`.name`, e.g. macOS `._x.png` resource forks, which carry image suffixes but are not images) are
+    left out."""
+    return sorted(
+        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+    )
