@@ -12,47 +12,45 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
+from collections.abc import Sequence
 
-from maeday_hf.data import (
-    FOD_CONFIGS,
-    MVTEC_CATEGORIES,
-    SYNTHETIC_CATEGORIES,
-    load_fod,
-    load_mvtec,
-    load_synthetic_dataset,
-    push_configs_to_hub,
-    write_hub_folder,
-)
+from maeday_hf.data import push_configs_to_hub, write_hub_folder
+from maeday_hf.data.publish import BUILDERS, load_configs
 
-LOADERS = {
-    "mvtec": (load_mvtec, MVTEC_CATEGORIES),
-    "fod": (load_fod, FOD_CONFIGS),
-    "synthetic": (load_synthetic_dataset, SYNTHETIC_CATEGORIES),
-}
+PROG = "publish_dataset"
+USER_ERRORS = (ValueError, OSError)
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("dataset", choices=sorted(LOADERS), help="Which builder reads --root.")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("dataset", choices=sorted(BUILDERS), help="Which builder reads --root.")
     parser.add_argument("--root", required=True, help="Extracted dataset folder (for synthetic: where to write it).")
-    parser.add_argument("--categories", nargs="+", help="Configs to publish (default: all of the dataset).")
+    parser.add_argument("--categories", nargs="+", help="Configs to publish (default: all found under --root).")
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--repo-id", help="Hub dataset repo, e.g. ORG/mvtec-ad.")
     target.add_argument("--dry-run", metavar="DIR", help="Write the repo folder to DIR instead of pushing.")
     parser.add_argument("--private", action="store_true", help="Create the Hub repo as private.")
-    return parser.parse_args()
+    return parser
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    load, all_categories = LOADERS[args.dataset]
-    configs = {name: load(args.root, name) for name in args.categories or all_categories}
-    if args.dry_run:
-        write_hub_folder(configs, args.dry_run)
-    else:
-        push_configs_to_hub(configs, args.repo_id, private=args.private or None)
+    try:
+        configs = load_configs(args.dataset, args.root, args.categories)
+        if args.dry_run:
+            write_hub_folder(configs, args.dry_run)
+        else:
+            push_configs_to_hub(configs, args.repo_id, private=args.private or None)
+    except USER_ERRORS as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,10 +1,16 @@
-"""Atomic writes: a failed write leaves the old file; a folder swap leaves the old or the new folder, never a mix."""
+"""Atomic writes: a failed write leaves the old file; a folder swap leaves the old or the new folder, never a mix;
+results get the permissions a plain write would give them."""
 
 from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
 
 import pytest
 
 from maeday_hf.atomic_io import replace_folder, write_atomically
+from maeday_hf.synthetic import write_synthetic_mvtec
 
 
 def test_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
@@ -38,3 +44,29 @@ def test_replace_folder_swaps_whole_folders(tmp_path):
     fresh.mkdir()
     replace_folder(fresh, tmp_path / "other")  # no previous folder
     assert (tmp_path / "other").is_dir() and not fresh.exists()
+
+
+@pytest.fixture()
+def umask_027():
+    previous = os.umask(0o027)
+    yield
+    os.umask(previous)
+
+
+def test_written_files_and_folders_get_the_permissions_of_a_plain_write(tmp_path, umask_027):
+    path = write_atomically(tmp_path / "results.json", lambda temp: Path(temp).write_text("{}"))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640  # 0o666 & ~umask, as open(path, "w") gives
+    root = write_synthetic_mvtec(tmp_path / "synthetic", categories=["stripes"], num_train=1, num_test_good=1,
+                                 num_test_per_defect=1, image_size=8)
+    assert stat.S_IMODE((root / "stripes").stat().st_mode) == 0o750  # 0o777 & ~umask, as mkdir gives
+    assert stat.S_IMODE((root / "stripes" / "train" / "good" / "000.png").stat().st_mode) == 0o640
+
+
+def test_a_failed_swap_leaves_the_old_folder(tmp_path):
+    target = tmp_path / "adapter"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with pytest.raises(FileNotFoundError):
+        replace_folder(tmp_path / ".adapter.partial-never-written", target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+    assert (target / "old.txt").read_text() == "old"

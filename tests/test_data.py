@@ -11,7 +11,7 @@ from unittest import mock
 import datasets
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import ExifTags, Image
 
 from maeday_hf.data import (
     FOD_CONFIGS,
@@ -255,3 +255,85 @@ def test_dataset_cards_are_read_as_the_hub_reads_them(tmp_path, ending):
     assert header["configs"] == [{"config_name": "bottle"}] and _is_hub_folder(tmp_path)
     (tmp_path / "README.md").write_bytes(b"---\n\xff\xfe not text\n---\n")
     assert not _is_hub_folder(tmp_path)
+
+
+def _png_with_exif_after_pixels(path: Path) -> None:
+    """Move the eXIf chunk of a PNG behind its pixel data (allowed by the PNG spec, found only by decoding)."""
+    data = path.read_bytes()
+    chunks, position = [], 8
+    while position < len(data):
+        length = int.from_bytes(data[position : position + 4], "big")
+        chunks.append(data[position : position + 12 + length])
+        position += 12 + length
+    exif = [c for c in chunks if c[4:8] == b"eXIf"]
+    rest = [c for c in chunks if c[4:8] != b"eXIf"]
+    path.write_bytes(data[:8] + b"".join(rest[:-1]) + b"".join(exif) + rest[-1])
+
+
+@pytest.mark.parametrize("suffix, exif_after_pixels", [(".jpg", False), (".png", False), (".png", True)])
+def test_masks_match_the_image_as_shown_with_exif_orientation(tmp_path, suffix, exif_after_pixels):
+    from maeday_hf.images import load_rgb_image
+
+    config_dir = tmp_path / "indoor"
+    stored = Image.fromarray(_image(0, grayscale=False))  # 12 wide, 10 high as stored
+    exif = stored.getexif()
+    exif[ExifTags.Base.Orientation] = 6  # a phone held upright: shown 10 wide, 12 high
+    for folder in ("normal", "foreign_object"):
+        path = config_dir / folder / f"0{suffix}"
+        path.parent.mkdir(parents=True)
+        stored.save(path, exif=exif)
+        if exif_after_pixels:
+            _png_with_exif_after_pixels(path)
+    mask_path = config_dir / "masks" / "0_mask.png"
+    _save(mask_path, np.zeros((12, 10), dtype=np.uint8))  # drawn on the upright photo
+    example = load_fod(tmp_path, "indoor")["test"][1]
+    upright = (10, 12)
+    shown = load_rgb_image(config_dir / "foreign_object" / f"0{suffix}")  # what the pipeline's anomaly map follows
+    assert example["image"].size == example["mask"].size == shown.size == upright
+    _save(mask_path, np.zeros((10, 12), dtype=np.uint8))  # the stored size: would decode turned against its image
+    with pytest.raises(ValueError, match=rf"{mask_path} is 12x10: the stored size .* EXIF orientation 6 .* 10x12"):
+        load_fod(tmp_path, "indoor")
+
+
+def test_hidden_files_and_folders_are_skipped(mvtec_root, tmp_path):
+    root = _copy_category(mvtec_root, tmp_path)
+    junk = b"\x00\x05\x16\x07 AppleDouble resource fork"
+    for folder in ("train/good", "test/good", "test/broken", "ground_truth/broken"):
+        (root / "bottle" / folder / "._000.png").write_bytes(junk)
+        (root / "bottle" / folder / ".DS_Store").write_bytes(junk)
+    (root / "bottle" / "ground_truth" / "broken" / "._000_mask.png").write_bytes(junk)
+    for folder in ("test", "ground_truth"):
+        (root / "bottle" / folder / ".ipynb_checkpoints").mkdir()
+    (root / "bottle" / "test" / ".ipynb_checkpoints" / "000.png").write_bytes(junk)
+    dataset = load_mvtec(root, "bottle")
+    assert len(dataset["train"]) == 3 and len(dataset["test"]) == 2 + sum(DEFECTS.values())
+    assert set(dataset["test"]["defect_type"]) == {"good", *DEFECTS}
+
+
+@pytest.mark.parametrize("folder, name", [("test/scratch", "000.jpg"), ("ground_truth/scratch", "000_mask.jpg")])
+def test_two_files_with_one_stem_are_refused(mvtec_root, tmp_path, folder, name):
+    root = _copy_category(mvtec_root, tmp_path)
+    twin = root / "bottle" / folder / name
+    _save(twin, _mask(0))
+    with pytest.raises(ValueError, match=rf"{twin.parent}/000.* and {twin.parent}/000.* share the stem '000'"):
+        load_mvtec(root, "bottle")
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        ('{"o1.png": [1, 2, 5, 6]}', r"boxes of o1.png are \[1, 2, 5, 6\]; expected a list of boxes"),
+        ('{"o1.png": null}', "boxes of o1.png are null; expected a list of boxes"),
+        ('{"o1.png": [[1, 2, 5, "6"]]}', r'box \[1, 2, 5, "6"\] of o1.png is not \[x_min, y_min, x_max, y_max\]'),
+        ('{"o1.png": [[1, 2, 5]]}', r"box \[1, 2, 5\] of o1.png"),
+        ('{"o1.png": [[5, 2, 1, 6]]}', r"box \[5, 2, 1, 6\] of o1.png .* min < max"),
+        ('{"o1.png": [[1, 2, NaN, 6]]}', r"box \[1, 2, NaN, 6\] of o1.png .* finite numbers"),
+        ('{"o1.png": [[1, 2, 5, 6]]', "is not valid JSON"),
+        ("[[1, 2, 5, 6]]", "must hold an object"),
+    ],
+)
+def test_malformed_boxes_are_refused_naming_the_file_and_box(fod_root, content, expected):
+    boxes = fod_root / "indoor" / "boxes.json"
+    boxes.write_text(content)
+    with pytest.raises(ValueError, match=rf"{boxes}.*{expected}"):
+        load_fod(fod_root, "indoor")

@@ -160,6 +160,25 @@ def test_streaming_with_known_range_reads_a_generator_once():
     assert streamed == compute_pixel_metrics(masks, maps)
 
 
+def test_a_generator_of_maps_without_score_range_is_refused_clearly():
+    masks, maps = random_category(3)
+    with pytest.raises(TypeError, match=r"anomaly_maps is a one-pass generator.*pass score_range=\(min, max\)"):
+        compute_pixel_metrics(masks, (m for m in maps))
+    exact = compute_pixel_metrics(iter(masks), (m for m in maps), num_bins=None)  # read once: generators are fine
+    assert exact == compute_pixel_metrics(masks, maps, num_bins=None)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_tensors_are_read_as_their_values(dtype):
+    masks, maps = random_category(4)
+    half_maps = [torch.from_numpy(m).to(dtype).requires_grad_() for m in maps]
+    as_float = [m.detach().float().numpy() for m in half_maps]
+    assert compute_pixel_metrics(masks, half_maps) == compute_pixel_metrics(masks, as_float)
+    labels = [int(m.any()) for m in masks]
+    scores = torch.tensor([m.mean() for m in maps], dtype=dtype, requires_grad=True)
+    assert image_roc_auc(torch.tensor(labels, dtype=dtype), scores) == image_roc_auc(labels, scores.detach().float())
+
+
 def test_pixel_inputs_stacked_tensor_and_none_masks():
     masks, maps = random_category(5)
     stacked = compute_pixel_metrics(torch.from_numpy(np.stack(masks)), torch.from_numpy(np.stack(maps)))

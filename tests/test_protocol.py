@@ -304,6 +304,12 @@ def test_hub_folder_is_resolved_by_its_configs(synthetic_root, tmp_path):
     assert resolve_dataset(synthetic_root).kind == "mvtec"
 
 
+def test_hidden_folders_are_not_categories(tmp_path):
+    for name in ("wood", ".wood.partial-1a2b", ".ipynb_checkpoints"):
+        (tmp_path / "mvtec" / name / "train").mkdir(parents=True)
+    assert resolve_dataset(tmp_path / "mvtec").categories == ("wood",)
+
+
 def test_report_formatting_and_groups():
     assert format_cell({"mean": 0.7432, "std": 0.0, "values": [0.7432]}) == "74.3"
     assert format_cell({"mean": 0.748, "std": 0.0012, "values": [0.747, 0.749]}) == "74.8 ± 0.1"

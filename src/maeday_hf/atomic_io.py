@@ -1,28 +1,60 @@
-"""Atomic file writes: readers, resumed runs and interrupted commands never see half a file."""
+"""Atomic file writes: readers, resumed runs and interrupted commands never see half a file.
+
+Temporary files and folders are created the way a plain `open(path, "w")` or `Path.mkdir()` creates them (mode `0o666`
+or `0o777`, which the kernel narrows by the umask or a default ACL), under a random name with `O_EXCL`. The renamed
+result therefore has the permissions a direct write would give it. `tempfile.mkstemp` / `mkdtemp` would make it
+owner-only (`0o600` / `0o700`), and reading the umask to widen that afterwards can only be done by setting it
+(`os.umask`), which races with files other threads create meanwhile.
+"""
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+_MAX_NAME_TRIES = 100
+
+
+def _create_fresh(parent: Path, prefix: str, suffix: str, create: Callable[[Path], None]) -> Path:
+    """`create(parent / <prefix><random><suffix>)` on a name nobody has taken (`create` must fail if it exists)."""
+    for _ in range(_MAX_NAME_TRIES):
+        candidate = parent / f"{prefix}{secrets.token_hex(6)}{suffix}"
+        try:
+            create(candidate)
+        except FileExistsError:
+            continue
+        return candidate
+    raise FileExistsError(f"No free temporary name {prefix}*{suffix} in {parent} after {_MAX_NAME_TRIES} tries.")
+
+
+def _create_file(path: Path) -> None:
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # as open(path, "w") does, plus O_EXCL
+
+
+def make_partial_dir(parent: str | os.PathLike, prefix: str) -> Path:
+    """A new empty folder `parent/<prefix><random>`, with the permissions `Path.mkdir` gives; `parent` is created."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    return _create_fresh(parent, prefix, "", Path.mkdir)
 
 
 def write_atomically(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call `write(temp_path)` on a temporary file next to `path`, then rename it to `path`.
 
-    On any failure (an exception, Ctrl-C) the temporary file is removed and `path` is left as it was.
+    On any failure (an exception, Ctrl-C) the temporary file is removed and `path` is left as it was. The file ends up
+    with the permissions `open(path, "w")` would give it (see the module docstring).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
+    temp_path = _create_fresh(path.parent, f".{path.name}.", ".tmp", _create_file)
     try:
-        write(temp_name)
-        os.replace(temp_name, path)
+        write(str(temp_path))
+        os.replace(temp_path, path)
     except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
+        temp_path.unlink(missing_ok=True)
         raise
     return path
 
@@ -31,15 +63,22 @@ def replace_folder(finished: str | os.PathLike, target: str | os.PathLike) -> Pa
     """Move the complete folder `finished` to `target`, replacing what is there.
 
     An existing `target` is renamed aside first and deleted only after the swap, so `target` is at every moment either
-    the old folder or the new one, never a mix. If another process put a folder at `target` in the meantime (e.g. a
-    concurrent writer of the same deterministic content), the rename fails and that `OSError` is raised.
+    the old folder or the new one, never a mix. If the swap fails, the old folder is put back. If another process put a
+    folder at `target` in the meantime (e.g. a concurrent writer of the same deterministic content), the rename fails,
+    that folder stays, and the `OSError` is raised.
     """
     finished, target = Path(finished), Path(target)
     previous = target.with_name(f".{target.name}.replaced-{os.getpid()}")
+    moved_aside = target.exists()
+    if moved_aside:
+        os.replace(target, previous)
     try:
-        if target.exists():
-            os.replace(target, previous)
         os.replace(finished, target)
+    except BaseException:
+        if moved_aside and not target.exists():
+            os.replace(previous, target)  # put the old folder back
+        raise
     finally:
-        shutil.rmtree(previous, ignore_errors=True)
+        if target.exists():  # the new folder (or a concurrent writer's) is in place: the old one can go
+            shutil.rmtree(previous, ignore_errors=True)
     return target

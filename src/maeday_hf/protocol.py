@@ -152,7 +152,10 @@ def resolve_dataset(spec: str | os.PathLike) -> DatasetSource:
     if path.is_dir():
         if _is_hub_folder(path):
             return DatasetSource("hub", str(path), tuple(datasets.get_dataset_config_names(str(path))))
-        categories = tuple(sorted(p.name for p in path.iterdir() if (p / "test").is_dir() or (p / "train").is_dir()))
+        categories = tuple(sorted(  # hidden folders (a killed writer's ".x.partial-*", ".ipynb_checkpoints") are not
+            p.name for p in path.iterdir()
+            if not p.name.startswith(".") and ((p / "test").is_dir() or (p / "train").is_dir())
+        ))
         if categories:
             return DatasetSource("mvtec", str(path), categories)
         hint = (

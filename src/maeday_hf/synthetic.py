@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from .atomic_io import replace_folder
+from .atomic_io import make_partial_dir, replace_folder
 
 TEXTURE_CATEGORIES: tuple[str, ...] = ("stripes", "weave", "wood")
 OBJECT_CATEGORIES: tuple[str, ...] = ("disc", "plate")
@@ -147,9 +146,9 @@ def write_synthetic_mvtec(
         if category not in CATEGORIES:
             raise ValueError(f"Unknown synthetic category {category!r}; expected one of {CATEGORIES}.")
     for category in categories:
-        # Each category is written whole into a private folder, then renamed into place: a reader (or a concurrent
+        # Each category is written whole into a folder of its own, then renamed into place: a reader (or a concurrent
         # writer, e.g. another process of an `accelerate launch`) never sees half a category.
-        partial = Path(tempfile.mkdtemp(prefix=f".{category}.partial-", dir=_make_dirs(root)))
+        partial = make_partial_dir(root, prefix=f".{category}.partial-")
         try:
             _write_category(partial, category, num_train, num_test_good, num_test_per_defect, image_size, seed)
             try:
@@ -160,11 +159,6 @@ def write_synthetic_mvtec(
         finally:
             shutil.rmtree(partial, ignore_errors=True)
     return root
-
-
-def _make_dirs(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def _write_category(

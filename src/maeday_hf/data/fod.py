@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -35,23 +36,44 @@ NORMAL_DIR = "normal"
 OBJECT_DIR = "foreign_object"
 MASK_DIR = "masks"
 BOXES_FILE = "boxes.json"
+_BOX_FORMAT = "[[x_min, y_min, x_max, y_max], ...]"
+"""What `boxes.json` holds for each frame name."""
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _read_boxes(path: Path, object_names: set[str]) -> dict[str, list[list[float]]]:
-    """`boxes.json` validated: keys are foreign_object frame names, values lists of ordered 4-number boxes."""
+    """`boxes.json` validated: keys are foreign_object frame names, values lists of ordered 4-number boxes.
+
+    Raises:
+        `ValueError`: invalid JSON, or anything but `{"<frame>.png": [[x_min, y_min, x_max, y_max], ...]}` with finite
+            numbers and min < max (the message names the file, and the frame and box at fault).
+    """
     if not path.is_file():
         return {}
-    boxes = json.loads(path.read_text())
+    try:
+        boxes = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); expected {{file name: {_BOX_FORMAT}}}.") from None
     if not isinstance(boxes, dict):
-        raise ValueError(f"{path} must hold an object {{file name: [[x_min, y_min, x_max, y_max], ...]}}, "
-                         f"got {type(boxes).__name__}.")
+        raise ValueError(f"{path} must hold an object {{file name: {_BOX_FORMAT}}}, got {type(boxes).__name__}.")
     unknown = sorted(set(boxes) - object_names)
     if unknown:
         raise ValueError(f"{path} has boxes for {unknown}, which are not frames in {path.parent / OBJECT_DIR}.")
     for name, frame_boxes in boxes.items():
+        if not isinstance(frame_boxes, list) or not all(isinstance(box, list) for box in frame_boxes):
+            raise ValueError(
+                f"{path}: the boxes of {name} are {json.dumps(frame_boxes):.80}; expected a list of boxes "
+                f"{_BOX_FORMAT} (a single box too is wrapped in a list)."
+            )
         for box in frame_boxes:
-            if len(box) != 4 or not (box[0] < box[2] and box[1] < box[3]):
-                raise ValueError(f"{path}: box {box} of {name} is not [x_min, y_min, x_max, y_max] with min < max.")
+            if len(box) != 4 or not all(map(_is_number, box)) or not (box[0] < box[2] and box[1] < box[3]):
+                raise ValueError(
+                    f"{path}: box {json.dumps(box)} of {name} is not [x_min, y_min, x_max, y_max] of finite numbers "
+                    "with min < max."
+                )
     return {name: [[float(v) for v in box] for box in frame_boxes] for name, frame_boxes in boxes.items()}
 
 

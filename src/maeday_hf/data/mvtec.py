@@ -22,7 +22,7 @@ from pathlib import Path
 import datasets
 
 from .features import GOOD, anomaly_features
-from .layout import list_images, pair_masks, require_dir
+from .layout import is_hidden, list_images, pair_masks, require_dir
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def _category_dir(root: Path, category: str) -> Path:
         )
     category_dir = root / category
     if not category_dir.is_dir():
-        found = sorted(p.name for p in root.iterdir() if (p / "train").is_dir())
+        found = sorted(p.name for p in root.iterdir() if (p / "train").is_dir() and not is_hidden(p))
         raise ValueError(
             f"Unknown category {category!r}: no folder {category_dir}. Categories found under {root}: {found}; "
             f"MVTec AD has {list(MVTEC_CATEGORIES)}."
@@ -85,8 +85,8 @@ def mvtec_examples(root: str | os.PathLike, category: str) -> dict[str, dict[str
     require_dir(test_dir / GOOD, expectation)
     truth_dir = category_dir / "ground_truth"
 
-    defect_types = sorted(p.name for p in test_dir.iterdir() if p.is_dir())
-    truth_folders = [p for p in truth_dir.iterdir() if p.is_dir()] if truth_dir.is_dir() else []
+    defect_types = sorted(p.name for p in test_dir.iterdir() if p.is_dir() and not is_hidden(p))
+    truth_folders = [p for p in truth_dir.iterdir() if p.is_dir() and not is_hidden(p)] if truth_dir.is_dir() else []
     extra_truth = sorted(str(p) for p in truth_folders if p.name == GOOD or p.name not in defect_types)
     if extra_truth:
         raise ValueError(f"Ground-truth folder(s) without a test defect folder: {extra_truth}.")

@@ -9,18 +9,84 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import datasets
 import yaml
 from datasets.table import embed_table_storage
 from huggingface_hub import RepoCard
+
 from ..atomic_io import write_atomically
+from .fod import FOD_CONFIGS, load_fod
+from .layout import is_hidden
+from .mvtec import load_mvtec
+from .synthetic import SYNTHETIC_CATEGORIES, load_synthetic_dataset
 
 logger = logging.getLogger(__name__)
 
 README = "README.md"
+
+BUILDERS: dict[str, Callable[[str | os.PathLike, str], datasets.DatasetDict]] = {
+    "mvtec": load_mvtec,
+    "fod": load_fod,
+    "synthetic": load_synthetic_dataset,
+}
+"""`builder(root, config) -> DatasetDict` of each dataset a folder can hold."""
+
+_LAYOUTS = {"mvtec": "<root>/<category>/train or test", "fod": f"<root>/<{'|'.join(FOD_CONFIGS)}>"}
+
+
+def available_configs(dataset: str, root: str | os.PathLike) -> tuple[str, ...]:
+    """Configs `dataset` offers under `root`, found as the protocol's `resolve_dataset` finds them.
+
+    MVTec AD: the category folders holding `train/` or `test/`; FOD: the surfaces of `FOD_CONFIGS` present; synthetic:
+    every category (missing ones are written on loading).
+
+    Raises:
+        `ValueError`: `dataset` is not one of `BUILDERS`.
+        `FileNotFoundError`: `root` is not a folder (MVTec AD, FOD).
+    """
+    if dataset not in BUILDERS:
+        raise ValueError(f"Unknown dataset {dataset!r}; expected one of {sorted(BUILDERS)}.")
+    if dataset == "synthetic":
+        return SYNTHETIC_CATEGORIES
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"The {dataset} root {root} is not a folder.")
+    if dataset == "fod":
+        return tuple(config for config in FOD_CONFIGS if (root / config).is_dir())
+    return tuple(sorted(
+        p.name for p in root.iterdir() if not is_hidden(p) and ((p / "train").is_dir() or (p / "test").is_dir())
+    ))
+
+
+def load_configs(
+    dataset: str, root: str | os.PathLike, configs: Sequence[str] | None = None
+) -> dict[str, datasets.DatasetDict]:
+    """Configs of `dataset` under `root`, loaded by its builder for [`write_hub_folder`] or [`push_configs_to_hub`].
+
+    Args:
+        dataset (`str`): `"mvtec"`, `"fod"` or `"synthetic"` (see `BUILDERS`).
+        root (`str` or `os.PathLike`): The dataset's folder (for synthetic: where it is written).
+        configs (`Sequence[str]`, *optional*): Configs to load; defaults to all [`available_configs`].
+
+    Returns:
+        `dict` config name → its `DatasetDict`.
+
+    Raises:
+        `ValueError`: no config found, or a requested one is not available (named, with the available ones).
+        `FileNotFoundError`: `root` is not a folder.
+    """
+    available = available_configs(dataset, root)
+    if not configs:
+        if not available:
+            raise ValueError(f"No {dataset} configs found under {root}; expected {_LAYOUTS[dataset]}.")
+        configs = available
+    missing = [config for config in configs if config not in available]
+    if missing:
+        raise ValueError(f"No {dataset} config(s) {missing} under {root}; available: {list(available)}.")
+    return {config: BUILDERS[dataset](root, config) for config in dict.fromkeys(configs)}
 
 
 def push_configs_to_hub(
@@ -93,7 +159,11 @@ def write_hub_folder(
     if not configs:
         raise ValueError("No configs to write: got an empty mapping.")
     folder = Path(folder)
-    header, body = read_card(folder / README)
+    try:
+        header, body = read_card(folder / README)
+    except yaml.YAMLError as error:
+        problem = " ".join(str(error).split())
+        raise ValueError(f"{folder / README} has a YAML header that does not parse: {problem}") from None
     entries = {entry["config_name"]: entry for entry in header.get("configs", [])}
     for name, dataset_dict in configs.items():
         for split, dataset in dataset_dict.items():

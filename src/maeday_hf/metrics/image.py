@@ -10,9 +10,15 @@ import torch
 from .curves import ThresholdCounts, count_exact, f1_max, roc_area
 
 
+def _as_vector(values, dtype: torch.dtype | None = None) -> np.ndarray:
+    """Flat NumPy copy of a sequence, array or tensor (one that requires grad, or bfloat16, which NumPy lacks, too)."""
+    tensor = torch.as_tensor(values, dtype=dtype).detach().cpu()
+    return (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy().ravel()
+
+
 def _image_counts(gt_labels: Sequence[int] | np.ndarray | torch.Tensor, pred_scores) -> ThresholdCounts:
-    labels = np.asarray(torch.as_tensor(gt_labels).cpu()).ravel()
-    scores = np.asarray(torch.as_tensor(pred_scores, dtype=torch.float64).cpu()).ravel()
+    labels = _as_vector(gt_labels)
+    scores = _as_vector(pred_scores, torch.float64)
     if labels.shape != scores.shape:
         raise ValueError(f"Got {labels.size} labels but {scores.size} scores; expected one score per image.")
     if not np.isin(labels, (0, 1)).all():

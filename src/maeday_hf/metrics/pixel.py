@@ -57,6 +57,8 @@ class PixelMetrics:
 
 def _as_array(value, dtype) -> np.ndarray:
     if isinstance(value, torch.Tensor):
+        if value.is_floating_point() and value.dtype != torch.float64:
+            value = value.float()  # NumPy has no bfloat16
         value = value.detach().cpu().numpy()
     return np.asarray(value, dtype=dtype)
 
@@ -180,6 +182,10 @@ def compute_pixel_metrics(
     Returns:
         [`PixelMetrics`].
 
+    Raises:
+        `TypeError`: `anomaly_maps` is a one-pass iterator (e.g. a generator) and the histogram needs `score_range`.
+        `ValueError`: lengths or shapes differ, a map is not finite, or there are no anomalous or no normal pixels.
+
     Example:
 
     ```python
@@ -196,6 +202,11 @@ def compute_pixel_metrics(
         pixel_counts, region_counts = _exact_counts(pairs, include_aupro, connectivity)
     else:
         if score_range is None:
+            if iter(anomaly_maps) is anomaly_maps:  # a generator: the range pass would use up the maps
+                raise TypeError(
+                    f"anomaly_maps is a one-pass {type(anomaly_maps).__name__}, but without score_range it is read "
+                    "twice (first for the score range); pass score_range=(min, max) or the maps as a list or array."
+                )
             score_range = _score_range(anomaly_maps)
         histogram, num_images = _histogram_counts(pairs, score_range, num_bins, include_aupro, connectivity)
         if num_images == 0:

@@ -1,0 +1,66 @@
+"""scripts/publish_dataset.py: the configs found under --root by default; user errors as one line and exit status 2."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("publish_dataset_script", REPO_ROOT / "scripts" / "publish_dataset.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+publish_script = _load_script()
+
+
+@pytest.fixture()
+def fod_root(tmp_path) -> Path:
+    """Only the `indoor` surface: one frame without and one with an object."""
+    for folder in ("normal", "foreign_object"):
+        path = tmp_path / "fod" / "indoor" / folder / "0.png"
+        path.parent.mkdir(parents=True)
+        Image.fromarray(np.zeros((6, 8, 3), dtype=np.uint8)).save(path)
+    return tmp_path / "fod"
+
+
+def test_default_publishes_the_configs_found_under_root(fod_root, tmp_path):
+    out = tmp_path / "hub"
+    assert publish_script.main(["fod", "--root", str(fod_root), "--dry-run", str(out)]) == 0
+    assert datasets.get_dataset_config_names(str(out)) == ["indoor"]
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["fod", "--categories", "indoor", "outdoor"], r"No fod config\(s\) \['outdoor'\] under .*fod; available: "
+                                                       r"\['indoor'\]\."),
+        (["synthetic", "--categories", "stripes", "nope"], r"No synthetic config\(s\) \['nope'\] under .*; "
+                                                           r"available: \['stripes', "),
+        (["mvtec"], r"No mvtec configs found under .*fod; expected <root>/<category>/train or test\."),
+    ],
+)
+def test_user_errors_are_one_line_and_exit_status_2(fod_root, tmp_path, capsys, argv, expected):
+    dataset, *options = argv
+    argv = [dataset, "--root", str(fod_root), *options, "--dry-run", str(tmp_path / "hub")]
+    assert publish_script.main(argv) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1
+    assert error.startswith("publish_dataset: error: ")
+    assert re.search(expected, error), error
+    assert not (tmp_path / "hub").exists() and not (fod_root / "stripes").exists()
+
+
+def test_missing_root_is_named(tmp_path, capsys):
+    assert publish_script.main(["mvtec", "--root", str(tmp_path / "nowhere"), "--dry-run", str(tmp_path / "hub")]) == 2
+    assert capsys.readouterr().err == f"publish_dataset: error: The mvtec root {tmp_path / 'nowhere'} is not a folder.\n"
