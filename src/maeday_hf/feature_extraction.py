@@ -22,7 +22,8 @@ the checkpoint's image processor config when not given (224 for ResNet-50), and 
 
 Projection: by default the embedding keeps every channel (D = sum of the stages' widths), as the paper describes. The
 reference implementation also average-pools each stage's channels to a common size (1024) before concatenating, which
-gives each stage equal weight and saves memory; set `layer_embedding_dim` for that.
+gives each stage equal weight and saves memory; set `layer_embedding_dim` for that (D = 2 × layer_embedding_dim; the
+reference then pools the concatenation once more, to 1024, which is not done here).
 """
 
 from __future__ import annotations
