@@ -24,6 +24,7 @@ from maeday_hf.finetune import (
 )
 from maeday_hf.lora import add_lora, find_lora_target_modules, make_lora_config
 from maeday_hf.masking import make_mask_noise
+from maeday_hf.model_card import render_model_card
 from maeday_hf.modeling import load_detector
 from maeday_hf.reconstruction import mask_ratio_set_to, reconstruction_targets
 from maeday_hf.scoring import maeday_anomaly_maps
@@ -209,10 +210,37 @@ def test_adapter_folder_layout_card_and_unchanged_config(trained, tiny_checkpoin
     calibration = json.loads((out / "calibration.json").read_text())
     assert calibration["threshold"] >= max(calibration["scores"])
     card = (out / "README.md").read_text()
-    assert str(shot_path) in card and "base_model:" in card and f"{trained.losses[-1][1]:.6g}" in card
+    assert str(shot_path) in card and f"{trained.losses[-1][1]:.6g}" in card
+    # A local base is named, but is no Hub metadata (the Hub rejects a path there) and no huggingface.co link.
+    metadata = card.split("---")[1]
+    assert "library_name: peft" in metadata and "base_model:" not in metadata
+    assert os.path.abspath(tiny_checkpoint) in card and "huggingface.co//" not in card
+
+
+def test_card_of_a_hub_base_names_and_links_it():
+    card = render_model_card(
+        name="org/bottle-1shot", base_model="facebook/vit-mae-base", shot_names=["a.png"], recipe={"lora_rank": 32},
+        losses=[(1, 0.5)], calibration={"threshold": 1.0, "scores": [0.5], "num_std": 3.0, "num_masks": 32,
+                                         "mask_ratio": 0.75}, full_finetune=False,
+    )
+    assert "base_model: facebook/vit-mae-base" in card.split("---")[1]
+    assert "(https://huggingface.co/facebook/vit-mae-base)" in card
 
 
 # --- loading back -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_calibration_scores_are_the_loaded_detectors_scores_of_the_shots(tiny_checkpoint, shot_path, tmp_path, seed):
+    # The run seed picks the views; the calibration scores with the masks the detector draws by default, so each shot
+    # scores as calibrated, whatever the seed (and none lies above the threshold).
+    second = tmp_path / "good_001.png"
+    _smooth_image(phase=2.0).save(second)
+    config = FinetuneConfig(**{**FAST, "num_steps": 2, "calibration_views_per_shot": 1}, seed=seed)
+    result = finetune(tiny_checkpoint, [shot_path, second], tmp_path / "adapter", config)
+    detector = load_detector(result.output_dir, device="cpu")
+    scores = [detector(str(shot), num_masks=FAST["calibration_num_masks"])["score"] for shot in (shot_path, second)]
+    assert scores == pytest.approx(result.calibration.scores, rel=1e-5)
 
 
 def _run_python(code: str, env: dict[str, str]) -> str:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -55,6 +57,9 @@ def no_training(monkeypatch):
         (dict(lora_dropout=1.5), ValueError, "lora_dropout"),
         (dict(min_crop_scale=0.0), ValueError, "min_crop_scale"),
         (dict(bf16="yes"), TypeError, "bf16"),
+        (dict(seed=2**32), ValueError, "seed"),  # refused here, not by the Trainer after the model has loaded
+        (dict(seed=-1), ValueError, "seed"),
+        (dict(seed=1.5), TypeError, "seed"),
     ],
 )
 def test_config_rejects_bad_values_and_conflicts(kwargs, error, fragment):
@@ -63,11 +68,43 @@ def test_config_rejects_bad_values_and_conflicts(kwargs, error, fragment):
 
 
 def test_config_defaults_are_the_paper_recipe():
-    config = FinetuneConfig()
-    assert (config.num_steps, config.batch_size, config.learning_rate, config.momentum, config.weight_decay) == (
-        50, 32, 1e-2, 0.9, 0.05)
-    assert (config.lora_rank, config.lora_alpha, config.mask_ratio) == (32, 32.0, 0.75)
-    assert FinetuneConfig(full_finetune=True).learning_rate == 1e-4
+    recipe = FinetuneConfig().recipe()
+    assert [recipe[key] for key in ("num_steps", "batch_size", "learning_rate", "momentum", "weight_decay")] == [
+        50, 32, 1e-2, 0.9, 0.05]
+    assert (recipe["lora_rank"], recipe["lora_alpha"], recipe["lora_dropout"], recipe["mask_ratio"]) == (
+        32, 32.0, 0.0, 0.75)
+    full = FinetuneConfig(full_finetune=True).recipe()
+    assert full["learning_rate"] == 1e-4 and full["lora_rank"] is full["lora_alpha"] is full["lora_dropout"] is None
+
+
+def _optimizer_learning_rate(config: FinetuneConfig, tmp_path) -> float:
+    import torch
+
+    from conftest import make_tiny_model
+    from maeday_hf.finetune import build_trainer
+    from maeday_hf.shot_views import ShotViews
+
+    model = make_tiny_model()
+    views = ShotViews(torch.randn(1, 3, 32, 32), num_views=4, num_patches=16)
+    trainer = build_trainer(model, model, views, dataclasses.replace(config, use_cpu=True, bf16=False), tmp_path)
+    return trainer.create_optimizer().param_groups[0]["lr"]
+
+
+def test_replacing_full_finetune_gives_the_other_modes_defaults(tiny_checkpoint, tmp_path):
+    lora = dataclasses.replace(FinetuneConfig(full_finetune=True), full_finetune=False)
+    assert _optimizer_learning_rate(lora, tmp_path) == 1e-2  # not the full fine-tune's 1e-4
+    assert (lora.recipe()["learning_rate"], lora.recipe()["lora_rank"], lora.recipe()["lora_alpha"]) == (
+        1e-2, 32, 32.0)
+    full = dataclasses.replace(FinetuneConfig(), full_finetune=True)  # the LoRA defaults were never set by the user
+    assert _optimizer_learning_rate(full, tmp_path) == 1e-4 and full.recipe()["lora_rank"] is None
+    # Explicit values stay, and the protocol records the values a run uses.
+    assert dataclasses.replace(FinetuneConfig(learning_rate=0.5), full_finetune=True).recipe()["learning_rate"] == 0.5
+    from maeday_hf.protocol import ProtocolConfig
+
+    settings = ProtocolConfig(tiny_checkpoint, "unused", "unused", device="cpu",
+                              finetune=FinetuneConfig(full_finetune=True)).settings()
+    assert settings["finetune"]["learning_rate"] == 1e-4 and settings["finetune"]["lora_rank"] is None
+    assert ProtocolConfig(tiny_checkpoint, "unused", "unused", device="cpu").settings()["finetune"]["lora_rank"] == 32
 
 
 @pytest.mark.parametrize("native", [False, True])
@@ -165,6 +202,85 @@ def test_bad_input_fails_before_training(tiny_checkpoint, shot_files, tmp_path, 
         finetune(tiny_checkpoint, shot_files, out, fast)
 
 
+def test_a_single_array_or_image_is_one_shot():
+    import torch
+
+    from maeday_hf.shot_views import load_shot_images
+
+    array = (np.random.default_rng(0).random((20, 30, 3)) * 255).astype(np.uint8)
+    images, names = load_shot_images(array)  # not 20 one-row images
+    assert names == ["<image 0>"] and images[0].size == (30, 20)
+    np.testing.assert_array_equal(np.asarray(images[0]), array)
+    images, names = load_shot_images(Image.fromarray(array))
+    assert names == ["<image 0>"] and images[0].size == (30, 20)
+    with pytest.raises(TypeError, match="Tensor"):  # one unsupported shot, named, not its rows
+        load_shot_images(torch.zeros(3, 20, 30))
+    with pytest.raises(TypeError, match="int"):
+        load_shot_images(3)
+
+
+def test_more_shots_than_training_views_is_refused(tiny_checkpoint, shot_files, tmp_path, no_training):
+    # 3 shots, 1 step of 2 views: shot 3 would never be trained on, yet calibrated as normal.
+    with pytest.raises(ValueError, match="3 shots .* 2 training views"):
+        finetune(tiny_checkpoint, shot_files, tmp_path / "out", FinetuneConfig(**{**TINY, "num_steps": 1}))
+
+
+@pytest.mark.parametrize("full_finetune", [False, True])
+def test_an_output_folder_that_is_or_holds_the_base_is_refused(
+    tiny_checkpoint, shot_files, tmp_path, no_training, full_finetune
+):
+    base = tmp_path / "models" / "base"
+    shutil.copytree(tiny_checkpoint, base)
+    config = FinetuneConfig(full_finetune=full_finetune, **TINY)
+    for output_dir in (base, base / ".." / "base", tmp_path / "models", tmp_path):
+        with pytest.raises(ValueError, match="base model folder"):
+            finetune(base, shot_files[:1], output_dir, config, overwrite=True)
+    assert (base / "model.safetensors").is_file()
+
+
+def test_a_base_folder_given_with_a_tilde_is_expanded(tiny_checkpoint, shot_files, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copytree(tiny_checkpoint, tmp_path / "base")
+    result = finetune("~/base", shot_files[:1], tmp_path / "out", FinetuneConfig(**TINY))
+    adapter_config = json.loads((result.output_dir / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(tmp_path / "base")
+
+
+@pytest.mark.parametrize("full_finetune", [False, True])
+def test_a_half_precision_base_trains_in_float32_and_its_result_loads(shot_files, tmp_path, full_finetune):
+    import torch
+
+    from conftest import make_tiny_model, save_tiny_checkpoint
+
+    base = save_tiny_checkpoint(tmp_path / "fp16-base")
+    make_tiny_model().half().save_pretrained(base)  # the same weights, saved in fp16
+    result = finetune(base, shot_files[:1], tmp_path / "out", FinetuneConfig(full_finetune=full_finetune, **TINY))
+    # Loaded in float32, as trained and calibrated (not merged into fp16 weights): the shot scores as calibrated.
+    detector = load_detector(result.output_dir, device="cpu")
+    assert next(detector.model.parameters()).dtype == torch.float32
+    score = detector(str(shot_files[0]), num_masks=TINY["calibration_num_masks"])["score"]
+    assert score == pytest.approx(result.calibration.scores[0], rel=1e-5)
+
+
+@pytest.mark.parametrize("logging_steps", [1, 2])
+def test_a_diverging_run_is_one_error_and_writes_nothing(tiny_checkpoint, shot_files, tmp_path, capsys, logging_steps):
+    out = tmp_path / "out"
+    # Logged step by step, the first non-finite loss is named; in windows, a NaN after the last one shows in the
+    # threshold. Either way nothing is written (not a perfect 0.0 loss and a NaN threshold in config.json).
+    named = r"loss logged at step \d of 3 is (nan|inf)" if logging_steps == 1 else "diverged"
+    with pytest.raises(ValueError, match=f"{named}.*learning_rate"):
+        finetune(tiny_checkpoint, shot_files[:1], out, FinetuneConfig(
+            **{**TINY, "num_steps": 3}, learning_rate=1e6, logging_steps=logging_steps))
+    assert sorted(os.listdir(tmp_path)) == ["shots"]
+    capsys.readouterr()
+    status = cli_main(["finetune", "--model", tiny_checkpoint, "--shots", str(shot_files[0]), "--output-dir", str(out),
+                       "--steps", "3", "--batch-size", "2", "--learning-rate", "1e6", "--calibration-views", "1",
+                       "--calibration-masks", "2", "--cpu", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1 and "diverged" in err[0] and "learning_rate" in err[0]
+    assert sorted(os.listdir(tmp_path)) == ["shots"]
+
+
 def test_cli_conflicting_flags_give_one_line(tiny_checkpoint, shot_files, tmp_path, capsys, no_training):
     status = cli_main(["finetune", "--model", tiny_checkpoint, "--shots", str(shot_files[0]), "--output-dir",
                        str(tmp_path / "out"), "--full-finetune", "--lora-rank", "8"])
@@ -198,7 +314,31 @@ def test_push_uploads_the_finished_folder(tiny_checkpoint, shot_files, tmp_path)
     assert {"config.json", "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "README.md",
             "calibration.json", "pipeline.py", "adapter_model.py", "preprocessor_config.json"} <= set(
         uploaded["my-org/tiny-1shot"])
-    assert "# MAEDAY few-shot LoRA adapter: my-org/tiny-1shot" in (tmp_path / "out" / "README.md").read_text()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "# MAEDAY few-shot LoRA adapter: my-org/tiny-1shot" in card
+    # The base is a local folder: no path as Hub metadata (the Hub rejects it), no link to huggingface.co/<path>.
+    assert "base_model:" not in card.split("---")[1] and "huggingface.co//" not in card
+
+
+def test_a_push_leaves_the_repo_holding_exactly_the_folder(tiny_checkpoint, shot_files, tmp_path):
+    from huggingface_hub.utils import filter_repo_objects
+
+    repo = {".gitattributes", "model.safetensors", "config.json", "README.md"}  # an earlier full fine-tune
+
+    def upload_folder(repo_id, folder_path, delete_patterns=None, **kwargs):
+        # One commit as the Hub applies it: remote files matching delete_patterns go (never .gitattributes), the
+        # folder's files come.
+        deleted = set(filter_repo_objects(sorted(repo), allow_patterns=delete_patterns)) if delete_patterns else set()
+        repo.difference_update(deleted - {".gitattributes"})
+        repo.update(p.relative_to(folder_path).as_posix() for p in Path(folder_path).rglob("*") if p.is_file())
+        return mock.Mock(commit_url=f"https://huggingface.co/{repo_id}/commit/1")
+
+    with mock.patch("huggingface_hub.HfApi") as api_class:
+        api_class.return_value.upload_folder.side_effect = upload_folder
+        finetune(tiny_checkpoint, shot_files[:1], tmp_path / "out", FinetuneConfig(**TINY), push_to_hub=True,
+                 hub_model_id="my-org/tiny-1shot")
+    folder = {p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*") if p.is_file()}
+    assert "model.safetensors" not in folder and repo == folder | {".gitattributes"}
 
 
 def test_shots_from_a_split_are_select_shots_choice(tiny_checkpoint, shot_files, tmp_path):

@@ -28,6 +28,7 @@ import logging
 import os
 from typing import Any
 
+import torch
 from transformers import AutoConfig, PretrainedConfig, ViTMAEForPreTraining
 from transformers.utils import cached_file
 
@@ -124,7 +125,10 @@ def load_merged_model(
         merge (`bool`, *optional*, defaults to `True`): merge the LoRA weights into the base and return a plain
             `ViTMAEForPreTraining`; `False` returns the `peft.PeftModel` (for comparisons).
         config (`PretrainedConfig`, *optional*): the adapter folder's config, when already loaded.
-        base_kwargs: passed to the base's `from_pretrained` (`dtype`, `cache_dir`, `token`, ...).
+        base_kwargs: passed to the base's `from_pretrained` (`dtype`, `cache_dir`, `token`, ...). Without `dtype`, or
+            with `"auto"` (what `pipeline()` passes), the base loads in the adapter folder's dtype: float32, the one
+            its LoRA weights were trained, merged and calibrated in, also where the base was saved in fp16/bf16 (a
+            merge in half precision would round away much of the small LoRA update). Pass `dtype=` for another.
 
     Returns:
         `ViTMAEForPreTraining` in eval mode whose `config` carries the calibrated `anomaly_threshold` if the adapter
@@ -154,7 +158,11 @@ def load_merged_model(
     check_base_matches(base_config, config, base_name)
     logger.info("Loading base %s and applying the adapter %s", base_name, adapter)
     load_kwargs = {key: value for key, value in base_kwargs.items() if key in _BASE_LOAD_KWARGS}
-    base = ViTMAEForPreTraining.from_pretrained(base_name, **load_kwargs)
+    dtype = load_kwargs.pop("dtype", load_kwargs.pop("torch_dtype", "auto"))
+    if dtype in (None, "auto"):
+        # The adapter folder's own (float32 for every folder `finetune` writes), not the one the base was saved in.
+        dtype = getattr(config, "dtype", None) or torch.float32
+    base = ViTMAEForPreTraining.from_pretrained(base_name, dtype=dtype, **load_kwargs)
     peft_model = PeftModel.from_pretrained(base, peft_folder)
     peft_model.eval()
     if not merge:

@@ -1,8 +1,9 @@
 """A detection threshold from the normal shots alone (no anomalous image, no test label).
 
 After fine-tuning, every shot is scored through the zero-shot scoring path (`maeday_anomaly_maps`) as it is and in a
-few augmented views (the same crop/rotation family as in training, from a separate seed stream). The image scores of
-these normal views give the threshold
+few augmented views (the same crop/rotation family as in training, from a separate seed stream), with the masks the
+pipeline draws by default (its `seed=0`, random schedule) whatever the training seed: a shot's calibration score is
+then the score the detector gives it. The image scores of these normal views give the threshold
 
     threshold = mean + num_std * std      (num_std = 3 by default),
 
@@ -28,6 +29,8 @@ logger = logging.getLogger(__name__)
 
 # Calibration views draw from seeds far from the training views' (seed, index) stream.
 _CALIBRATION_SEED_OFFSET = 1_000_003
+PIPELINE_MASK_SEED = 0
+"""`AnomalyDetectionPipeline`'s default `seed` of the masks (with the default `"random"` schedule)."""
 
 
 @dataclasses.dataclass
@@ -43,6 +46,7 @@ class Calibration:
     num_masks: int
     mask_ratio: float
     seed: int
+    mask_seed: int
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -60,14 +64,17 @@ def calibrate_threshold(
     mask_batch_size: int | None = None,
     min_crop_scale: float = 0.75,
     max_rotation_degrees: float = 15.0,
+    mask_seed: int = PIPELINE_MASK_SEED,
 ) -> Calibration:
     """Score the shots (plus `num_views_per_shot - 1` augmented views of each) and derive a threshold.
 
     Args:
         model (`ViTMAEForPreTraining`): the fine-tuned (merged) model, in eval mode.
         pixel_values (`torch.Tensor` of shape `(num_shots, num_channels, height, width)`): the processed shots.
-        num_masks, mask_ratio: as at inference (the pipeline's defaults: 32 and 0.75). The masks are the ones the
-            pipeline draws for `seed`, so the scores match what it returns for the same image.
+        num_masks, mask_ratio: as at inference (the pipeline's defaults: 32 and 0.75).
+        seed (`int`): seeds the augmented views (the run seed).
+        mask_seed (`int`, defaults to the pipeline's default, 0): the masks are the ones the pipeline draws for its
+            `seed=mask_seed` (random schedule), so the scores match what it returns for the same image.
 
     Returns:
         `Calibration`.
@@ -82,7 +89,7 @@ def calibrate_threshold(
     views = torch.stack(views)
     device = next(model.parameters()).device
     num_patches = count_patches(model, views)
-    noise = make_mask_noise(num_masks, num_patches, mask_ratio, "random", seed)
+    noise = make_mask_noise(num_masks, num_patches, mask_ratio, "random", mask_seed)
     outputs = maeday_anomaly_maps(model, views.to(device), noise, mask_ratio, mask_batch_size=mask_batch_size)
     scores = outputs["pred_score"].cpu().tolist()
     if len(scores) < 8:
@@ -104,4 +111,5 @@ def calibrate_threshold(
         num_masks=num_masks,
         mask_ratio=mask_ratio,
         seed=seed,
+        mask_seed=mask_seed,
     )

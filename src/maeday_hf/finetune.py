@@ -10,7 +10,8 @@ The method, in the order it runs:
    full reconstruction. SGD (lr 1e-2, momentum 0.9, weight decay 0.05), 50 steps, constant learning rate.
 5. `calibrate_threshold`: a threshold from the normal shots only.
 6. The adapter folder (see `adapter_model.py` for its layout) is written to a temporary sibling of `output_dir` and
-   renamed into place at the end: an interrupted run leaves no output folder.
+   renamed into place at the end: an interrupted run leaves no output folder, and neither does a diverged one (a loss
+   or threshold that is not finite raises `TrainingDivergedError` before anything is written).
 
 Runs under `accelerate launch` unchanged: the per-process batch is `batch_size / num_processes`, so the effective
 batch (and the views it holds) is the same on 1 CPU process and on 8 GPUs.
@@ -46,7 +47,7 @@ from .adapter_model import ADAPTER_CONFIG_KEY, ADAPTER_SUBFOLDER, MaedayAdapterF
 from .atomic_io import replace_folder
 from .calibration import Calibration, calibrate_threshold
 from .lora import add_lora, make_lora_config
-from .masking import validate_mask_ratio, validate_positive_int
+from .masking import validate_mask_ratio, validate_positive_int, validate_seed
 from .model_card import render_model_card
 from .pipeline import TASK, THRESHOLD_CONFIG_KEY, THRESHOLD_SETTINGS_CONFIG_KEY, AnomalyDetectionPipeline
 from .reconstruction import (
@@ -64,6 +65,7 @@ logger = logging.getLogger(__name__)
 
 LORA_LEARNING_RATE = 1e-2
 FULL_FINETUNE_LEARNING_RATE = 1e-4
+LORA_RANK = 32
 CALIBRATION_FILE = "calibration.json"
 TRAINING_LOG_FILE = "training_log.json"
 
@@ -81,10 +83,13 @@ class FinetuneConfig:
         lora_rank (`int`, *optional*): LoRA rank, defaults to 32; not allowed with `full_finetune`.
         lora_alpha (`float`, *optional*): defaults to `lora_rank` (update scale 1).
         lora_dropout (`float`, *optional*): defaults to 0.
+            These four fields keep `None` when not given (so `dataclasses.replace` of `full_finetune` picks the other
+            mode's defaults); the values a run uses are the `resolved_*` properties, and `recipe()` records those.
         mask_ratio (`float`, defaults to 0.75): share of patches masked in each training view.
         augment (`bool`, defaults to `True`): random crop + rotation of each view (`min_crop_scale`,
             `max_rotation_degrees`).
-        seed (`int`, defaults to 0): seeds the views, their masks and the Trainer.
+        seed (`int`, defaults to 0): in [0, 2**32); seeds the views, their masks, the LoRA init and the Trainer.
+            (The calibration scores with the masks the pipeline draws by default, whatever the seed.)
         calibration_views_per_shot, calibration_num_masks, calibration_num_std: see `calibration.py`.
         use_cpu (`bool`): train on the CPU even when a GPU is there.
         bf16 (`bool`, *optional*): bf16 mixed precision (autocast; the weights and the optimizer stay float32);
@@ -122,6 +127,8 @@ class FinetuneConfig:
     logging_steps: int = 1
 
     def __post_init__(self):
+        # Defaults that depend on `full_finetune` stay None here and are resolved by the `resolved_*` properties, so
+        # `dataclasses.replace(config, full_finetune=...)` gets the other mode's defaults instead of this one's.
         for name in ("num_steps", "batch_size", "calibration_views_per_shot", "calibration_num_masks", "logging_steps"):
             validate_positive_int(getattr(self, name), name)
         if self.full_finetune:
@@ -132,27 +139,25 @@ class FinetuneConfig:
                     f"LoRA: drop {' and '.join(given)} or full_finetune."
                 )
         else:
-            if self.lora_rank is None:
-                self.lora_rank = 32
-            if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank < 1:
-                raise ValueError(f"lora_rank must be an integer >= 1, got {self.lora_rank!r}.")
-            if self.lora_alpha is None:
-                self.lora_alpha = float(self.lora_rank)
-            if not isinstance(self.lora_alpha, (int, float)) or not math.isfinite(self.lora_alpha) or self.lora_alpha <= 0:
+            rank = self.resolved_lora_rank
+            if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+                raise ValueError(f"lora_rank must be an integer >= 1, got {rank!r}.")
+            alpha = self.resolved_lora_alpha
+            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
                 raise ValueError(f"lora_alpha must be a finite number > 0 (the update is scaled by alpha / rank), got "
-                                 f"{self.lora_alpha!r}.")
-            if self.lora_dropout is None:
-                self.lora_dropout = 0.0
-            if not 0 <= self.lora_dropout < 1:
-                raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}.")
-        if self.learning_rate is None:
-            self.learning_rate = FULL_FINETUNE_LEARNING_RATE if self.full_finetune else LORA_LEARNING_RATE
-        for name in ("learning_rate", "momentum", "weight_decay"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                                 f"{alpha!r}.")
+            dropout = self.resolved_lora_dropout
+            if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+                raise ValueError(f"lora_dropout must be in [0, 1), got {dropout!r}.")
+        for name, value in (("learning_rate", self.resolved_learning_rate), ("momentum", self.momentum),
+                            ("weight_decay", self.weight_decay)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
-        if self.learning_rate == 0:
+        if self.resolved_learning_rate == 0:
             raise ValueError("learning_rate must be > 0 (0 would train nothing).")
+        validate_seed(self.seed)
+        if self.seed >= 2**32:
+            raise ValueError(f"seed must be in [0, 2**32) (the Trainer seeds NumPy with it), got {self.seed}.")
         self.mask_ratio = validate_mask_ratio(self.mask_ratio)
         if self.bf16 is not None and not isinstance(self.bf16, bool):
             raise TypeError(f"bf16 must be True, False or None (the device decides), got {self.bf16!r}.")
@@ -161,10 +166,46 @@ class FinetuneConfig:
         if not 0 <= self.max_rotation_degrees <= 180:
             raise ValueError(f"max_rotation_degrees must be in [0, 180], got {self.max_rotation_degrees}.")
 
+    @property
+    def resolved_learning_rate(self) -> float:
+        """`learning_rate`, or the recipe's default for the mode (1e-2 with LoRA, 1e-4 with `full_finetune`)."""
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return FULL_FINETUNE_LEARNING_RATE if self.full_finetune else LORA_LEARNING_RATE
+
+    @property
+    def resolved_lora_rank(self) -> int | None:
+        """`lora_rank`, default 32; None with `full_finetune`."""
+        if self.full_finetune:
+            return None
+        return LORA_RANK if self.lora_rank is None else self.lora_rank
+
+    @property
+    def resolved_lora_alpha(self) -> float | None:
+        """`lora_alpha`, default the rank (update scale 1); None with `full_finetune`."""
+        if self.full_finetune:
+            return None
+        return float(self.resolved_lora_rank) if self.lora_alpha is None else self.lora_alpha
+
+    @property
+    def resolved_lora_dropout(self) -> float | None:
+        """`lora_dropout`, default 0; None with `full_finetune`."""
+        if self.full_finetune:
+            return None
+        return 0.0 if self.lora_dropout is None else self.lora_dropout
+
     def recipe(self) -> dict[str, Any]:
-        """The fields that define the run, for the model card and `training_log.json`."""
+        """The fields that define the run, defaults resolved, for the model card, `training_log.json` and the
+        protocol's settings."""
         skip = {"use_cpu", "disable_tqdm", "logging_steps", "cuda_graph"}
-        return {key: value for key, value in dataclasses.asdict(self).items() if key not in skip}
+        recipe = {key: value for key, value in dataclasses.asdict(self).items() if key not in skip}
+        recipe.update(
+            learning_rate=self.resolved_learning_rate,
+            lora_rank=self.resolved_lora_rank,
+            lora_alpha=self.resolved_lora_alpha,
+            lora_dropout=self.resolved_lora_dropout,
+        )
+        return recipe
 
 
 @dataclasses.dataclass
@@ -206,12 +247,13 @@ def _training_arguments(
         output_dir=os.fspath(output_dir),
         max_steps=config.num_steps,
         per_device_train_batch_size=config.batch_size,
-        learning_rate=config.learning_rate,
+        learning_rate=config.resolved_learning_rate,
         weight_decay=config.weight_decay,
         lr_scheduler_type="constant",
         warmup_steps=0,
         logging_strategy="steps",
         logging_steps=config.logging_steps,
+        logging_nan_inf_filter=False,  # a diverged step is logged as NaN, not hidden in a window mean (see finetune)
         save_strategy="no",
         report_to="none",
         seed=config.seed,
@@ -282,7 +324,7 @@ def build_trainer(
         model=trained_model,
         args=args,
         train_dataset=views,
-        optimizer_cls_and_kwargs=(torch.optim.SGD, {"lr": config.learning_rate, "momentum": config.momentum}),
+        optimizer_cls_and_kwargs=(torch.optim.SGD, {"lr": config.resolved_learning_rate, "momentum": config.momentum}),
         reconstruction_model=reconstruction_model,
     )
     if config.disable_tqdm:
@@ -315,12 +357,37 @@ def logged_losses(step_losses: list[float], logging_steps: int) -> list[tuple[in
     ]
 
 
-def _validate_output(output_dir: Path, overwrite: bool) -> None:
+def _validate_output(output_dir: Path, overwrite: bool, base_model: str) -> None:
+    """Refuse an `output_dir` that exists (without `overwrite`), is a file, or would take a local base with it."""
+    if os.path.isdir(base_model):
+        base_folder, target = Path(os.path.realpath(base_model)), Path(os.path.realpath(output_dir))
+        if target == base_folder or target in base_folder.parents:
+            # Writing the run replaces output_dir, and the base folder with it; an adapter then has no base to load.
+            what = "is" if target == base_folder else "contains"
+            raise ValueError(
+                f"Output folder {os.fspath(output_dir)!r} {what} the base model folder {os.fspath(base_folder)!r}, "
+                f"which writing the run would delete; choose an output folder outside it."
+            )
     if output_dir.exists() and not overwrite:
         raise FileExistsError(f"Output folder {os.fspath(output_dir)!r} already exists; pass overwrite=True "
                               f"(--overwrite) or choose another folder.")
     if output_dir.exists() and not output_dir.is_dir():
         raise FileExistsError(f"Output path {os.fspath(output_dir)!r} exists and is not a folder.")
+
+
+class TrainingDivergedError(ValueError):
+    """The training loss or the calibrated threshold is not finite (a ValueError: the learning rate is too high for
+    these shots). Raised before anything is written to the output folder."""
+
+
+def _check_finite_losses(losses: list[tuple[int, float]], config: FinetuneConfig) -> None:
+    """Raise `TrainingDivergedError` naming the first `(step, loss)` that is NaN or infinite."""
+    for step, loss in losses:
+        if not math.isfinite(loss):
+            raise TrainingDivergedError(
+                f"Training diverged: the loss logged at step {step} of {config.num_steps} is {loss}. Try a lower "
+                f"learning_rate than {config.resolved_learning_rate:g}; nothing was written."
+            )
 
 
 def _validate_hub_flags(push_to_hub: bool, hub_model_id: str | None) -> None:
@@ -334,8 +401,7 @@ def _validate_hub_flags(push_to_hub: bool, hub_model_id: str | None) -> None:
 
 def _recorded_base_name(base_model: str) -> str:
     """What adapter_config.json records as the base: an absolute path for local folders, else the Hub id."""
-    expanded = os.path.expanduser(base_model)
-    return os.path.abspath(expanded) if os.path.isdir(expanded) else base_model
+    return os.path.abspath(base_model) if os.path.isdir(base_model) else base_model
 
 
 def load_base_config(base_model: str) -> Any:
@@ -401,6 +467,8 @@ def _write_folder(
         folder_config = model.config
     else:
         folder_config = AutoConfig.from_pretrained(base_model)
+        # The dtype the adapter was trained and calibrated with (a base saved in fp16 is still merged in float32).
+        folder_config.dtype = model.dtype
         setattr(folder_config, ADAPTER_CONFIG_KEY, {"subfolder": ADAPTER_SUBFOLDER})
         folder_config.auto_map = {
             "AutoModelForPreTraining": f"{MaedayAdapterForPreTraining.__module__.split('.')[-1]}."
@@ -440,13 +508,20 @@ def _write_folder(
 
 
 def push_folder_to_hub(folder: str | os.PathLike, repo_id: str, private: bool = False, token: str | None = None) -> str:
-    """Create `repo_id` (if needed) and upload `folder` to it in one commit; returns the commit URL."""
+    """Create `repo_id` (if needed) and make it hold exactly `folder`, in one commit; returns the commit URL.
+
+    Files of an earlier push that `folder` lacks (say `model.safetensors` of a full fine-tune, under a LoRA adapter
+    now) are deleted in the same commit: left there, they would be loaded instead of, or next to, the new run.
+    """
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
     commit = api.upload_folder(
-        repo_id=repo_id, folder_path=os.fspath(folder), commit_message="MAEDAY few-shot fine-tune (maeday_hf)"
+        repo_id=repo_id,
+        folder_path=os.fspath(folder),
+        delete_patterns="*",  # every remote file not in `folder` (the Hub keeps .gitattributes)
+        commit_message="MAEDAY few-shot fine-tune (maeday_hf)",
     )
     return str(getattr(commit, "commit_url", commit))
 
@@ -468,8 +543,10 @@ def finetune(
     Args:
         base_model (`str`): Hub id or folder of a `ViTMAEForPreTraining` checkpoint with its image processor.
         shots: image paths, folders of images, PIL images / arrays, or a `datasets.Dataset` split (with
-            `num_shots`; the shots are `maeday_hf.data.select_shots(split, num_shots, shot_seed)`).
-        output_dir (`str`): the folder to write; it appears only when the run has finished.
+            `num_shots`; the shots are `maeday_hf.data.select_shots(split, num_shots, shot_seed)`). At most
+            `num_steps * batch_size` of them: every shot is trained on.
+        output_dir (`str`): the folder to write; it appears only when the run has finished. Never the base model's
+            folder or one that contains it (writing the run replaces `output_dir`).
         config (`FinetuneConfig`, *optional*): the recipe (defaults: the paper's).
         overwrite (`bool`): replace an existing `output_dir` (at the end of the run).
         push_to_hub, hub_model_id, hub_private: upload the finished folder to `hub_model_id`.
@@ -479,20 +556,31 @@ def finetune(
 
     Raises:
         ValueError / FileNotFoundError / FileExistsError: bad input, before any training.
+        TrainingDivergedError (a `ValueError`): a loss or the threshold is not finite; nothing is written.
     """
     config = config if config is not None else FinetuneConfig()
     base_model = os.fspath(base_model)
+    if base_model.startswith("~"):  # a Hub id never starts with "~"; from_pretrained does not expand it
+        base_model = os.path.expanduser(base_model)
     output_dir = Path(output_dir).expanduser().absolute()
-    _validate_output(output_dir, overwrite)
+    _validate_output(output_dir, overwrite, base_model)
     _validate_hub_flags(push_to_hub, hub_model_id)
     base_config = load_base_config(base_model)
     images, shot_names = _load_shots(shots, num_shots, shot_seed)
+    num_views = config.num_steps * config.batch_size
+    if len(images) > num_views:
+        raise ValueError(
+            f"{len(images)} shots but only num_steps * batch_size = {config.num_steps} * {config.batch_size} = "
+            f"{num_views} training views (view i shows shot i % k): {len(images) - num_views} shot(s) would never be "
+            f"trained on. Raise num_steps or batch_size to at least {len(images)} views, or pass fewer shots."
+        )
     recorded_base = _recorded_base_name(base_model)
     if push_to_hub and os.path.isabs(recorded_base):
         logger.warning("The base %s is a local folder: the pushed adapter loads only where that path exists.", recorded_base)
 
     image_processor = AutoImageProcessor.from_pretrained(base_model)
-    model = ViTMAEForPreTraining.from_pretrained(base_model, config=base_config)
+    # float32 whatever dtype the base was saved in: the optimizer, the rendered views and the calibration are float32.
+    model = ViTMAEForPreTraining.from_pretrained(base_model, config=base_config, dtype=torch.float32)
     if not is_vit_mae_for_pretraining(model):
         raise ValueError(f"{base_model!r} did not load as a ViTMAEForPreTraining with its decoder.")
     pixel_values = image_processor(images=images, return_tensors="pt")["pixel_values"]
@@ -507,7 +595,9 @@ def finetune(
         for fixed in (model.vit.embeddings.position_embeddings, model.decoder.decoder_pos_embed):
             fixed.requires_grad_(False)
     else:
-        lora_config = make_lora_config(model, config.lora_rank, config.lora_alpha, config.lora_dropout)
+        lora_config = make_lora_config(
+            model, config.resolved_lora_rank, config.resolved_lora_alpha, config.resolved_lora_dropout
+        )
         # PEFT draws lora_A from the global RNG: seed it inside a fork, so the init is the run seed's on every process
         # and the caller's RNG state is left as it was.
         with torch.random.fork_rng(devices=[]):
@@ -516,7 +606,7 @@ def finetune(
         trained.peft_config["default"].base_model_name_or_path = recorded_base
     views = ShotViews(
         pixel_values,
-        num_views=config.num_steps * config.batch_size,
+        num_views=num_views,
         num_patches=num_patches,
         seed=config.seed,
         augment=config.augment,
@@ -536,12 +626,16 @@ def finetune(
                     trainer.model, model, views, trainer.create_optimizer(), config.num_steps, config.batch_size,
                     bf16=trains_in_bf16(trainer),
                 )
+                _check_finite_losses(list(enumerate(step_losses, start=1)), config)
                 losses = logged_losses(step_losses, config.logging_steps)
             else:
                 trainer.train()
                 losses = [
                     (int(entry["step"]), float(entry["loss"])) for entry in trainer.state.log_history if "loss" in entry
                 ]
+                # (Steps after the last logged window are not logged; if one diverged, the threshold check below sees
+                # the NaN weights.)
+                _check_finite_losses(losses, config)
         train_seconds = time.perf_counter() - start
         calibration = None
         if is_main:
@@ -565,6 +659,12 @@ def finetune(
                 min_crop_scale=config.min_crop_scale,
                 max_rotation_degrees=config.max_rotation_degrees,
             )
+            if not math.isfinite(calibration.threshold):
+                raise TrainingDivergedError(
+                    f"Training diverged: the calibrated threshold is {calibration.threshold} (the fine-tuned model's "
+                    f"scores of the normal shots are not finite). Try a lower learning_rate than "
+                    f"{config.resolved_learning_rate:g}; nothing was written."
+                )
             recorded_config = dataclasses.replace(config, bf16=trains_in_bf16(trainer))  # what actually ran
             _write_folder(
                 partial, merged, image_processor, recorded_base, recorded_config, calibration, shot_names, losses,

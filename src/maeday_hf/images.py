@@ -115,7 +115,8 @@ def load_rgb_image(image: str | os.PathLike | Image.Image | np.ndarray, timeout:
     if isinstance(image, (str, os.PathLike)):
         return to_rgb(_open_image_file(image))
     raise TypeError(
-        f"Expected an image path, URL, PIL.Image.Image or numpy.ndarray, got {type(image).__name__}: {image!r:.80}."
+        f"Expected an image path, URL, PIL.Image.Image or numpy.ndarray, got {type(image).__name__}: "
+        f"{' '.join(repr(image).split()):.80}."
     )
 
 

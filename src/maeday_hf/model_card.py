@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 from typing import Any
 
 from huggingface_hub import ModelCardData
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether `name` reads as a Hub model id ("name" or "org/name"), not a local path."""
+    return not os.path.isabs(name) and _HUB_ID.fullmatch(name) is not None and ".." not in name
+
 
 CARD_TEMPLATE = """---
 {metadata}
@@ -15,7 +25,7 @@ CARD_TEMPLATE = """---
 
 {summary}
 
-Fine-tuned from [`{base_model}`]({base_link}) on **{num_shots} normal shot(s)** with MAEDAY's few-shot recipe
+Fine-tuned from {base_reference} on **{num_shots} normal shot(s)** with MAEDAY's few-shot recipe
 (paper: *MAEDAY: MAE for few and zero shot AnomalY-Detection*, Sec. 3). Anomaly maps come from {num_masks_hint}
 masked reconstructions of the query compared with the query itself; the image score is the map's maximum.
 
@@ -62,14 +72,21 @@ def render_model_card(
     calibration: dict[str, Any],
     full_finetune: bool,
 ) -> str:
-    """Markdown model card with Hub metadata (library, base model, tags) for an adapter or full checkpoint folder."""
+    """Markdown model card with Hub metadata (library, base model, tags) for an adapter or full checkpoint folder.
+
+    `base_model` is a Hub id (named in the metadata and linked) or a local folder (named only: the Hub rejects a
+    path as `base_model` metadata, and there is nothing to link to).
+    """
+    on_hub = is_hub_id(base_model)
     metadata = ModelCardData(
         library_name="peft" if not full_finetune else "transformers",
-        base_model=base_model,
+        base_model=base_model if on_hub else None,
         tags=["anomaly-detection", "maeday", "vit_mae", "few-shot"] + ([] if full_finetune else ["lora"]),
         pipeline_tag=None,
     ).to_yaml()
-    base_link = base_model if "://" in base_model else f"https://huggingface.co/{base_model}"
+    base_reference = (
+        f"[`{base_model}`](https://huggingface.co/{base_model})" if on_hub else f"the local checkpoint `{base_model}`"
+    )
     usage = (
         "import maeday_hf\n"
         f"detector = maeday_hf.modeling.load_detector({name!r})\n"
@@ -84,8 +101,7 @@ def render_model_card(
             if full_finetune
             else f"A LoRA adapter (rank {recipe.get('lora_rank')}) on every weight matrix, merged into the base at load."
         ),
-        base_model=base_model,
-        base_link=base_link,
+        base_reference=base_reference,
         num_shots=len(shot_names),
         num_masks_hint=calibration.get("num_masks", 32),
         usage=usage,

@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -60,7 +61,8 @@ def load_shot_images(shots: Sequence[Any]) -> tuple[list[Image.Image], list[str]
     """Decode every shot now, so a bad file fails before training.
 
     Args:
-        shots: image paths, folders of images, PIL images or arrays (mixed is fine).
+        shots: image paths, folders of images, PIL images or `(H, W, C)` / `(H, W)` arrays (mixed is fine), or a
+            single one of them (an array is one image, not a list of rows).
 
     Returns:
         `(images, names)`: RGB PIL images and a short name per shot (file path, or `"<image i>"`).
@@ -68,9 +70,14 @@ def load_shot_images(shots: Sequence[Any]) -> tuple[list[Image.Image], list[str]
     Raises:
         ValueError: no shots, or a file that is not a readable image.
         FileNotFoundError: a path that does not exist.
+        TypeError: a shot (or `shots`) of another type, e.g. a `torch.Tensor`.
     """
-    if isinstance(shots, (str, os.PathLike)):
-        shots = [shots]
+    if isinstance(shots, (str, os.PathLike, Image.Image, np.ndarray, torch.Tensor)):
+        shots = [shots]  # one shot: an array is one image, not rows to iterate (load_rgb_image refuses a tensor)
+    elif not isinstance(shots, Iterable):
+        raise TypeError(
+            f"shots must be an image path, folder, PIL image or array, or a list of them; got {type(shots).__name__}."
+        )
     entries: list[Any] = []
     for shot in shots:
         if isinstance(shot, (str, os.PathLike)):
