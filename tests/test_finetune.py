@@ -95,6 +95,19 @@ def test_all_patch_loss_includes_visible_patches():
     assert not torch.isclose(loss, outputs.loss)
 
 
+def test_one_process_on_several_gpus_keeps_the_effective_batch(tiny_checkpoint, monkeypatch):
+    # Plain `python` on a 2-GPU machine: the Trainer's DataParallel multiplies the per-device batch by n_gpu.
+    from transformers import TrainingArguments
+
+    monkeypatch.setattr(TrainingArguments, "n_gpu", property(lambda self: 2))
+    model = ViTMAEForPreTraining.from_pretrained(tiny_checkpoint)
+    views = ShotViews(torch.randn(1, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE), num_views=4, num_patches=16)
+    trainer = build_trainer(model, model, views, FinetuneConfig(num_steps=1, batch_size=4, use_cpu=True), "unused")
+    assert trainer.args.train_batch_size == 4
+    with pytest.raises(ValueError, match="batch_size=3 does not split evenly over 2 devices"):
+        build_trainer(model, model, views, FinetuneConfig(num_steps=1, batch_size=3, use_cpu=True), "unused")
+
+
 @pytest.mark.parametrize("norm_pix", [False, True])
 def test_trainer_loss_is_the_all_patch_loss_in_the_scoring_space(norm_pix, tiny_checkpoint, tiny_norm_pix_checkpoint):
     model = ViTMAEForPreTraining.from_pretrained(tiny_norm_pix_checkpoint if norm_pix else tiny_checkpoint)

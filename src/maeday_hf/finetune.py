@@ -302,7 +302,7 @@ def build_trainer(
     output_dir: str | os.PathLike,
 ) -> MaedayTrainer:
     """A `MaedayTrainer` for the recipe: SGD with momentum, constant lr, no checkpoints, per-device batch
-    `batch_size / num_processes`.
+    `batch_size / num_devices`, so each step holds `batch_size` views however many devices share it.
 
     Args:
         trained_model: the `PeftModel` (LoRA) or the `ViTMAEForPreTraining` itself (full fine-tune).
@@ -314,12 +314,16 @@ def build_trainer(
         ValueError: `batch_size` does not split over the processes.
     """
     args = _precision_resolved_arguments(config, output_dir)
-    if config.batch_size % args.world_size:
+    # One process per device under `accelerate launch`; one process driving several GPUs (plain `python` on a
+    # multi-GPU machine) makes the Trainer's DataParallel multiply the per-device batch by n_gpu.
+    replicas = args.world_size * max(1, args.n_gpu)
+    if config.batch_size % replicas:
         raise ValueError(
-            f"batch_size={config.batch_size} does not split evenly over {args.world_size} processes; pick a batch "
-            f"size divisible by the number of processes so the effective batch stays {config.batch_size}."
+            f"batch_size={config.batch_size} does not split evenly over {replicas} devices; pick a batch size "
+            f"divisible by the number of processes (and GPUs per process) so the effective batch stays "
+            f"{config.batch_size}."
         )
-    args.per_device_train_batch_size = config.batch_size // args.world_size
+    args.per_device_train_batch_size = config.batch_size // replicas
     trainer = MaedayTrainer(
         model=trained_model,
         args=args,
