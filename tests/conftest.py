@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+from pathlib import Path
 
 # Before any Hugging Face import: the Hub is never reached from the tests.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -80,3 +82,12 @@ def detector(tiny_checkpoint):
 def tiny_norm_pix_checkpoint(tmp_path_factory) -> str:
     """Same geometry, norm_pix_loss=True."""
     return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny-vit-mae-npl"), seed=1, norm_pix_loss=True)
+
+
+def load_script(name: str):
+    """`scripts/<name>.py` imported as a module (the scripts are not part of the package)."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

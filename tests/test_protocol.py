@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import threading
 from pathlib import Path
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import load_script
 from maeday_hf import protocol
 from maeday_hf.data import load_mvtec, write_hub_folder
 from maeday_hf.finetune import FinetuneConfig
@@ -26,20 +26,12 @@ from maeday_hf.protocol import (
 from maeday_hf.report import category_groups, format_cell, render_tables
 from maeday_hf.synthetic import write_synthetic_mvtec
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 CATEGORIES = ("stripes", "disc")  # one texture, one object
 FAST = ["--num-masks", "2", "--finetune-steps", "3", "--finetune-batch-size", "4", "--finetune-learning-rate", "0.2",
         "--quiet"]
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("evaluate_script", REPO_ROOT / "scripts" / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-evaluate_script = _load_script()
+evaluate_script = load_script("evaluate")
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from pathlib import Path
 
@@ -11,17 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_script
 
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("publish_dataset_script", REPO_ROOT / "scripts" / "publish_dataset.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-publish_script = _load_script()
+publish_script = load_script("publish_dataset")
 
 
 @pytest.fixture()
