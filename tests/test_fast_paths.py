@@ -169,6 +169,26 @@ def test_prefetch_keeps_order_and_raises_at_the_failing_item(num_threads):
     assert seen == [0, 1, 2, 3, 4]
 
 
+@pytest.mark.parametrize("num_threads", [0, 2])
+@pytest.mark.parametrize("lookahead", [1, 4, 8])
+def test_prefetch_raises_a_failing_source_after_the_items_before_it(num_threads, lookahead):
+    def source():
+        yield from range(5)
+        raise OSError("cannot decode item 5")
+
+    seen = []
+    with pytest.raises(OSError, match="item 5"):
+        for value in prefetch(source(), lambda x: -x, num_threads, lookahead=lookahead):
+            seen.append(value)
+    assert seen == [0, -1, -2, -3, -4]
+
+
+@pytest.mark.parametrize("batch_size", [0, -2, 1.5])
+def test_batched_refuses_a_batch_size_that_is_not_positive(batch_size):
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        list(batched(range(3), batch_size))
+
+
 def test_gpu_call_defaults_and_an_explicit_zero_workers(detector, images, monkeypatch):
     # What the pipeline hands the stock `Pipeline.__call__` on a GPU (faked: the stock call is replaced).
     from transformers import Pipeline

@@ -33,7 +33,8 @@ def prefetch(items: Iterable[Any], function: Callable[[Any], Any], num_threads: 
     """`function(item)` for each item, in order, computed up to `lookahead` items ahead by `num_threads` threads
     (0: in the calling thread, one item at a time).
 
-    An exception raised by `function` is raised here, at its item.
+    An exception raised by `function`, or by `items` while producing an item, is raised here, at that item: the items
+    before it are returned first, as the stock loop would.
     """
     if lookahead < 1:
         raise ValueError(f"lookahead must be at least 1, got {lookahead}.")
@@ -42,12 +43,32 @@ def prefetch(items: Iterable[Any], function: Callable[[Any], Any], num_threads: 
         return
     iterator = iter(items)
     with concurrent.futures.ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="maeday-preprocess") as pool:
-        pending = collections.deque(pool.submit(function, item) for item in itertools.islice(iterator, lookahead))
+        source_ended = False
+
+        def submit_next() -> concurrent.futures.Future | None:
+            nonlocal source_ended
+            if source_ended:
+                return None
+            try:
+                item = next(iterator)
+            except StopIteration:
+                source_ended = True
+                return None
+            except Exception as error:  # noqa: BLE001 - re-raised at this item's turn, after the ones before it
+                source_ended = True
+                failed = concurrent.futures.Future()
+                failed.set_exception(error)
+                return failed
+            return pool.submit(function, item)
+
+        pending = collections.deque()
+        while len(pending) < lookahead and (future := submit_next()) is not None:
+            pending.append(future)
         try:
             while pending:
                 result = pending.popleft().result()
-                for item in itertools.islice(iterator, 1):
-                    pending.append(pool.submit(function, item))
+                if (future := submit_next()) is not None:
+                    pending.append(future)
                 yield result
         finally:
             for future in pending:
@@ -56,6 +77,8 @@ def prefetch(items: Iterable[Any], function: Callable[[Any], Any], num_threads: 
 
 def batched(items: Iterable[Any], batch_size: int) -> Iterator[list[Any]]:
     """Consecutive lists of `batch_size` items (the last may be shorter)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
     iterator = iter(items)
     while batch := list(itertools.islice(iterator, batch_size)):
         yield batch
