@@ -230,6 +230,17 @@ def test_adapter_folder_layout_card_and_unchanged_config(trained, tiny_checkpoin
     assert os.path.abspath(tiny_checkpoint) in card and "huggingface.co//" not in card
 
 
+def test_the_cards_usage_snippet_runs(trained, tmp_path, monkeypatch):
+    query = tmp_path / "query.png"
+    _smooth_image(phase=0.5).save(query)
+    card = (trained.output_dir / "README.md").read_text()
+    snippet = card.split("```python\n", 1)[1].split("```", 1)[0].replace('"query.png"', repr(str(query)))
+    monkeypatch.chdir(trained.output_dir.parent)  # the card names the folder as it would be cloned: by its name
+    namespace = {}
+    exec(snippet, namespace)
+    assert set(namespace["result"]) >= {"score", "anomaly_map", "label", "mask"}
+
+
 def test_card_of_a_hub_base_names_and_links_it():
     card = render_model_card(
         name="org/bottle-1shot", base_model="facebook/vit-mae-base", shot_names=["a.png"], recipe={"lora_rank": 32},
@@ -264,6 +275,43 @@ def _run_python(code: str, env: dict[str, str]) -> str:
     return completed.stdout.strip().splitlines()[-1]
 
 
+def _lay_into_hub_cache(folder, cache, repo_id, commit, ref="main", edit=None):
+    """`folder` as the Hub cache holds a snapshot of `repo_id` at `commit`, named by `ref`; `edit(snapshot)` after."""
+    repo_dir = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo_dir / "snapshots" / commit
+    for path in folder.rglob("*"):
+        if path.is_file():
+            target = snapshot / path.relative_to(folder)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(path.read_bytes())
+    (repo_dir / "refs").mkdir(exist_ok=True)
+    (repo_dir / "refs" / ref).write_text(commit)
+    if edit is not None:
+        edit(snapshot)
+
+
+def _edit_json(path, **changes):
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def test_revision_and_cache_dir_reach_the_adapters_own_files(trained, tmp_path):
+    from maeday_hf.adapter_model import BaseModelNotFoundError
+
+    cache = tmp_path / "cache"
+    _lay_into_hub_cache(trained.output_dir, cache, "maeday-test/adapter", "a" * 40)
+    _lay_into_hub_cache(trained.output_dir, cache, "maeday-test/adapter", "b" * 40, ref="v1",
+                        edit=lambda snapshot: _edit_json(snapshot / "config.json", anomaly_threshold=123.0))
+    hub = dict(device="cpu", model_kwargs={"cache_dir": str(cache)})
+    calibrated = json.loads((trained.output_dir / "calibration.json").read_text())["threshold"]
+    assert load_detector("maeday-test/adapter", **hub)._postprocess_params["threshold"] == pytest.approx(calibrated)
+    assert load_detector("maeday-test/adapter", revision="v1", **hub)._postprocess_params["threshold"] == 123.0
+    # An adapter whose base is not to be had: the error names the base, not the adapter that did load.
+    _lay_into_hub_cache(trained.output_dir, cache, "maeday-test/orphan", "c" * 40, edit=lambda snapshot: _edit_json(
+        snapshot / "adapter" / "adapter_config.json", base_model_name_or_path="maeday-test/missing-base"))
+    with pytest.raises(BaseModelNotFoundError, match="base model 'maeday-test/missing-base' of the adapter"):
+        load_detector("maeday-test/orphan", **hub)
+
+
 def test_save_load_by_path_repo_id_and_remote_code_give_identical_scores(trained, tmp_path):
     query = tmp_path / "query.png"
     _smooth_image(phase=0.5).save(query)
@@ -277,16 +325,8 @@ def test_save_load_by_path_repo_id_and_remote_code_give_identical_scores(trained
     assert detector(str(query), num_masks=3, threshold=-1.0)["label"] == "anomalous"
 
     # The folder as the Hub cache holds a pushed repo; offline, the repo id resolves to it.
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo_dir = tmp_path / "hub" / "models--maeday-test--tiny-adapter"
-    snapshot = repo_dir / "snapshots" / commit
-    for path in trained.output_dir.rglob("*"):
-        if path.is_file():
-            target = snapshot / path.relative_to(trained.output_dir)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(path.read_bytes())
-    (repo_dir / "refs").mkdir()
-    (repo_dir / "refs" / "main").write_text(commit)
+    commit = "0123456789abcdef" * 2 + "0" * 8
+    _lay_into_hub_cache(trained.output_dir, tmp_path / "hub", "maeday-test/tiny-adapter", commit)
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"),
                HF_MODULES_CACHE=str(tmp_path / "modules"))
     scores = _run_python(

@@ -62,6 +62,10 @@ GEOMETRY_KEYS: tuple[str, ...] = (
 _BASE_LOAD_KWARGS = ("dtype", "torch_dtype", "device_map", "cache_dir", "token", "local_files_only", "force_download")
 
 
+class BaseModelNotFoundError(OSError):
+    """An adapter's base checkpoint cannot be loaded (the adapter itself could); the message names the base."""
+
+
 def adapter_subfolder(config: PretrainedConfig) -> str | None:
     """The adapter subfolder named by `config.maeday_adapter`, or None when `config` is a plain checkpoint's."""
     entry = getattr(config, ADAPTER_CONFIG_KEY, None)
@@ -154,7 +158,13 @@ def load_merged_model(
     base_name = os.fspath(base_model) if base_model is not None else adapter_config.get("base_model_name_or_path")
     if not base_name:
         raise ValueError(f"{adapter!r}: adapter_config.json names no base_model_name_or_path; pass base_model=.")
-    base_config = AutoConfig.from_pretrained(base_name, **hub_kwargs)
+    try:
+        base_config = AutoConfig.from_pretrained(base_name, **hub_kwargs)
+    except OSError as error:
+        raise BaseModelNotFoundError(
+            f"Cannot load the base model {base_name!r} of the adapter {adapter!r}: {str(error).splitlines()[0]} "
+            f"Download the base (`hf download {base_name}`) or pass base_model= a local copy of it."
+        ) from error
     check_base_matches(base_config, config, base_name)
     logger.info("Loading base %s and applying the adapter %s", base_name, adapter)
     load_kwargs = {key: value for key, value in base_kwargs.items() if key in _BASE_LOAD_KWARGS}
@@ -162,7 +172,13 @@ def load_merged_model(
     if dtype in (None, "auto"):
         # The adapter folder's own (float32 for every folder `finetune` writes), not the one the base was saved in.
         dtype = getattr(config, "dtype", None) or torch.float32
-    base = ViTMAEForPreTraining.from_pretrained(base_name, dtype=dtype, **load_kwargs)
+    try:
+        base = ViTMAEForPreTraining.from_pretrained(base_name, dtype=dtype, **load_kwargs)
+    except OSError as error:
+        raise BaseModelNotFoundError(
+            f"Cannot load the weights of the base model {base_name!r} of the adapter {adapter!r}: "
+            f"{str(error).splitlines()[0]}"
+        ) from error
     peft_model = PeftModel.from_pretrained(base, peft_folder)
     peft_model.eval()
     if not merge:

@@ -9,6 +9,8 @@ from typing import Any
 
 from huggingface_hub import ModelCardData
 
+from .pipeline import DEFAULT_MASK_RATIO, DEFAULT_NUM_MASKS
+
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
 
 
@@ -87,10 +89,17 @@ def render_model_card(
     base_reference = (
         f"[`{base_model}`](https://huggingface.co/{base_model})" if on_hub else f"the local checkpoint `{base_model}`"
     )
+    # The calibrated threshold labels calls at the settings it was calibrated with; spell out any that differ from
+    # the pipeline's defaults, so the snippet's call gets labels.
+    calibrated_call = "".join(
+        f", {key}={calibration[key]!r}"
+        for key, default in (("num_masks", DEFAULT_NUM_MASKS), ("mask_ratio", DEFAULT_MASK_RATIO))
+        if calibration.get(key, default) != default
+    )
     usage = (
         "import maeday_hf\n"
-        f"detector = maeday_hf.modeling.load_detector({name!r})\n"
-        "result = detector(\"query.png\")  # score, anomaly_map, label, mask"
+        f"detector = maeday_hf.load_detector({name!r})\n"
+        f"result = detector(\"query.png\"{calibrated_call})  # score, anomaly_map, label, mask"
     )
     return CARD_TEMPLATE.format(
         metadata=metadata,

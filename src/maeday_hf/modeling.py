@@ -12,7 +12,7 @@ import os
 import torch
 from transformers import AutoConfig, AutoImageProcessor, pipeline
 
-from .adapter_model import adapter_subfolder, load_merged_model
+from .adapter_model import BaseModelNotFoundError, adapter_subfolder, load_merged_model
 from .pipeline import DEFAULT_CHECKPOINT, AnomalyDetectionPipeline
 from .reconstruction import require_vit_mae_config
 
@@ -64,14 +64,16 @@ def load_detector(
         device: `"auto"` (GPU when there is one), `"cpu"`, `"cuda:1"`, ...
         base_model (`str`, *optional*): for an adapter, the base to merge into instead of the one its
             `adapter_config.json` names (e.g. a local copy); it must have the same geometry.
-        pipeline_kwargs: passed to `pipeline()`; call defaults such as `threshold=` or `num_masks=` included. A
+        pipeline_kwargs: passed to `pipeline()`; call defaults such as `threshold=` or `num_masks=` included, and
+            `revision=`, `token=`, `model_kwargs={"cache_dir": ...}`, which also reach an adapter's own files. A
             checkpoint with a calibrated `anomaly_threshold` in its config gets it as default `threshold` (see
             `AnomalyDetectionPipeline`).
 
     Raises:
         FileNotFoundError: `model` looks like a local path (exists as a file, or starts with `.`, `/` or `~`) but is
             not a folder.
-        OSError: the checkpoint is neither local nor in the Hub cache and the Hub cannot be reached.
+        OSError: the checkpoint is neither local nor in the Hub cache and the Hub cannot be reached
+            (`adapter_model.BaseModelNotFoundError` when it is an adapter whose base cannot be loaded).
         ValueError: the checkpoint is not a ViTMAEForPreTraining.
     """
     model = os.fspath(model)
@@ -84,10 +86,18 @@ def load_detector(
     )
     if looks_local and not os.path.isdir(os.path.expanduser(model)):
         raise FileNotFoundError(f"Model folder not found: {model!r} (expected a folder with config.json).")
+    # Where and which version to read, as pipeline() takes them: for the config read here and an adapter's files too.
+    revision = pipeline_kwargs.get("revision")
+    hub_kwargs = {key: value for key, value in (pipeline_kwargs.get("model_kwargs") or {}).items()
+                  if key in ("cache_dir", "local_files_only")}
+    if pipeline_kwargs.get("token") is not None:
+        hub_kwargs["token"] = pipeline_kwargs["token"]
     try:
-        config = AutoConfig.from_pretrained(os.path.expanduser(model))
+        config = AutoConfig.from_pretrained(os.path.expanduser(model), revision=revision, **hub_kwargs)
         if adapter_subfolder(config) is not None:
-            return _load_adapter_detector(os.path.expanduser(model), config, device, base_model, pipeline_kwargs)
+            return _load_adapter_detector(
+                os.path.expanduser(model), config, device, base_model, pipeline_kwargs, revision, hub_kwargs
+            )
         require_vit_mae_config(config, model)
         if base_model is not None:
             raise ValueError(f"base_model={os.fspath(base_model)!r} applies only to adapter folders; {model!r} is a "
@@ -100,6 +110,8 @@ def load_detector(
             pipeline_class=AnomalyDetectionPipeline,
             **pipeline_kwargs,
         )
+    except BaseModelNotFoundError:
+        raise  # the adapter loaded; its message names the base that did not
     except OSError as error:
         if os.path.isdir(os.path.expanduser(model)):
             raise OSError(
@@ -120,12 +132,17 @@ def _load_adapter_detector(
     device: str | int | torch.device | None,
     base_model: str | os.PathLike | None,
     pipeline_kwargs: dict,
+    revision: str | None,
+    hub_kwargs: dict,
 ) -> AnomalyDetectionPipeline:
     """The base with the adapter merged in, in our pipeline, with the adapter folder's image processor."""
     model_kwargs = pipeline_kwargs.pop("model_kwargs", None) or {}
-    merged = load_merged_model(adapter, base_model=base_model, config=config, **model_kwargs)
+    pipeline_kwargs.pop("revision", None)  # the adapter's revision: its base is loaded at its own default
+    merged = load_merged_model(
+        adapter, base_model=base_model, revision=revision, config=config, **{**hub_kwargs, **model_kwargs}
+    )
     if pipeline_kwargs.get("image_processor") is None:
-        pipeline_kwargs["image_processor"] = AutoImageProcessor.from_pretrained(adapter)
+        pipeline_kwargs["image_processor"] = AutoImageProcessor.from_pretrained(adapter, revision=revision, **hub_kwargs)
     return pipeline(
         "anomaly-detection",
         model=merged,
