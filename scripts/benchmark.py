@@ -199,7 +199,7 @@ def main(argv=None):
                         help="preprocessing threads on a GPU / DataLoader workers on a CPU (default: the pipeline's)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compare-precision", action="store_true",
-                        help="also report how far bf16-autocast maps are from float32 maps")
+                        help="also report how far bf16-weight maps are from float32 maps")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     transformers.utils.logging.disable_progress_bar()

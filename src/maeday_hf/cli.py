@@ -170,10 +170,11 @@ def add_detect_parser(subparsers) -> None:
     parser.add_argument("--threshold", type=float, default=None, help="adds a normal/anomalous label per image")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--batch-size", type=int, default=None,
-                        help="images per forward pass, times N masks (default: 8 on a CPU; on a GPU enough for 1,024 "
-                             "image x mask pairs, 32 at N = 32)")
+                        help="images per batch; their N masked copies run in forwards of at most --mask-batch-size "
+                             "pairs (default: 8 on a CPU; on a GPU enough for 1,024 image x mask pairs, 32 at N = 32)")
     parser.add_argument("--num-workers", type=int, default=None,
-                        help="decoding ahead of the model: threads on a GPU (default 8), processes on a CPU (default 0)")
+                        help="decoding ahead of the model: threads on a GPU (default up to 8, one fewer than the CPU "
+                             "cores), processes on a CPU (default 0)")
     parser.add_argument("--mask-batch-size", type=int, default=None,
                         help="most (image, mask) pairs per forward (default: 1024 on a GPU, 128 on a CPU)")
     parser.add_argument("--precision", choices=tuple(BF16_OF_PRECISION), default="auto",

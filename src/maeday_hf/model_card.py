@@ -37,8 +37,8 @@ masked reconstructions of the query compared with the query itself; the image sc
 {usage}
 ```
 
-Without `maeday_hf` installed, the same call with `trust_remote_code=True` runs the pipeline code shipped here
-(`pipeline.py` and the modules it imports{remote_note}).
+Without `maeday_hf` installed, `transformers.pipeline(model="{name}", trust_remote_code=True)` runs the pipeline code
+shipped here (`pipeline.py` and the modules it imports{remote_note}).
 
 ## Shots
 
