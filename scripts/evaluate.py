@@ -19,7 +19,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from maeday_hf.cli import BF16_OF_PRECISION
+from maeday_hf.cli import BF16_OF_PRECISION, configure_logging
 from maeday_hf.masking import MASK_SCHEDULES
 from maeday_hf.protocol import PAPER_REPETITIONS, ProtocolConfig, execute_protocol, prepare_protocol
 
@@ -109,8 +109,9 @@ def config_from_args(args: argparse.Namespace) -> ProtocolConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(
+        logging.INFO if args.verbose else logging.WARNING, "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     if args.quiet:
         import datasets
         from transformers.utils import logging as transformers_logging

@@ -15,6 +15,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from maeday_hf.cli import configure_logging
 from maeday_hf.data import push_configs_to_hub, write_hub_folder
 from maeday_hf.data.publish import BUILDERS, load_configs
 
@@ -38,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(logging.INFO, "%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         configs = load_configs(args.dataset, args.root, args.categories)
         if args.dry_run:

@@ -75,6 +75,13 @@ def collect_images(inputs: Sequence[str], exclude: str | os.PathLike | None = No
     return images
 
 
+def configure_logging(level: int, format: str = "%(levelname)s %(name)s: %(message)s") -> None:
+    """Log records at `level` and up to stderr, once each: huggingface_hub prints its own through its own handler
+    (and would print them a second time through the root's)."""
+    logging.basicConfig(level=level, format=format)
+    logging.getLogger("huggingface_hub").propagate = False
+
+
 # --precision -> the `bf16` argument of the pipeline, FinetuneConfig and ProtocolConfig (None: the device decides).
 BF16_OF_PRECISION = {"auto": None, "bf16": True, "fp32": False}
 
@@ -306,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging(logging.INFO if args.verbose else logging.WARNING)
     try:
         return args.handler(args)
     except (CommandError, *USER_ERRORS) as error:
