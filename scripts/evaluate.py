@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "in hardware (recorded with the settings).")
     parser.add_argument("--device", default="auto", help="'auto' (each process's accelerator), 'cpu', 'cuda:0', ...")
     parser.add_argument("--quiet", action="store_true", help="No progress bars.")
-    parser.add_argument("--verbose", action="store_true", help="Log every unit.")
+    parser.add_argument("--verbose", action="store_true", help="Log every unit; errors with their traceback.")
     return parser
 
 
@@ -120,12 +120,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         transformers_logging.disable_progress_bar()
     try:
         prepared = prepare_protocol(config_from_args(args))
-    except USER_ERRORS as error:
+        results = execute_protocol(prepared)
+    except USER_ERRORS as error:  # bad input, found before anything runs or by the step that meets it
+        if args.verbose:
+            raise  # the whole traceback, for a report
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         print(f"{PROG}: error: {message}", file=sys.stderr)
         return 2
-    try:
-        results = execute_protocol(prepared)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; rerun the same command to continue.", file=sys.stderr)
         return 130
