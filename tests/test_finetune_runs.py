@@ -341,6 +341,16 @@ def test_a_push_leaves_the_repo_holding_exactly_the_folder(tiny_checkpoint, shot
     assert "model.safetensors" not in folder and repo == folder | {".gitattributes"}
 
 
+def test_a_private_push_into_an_existing_public_repo_uploads_nothing(tiny_checkpoint, shot_files, tmp_path):
+    with mock.patch("huggingface_hub.HfApi") as api_class:
+        api_class.return_value.repo_info.return_value = mock.Mock(private=False)
+        with pytest.raises(ValueError, match="already exists as a public repository"):
+            finetune(tiny_checkpoint, shot_files[:1], tmp_path / "out", FinetuneConfig(**TINY), push_to_hub=True,
+                     hub_model_id="my-org/public", hub_private=True)
+    api_class.return_value.upload_folder.assert_not_called()
+    assert (tmp_path / "out" / "config.json").exists()  # the run itself is kept
+
+
 def test_shots_from_a_split_are_select_shots_choice(tiny_checkpoint, shot_files, tmp_path):
     split = datasets.Dataset.from_dict({"image": [str(p) for p in shot_files]}, features=datasets.Features(
         {"image": datasets.Image()}))

@@ -516,11 +516,20 @@ def push_folder_to_hub(folder: str | os.PathLike, repo_id: str, private: bool = 
 
     Files of an earlier push that `folder` lacks (say `model.safetensors` of a full fine-tune, under a LoRA adapter
     now) are deleted in the same commit: left there, they would be loaded instead of, or next to, the new run.
+
+    Raises:
+        ValueError: `private`, but `repo_id` already exists as a public repository (`create_repo` leaves an existing
+            repository's visibility as it is, so the upload would be public); nothing is uploaded.
     """
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
+    if private and not api.repo_info(repo_id).private:
+        raise ValueError(
+            f"{repo_id!r} already exists as a public repository, and a private push was asked for; nothing was "
+            f"uploaded. Make it private on the Hub (or push without --hub-private); the run is in {os.fspath(folder)!r}."
+        )
     commit = api.upload_folder(
         repo_id=repo_id,
         folder_path=os.fspath(folder),
