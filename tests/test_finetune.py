@@ -226,7 +226,7 @@ def test_adapter_folder_layout_card_and_unchanged_config(trained, tiny_checkpoin
     assert str(shot_path) in card and f"{trained.losses[-1][1]:.6g}" in card
     # A local base is named, but is no Hub metadata (the Hub rejects a path there) and no huggingface.co link.
     metadata = card.split("---")[1]
-    assert "library_name: peft" in metadata and "base_model:" not in metadata
+    assert "library_name: transformers" in metadata and "- peft" in metadata and "base_model:" not in metadata
     assert os.path.abspath(tiny_checkpoint) in card and "huggingface.co//" not in card
 
 

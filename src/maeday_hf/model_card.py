@@ -74,16 +74,19 @@ def render_model_card(
     calibration: dict[str, Any],
     full_finetune: bool,
 ) -> str:
-    """Markdown model card with Hub metadata (library, base model, tags) for an adapter or full checkpoint folder.
+    """Markdown model card with Hub metadata (library, base model, tags: `lora` and `peft` for an adapter) for an
+    adapter or full checkpoint folder.
 
     `base_model` is a Hub id (named in the metadata and linked) or a local folder (named only: the Hub rejects a
     path as `base_model` metadata, and there is nothing to link to).
     """
     on_hub = is_hub_id(base_model)
     metadata = ModelCardData(
-        library_name="peft" if not full_finetune else "transformers",
+        # transformers either way: an adapter folder keeps PEFT's files in adapter/ and loads from its root through
+        # AutoModelForPreTraining (auto_map, trust_remote_code), which PEFT's own loader would not find there.
+        library_name="transformers",
         base_model=base_model if on_hub else None,
-        tags=["anomaly-detection", "maeday", "vit_mae", "few-shot"] + ([] if full_finetune else ["lora"]),
+        tags=["anomaly-detection", "maeday", "vit_mae", "few-shot"] + ([] if full_finetune else ["lora", "peft"]),
         pipeline_tag=None,
     ).to_yaml()
     base_reference = (
