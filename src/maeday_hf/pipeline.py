@@ -187,6 +187,8 @@ class AnomalyDetectionPipeline(Pipeline):
 
     def _sanitize_parameters(self, **kwargs):
         preprocess_params, forward_params, postprocess_params = split_call_parameters(**kwargs)
+        if "threshold" in kwargs and kwargs["threshold"] is None:
+            postprocess_params["threshold"] = None  # passed as None: no labels, not even a calibrated threshold's
         calibration_settings = getattr(self, "_calibration_settings", None)
         if calibration_settings and "threshold" not in postprocess_params:
             # The calibrated threshold holds for the score distribution it was measured on: fewer masks or another
@@ -227,7 +229,8 @@ class AnomalyDetectionPipeline(Pipeline):
                 about 3x faster than float32 (maps within 0.23 % of the float32 ones' maximum on a CPU, 0.38 % on
                 an H200, measured with ViT-B). Errors, filtering and averaging stay float32; `bf16=False` gives
                 float32 maps.
-            threshold (`float`, *optional*): add `label` and `mask` by thresholding the score and the map.
+            threshold (`float`, *optional*): add `label` and `mask` by thresholding the score and the map. A
+                fine-tune's calibrated threshold is the default; `threshold=None` turns labelling off.
             batch_size (`int`, *optional*): images per forward pass (their masked copies are batched too); default 1
                 on a CPU; on a GPU, enough images for 1,024 (image, mask) pairs (32 at N = 32). Results do not depend
                 on it.
