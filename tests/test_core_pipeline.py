@@ -186,6 +186,19 @@ def test_more_image_inputs_read_as_expected(tmp_path, monkeypatch):
         load_rgb_image(path)
 
 
+def test_a_center_cropping_processor_is_refused(tiny_checkpoint):
+    # The map of a crop, resized to the whole image, would put every anomaly in the wrong place.
+    from transformers import BeitImageProcessorPil
+
+    cropping = BeitImageProcessorPil(do_center_crop=True, crop_size={"height": 32, "width": 32},
+                                     size={"height": 36, "width": 36})
+    with pytest.raises(ValueError, match="center-crops"):
+        pipeline("anomaly-detection", model=tiny_checkpoint, image_processor=cropping, device="cpu")
+    cropping.do_center_crop, cropping.size = False, {"height": 32, "width": 32}
+    whole = pipeline("anomaly-detection", model=tiny_checkpoint, image_processor=cropping, device="cpu")
+    assert whole(np.zeros((20, 30, 3), dtype=np.uint8), num_masks=1)["anomaly_map"].shape == (20, 30)
+
+
 def test_a_checkpoint_that_is_not_vit_mae_is_refused(tmp_path):
     config = BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=9)
     BertForPreTraining(config).save_pretrained(tmp_path)

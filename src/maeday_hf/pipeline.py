@@ -178,6 +178,12 @@ class AnomalyDetectionPipeline(Pipeline):
                 "No image processor was found with this checkpoint: save one next to it (e.g. ViTImageProcessor with "
                 "the model's image size and normalisation) or pass `image_processor=` to `pipeline()`."
             )
+        if getattr(self.image_processor, "do_center_crop", False):
+            raise ValueError(
+                f"The image processor ({type(self.image_processor).__name__}) center-crops, so the anomaly map would "
+                f"cover only the crop, yet be stretched over the whole image; pass an image processor with "
+                f"do_center_crop=False (the image is then resized whole, as ViTImageProcessor does)."
+            )
         # A fine-tuned checkpoint's calibrated threshold is the default `threshold`; one passed at init or call wins.
         self._shortcuts = ProcessorShortcuts()
         default_threshold = calibrated_threshold(self.model.config)
