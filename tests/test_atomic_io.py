@@ -70,3 +70,19 @@ def test_a_failed_swap_leaves_the_old_folder(tmp_path):
         replace_folder(tmp_path / ".adapter.partial-never-written", target)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
     assert (target / "old.txt").read_text() == "old"
+
+
+def test_a_swap_killed_halfway_does_not_block_the_next(tmp_path):
+    # A killed swap can leave the old folder aside under this process's name (PIDs recur, e.g. in containers).
+    target = tmp_path / "adapter"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    stale = tmp_path / f".adapter.replaced-{os.getpid()}"
+    stale.mkdir()
+    (stale / "older.txt").write_text("older")
+    finished = tmp_path / ".adapter.partial-1"
+    finished.mkdir()
+    (finished / "new.txt").write_text("new")
+    replace_folder(finished, target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+    assert [p.name for p in target.iterdir()] == ["new.txt"]

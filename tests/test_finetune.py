@@ -106,6 +106,12 @@ def test_one_process_on_several_gpus_keeps_the_effective_batch(tiny_checkpoint, 
     assert trainer.args.train_batch_size == 4
     with pytest.raises(ValueError, match="batch_size=3 does not split evenly over 2 devices"):
         build_trainer(model, model, views, FinetuneConfig(num_steps=1, batch_size=3, use_cpu=True), "unused")
+    # The CUDA graph replays (the default on a GPU) take the whole batch on one GPU: nothing to split.
+    import maeday_hf.finetune as finetune_module
+
+    monkeypatch.setattr(finetune_module, "_runs_as_graph_replays", lambda args, config: True)
+    trainer = build_trainer(model, model, views, FinetuneConfig(num_steps=1, batch_size=3, use_cpu=True), "unused")
+    assert trainer.args.per_device_train_batch_size == 3
 
 
 @pytest.mark.parametrize("norm_pix", [False, True])

@@ -202,6 +202,18 @@ def test_bad_input_fails_before_training(tiny_checkpoint, shot_files, tmp_path, 
         finetune(tiny_checkpoint, shot_files, out, fast)
 
 
+def test_a_base_whose_processor_center_crops_is_refused_before_training(tiny_checkpoint, shot_files, tmp_path):
+    import shutil
+
+    base = tmp_path / "cropping-base"
+    shutil.copytree(tiny_checkpoint, base)
+    processor = json.loads((base / "preprocessor_config.json").read_text())
+    (base / "preprocessor_config.json").write_text(json.dumps({**processor, "do_center_crop": True}))
+    with pytest.raises(ValueError, match="center-crops"):
+        finetune(base, shot_files[:1], tmp_path / "out", FinetuneConfig(**TINY))
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_single_array_or_image_is_one_shot():
     import torch
 
@@ -213,6 +225,9 @@ def test_a_single_array_or_image_is_one_shot():
     np.testing.assert_array_equal(np.asarray(images[0]), array)
     images, names = load_shot_images(Image.fromarray(array))
     assert names == ["<image 0>"] and images[0].size == (30, 20)
+    stack = np.stack([array, array[::-1]])  # (N, H, W, C): N shots, as PatchCore and the pipeline read it
+    images, names = load_shot_images(stack)
+    assert names == ["<image 0>", "<image 1>"] and np.array_equal(np.asarray(images[1]), array[::-1])
     with pytest.raises(TypeError, match="Tensor"):  # one unsupported shot, named, not its rows
         load_shot_images(torch.zeros(3, 20, 30))
     with pytest.raises(TypeError, match="int"):

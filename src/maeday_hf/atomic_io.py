@@ -69,6 +69,7 @@ def replace_folder(finished: str | os.PathLike, target: str | os.PathLike) -> Pa
     """
     finished, target = Path(finished), Path(target)
     previous = target.with_name(f".{target.name}.replaced-{os.getpid()}")
+    shutil.rmtree(previous, ignore_errors=True)  # left by a killed swap (PIDs recur, e.g. in containers)
     moved_aside = target.exists()
     if moved_aside:
         os.replace(target, previous)

@@ -49,7 +49,13 @@ from .calibration import Calibration, calibrate_threshold
 from .lora import add_lora, make_lora_config
 from .masking import validate_mask_ratio, validate_positive_int, validate_seed
 from .model_card import render_model_card
-from .pipeline import TASK, THRESHOLD_CONFIG_KEY, THRESHOLD_SETTINGS_CONFIG_KEY, AnomalyDetectionPipeline
+from .pipeline import (
+    TASK,
+    THRESHOLD_CONFIG_KEY,
+    THRESHOLD_SETTINGS_CONFIG_KEY,
+    AnomalyDetectionPipeline,
+    require_whole_image_processor,
+)
 from .reconstruction import (
     count_patches,
     is_vit_mae_for_pretraining,
@@ -97,9 +103,10 @@ class FinetuneConfig:
             `accelerate launch`, its `--mixed_precision` (which defaults to "no"); otherwise on where the training
             device multiplies bf16 in hardware (`runs_bfloat16_natively`: GPUs from Ampere on, x86 CPUs with
             AVX512-BF16 or AMX, where a ViT-B step runs 2.8x faster than in float32).
-        cuda_graph (`bool`, defaults to `True`): on a single GPU, run the steps as CUDA graph replays instead of the
-            Trainer loop (`step_loop.py`: same optimizer, views and loss; 50 LoRA steps of ViT-B in 2.76 s instead of
-            7.15 s on an H200). Under several processes or on the CPU the Trainer loop runs.
+        cuda_graph (`bool`, defaults to `True`): in a single process on a GPU, run the steps as CUDA graph replays on
+            that process's GPU instead of the Trainer loop (`step_loop.py`: same optimizer, views and loss; 50 LoRA
+            steps of ViT-B in 2.76 s instead of 7.15 s on an H200), also where more GPUs are visible. Under several
+            processes or on the CPU the Trainer loop runs.
         disable_tqdm (`bool`): no progress bar.
     """
 
@@ -311,12 +318,14 @@ def build_trainer(
         output_dir: the Trainer's working folder (nothing is saved there during training).
 
     Raises:
-        ValueError: `batch_size` does not split over the processes.
+        ValueError: `batch_size` does not split over the devices (processes, or a process's GPUs in the Trainer
+            loop).
     """
     args = _precision_resolved_arguments(config, output_dir)
     # One process per device under `accelerate launch`; one process driving several GPUs (plain `python` on a
-    # multi-GPU machine) makes the Trainer's DataParallel multiply the per-device batch by n_gpu.
-    replicas = args.world_size * max(1, args.n_gpu)
+    # multi-GPU machine) makes the Trainer loop's DataParallel multiply the per-device batch by n_gpu. (The graph
+    # replays take the whole batch on one GPU.)
+    replicas = args.world_size * (1 if _runs_as_graph_replays(args, config) else max(1, args.n_gpu))
     if config.batch_size % replicas:
         raise ValueError(
             f"batch_size={config.batch_size} does not split evenly over {replicas} devices; pick a batch size "
@@ -342,13 +351,14 @@ def trains_in_bf16(trainer: Trainer) -> bool:
     return trainer.args.mixed_precision == "bf16"
 
 
-def _runs_as_graph_replays(trainer: MaedayTrainer, config: FinetuneConfig) -> bool:
-    # (fp16 mixed precision, which needs a loss scaler, stays with the Trainer loop.)
+def _runs_as_graph_replays(args: TrainingArguments, config: FinetuneConfig) -> bool:
+    """Whether the steps run as CUDA graph replays (`step_loop`) on the process's one training GPU, not the Trainer
+    loop. (fp16 mixed precision, which needs a loss scaler, stays with the Trainer loop.)"""
     return (
         config.cuda_graph
-        and trainer.args.world_size == 1
-        and trainer.args.device.type == "cuda"
-        and trainer.args.mixed_precision in ("no", "bf16")
+        and args.world_size == 1
+        and args.device.type == "cuda"
+        and args.mixed_precision in ("no", "bf16")
     )
 
 
@@ -592,6 +602,7 @@ def finetune(
         logger.warning("The base %s is a local folder: the pushed adapter loads only where that path exists.", recorded_base)
 
     image_processor = AutoImageProcessor.from_pretrained(base_model)
+    require_whole_image_processor(image_processor)  # before training, not when the result fails to load
     # float32 whatever dtype the base was saved in: the optimizer, the rendered views and the calibration are float32.
     model = ViTMAEForPreTraining.from_pretrained(base_model, config=base_config, dtype=torch.float32)
     if not is_vit_mae_for_pretraining(model):
@@ -634,7 +645,7 @@ def finetune(
     try:
         start = time.perf_counter()
         with mask_ratio_set_to(model, config.mask_ratio):
-            if _runs_as_graph_replays(trainer, config):
+            if _runs_as_graph_replays(trainer.args, config):
                 step_losses = run_steps(
                     trainer.model, model, views, trainer.create_optimizer(), config.num_steps, config.batch_size,
                     bf16=trains_in_bf16(trainer),

@@ -77,6 +77,7 @@ def load_detector(
         ValueError: the checkpoint is not a ViTMAEForPreTraining.
     """
     model = os.fspath(model)
+    device = resolve_device(device)  # a device that is not here fails before anything is loaded
     # A Hub id is "name" or "org/name"; anything with more path parts, or rooted, is a local path.
     looks_local = (
         model.startswith((".", "/", "~"))
@@ -106,7 +107,7 @@ def load_detector(
         return pipeline(
             "anomaly-detection",
             model=os.path.expanduser(model),
-            device=resolve_device(device),
+            device=device,
             pipeline_class=AnomalyDetectionPipeline,
             **pipeline_kwargs,
         )
@@ -146,7 +147,7 @@ def _load_adapter_detector(
     return pipeline(
         "anomaly-detection",
         model=merged,
-        device=resolve_device(device),
+        device=device,
         pipeline_class=AnomalyDetectionPipeline,
         **pipeline_kwargs,
     )

@@ -85,6 +85,17 @@ def _validate_threshold(threshold: float) -> float:
     return float(threshold)
 
 
+def require_whole_image_processor(image_processor) -> None:
+    """Raise a `ValueError` if `image_processor` center-crops: the map of a crop, resized to the whole image (or a
+    model fine-tuned on crops), would put every anomaly in the wrong place."""
+    if getattr(image_processor, "do_center_crop", False):
+        raise ValueError(
+            f"The image processor ({type(image_processor).__name__}) center-crops, so the anomaly map would cover only "
+            f"the crop, yet be stretched over the whole image; use an image processor with do_center_crop=False (the "
+            f"image is then resized whole, as ViTImageProcessor does)."
+        )
+
+
 def split_call_parameters(
     *,
     num_masks: int | None = None,
@@ -178,12 +189,7 @@ class AnomalyDetectionPipeline(Pipeline):
                 "No image processor was found with this checkpoint: save one next to it (e.g. ViTImageProcessor with "
                 "the model's image size and normalisation) or pass `image_processor=` to `pipeline()`."
             )
-        if getattr(self.image_processor, "do_center_crop", False):
-            raise ValueError(
-                f"The image processor ({type(self.image_processor).__name__}) center-crops, so the anomaly map would "
-                f"cover only the crop, yet be stretched over the whole image; pass an image processor with "
-                f"do_center_crop=False (the image is then resized whole, as ViTImageProcessor does)."
-            )
+        require_whole_image_processor(self.image_processor)
         # A fine-tuned checkpoint's calibrated threshold is the default `threshold`; one passed at init or call wins.
         self._shortcuts = ProcessorShortcuts()
         default_threshold = calibrated_threshold(self.model.config)

@@ -25,12 +25,11 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .images import IMAGE_SUFFIXES, list_images, load_rgb_image
+from .images import IMAGE_SUFFIXES, is_single_image, list_images, load_rgb_image
 
 _SEED_STRIDE = 2**32
 
@@ -61,8 +60,8 @@ def load_shot_images(shots: Sequence[Any]) -> tuple[list[Image.Image], list[str]
     """Decode every shot now, so a bad file fails before training.
 
     Args:
-        shots: image paths, folders of images, PIL images or `(H, W, C)` / `(H, W)` arrays (mixed is fine), or a
-            single one of them (an array is one image, not a list of rows).
+        shots: image paths, folders of images, PIL images or `(H, W, C)` / `(H, W)` arrays (mixed is fine), a single
+            one of them (an array is one image, not a list of rows), or an `(N, H, W, C)` array of N shots.
 
     Returns:
         `(images, names)`: RGB PIL images and a short name per shot (file path, or `"<image i>"`).
@@ -72,8 +71,8 @@ def load_shot_images(shots: Sequence[Any]) -> tuple[list[Image.Image], list[str]
         FileNotFoundError: a path that does not exist.
         TypeError: a shot (or `shots`) of another type, e.g. a `torch.Tensor`.
     """
-    if isinstance(shots, (str, os.PathLike, Image.Image, np.ndarray, torch.Tensor)):
-        shots = [shots]  # one shot: an array is one image, not rows to iterate (load_rgb_image refuses a tensor)
+    if isinstance(shots, torch.Tensor) or is_single_image(shots):
+        shots = [shots]  # one shot: an (H, W[, C]) array is one image, not rows (load_rgb_image refuses a tensor)
     elif not isinstance(shots, Iterable):
         raise TypeError(
             f"shots must be an image path, folder, PIL image or array, or a list of them; got {type(shots).__name__}."
