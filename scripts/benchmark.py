@@ -106,6 +106,8 @@ def benchmark_geometry(name, args, device):
                   num_images=args.num_images, input_size=args.image_size)
 
     detector = load_detector(folder, device=device)
+    # The PIL processor, or the torchvision one where torchvision is installed (its resize has no shortcut).
+    common["image_processor"] = type(detector.image_processor).__name__
     baseline_model = ViTMAEForPreTraining.from_pretrained(folder).to(device).eval()
     results = {}
     # The package's public call, with its defaults unless the command line overrides them.

@@ -12,27 +12,36 @@
 # It writes JSON lines under $OUT (or results/device): the GPU tests, the inference speed table of the README (ViT-B
 # on 256 px and 1024 px inputs, ViT-L, ViT-H, and ViT-B with 4 balanced masks; with the bf16-vs-fp32 map difference),
 # and the 50-step fine-tune time with CUDA graph replays and with the Trainer loop. About 4 minutes on an H200.
-set -euo pipefail
+set -uo pipefail  # no -e: one failing step must not keep the later ones from reporting
 out=${OUT:-results/device}
 mkdir -p "$out"
-if compgen -G ".whl/*.whl" > /dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-    export PYTHONPATH=/tmp/site
+if ! compgen -G ".whl/*.whl" > /dev/null; then
+    echo "device_check: no .whl/*.whl here: run it with carry [\".whl\"] (the machine's transformers is too old)" >&2
+    exit 2
 fi
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+export PYTHONPATH="$PWD/src:/tmp/site" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
-python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 | tail -15 | tee "$out/gpu_tests.txt"
+# The whole log in the file (tracebacks included), its end on screen.
+python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py > "$out/gpu_tests.txt" 2>&1
+echo "gpu tests: rc=$?"; tail -15 "$out/gpu_tests.txt"
+# JSON lines on stdout; each command's errors, and its exit status if it failed, in benchmark_stderr.txt.
 {
-    python3 scripts/benchmark.py --device cuda --geometries base --num-images 256 --repeats 3 --compare-precision
-    python3 scripts/benchmark.py --device cuda --geometries base --num-images 128 --repeats 3 --image-size 1024
-    python3 scripts/benchmark.py --device cuda --geometries large huge --num-images 64 --repeats 2
+    run() { "$@" || echo "FAILED rc=$?: $*" >&2; }
+    run python3 scripts/benchmark.py --device cuda --geometries base --num-images 256 --repeats 3 --compare-precision
+    run python3 scripts/benchmark.py --device cuda --geometries base --num-images 128 --repeats 3 --image-size 1024
+    run python3 scripts/benchmark.py --device cuda --geometries large huge --num-images 64 --repeats 2
     # The balanced schedule's 4 masks (README "Fewer masks"), 256 images per forward to keep 1,024 pairs per forward.
-    python3 scripts/benchmark.py --device cuda --geometries base --num-images 256 --repeats 3 --num-masks 4 \
+    run python3 scripts/benchmark.py --device cuda --geometries base --num-images 256 --repeats 3 --num-masks 4 \
         --mask-schedule balanced --batch-size 256
-} 2>&1 | grep '^{' | tee "$out/benchmark.jsonl"
+} 2> "$out/benchmark_stderr.txt" | grep '^{' | tee "$out/benchmark.jsonl"
+grep FAILED "$out/benchmark_stderr.txt"
 {
-    python3 scripts/benchmark_finetune.py --device cuda --steps 50 --precision bf16 --runs 2
-    python3 scripts/benchmark_finetune.py --device cuda --steps 50 --precision bf16 --trainer-loop --runs 2
+    run() { "$@" || echo "FAILED rc=$?: $*" >&2; }
+    run python3 scripts/benchmark_finetune.py --device cuda --steps 50 --precision bf16 --runs 2
+    run python3 scripts/benchmark_finetune.py --device cuda --steps 50 --precision bf16 --trainer-loop --runs 2
 } 2> "$out/finetune_stderr.txt" | grep '^{' | tee "$out/finetune.jsonl"
+grep FAILED "$out/finetune_stderr.txt"
 # The graph loop's own split of its time (warm-ups + capture, then the replays):
-grep 'warm-up steps' "$out/finetune_stderr.txt" | tee "$out/finetune_split.txt" || true
+grep 'warm-up steps' "$out/finetune_stderr.txt" | tee "$out/finetune_split.txt"
+exit 0

@@ -81,8 +81,10 @@ def test_direct_resize_only_where_the_processor_does_nothing_else():
 
 
 def test_pipeline_preprocessing_gives_the_processors_pixels_also_after_the_processor_changes(tiny_checkpoint, images):
-    detector = pipeline("anomaly-detection", model=tiny_checkpoint, device="cpu")
-    processor = detector.image_processor
+    # The PIL processor named (with torchvision installed, AutoImageProcessor gives the torchvision one, whose resize
+    # has no shortcut: it runs whole).
+    processor = ViTImageProcessorPil.from_pretrained(tiny_checkpoint)
+    detector = pipeline("anomaly-detection", model=tiny_checkpoint, image_processor=processor, device="cpu")
 
     def check():
         normalization, resize = detector._shortcuts(processor)
@@ -132,13 +134,15 @@ def test_upright_rgb_images_are_not_copied_and_exif_orientation_is_applied(tmp_p
     assert load_rgb_image(gray).mode == "RGB" and gray.mode == "L"
 
 
-def test_unknown_processors_run_whole_on_the_cpu_with_the_same_result(tiny_checkpoint, images, detector):
+def test_unknown_processors_run_whole_on_the_cpu_with_the_same_result(tiny_checkpoint, images):
     class PlainProcessor(ViTImageProcessorPil):  # steps this package does not know: no device normalisation
         pass
 
     processor = PlainProcessor.from_pretrained(tiny_checkpoint)
     assert DeviceNormalization.from_processor(processor) is None
     plain = pipeline("anomaly-detection", model=tiny_checkpoint, image_processor=processor, device="cpu")
+    detector = pipeline("anomaly-detection", model=tiny_checkpoint, device="cpu",
+                        image_processor=ViTImageProcessorPil.from_pretrained(tiny_checkpoint))  # same resampling
     assert "pixel_values" in plain.preprocess(images[0]) and "pixels" in detector.preprocess(images[0])
     for ours, theirs in zip(detector(images, num_masks=3), plain(images, num_masks=3)):
         np.testing.assert_allclose(ours["anomaly_map"], theirs["anomaly_map"], rtol=1e-5, atol=1e-7)

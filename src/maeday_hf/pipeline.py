@@ -464,7 +464,10 @@ class AnomalyDetectionPipeline(Pipeline):
         for key in MAP_KEYS:
             if key in model_outputs:
                 resized = _at_original_size(model_outputs[key][:1], height, width)
-                result[key] = np.asarray(resized[0].numpy(), dtype=np.float32)
+                # A map in the GPU path's pinned copy buffer is copied out: results are kept, page-locked memory
+                # is not for keeping (and would be held as long as any result is).
+                copy = True if resized.is_pinned() else None
+                result[key] = np.array(resized[0].numpy(), dtype=np.float32, copy=copy)
         if threshold is not None:
             result.update(_threshold_outputs(result["score"], result["anomaly_map"], threshold))
         return result
