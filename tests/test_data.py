@@ -163,6 +163,21 @@ def test_fod_layout(fod_root):
     assert loaded["boxes"] == test["boxes"] and loaded.features == test.features
 
 
+def test_fod_reference_frames_are_held_out_of_the_test_split(fod_root):
+    def paths(split):
+        return [image["path"] for image in split.cast_column("image", datasets.Image(decode=False))["image"]]
+
+    full = load_fod(fod_root, "indoor")["test"]
+    held = load_fod(fod_root, "indoor", num_reference=2)
+    assert list(held) == ["train", "test"] and held["train"]["label"] == [0, 0]
+    assert sorted(paths(held["train"]) + paths(held["test"])) == sorted(paths(full))  # a partition
+    assert held["test"]["label"] == [0, 1, 1, 1]
+    assert paths(load_fod(fod_root, "indoor", num_reference=2)["train"]) == paths(held["train"])  # fixed
+    for bad in (3, -1):
+        with pytest.raises(ValueError, match="num_reference"):
+            load_fod(fod_root, "indoor", num_reference=bad)
+
+
 def test_fod_errors(fod_root):
     with pytest.raises(ValueError, match="Unknown FOD config 'kitchen'"):
         load_fod(fod_root, "kitchen")

@@ -12,7 +12,7 @@ from PIL import Image
 
 from conftest import load_script
 from maeday_hf import protocol
-from maeday_hf.data import load_mvtec, write_hub_folder
+from maeday_hf.data import load_fod, load_mvtec, write_hub_folder
 from maeday_hf.finetune import FinetuneConfig
 from maeday_hf.protocol import (
     ProtocolConfig,
@@ -245,6 +245,25 @@ def test_dataset_without_masks_when_pixel_metrics_are_asked(tiny_checkpoint, tmp
             "--output-dir", str(tmp_path / "out")]
     err = _run_error(capsys, argv)
     assert "'indoor'" in err and "no ground-truth mask" in err and "--no-pixel-metrics" in err
+
+
+def test_fod_k_shot_units_draw_reference_frames_and_every_method_scores_the_same_frames(tiny_checkpoint, tmp_path):
+    # Table 3: zero-shot MAEDAY against k-shot baselines, which need frames without objects as shots.
+    for folder, values in (("normal", range(40, 240, 25)), ("foreign_object", (30, 230))):
+        (tmp_path / "fod" / "indoor" / folder).mkdir(parents=True)
+        for index, value in enumerate(values):
+            Image.fromarray(np.full((32, 32, 3), value, dtype=np.uint8)).save(
+                tmp_path / "fod" / "indoor" / folder / f"{index:03d}.png")
+    argv = ["--model", tiny_checkpoint, "--dataset", f"fod:{tmp_path / 'fod'}", "--shots", "0", "1",
+            "--shot-seeds", "2", "--repetitions", "--no-pixel-metrics", "--no-plots",
+            "--output-dir", str(tmp_path / "out"), *FAST]
+    assert evaluate_script.main(argv) == 0
+    units = [json.loads(path.read_text()) for path in sorted((tmp_path / "out" / "units").rglob("*.json"))]
+    assert sorted((unit["shots"], unit["shot_seed"]) for unit in units) == [(0, 0), (1, 0), (1, 1)]
+    # 8 frames without objects: 4 held out (at most half), 4 + 2 scored by every unit.
+    assert {(unit["num_test_images"], unit["num_anomalous"]) for unit in units} == {(6, 2)}
+    assert {tuple(unit["shot_indices"]) for unit in units if unit["shots"] == 1} <= {(0,), (1,), (2,), (3,)}
+    assert len(load_fod(tmp_path / "fod", "indoor", num_reference=4)["train"]) == 4
 
 
 @pytest.mark.parametrize(

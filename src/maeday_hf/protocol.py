@@ -87,6 +87,8 @@ DatasetKind = Literal["mvtec", "hub", "synthetic", "fod"]
 Study = Literal["main", "repetitions"]
 
 SETTINGS_FILE = "settings.json"
+FOD_REFERENCE_FRAMES = 5
+"""Frames without objects per FOD surface held out as shots (at most half of them); the rest are the test set."""
 UNITS_DIR = "units"
 ADAPTERS_DIR = "adapters"
 
@@ -107,7 +109,10 @@ class DatasetSource:
         if self.kind == "synthetic":
             return load_synthetic_dataset(self.location, category)
         if self.kind == "fod":
-            return load_fod(self.location, category)
+            # Reference frames for the k-shot baselines (paper Table 3: 1-shot PatchCore), held out for every run,
+            # so that zero-shot and k-shot methods are scored on the same frames whatever --shots a run has.
+            num_normal = load_fod(self.location, category)["test"]["label"].count(0)
+            return load_fod(self.location, category, num_reference=min(FOD_REFERENCE_FRAMES, num_normal // 2))
         return datasets.load_dataset(self.location, category)
 
 
@@ -127,7 +132,8 @@ def resolve_dataset(spec: str | os.PathLike) -> DatasetSource:
 
     - `synthetic:DIR`: the synthetic set (`maeday_hf.synthetic`) in MVTec layout under DIR; categories missing there
       are written with the defaults (224 px) — write it yourself first for other sizes.
-    - `fod:DIR`: the FOD folder layout (`maeday_hf.data.fod`); test split only, so zero-shot only.
+    - `fod:DIR`: the FOD folder layout (`maeday_hf.data.fod`), with `FOD_REFERENCE_FRAMES` (at most half) of each
+      surface's frames without objects held out as the shots of k-shot methods (Table 3's 1-shot PatchCore).
     - a local folder holding a dataset repo (README.md with `configs:`, e.g. `publish_dataset.py --dry-run`):
       `datasets.load_dataset(DIR, category)`.
     - any other local folder: the extracted MVTec AD archive (`<root>/<category>/{train,test,ground_truth}`).

@@ -11,7 +11,10 @@ and/or bounding boxes. Expected layout:
 <root>/<indoor|outdoor>/boxes.json                    optional, {"<stem>.png": [[x_min, y_min, x_max, y_max], ...]}
 ```
 
-Zero-shot means no training frames: each config has a single `test` split.
+Zero-shot means no training frames: by default each config has a single `test` split. The paper compares zero-shot
+MAEDAY with 1-shot PatchCore, which needs an object-free reference frame: `load_fod(..., num_reference=R)` moves R
+frames without objects (the same R on every machine, chosen by `shot_indices` with seed 0) into a `train` split of
+reference frames, so that k-shot methods draw their shots there and every method is scored on the same other frames.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import datasets
 
 from .features import GOOD, anomaly_features
 from .layout import list_images, pair_masks, require_dir
+from .shots import shot_indices
 
 logger = logging.getLogger(__name__)
 
@@ -105,17 +109,34 @@ def fod_examples(root: str | os.PathLike, config: str) -> dict[str, list]:
     }
 
 
-def load_fod(root: str | os.PathLike, config: str) -> datasets.DatasetDict:
-    """One FOD surface as a `DatasetDict` with a single `test` split.
+def load_fod(root: str | os.PathLike, config: str, num_reference: int = 0) -> datasets.DatasetDict:
+    """One FOD surface as a `DatasetDict`: a `test` split, and with `num_reference` a `train` split of reference frames.
 
     Args:
         root (`str` or `os.PathLike`): Folder holding `indoor/` and/or `outdoor/` in the layout of this module.
         config (`str`): `"indoor"` or `"outdoor"`.
+        num_reference (`int`, defaults to 0): frames without objects held out of `test` as the `train` split (the
+            shots of k-shot baselines); 0 keeps every frame in `test`.
 
     Returns:
-        `datasets.DatasetDict` `{"test": Dataset}` with the shared features plus `boxes`
+        `datasets.DatasetDict` `{"test": Dataset}` (or `{"train", "test"}`) with the shared features plus `boxes`
         (`[[x_min, y_min, x_max, y_max], ...]`, empty when none); `mask` is `None` where a frame has no mask.
+
+    Raises:
+        `ValueError`: `num_reference` is negative, or leaves no frame without objects in `test`.
     """
     columns = fod_examples(root, config)
     dataset = datasets.Dataset.from_dict(columns, features=anomaly_features(with_boxes=True))
-    return datasets.DatasetDict({"test": dataset})
+    if isinstance(num_reference, bool) or not isinstance(num_reference, int) or num_reference < 0:
+        raise ValueError(f"num_reference must be an integer >= 0, got {num_reference!r}.")
+    if num_reference == 0:
+        return datasets.DatasetDict({"test": dataset})
+    normal = [index for index, label in enumerate(columns["label"]) if label == 0]
+    if num_reference >= len(normal):
+        raise ValueError(
+            f"FOD {config}: num_reference={num_reference} would leave none of its {len(normal)} frames without "
+            f"objects in the test split; hold out fewer."
+        )
+    reference = sorted(normal[i] for i in shot_indices(len(normal), num_reference, seed=0))
+    test = sorted(set(range(len(dataset))) - set(reference))
+    return datasets.DatasetDict({"train": dataset.select(reference), "test": dataset.select(test)})
