@@ -42,3 +42,15 @@ def test_mvtec_layout(tmp_path):
     files = sorted(str(p.relative_to(root)) for p in root.rglob("*.png"))
     assert len(files) == 2 + 1 + 2 * len(DEFECT_TYPES) * 2
     assert "wood/train/good/001.png" in files and "wood/ground_truth/hole/001_mask.png" in files
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [(dict(image_size=8), "image_size"), (dict(seed=-1), "seed"), (dict(num_train=1001), "num_train"),
+     (dict(num_test_good=-1), "num_test_good")],
+)
+def test_settings_that_would_make_a_wrong_set_are_refused(tmp_path, kwargs, fragment):
+    # Below 16 px a defect can vanish from its mask; over 1,000 images a split repeats the next one's seeds.
+    with pytest.raises(ValueError, match=fragment):
+        write_synthetic_mvtec(tmp_path, categories=("disc",), **kwargs)
+    assert not (tmp_path / "disc").exists()

@@ -102,7 +102,7 @@ def run_detect(args: argparse.Namespace) -> int:
     from .masking import validate_positive_int
     from .modeling import load_detector
     from .pipeline import split_call_parameters
-    from .visualize import overlay_heatmap
+    from .visualize import finite_max, overlay_heatmap
 
     call_kwargs = dict(
         num_masks=args.num_masks,
@@ -137,7 +137,7 @@ def run_detect(args: argparse.Namespace) -> int:
         for index, ((path, _), result) in enumerate(progress):
             rows.append((str(path), result["score"], result.get("label")))
             np.save(Path(maps_dir) / f"{index}.npy", result["anomaly_map"])
-            vmax = max(vmax, float(result["anomaly_map"].max()))
+            vmax = max(vmax, finite_max(result["anomaly_map"]))
         for index, (path, name) in enumerate(images):
             anomaly_map = np.load(Path(maps_dir) / f"{index}.npy")
             overlay = overlay_heatmap(load_rgb_image(path), anomaly_map, vmin=0.0, vmax=vmax)

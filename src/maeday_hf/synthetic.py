@@ -127,6 +127,11 @@ def _save_png(image: Image.Image, path: Path) -> None:
     image.save(path, format="PNG")
 
 
+MIN_IMAGE_SIZE = 16
+"""Smallest side for which every defect changes at least one pixel (its mask is never empty)."""
+_SEEDS_PER_SPLIT = 1_000
+
+
 def write_synthetic_mvtec(
     root: str | os.PathLike,
     categories: tuple[str, ...] | list[str] = CATEGORIES,
@@ -145,6 +150,18 @@ def write_synthetic_mvtec(
     for category in categories:
         if category not in CATEGORIES:
             raise ValueError(f"Unknown synthetic category {category!r}; expected one of {CATEGORIES}.")
+    for name, count in (("num_train", num_train), ("num_test_good", num_test_good),
+                        ("num_test_per_defect", num_test_per_defect)):
+        # Each split draws from its own block of 1,000 sample seeds: more would repeat the next split's images.
+        if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= _SEEDS_PER_SPLIT:
+            raise ValueError(f"{name} must be an integer in [0, {_SEEDS_PER_SPLIT}], got {count!r}.")
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < MIN_IMAGE_SIZE:
+        raise ValueError(
+            f"image_size must be an integer >= {MIN_IMAGE_SIZE} (smaller defects can vanish from their mask), "
+            f"got {image_size!r}."
+        )
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}.")
     for category in categories:
         # Each category is written whole into a folder of its own, then renamed into place: a reader (or a concurrent
         # writer, e.g. another process of an `accelerate launch`) never sees half a category.
@@ -169,10 +186,10 @@ def _write_category(
         image, _ = make_sample(category, None, image_size, seed=10_000 * seed + index)
         _save_png(image, category_dir / "train" / "good" / f"{index:03d}.png")
     for index in range(num_test_good):
-        image, _ = make_sample(category, None, image_size, seed=10_000 * seed + 1_000 + index)
+        image, _ = make_sample(category, None, image_size, seed=10_000 * seed + _SEEDS_PER_SPLIT + index)
         _save_png(image, category_dir / "test" / "good" / f"{index:03d}.png")
     for defect_type in DEFECT_TYPES:
         for index in range(num_test_per_defect):
-            image, mask = make_sample(category, defect_type, image_size, seed=10_000 * seed + 2_000 + index)
+            image, mask = make_sample(category, defect_type, image_size, seed=10_000 * seed + 2 * _SEEDS_PER_SPLIT + index)
             _save_png(image, category_dir / "test" / defect_type / f"{index:03d}.png")
             _save_png(mask, category_dir / "ground_truth" / defect_type / f"{index:03d}_mask.png")

@@ -1,0 +1,46 @@
+"""Heatmap overlays: the colour scale, unscorable pixels, and images as the pipeline sees them (upright, 8-bit RGB)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import ExifTags, Image
+
+from maeday_hf.visualize import colorize, finite_max, overlay_heatmap
+
+
+def test_colour_scale_ends_and_clipping():
+    values = np.array([[-1.0, 0.0, 1.0, 2.0]])
+    rgb = colorize(values)
+    assert rgb.dtype == np.uint8 and rgb.shape == (1, 4, 3)
+    assert (rgb[0, 0] == rgb[0, 1]).all() and (rgb[0, 2] == rgb[0, 3]).all()  # clipped to the ends
+    assert tuple(rgb[0, 1]) == (0, 0, 76) and tuple(rgb[0, 2]) == (204, 0, 0)  # dark blue ... red
+
+
+def test_unscorable_pixels_are_shown_as_suspect_and_leave_the_scale_alone():
+    anomaly_map = np.array([[0.0, 1.0], [np.nan, np.inf]], dtype=np.float32)
+    assert finite_max(anomaly_map) == 1.0 and finite_max(np.full((2, 2), np.nan)) == 0.0
+    overlay = np.asarray(overlay_heatmap(Image.new("RGB", (2, 2)), anomaly_map, alpha=1.0))
+    assert (overlay[1, 0] == overlay[0, 1]).all() and (overlay[1, 1] == overlay[0, 1]).all()  # the top colour
+
+
+def test_overlay_of_an_exif_rotated_16_bit_image_uses_the_upright_8_bit_one():
+    values = np.full((4, 6), 30000, dtype=np.uint16)  # stored 6 wide, 4 high; shown rotated: 4 wide, 6 high
+    image = Image.fromarray(values)
+    exif = image.getexif()
+    exif[ExifTags.Base.Orientation] = 6
+    image = Image.open(_saved(image, exif))
+    overlay = overlay_heatmap(image, np.zeros((6, 4), dtype=np.float32), alpha=0.0)
+    assert overlay.size == (4, 6)
+    assert np.asarray(overlay).max() == round(30000 / 257)  # rescaled from 16 bits, not clipped to white
+    with pytest.raises(ValueError, match="alpha"):
+        overlay_heatmap(image, np.zeros((6, 4), dtype=np.float32), alpha=1.5)
+
+
+def _saved(image, exif):
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", exif=exif)
+    buffer.seek(0)
+    return buffer
