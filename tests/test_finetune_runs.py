@@ -60,6 +60,7 @@ def no_training(monkeypatch):
         (dict(seed=2**32), ValueError, "seed"),  # refused here, not by the Trainer after the model has loaded
         (dict(seed=-1), ValueError, "seed"),
         (dict(seed=1.5), TypeError, "seed"),
+        (dict(momentum=1.0), ValueError, "momentum must be < 1"),
     ],
 )
 def test_config_rejects_bad_values_and_conflicts(kwargs, error, fragment):
@@ -197,6 +198,10 @@ def test_bad_input_fails_before_training(tiny_checkpoint, shot_files, tmp_path, 
         finetune(tiny_checkpoint, shot_files, out, fast, push_to_hub=True)
     with pytest.raises(ValueError, match="push_to_hub"):
         finetune(tiny_checkpoint, shot_files, out, fast, hub_model_id="org/name")
+    with pytest.raises(ValueError, match="hub_private given without push_to_hub"):
+        finetune(tiny_checkpoint, shot_files, out, fast, hub_private=True)
+    with pytest.raises(ValueError, match="Cannot push to 'org/name'.*nothing was trained"):  # offline here
+        finetune(tiny_checkpoint, shot_files, out, fast, push_to_hub=True, hub_model_id="org/name")
     out.mkdir()
     with pytest.raises(FileExistsError, match="overwrite"):
         finetune(tiny_checkpoint, shot_files, out, fast)

@@ -86,6 +86,17 @@ def test_end_to_end_writes_units_results_tables_and_figures(protocol_run):
         assert (protocol_run / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_rerun_without_figures_removes_the_earlier_ones(protocol_run, tiny_checkpoint, synthetic_root, tmp_path):
+    import shutil
+
+    rerun = tmp_path / "results"
+    shutil.copytree(protocol_run, rerun)
+    argv = _argv(tiny_checkpoint, synthetic_root, rerun, "--shots", "0", "1", "--shot-seeds", "2",
+                 "--repetitions", "1", "2", "--no-plots")
+    assert evaluate_script.main(argv) == 0  # every unit is done: only gathered again
+    assert not list(rerun.glob("fig*.png")) and (rerun / "results.json").is_file()
+
+
 @pytest.mark.parametrize(("title", "metric"), [("Table 1. Image-level ROC-AUC", "image_roc_auc"),
                                                ("Table 2. Pixel-level ROC-AUC", "pixel_roc_auc")])
 def test_tables_are_mean_and_std_over_shot_seeds_of_the_unit_files(protocol_run, title, metric):

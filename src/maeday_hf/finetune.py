@@ -160,6 +160,8 @@ class FinetuneConfig:
                             ("weight_decay", self.weight_decay)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
+        if self.momentum >= 1:
+            raise ValueError(f"momentum must be < 1 (at 1 or more SGD's velocity never decays), got {self.momentum}.")
         if self.resolved_learning_rate == 0:
             raise ValueError("learning_rate must be > 0 (0 would train nothing).")
         validate_seed(self.seed)
@@ -404,13 +406,28 @@ def _check_finite_losses(losses: list[tuple[int, float]], config: FinetuneConfig
             )
 
 
-def _validate_hub_flags(push_to_hub: bool, hub_model_id: str | None) -> None:
+def _validate_hub_flags(push_to_hub: bool, hub_model_id: str | None, hub_private: bool = False) -> None:
+    if hub_private and not push_to_hub:
+        raise ValueError("hub_private given without push_to_hub: add --push-to-hub or drop --hub-private.")
     if push_to_hub and not hub_model_id:
         raise ValueError("push_to_hub needs hub_model_id (e.g. --hub-model-id my-org/bottle-1shot).")
     if hub_model_id and not push_to_hub:
         raise ValueError(f"hub_model_id={hub_model_id!r} given without push_to_hub: add --push-to-hub or drop it.")
     if hub_model_id is not None and hub_model_id.count("/") != 1:
         raise ValueError(f"hub_model_id must look like 'org/name', got {hub_model_id!r}.")
+
+
+def _check_hub_login(hub_model_id: str) -> None:
+    """Fail before training, not after it, where the push could not happen (offline, or not logged in)."""
+    from huggingface_hub import HfApi
+
+    try:
+        HfApi().whoami()
+    except Exception as error:  # noqa: BLE001 - offline mode, no token, a bad token, no network: all mean "cannot"
+        raise ValueError(
+            f"Cannot push to {hub_model_id!r}: {str(error).splitlines()[0] if str(error) else type(error).__name__}. "
+            f"Log in (`hf auth login`) on a connected machine, or drop --push-to-hub; nothing was trained."
+        ) from error
 
 
 def _recorded_base_name(base_model: str) -> str:
@@ -587,7 +604,9 @@ def finetune(
         base_model = os.path.expanduser(base_model)
     output_dir = Path(output_dir).expanduser().absolute()
     _validate_output(output_dir, overwrite, base_model)
-    _validate_hub_flags(push_to_hub, hub_model_id)
+    _validate_hub_flags(push_to_hub, hub_model_id, hub_private)
+    if push_to_hub:
+        _check_hub_login(hub_model_id)
     base_config = load_base_config(base_model)
     images, shot_names = _load_shots(shots, num_shots, shot_seed)
     num_views = config.num_steps * config.batch_size

@@ -687,9 +687,13 @@ def gather_results(prepared: PreparedProtocol) -> Path:
     }
     path = write_json(output_dir / "results.json", results)
     write_text(output_dir / "tables.md", render_tables(records, prepared.categories))
-    if config.plots:
-        plot_shots(records, prepared.categories, output_dir / "fig2_shots.png")
-        plot_repetitions(records, output_dir / "fig3_repetitions.png")
+    figures = {"fig2_shots.png": None, "fig3_repetitions.png": None}
+    if config.plots:  # (each returns None when the records hold nothing to plot)
+        figures["fig2_shots.png"] = plot_shots(records, prepared.categories, output_dir / "fig2_shots.png")
+        figures["fig3_repetitions.png"] = plot_repetitions(records, output_dir / "fig3_repetitions.png")
+    for name, written in figures.items():
+        if written is None:  # a figure of an earlier run would no longer match results.json
+            (output_dir / name).unlink(missing_ok=True)
     logger.info("Wrote %s, tables.md and figures in %s", path.name, output_dir)
     return path
 
