@@ -69,21 +69,24 @@ def balanced_mask_noise(
 ) -> torch.Tensor:
     """Noise whose masks keep every patch the same number of times (up to one) across the `num_masks` masks.
 
-    Mask i keeps the patches kept least often by masks 0..i-1, ties broken at random. The returned noise is
-    `times_kept_before + u` with `u ~ U[0, 1)`: the model keeps the `num_kept_patches` smallest values, which are exactly
-    those patches. By induction the keep counts never differ by more than one.
+    Mask i keeps the patches kept least often by masks 0..i-1, ties broken at random: its priority is
+    `times_kept_before + u` with `u ~ U[0, 1)`, and the model keeps the `num_kept_patches` smallest noise values, which
+    are exactly those patches. By induction the keep counts never differ by more than one. The noise handed to the model
+    is each patch's rank in that priority, divided by `num_patches`: the same order, but every value distinct, so no
+    device's sort can break a tie at the keep boundary differently (in float32, `times_kept + u` would tie often once
+    counts reach the hundreds).
 
     Returns:
         `torch.Tensor` of shape `(num_masks, num_patches)`.
     """
     num_kept = num_kept_patches(num_patches, mask_ratio)
-    times_kept = torch.zeros(num_patches)
+    times_kept = torch.zeros(num_patches, dtype=torch.float64)  # + a float32 u: exact, so priorities never tie
     noise = torch.empty(num_masks, num_patches)
     for mask_index in range(num_masks):
-        priority = times_kept + torch.rand(num_patches, generator=generator)
-        noise[mask_index] = priority
-        kept = torch.argsort(priority)[:num_kept]
-        times_kept[kept] += 1
+        priority = times_kept + torch.rand(num_patches, generator=generator).double()
+        order = torch.argsort(priority)
+        noise[mask_index, order] = torch.arange(num_patches, dtype=torch.float32) / num_patches
+        times_kept[order[:num_kept]] += 1
     return noise
 
 
