@@ -7,7 +7,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import make_tiny_model
-from maeday_hf.flops import reconstruction_flops
+from maeday_hf.flops import image_flops, reconstruction_flops
 from maeday_hf.masking import make_mask_noise
 from maeday_hf.reconstruction import mask_ratio_set_to
 
@@ -26,3 +26,19 @@ def test_vit_b_cost_matches_the_published_figure():
 
     # ~619 GFLOP for one image x 32 masks at 75 % masking (issue "Speed").
     assert reconstruction_flops(ViTMAEConfig(), 0.75) * 32 / 1e9 == pytest.approx(619, rel=0.02)
+
+
+def test_image_flops_match_the_counter_on_the_scoring_path_that_embeds_once():
+    from maeday_hf.scoring import maeday_anomaly_maps
+
+    model = make_tiny_model(attn_implementation="eager")
+    noise = make_mask_noise(8, 16, 0.75)
+    images = torch.randn(2, 3, 32, 32)
+    with FlopCounterMode(display=False) as counter:
+        maeday_anomaly_maps(model, images, noise, 0.75, bf16=False)
+    counted = counter.get_total_flops()
+    expected = 2 * image_flops(model.config, 8, 0.75, embed_once=True)
+    # The only other counted work: the separable 7-tap Gaussian, a row pass over the padded map, then a column pass.
+    gaussian_per_image = 2 * 7 * (32 + 6) * 32 + 2 * 7 * 32 * 32
+    assert counted == expected + 2 * gaussian_per_image
+    assert image_flops(model.config, 8, 0.75) == 8 * reconstruction_flops(model.config, 0.75)

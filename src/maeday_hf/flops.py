@@ -24,7 +24,7 @@ def reconstruction_flops(config: ViTMAEConfig, mask_ratio: float = 0.75) -> int:
     patch_dim = config.patch_size**2 * config.num_channels
     encoder_tokens = 1 + num_kept_patches(num_patches, mask_ratio)
     decoder_tokens = 1 + num_patches
-    flops = 2 * num_patches * patch_dim * config.hidden_size  # patch embedding (all patches, before masking)
+    flops = patch_embedding_flops(config)  # all patches, before masking
     flops += config.num_hidden_layers * _transformer_layer_flops(
         encoder_tokens, config.hidden_size, config.intermediate_size
     )
@@ -34,3 +34,17 @@ def reconstruction_flops(config: ViTMAEConfig, mask_ratio: float = 0.75) -> int:
     )
     flops += 2 * decoder_tokens * config.decoder_hidden_size * patch_dim  # decoder_pred
     return flops
+
+
+def patch_embedding_flops(config: ViTMAEConfig) -> int:
+    """FLOPs of embedding every patch of one image (the convolution before masking)."""
+    num_patches = (config.image_size // config.patch_size) ** 2
+    return 2 * num_patches * config.patch_size**2 * config.num_channels * config.hidden_size
+
+
+def image_flops(config: ViTMAEConfig, num_masks: int, mask_ratio: float = 0.75, embed_once: bool = False) -> int:
+    """FLOPs of scoring one image with `num_masks` masked reconstructions: `num_masks` forwards, less the patch
+    embeddings this package shares between an image's masks (`embed_once`, see
+    `reconstruction.patches_embedded_once_per_image`); the paper's procedure embeds per forward."""
+    shared = (num_masks - 1) * patch_embedding_flops(config) if embed_once else 0
+    return num_masks * reconstruction_flops(config, mask_ratio) - shared
