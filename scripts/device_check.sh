@@ -15,12 +15,15 @@
 set -uo pipefail  # no -e: one failing step must not keep the later ones from reporting
 out=${OUT:-results/device}
 mkdir -p "$out"
-if ! compgen -G ".whl/*.whl" > /dev/null; then
-    echo "device_check: no .whl/*.whl here: run it with carry [\".whl\"] (the machine's transformers is too old)" >&2
+if compgen -G ".whl/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site
+elif ! python3 -c "import sys, transformers, peft; from packaging.version import Version as V; \
+        sys.exit(not (V(transformers.__version__) >= V('5.24') and V('0.21') <= V(peft.__version__) < V('0.22')))"; then
+    echo "device_check: transformers >= 5.24 and peft 0.21 are needed: carry the wheels ([\".whl\"], see above)" >&2
     exit 2
 fi
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH="$PWD/src:/tmp/site" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
 # The whole log in the file (tracebacks included), its end on screen.
 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py > "$out/gpu_tests.txt" 2>&1

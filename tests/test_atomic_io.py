@@ -57,7 +57,7 @@ def test_written_files_and_folders_get_the_permissions_of_a_plain_write(tmp_path
     path = write_atomically(tmp_path / "results.json", lambda temp: Path(temp).write_text("{}"))
     assert stat.S_IMODE(path.stat().st_mode) == 0o640  # 0o666 & ~umask, as open(path, "w") gives
     root = write_synthetic_mvtec(tmp_path / "synthetic", categories=["stripes"], num_train=1, num_test_good=1,
-                                 num_test_per_defect=1, image_size=16)
+                                 num_test_per_defect=1, image_size=24)
     assert stat.S_IMODE((root / "stripes").stat().st_mode) == 0o750  # 0o777 & ~umask, as mkdir gives
     assert stat.S_IMODE((root / "stripes" / "train" / "good" / "000.png").stat().st_mode) == 0o640
 

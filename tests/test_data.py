@@ -252,7 +252,7 @@ def test_push_calls_one_config_per_category(mvtec_root):
 
 def test_synthetic_set_has_the_same_features(tmp_path):
     dataset = load_synthetic_dataset(tmp_path, "stripes", num_train=2, num_test_good=1, num_test_per_defect=1,
-                                     image_size=16)
+                                     image_size=24)
     assert dataset["test"].features == load_mvtec(tmp_path, "stripes")["test"].features
     assert len(dataset["train"]) == 2 and sum(dataset["test"]["label"]) == len(dataset["test"]) - 1
     with pytest.raises(ValueError, match="Unknown synthetic category"):

@@ -12,7 +12,7 @@ from PIL import Image
 
 from conftest import load_script
 from maeday_hf import protocol
-from maeday_hf.data import load_fod, load_mvtec, write_hub_folder
+from maeday_hf.data import load_fod_with_references, load_mvtec, write_hub_folder
 from maeday_hf.finetune import FinetuneConfig
 from maeday_hf.protocol import (
     ProtocolConfig,
@@ -274,7 +274,16 @@ def test_fod_k_shot_units_draw_reference_frames_and_every_method_scores_the_same
     # 8 frames without objects: 4 held out (at most half), 4 + 2 scored by every unit.
     assert {(unit["num_test_images"], unit["num_anomalous"]) for unit in units} == {(6, 2)}
     assert {tuple(unit["shot_indices"]) for unit in units if unit["shots"] == 1} <= {(0,), (1,), (2,), (3,)}
-    assert len(load_fod(tmp_path / "fod", "indoor", num_reference=4)["train"]) == 4
+    # The published set has the same split as fod:DIR.
+    write_hub_folder({"indoor": load_fod_with_references(tmp_path / "fod", "indoor")}, tmp_path / "hub")
+    published = resolve_dataset(tmp_path / "hub").load("indoor")
+    assert {name: len(split) for name, split in published.items()} == {"train": 4, "test": 6}
+    # A results folder from before the hold-out (its settings lack it) is refused, not mixed with the new test set.
+    settings_path = tmp_path / "out" / "settings.json"
+    settings = json.loads(settings_path.read_text())
+    assert settings.pop("fod_reference_frames") == 5
+    settings_path.write_text(json.dumps(settings))
+    assert evaluate_script.main(argv) == 2
 
 
 @pytest.mark.parametrize(

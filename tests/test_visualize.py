@@ -20,6 +20,7 @@ def test_colour_scale_ends_and_clipping():
 def test_unscorable_pixels_are_shown_as_suspect_and_leave_the_scale_alone():
     anomaly_map = np.array([[0.0, 1.0], [np.nan, np.inf]], dtype=np.float32)
     assert finite_max(anomaly_map) == 1.0 and finite_max(np.full((2, 2), np.nan)) == 0.0
+    assert finite_max(np.array([[1, 5]], dtype=np.uint8)) == 5.0  # integer maps too
     overlay = np.asarray(overlay_heatmap(Image.new("RGB", (2, 2)), anomaly_map, alpha=1.0))
     assert (overlay[1, 0] == overlay[0, 1]).all() and (overlay[1, 1] == overlay[0, 1]).all()  # the top colour
 

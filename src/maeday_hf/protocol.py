@@ -50,8 +50,16 @@ import numpy as np
 import yaml
 from tqdm.auto import tqdm
 
-from .data import FOD_CONFIGS, load_fod, load_mvtec, load_synthetic_dataset, select_shots, shot_indices
-from .data import SYNTHETIC_CATEGORIES
+from .data import (
+    FOD_CONFIGS,
+    SYNTHETIC_CATEGORIES,
+    load_fod_with_references,
+    load_mvtec,
+    load_synthetic_dataset,
+    select_shots,
+    shot_indices,
+)
+from .data.fod import REFERENCE_FRAMES
 from .data.publish import read_card
 from .masking import (
     MASK_SCHEDULES,
@@ -87,8 +95,6 @@ DatasetKind = Literal["mvtec", "hub", "synthetic", "fod"]
 Study = Literal["main", "repetitions"]
 
 SETTINGS_FILE = "settings.json"
-FOD_REFERENCE_FRAMES = 5
-"""Frames without objects per FOD surface held out as shots (at most half of them); the rest are the test set."""
 UNITS_DIR = "units"
 ADAPTERS_DIR = "adapters"
 
@@ -111,8 +117,7 @@ class DatasetSource:
         if self.kind == "fod":
             # Reference frames for the k-shot baselines (paper Table 3: 1-shot PatchCore), held out for every run,
             # so that zero-shot and k-shot methods are scored on the same frames whatever --shots a run has.
-            num_normal = load_fod(self.location, category)["test"]["label"].count(0)
-            return load_fod(self.location, category, num_reference=min(FOD_REFERENCE_FRAMES, num_normal // 2))
+            return load_fod_with_references(self.location, category)
         return datasets.load_dataset(self.location, category)
 
 
@@ -132,8 +137,8 @@ def resolve_dataset(spec: str | os.PathLike) -> DatasetSource:
 
     - `synthetic:DIR`: the synthetic set (`maeday_hf.synthetic`) in MVTec layout under DIR; categories missing there
       are written with the defaults (224 px) — write it yourself first for other sizes.
-    - `fod:DIR`: the FOD folder layout (`maeday_hf.data.fod`), with `FOD_REFERENCE_FRAMES` (at most half) of each
-      surface's frames without objects held out as the shots of k-shot methods (Table 3's 1-shot PatchCore).
+    - `fod:DIR`: the FOD folder layout (`maeday_hf.data.fod`), with `data.fod.REFERENCE_FRAMES` (at most half) of
+      each surface's frames without objects held out as the shots of k-shot methods (Table 3's 1-shot PatchCore).
     - a local folder holding a dataset repo (README.md with `configs:`, e.g. `publish_dataset.py --dry-run`):
       `datasets.load_dataset(DIR, category)`.
     - any other local folder: the extracted MVTec AD archive (`<root>/<category>/{train,test,ground_truth}`).
@@ -292,7 +297,9 @@ class ProtocolConfig:
             "bf16": self.bf16,
             "finetune": self.finetune.recipe(),
             "patchcore": None if self.patchcore is None else _jsonable(dataclasses.asdict(self.patchcore)),
-        }
+        } | (  # the test set of `fod:DIR` (a folder from before the hold-out lacks it, so it is refused, not mixed)
+            {"fod_reference_frames": REFERENCE_FRAMES} if os.fspath(self.dataset).startswith("fod:") else {}
+        )
 
     def to_dict(self) -> dict[str, Any]:
         skip = ("finetune", "patchcore")  # their settings() form is JSON-friendly

@@ -127,8 +127,9 @@ def _save_png(image: Image.Image, path: Path) -> None:
     image.save(path, format="PNG")
 
 
-MIN_IMAGE_SIZE = 16
-"""Smallest side for which every defect changes at least one pixel (its mask is never empty)."""
+MIN_IMAGE_SIZE = 24
+"""Smallest side for which every defect changes at least one pixel (its mask is never empty): the smallest hole,
+radius 0.03 x side, then still covers a pixel centre (radius > sqrt(2) / 2)."""
 _SEEDS_PER_SPLIT = 1_000
 
 

@@ -24,8 +24,10 @@ def colorize(values: np.ndarray) -> np.ndarray:
 
 
 def finite_max(values: np.ndarray, default: float = 0.0) -> float:
-    """The largest finite value of `values` (`default` if there is none)."""
-    return float(np.max(values, where=np.isfinite(values), initial=-np.inf)) if np.isfinite(values).any() else default
+    """The largest finite value of `values`, of any numeric dtype (`default` if there is none)."""
+    finite = np.asarray(values, dtype=np.float64)
+    finite = finite[np.isfinite(finite)]
+    return float(finite.max()) if finite.size else default
 
 
 def overlay_heatmap(

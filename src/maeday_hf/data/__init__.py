@@ -7,7 +7,7 @@ All share one schema ([`anomaly_features`]): `image`, `mask` (`None` for good), 
 from __future__ import annotations
 
 from .features import LABEL_NAMES, anomaly_features
-from .fod import FOD_CONFIGS, load_fod
+from .fod import FOD_CONFIGS, load_fod, load_fod_with_references
 from .mvtec import MVTEC_CATEGORIES, MVTEC_GRAYSCALE, MVTEC_OBJECTS, MVTEC_TEXTURES, load_mvtec
 from .publish import push_configs_to_hub, write_hub_folder
 from .shots import select_shots, shot_indices
@@ -23,6 +23,7 @@ __all__ = [
     "SYNTHETIC_CATEGORIES",
     "anomaly_features",
     "load_fod",
+    "load_fod_with_references",
     "load_mvtec",
     "load_synthetic_dataset",
     "push_configs_to_hub",

@@ -14,7 +14,9 @@ and/or bounding boxes. Expected layout:
 Zero-shot means no training frames: by default each config has a single `test` split. The paper compares zero-shot
 MAEDAY with 1-shot PatchCore, which needs an object-free reference frame: `load_fod(..., num_reference=R)` moves R
 frames without objects (the same R on every machine, chosen by `shot_indices` with seed 0) into a `train` split of
-reference frames, so that k-shot methods draw their shots there and every method is scored on the same other frames.
+reference frames, so that k-shot methods draw their shots there and every method is scored on the same other frames;
+`load_fod_with_references` holds out the evaluation protocol's number (`REFERENCE_FRAMES`, at most half), and the
+published dataset has the same split.
 """
 
 from __future__ import annotations
@@ -140,3 +142,14 @@ def load_fod(root: str | os.PathLike, config: str, num_reference: int = 0) -> da
     reference = sorted(normal[i] for i in shot_indices(len(normal), num_reference, seed=0))
     test = sorted(set(range(len(dataset))) - set(reference))
     return datasets.DatasetDict({"train": dataset.select(reference), "test": dataset.select(test)})
+
+
+REFERENCE_FRAMES = 5
+"""Frames without objects per surface held out as reference frames by `load_fod_with_references` (at most half)."""
+
+
+def load_fod_with_references(root: str | os.PathLike, config: str) -> datasets.DatasetDict:
+    """`load_fod` with `min(REFERENCE_FRAMES, frames without objects // 2)` reference frames held out as `train`: the
+    split the evaluation protocol (`fod:DIR`) and `scripts/publish_dataset.py fod` use."""
+    num_normal = fod_examples(root, config)["label"].count(0)
+    return load_fod(root, config, num_reference=min(REFERENCE_FRAMES, num_normal // 2))

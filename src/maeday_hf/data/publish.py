@@ -18,7 +18,7 @@ from datasets.table import embed_table_storage
 from huggingface_hub import RepoCard
 
 from ..atomic_io import write_atomically
-from .fod import FOD_CONFIGS, load_fod
+from .fod import FOD_CONFIGS, load_fod_with_references
 from .layout import is_hidden
 from .mvtec import load_mvtec
 from .synthetic import SYNTHETIC_CATEGORIES, load_synthetic_dataset
@@ -29,7 +29,7 @@ README = "README.md"
 
 BUILDERS: dict[str, Callable[[str | os.PathLike, str], datasets.DatasetDict]] = {
     "mvtec": load_mvtec,
-    "fod": load_fod,
+    "fod": load_fod_with_references,  # the evaluation protocol's split: reference frames held out as train
     "synthetic": load_synthetic_dataset,
 }
 """`builder(root, config) -> DatasetDict` of each dataset a folder can hold."""
