@@ -39,6 +39,8 @@ def main() -> None:
     parser.add_argument("--full-finetune", action="store_true")
     parser.add_argument("--trainer-loop", action="store_true",
                         help="on a GPU, use the Trainer loop instead of CUDA graph replays (the baseline)")
+    parser.add_argument("--graph-warmup-steps", type=int, default=3,
+                        help="eager steps before the CUDA graph is captured (FinetuneConfig.graph_warmup_steps)")
     parser.add_argument("--runs", type=int, default=1,
                         help="fine-tunes in this process, one JSON line each: the first also pays the process's "
                              "one-time costs (CUDA's lazy kernel loading, library handles), later ones do not")
@@ -66,6 +68,7 @@ def main() -> None:
             use_cpu=args.device == "cpu",
             bf16=BF16_OF_PRECISION[args.precision],
             cuda_graph=not args.trainer_loop,
+            graph_warmup_steps=args.graph_warmup_steps,
             disable_tqdm=True,
             logging_steps=max(1, args.steps),
             calibration_views_per_shot=1,
@@ -84,6 +87,7 @@ def main() -> None:
                 "geometry": "ViT-B/16 224px (ViTMAEConfig defaults, random weights)",
                 "method": "full" if args.full_finetune else "lora-r32",
                 "loop": "trainer" if args.trainer_loop or args.device == "cpu" else "cuda-graph",
+                "graph_warmup_steps": args.graph_warmup_steps,
                 "precision": args.precision,
                 "mixed_precision": training_log["mixed_precision"],
                 "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(0),

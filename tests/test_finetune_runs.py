@@ -61,6 +61,7 @@ def no_training(monkeypatch):
         (dict(seed=-1), ValueError, "seed"),
         (dict(seed=1.5), TypeError, "seed"),
         (dict(momentum=1.0), ValueError, "momentum must be < 1"),
+        (dict(graph_warmup_steps=0), ValueError, "graph_warmup_steps"),
     ],
 )
 def test_config_rejects_bad_values_and_conflicts(kwargs, error, fragment):

@@ -66,8 +66,9 @@ def test_device_normalisation_on_the_gpu_equals_the_processor(images):
         torch.testing.assert_close(normalise(pixels.cuda()).cpu(), expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("warmup_steps", [1, 3])
 @pytest.mark.parametrize("bf16", [False, True])
-def test_cuda_graph_steps_equal_eager_steps(bf16, tmp_path):
+def test_cuda_graph_steps_equal_eager_steps(bf16, warmup_steps, tmp_path):
     config = FinetuneConfig(num_steps=4, batch_size=4, disable_tqdm=True, bf16=bf16)
     shots = torch.randn(2, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)
     results = []
@@ -79,7 +80,7 @@ def test_cuda_graph_steps_equal_eager_steps(bf16, tmp_path):
         trainer = build_trainer(peft_model, model, views, config, tmp_path / str(cuda_graph))
         with mask_ratio_set_to(model, config.mask_ratio):
             losses = run_steps(peft_model, model, views, trainer.create_optimizer(), 4, 4, bf16=bf16,
-                               cuda_graph=cuda_graph)
+                               cuda_graph=cuda_graph, warmup_steps=warmup_steps)
         weights = {name: p.detach().float().cpu() for name, p in peft_model.named_parameters() if p.requires_grad}
         results.append((losses, weights))
     (eager_losses, eager_weights), (graph_losses, graph_weights) = results
@@ -100,5 +101,5 @@ def test_gpu_bf16_detection_agrees_with_torch():
 def test_gpu_graph_steps_with_timing_logged_equal_eager_steps(tmp_path, caplog):
     # The graph loop's INFO timing adds a host sync; the steps must not change with it.
     caplog.set_level("INFO", logger="maeday_hf.step_loop")
-    test_cuda_graph_steps_equal_eager_steps(False, tmp_path)
+    test_cuda_graph_steps_equal_eager_steps(False, 3, tmp_path)
     assert "warm-up steps and the capture took" in caplog.text

@@ -64,7 +64,7 @@ from .reconstruction import (
     runs_bfloat16_natively,
 )
 from .shot_views import ShotViews, load_shot_images, shots_from_split
-from .step_loop import run_steps, views_loss
+from .step_loop import DEFAULT_WARMUP_STEPS, run_steps, views_loss
 from .training_loss import all_patch_loss  # noqa: F401 - the recipe's loss, importable from here too
 
 logger = logging.getLogger(__name__)
@@ -107,6 +107,8 @@ class FinetuneConfig:
             that process's GPU instead of the Trainer loop (`step_loop.py`: same optimizer, views and loss; 50 LoRA
             steps of ViT-B in 2.76 s instead of 7.15 s on an H200), also where more GPUs are visible. Under several
             processes or on the CPU the Trainer loop runs.
+        graph_warmup_steps (`int`, defaults to 3): eager steps at learning rate 0 before the graph is captured (they
+            change no weight; at least 1). Fewer start the replays sooner.
         disable_tqdm (`bool`): no progress bar.
     """
 
@@ -130,13 +132,15 @@ class FinetuneConfig:
     use_cpu: bool = False
     bf16: bool | None = None
     cuda_graph: bool = True
+    graph_warmup_steps: int = DEFAULT_WARMUP_STEPS
     disable_tqdm: bool = False
     logging_steps: int = 1
 
     def __post_init__(self):
         # Defaults that depend on `full_finetune` stay None here and are resolved by the `resolved_*` properties, so
         # `dataclasses.replace(config, full_finetune=...)` gets the other mode's defaults instead of this one's.
-        for name in ("num_steps", "batch_size", "calibration_views_per_shot", "calibration_num_masks", "logging_steps"):
+        for name in ("num_steps", "batch_size", "calibration_views_per_shot", "calibration_num_masks", "logging_steps",
+                     "graph_warmup_steps"):
             validate_positive_int(getattr(self, name), name)
         if self.full_finetune:
             given = [name for name in ("lora_rank", "lora_alpha", "lora_dropout") if getattr(self, name) is not None]
@@ -206,7 +210,7 @@ class FinetuneConfig:
     def recipe(self) -> dict[str, Any]:
         """The fields that define the run, defaults resolved, for the model card, `training_log.json` and the
         protocol's settings."""
-        skip = {"use_cpu", "disable_tqdm", "logging_steps", "cuda_graph"}
+        skip = {"use_cpu", "disable_tqdm", "logging_steps", "cuda_graph", "graph_warmup_steps"}
         recipe = {key: value for key, value in dataclasses.asdict(self).items() if key not in skip}
         recipe.update(
             learning_rate=self.resolved_learning_rate,
@@ -667,7 +671,7 @@ def finetune(
             if _runs_as_graph_replays(trainer.args, config):
                 step_losses = run_steps(
                     trainer.model, model, views, trainer.create_optimizer(), config.num_steps, config.batch_size,
-                    bf16=trains_in_bf16(trainer),
+                    bf16=trains_in_bf16(trainer), warmup_steps=config.graph_warmup_steps,
                 )
                 _check_finite_losses(list(enumerate(step_losses, start=1)), config)
                 losses = logged_losses(step_losses, config.logging_steps)

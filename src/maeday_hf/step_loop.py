@@ -23,7 +23,7 @@ from .training_loss import all_patch_loss
 
 logger = logging.getLogger(__name__)
 
-_WARMUP_STEPS = 3
+DEFAULT_WARMUP_STEPS = 3
 
 
 def _views_on(views, num_steps: int, batch_size: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -62,6 +62,7 @@ def run_steps(
     batch_size: int,
     bf16: bool = False,
     cuda_graph: bool | None = None,
+    warmup_steps: int = DEFAULT_WARMUP_STEPS,
 ) -> list[float]:
     """`num_steps` optimizer steps over consecutive batches of `views`; returns the loss of every step.
 
@@ -71,7 +72,11 @@ def run_steps(
         views (`ShotViews`): at least `num_steps * batch_size` views.
         cuda_graph (`bool`, *optional*): replay a captured graph per step; by default on CUDA. If the capture fails,
             a warning is logged and the steps run eagerly.
+        warmup_steps (`int`, defaults to 3): eager steps (learning rate 0) before the capture; at least 1, which
+            creates the gradients and momentum buffers the graph reuses.
     """
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
+        raise ValueError(f"warmup_steps must be an integer >= 1, got {warmup_steps!r}.")
     device = next(trained.parameters()).device
     if cuda_graph is None:
         cuda_graph = device.type == "cuda"
@@ -82,7 +87,7 @@ def run_steps(
         started = time.perf_counter()
         try:
             graph, static_batch, static_loss = _capture(trained, reconstruction_model, views, optimizer, all_views,
-                                                        batch_size, bf16)
+                                                        batch_size, bf16, warmup_steps)
         except Exception as error:  # noqa: BLE001 - any capture failure falls back to the same steps, eagerly
             logger.warning("CUDA graph capture failed (%s); running the fine-tuning steps eagerly.", error)
             _reset(optimizer)
@@ -102,7 +107,7 @@ def run_steps(
                 finished = time.perf_counter()
                 logger.info(
                     "%d warm-up steps and the capture took %.3f s; %d replays %.3f s (%.1f ms per step)",
-                    _WARMUP_STEPS, captured - started, num_steps, finished - captured,
+                    warmup_steps, captured - started, num_steps, finished - captured,
                     1e3 * (finished - captured) / num_steps,
                 )
             return step_losses
@@ -123,7 +128,8 @@ def _reset(optimizer: torch.optim.Optimizer) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def _capture(trained, reconstruction_model, views, optimizer, all_views, batch_size: int, bf16: bool):
+def _capture(trained, reconstruction_model, views, optimizer, all_views, batch_size: int, bf16: bool,
+             warmup_steps: int):
     static_batch = {key: value.clone() for key, value in _step_batch(all_views, 0, batch_size).items()}
     learning_rates = [group["lr"] for group in optimizer.param_groups]
     for group in optimizer.param_groups:
@@ -132,7 +138,7 @@ def _capture(trained, reconstruction_model, views, optimizer, all_views, batch_s
     side_stream.wait_stream(torch.cuda.current_stream())
     try:
         with torch.cuda.stream(side_stream):
-            for _ in range(_WARMUP_STEPS):
+            for _ in range(warmup_steps):
                 optimizer.zero_grad(set_to_none=True)
                 step_loss(trained, reconstruction_model, views, static_batch, bf16).backward()
                 optimizer.step()
