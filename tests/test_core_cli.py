@@ -138,3 +138,12 @@ def test_worker_processes_give_the_same_scores(synthetic_root, tiny_checkpoint, 
     assert main(["detect", folder, "--out", str(tmp_path / "a"), "--num-workers", "0", *common]) == 0
     assert main(["detect", folder, "--out", str(tmp_path / "b"), "--num-workers", "2", *common]) == 0
     assert (tmp_path / "a" / "scores.csv").read_text() == (tmp_path / "b" / "scores.csv").read_text()
+
+
+def test_verbose_before_or_after_the_command():
+    from maeday_hf.cli import build_parser
+
+    common = ["finetune", "--model", "m", "--shots", "x.png", "--output-dir", "o"]
+    assert build_parser().parse_args(common).verbose is False
+    assert build_parser().parse_args(["-v", *common]).verbose is True
+    assert build_parser().parse_args([*common, "--verbose"]).verbose is True  # as scripts/finetune.py passes it

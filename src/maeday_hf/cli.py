@@ -304,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_detect_parser(subparsers)
     add_synthetic_parser(subparsers)
     add_finetune_parser(subparsers)
+    for command in subparsers.choices.values():  # also after the command (`maeday finetune ... -v`, scripts/finetune.py)
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                             help="log at INFO level")
     return parser
 
 
