@@ -312,6 +312,25 @@ def test_cli_conflicting_flags_give_one_line(tiny_checkpoint, shot_files, tmp_pa
     assert status == 2 and "--shots" in capsys.readouterr().err
 
 
+def test_cli_options_reach_the_config_and_unset_ones_keep_its_defaults(tiny_checkpoint, shot_files, tmp_path,
+                                                                       monkeypatch, capsys):
+    import maeday_hf.finetune as finetune_module
+
+    seen = []
+    monkeypatch.setattr(finetune_module, "finetune",
+                        lambda base, shots, out, config, **kwargs: seen.append(config) or mock.Mock(calibration=None))
+    base = ["finetune", "--model", tiny_checkpoint, "--shots", str(shot_files[0]), "--output-dir", str(tmp_path / "o")]
+    assert cli_main(base) == 0
+    assert cli_main([*base, "--calibration-std", "2.5", "--min-crop-scale", "0.9", "--max-rotation", "5",
+                     "--trainer-loop"]) == 0
+    default, chosen = seen
+    assert default == FinetuneConfig(bf16=default.bf16, use_cpu=default.use_cpu)  # the paper's recipe
+    assert (chosen.calibration_num_std, chosen.min_crop_scale, chosen.max_rotation_degrees, chosen.cuda_graph) == (
+        2.5, 0.9, 5.0, False)
+    assert cli_main([*base, "--shot-seed", "2"]) == 2  # picks nothing with --shots: refused, not ignored
+    assert "--shot-seed" in capsys.readouterr().err
+
+
 def test_interrupted_run_leaves_no_folder(tiny_checkpoint, shot_files, tmp_path, monkeypatch):
     monkeypatch.setattr(MaedayTrainer, "train", mock.Mock(side_effect=KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):

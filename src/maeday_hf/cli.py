@@ -208,8 +208,12 @@ def run_finetune(args: argparse.Namespace) -> int:
     if (args.shots is None) == (args.dataset_root is None):
         raise CommandError("give the shots either as --shots FILES_OR_FOLDERS or as --dataset-root ROOT --category C "
                            "--num-shots K (not both, not neither)")
-    if args.dataset_root is None and (args.category is not None or args.num_shots is not None):
-        raise CommandError("--category and --num-shots pick shots from --dataset-root; with --shots every file is used")
+    if args.dataset_root is None and (
+        args.category is not None or args.num_shots is not None or args.shot_seed is not None
+    ):
+        raise CommandError(
+            "--category, --num-shots and --shot-seed pick shots from --dataset-root; with --shots every file is used"
+        )
     if args.dataset_root is not None:
         if args.category is None or args.num_shots is None:
             raise CommandError("--dataset-root needs --category and --num-shots (k)")
@@ -235,7 +239,12 @@ def run_finetune(args: argparse.Namespace) -> int:
         calibration_num_masks=args.calibration_masks,
         use_cpu=args.cpu,
         bf16=BF16_OF_PRECISION[args.precision],
+        cuda_graph=not args.trainer_loop,
         disable_tqdm=args.quiet,
+        **{field: value for field, value in (
+            ("calibration_num_std", args.calibration_std), ("min_crop_scale", args.min_crop_scale),
+            ("max_rotation_degrees", args.max_rotation),
+        ) if value is not None},  # unset: FinetuneConfig's defaults, the paper's
     )
     result = finetune(
         args.model,
@@ -243,7 +252,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         args.output_dir,
         config,
         num_shots=args.num_shots,
-        shot_seed=args.shot_seed,
+        shot_seed=args.shot_seed if args.shot_seed is not None else 0,
         overwrite=args.overwrite,
         push_to_hub=args.push_to_hub,
         hub_model_id=args.hub_model_id,
@@ -261,7 +270,8 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset-root", default=None, help="MVTec-layout root to pick shots from (with --category)")
     parser.add_argument("--category", default=None, help="category under --dataset-root")
     parser.add_argument("--num-shots", type=int, default=None, help="k shots picked from the category's train split")
-    parser.add_argument("--shot-seed", type=int, default=0, help="seed of the shot choice (same seed, same shots)")
+    parser.add_argument("--shot-seed", type=int, default=None,
+                        help="seed of the shot choice from --dataset-root (default 0; same seed, same shots)")
     parser.add_argument("--output-dir", required=True, help="adapter folder to write (appears when the run ends)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output-dir")
     parser.add_argument("--push-to-hub", action="store_true", help="upload the folder to --hub-model-id")
@@ -281,6 +291,14 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of views, masks and the Trainer")
     parser.add_argument("--calibration-views", type=int, default=4, help="views per shot scored for the threshold")
     parser.add_argument("--calibration-masks", type=int, default=32, help="masks per calibration view")
+    parser.add_argument("--calibration-std", type=float, default=None,
+                        help="threshold = mean + this many standard deviations of the shots' scores (default 3)")
+    parser.add_argument("--min-crop-scale", type=float, default=None,
+                        help="smallest side of a view's random crop, as a share of the image's (default 0.75)")
+    parser.add_argument("--max-rotation", type=float, default=None,
+                        help="largest random rotation of a view, in degrees (default 15)")
+    parser.add_argument("--trainer-loop", action="store_true",
+                        help="on one GPU, run the Trainer loop instead of CUDA graph replays")
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is available")
     parser.add_argument("--precision", choices=tuple(BF16_OF_PRECISION), default="auto",
                         help="auto: under accelerate launch its --mixed_precision, else bf16 mixed precision where "
