@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from transformers import ViTMAEForPreTraining, pipeline
+from transformers import pipeline
 
 from conftest import TINY_IMAGE_SIZE, make_tiny_model
 from maeday_hf.finetune import FinetuneConfig, build_trainer, finetune
