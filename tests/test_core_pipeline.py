@@ -104,6 +104,9 @@ def test_works_with_key_dataset(detector, images):
     dataset = Dataset.from_dict({"image": images})
     results = list(detector(KeyDataset(dataset, "image"), num_masks=2, batch_size=2))
     assert [r["anomaly_map"].shape for r in results] == [(40, 56), (32, 32), (77, 23)]
+    for result, direct in zip(results, detector(images, num_masks=2)):  # the same results as a plain list gives
+        assert result["score"] == pytest.approx(direct["score"], rel=1e-6)
+        np.testing.assert_allclose(result["anomaly_map"], direct["anomaly_map"], rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize(
