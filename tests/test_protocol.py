@@ -380,8 +380,21 @@ def test_ensemble_patchcore_units(tiny_checkpoint, tmp_path, capsys):
     assert sorted(unit["method"] for unit in results["units"]) == ["2xpatchcore", "maeday", "maeday+patchcore",
                                                                     "patchcore"]
     assert {unit["shot_indices"][0] for unit in results["units"]} == {results["units"][0]["shot_indices"][0]}
+    # What each ensemble unit sums: MAEDAY + PatchCore (coreset seed 0), each standardised over the test split.
+    scores = {unit["method"]: np.array(unit["image_scores"]) for unit in results["units"]}
+
+    def standardised(values):
+        return (values - values.mean()) / values.std()
+
+    np.testing.assert_allclose(scores["maeday+patchcore"],
+                               standardised(scores["maeday"]) + standardised(scores["patchcore"]), rtol=1e-6, atol=1e-9)
+    # 2xPatchCore: seed 0 plus another standardised PatchCore (seed 1), not MAEDAY.
+    second = scores["2xpatchcore"] - standardised(scores["patchcore"])
+    assert abs(second.mean()) < 1e-9 and second.std() == pytest.approx(1.0, rel=1e-6)
+    assert not np.allclose(second, standardised(scores["maeday"]))
     header = _table_rows((tmp_path / "out" / "tables.md").read_text(), "Table 1. Image-level ROC-AUC")["disc"]
     assert list(header)[1:] == ["1-shot PC", "1-shot MAEDAY", "1-shot 2×PC", "1-shot MAEDAY+PC"]
     # ... but another PatchCore would not fit the recorded units.
+    capsys.readouterr()  # (progress bars of the runs above, shown when no earlier test turned them off)
     assert "patchcore" in _run_error(capsys, argv[:-1] + ["48"])
     assert evaluate_script.main(maeday_only) == 0  # leaving the ensemble out again is fine

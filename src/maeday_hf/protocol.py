@@ -613,11 +613,13 @@ class _Runner:
         labels = np.asarray(test["label"])
         gt_masks = list(_gt_masks(test)) if self.config.pixel_metrics else None  # decoded once for every method
         for unit in pending:
-            metrics = compute_metrics(combined[unit.method](), labels, gt_masks)
+            outputs = combined[unit.method]()
+            metrics = compute_metrics(outputs, labels, gt_masks)
             record = {
                 **dataclasses.asdict(unit),
                 "unit": unit.name,
                 "metrics": metrics,
+                "image_scores": [float(output["score"]) for output in outputs],  # test-split order
                 "num_test_images": len(test),
                 "num_anomalous": int(labels.sum()),
                 "shot_indices": indices,
