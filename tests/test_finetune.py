@@ -331,6 +331,7 @@ def test_save_load_by_path_repo_id_and_remote_code_give_identical_scores(trained
     assert "label" not in result
     assert detector(str(query), num_masks=3, threshold=-1.0)["label"] == "anomalous"
     assert "label" not in detector(str(query), threshold=None, **calibrated_call)  # labelling turned off
+    assert "label" not in detector(str(query), mask_schedule="balanced", **calibrated_call)  # calibrated on random
     assert "label" not in load_detector(trained.output_dir, device="cpu", threshold=None)(str(query), **calibrated_call)
 
     # The folder as the Hub cache holds a pushed repo; offline, the repo id resolves to it.

@@ -512,7 +512,8 @@ def _write_folder(
     folder_config.custom_pipelines = _custom_pipelines_entry()
     setattr(folder_config, THRESHOLD_CONFIG_KEY, calibration.threshold)
     setattr(folder_config, THRESHOLD_SETTINGS_CONFIG_KEY, {"num_masks": calibration.num_masks,
-                                                           "mask_ratio": calibration.mask_ratio})
+                                                           "mask_ratio": calibration.mask_ratio,
+                                                           "mask_schedule": "random"})
     if config.full_finetune:
         model.save_pretrained(folder)
     else:

@@ -144,7 +144,8 @@ DEFAULT_MASK_RATIO = 0.75
 THRESHOLD_CONFIG_KEY = "anomaly_threshold"
 """Config key of the threshold a few-shot fine-tune calibrated on its normal shots (`maeday_hf.calibration`)."""
 THRESHOLD_SETTINGS_CONFIG_KEY = "anomaly_threshold_settings"
-"""Config key of the scoring settings the threshold was calibrated with: `{"num_masks": N, "mask_ratio": r}`."""
+"""Config key of the scoring settings the threshold was calibrated with: `{"num_masks": N, "mask_ratio": r,
+"mask_schedule": "random"}`."""
 
 
 def calibrated_threshold(config: Any) -> float | None:
@@ -203,9 +204,12 @@ class AnomalyDetectionPipeline(Pipeline):
             postprocess_params["threshold"] = None  # passed as None: no labels, not even a calibrated threshold's
         calibration_settings = getattr(self, "_calibration_settings", None)
         if calibration_settings and "threshold" not in postprocess_params:
-            # The calibrated threshold holds for the score distribution it was measured on: fewer masks or another
-            # mask ratio shift that distribution, so its labels would be wrong. Drop it rather than mislabel.
-            effective = {"num_masks": DEFAULT_NUM_MASKS, "mask_ratio": DEFAULT_MASK_RATIO}
+            # The calibrated threshold holds for the score distribution it was measured on: fewer masks, another
+            # mask ratio or the balanced schedule (less spread between masks) shift that distribution, so its labels
+            # would be wrong. Drop it rather than mislabel. (Folders from before the schedule was recorded were
+            # calibrated with random masks too.)
+            calibration_settings = {"mask_schedule": "random", **calibration_settings}
+            effective = {"num_masks": DEFAULT_NUM_MASKS, "mask_ratio": DEFAULT_MASK_RATIO, "mask_schedule": "random"}
             effective.update({key: self._forward_params[key] for key in effective if key in self._forward_params})
             effective.update({key: forward_params[key] for key in effective if key in forward_params})
             differing = {key: value for key, value in effective.items() if calibration_settings.get(key, value) != value}
