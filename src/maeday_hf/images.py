@@ -9,6 +9,7 @@ grayscale and CMYK images are converted.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
@@ -133,10 +134,16 @@ def as_image_list(images) -> list:
     return [images] if is_single_image(images) else list(images)
 
 
+def is_hidden(path: Path) -> bool:
+    """Names starting with `.`: macOS AppleDouble files (`._000.png`, image suffix but no image), `.DS_Store`,
+    `.ipynb_checkpoints`, a killed writer's `.x.partial-*` folder."""
+    return path.name.startswith(".")
+
+
 def list_images(folder: Path) -> list[Path]:
-    """Image files directly in `folder`, sorted by name (so example order, and thus shot selection, is reproducible).
-    Hidden files (`.name`, e.g. macOS `._x.png` resource forks, which carry image suffixes but are not images) are
-    left out."""
+    """Image files directly in `folder`, sorted by name (so example order, and thus shot selection, is reproducible),
+    hidden files left out."""
     return sorted(
-        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+        path for path in folder.iterdir()
+        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not is_hidden(path)
     )

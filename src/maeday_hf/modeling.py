@@ -85,7 +85,8 @@ def load_detector(
         or model.count("/") > 1
         or os.sep in model.replace("/", "")  # a backslash path on Windows
     )
-    if looks_local and not os.path.isdir(os.path.expanduser(model)):
+    path = os.path.expanduser(model)  # what is loaded: `model` itself for a Hub id
+    if looks_local and not os.path.isdir(path):
         raise FileNotFoundError(f"Model folder not found: {model!r} (expected a folder with config.json).")
     # Where and which version to read, as pipeline() takes them: for the config read here and an adapter's files too.
     revision = pipeline_kwargs.get("revision")
@@ -94,10 +95,10 @@ def load_detector(
     if pipeline_kwargs.get("token") is not None:
         hub_kwargs["token"] = pipeline_kwargs["token"]
     try:
-        config = AutoConfig.from_pretrained(os.path.expanduser(model), revision=revision, **hub_kwargs)
+        config = AutoConfig.from_pretrained(path, revision=revision, **hub_kwargs)
         if adapter_subfolder(config) is not None:
             return _load_adapter_detector(
-                os.path.expanduser(model), config, device, base_model, pipeline_kwargs, revision, hub_kwargs
+                path, config, device, base_model, pipeline_kwargs, revision, hub_kwargs
             )
         require_vit_mae_config(config, model)
         if base_model is not None:
@@ -106,7 +107,7 @@ def load_detector(
         # pipeline_class: use this package's pipeline even when the folder also ships it as remote code.
         return pipeline(
             "anomaly-detection",
-            model=os.path.expanduser(model),
+            model=path,
             device=device,
             pipeline_class=AnomalyDetectionPipeline,
             **pipeline_kwargs,
@@ -114,11 +115,11 @@ def load_detector(
     except BaseModelNotFoundError:
         raise  # the adapter loaded; its message names the base that did not
     except OSError as error:
-        if os.path.isdir(os.path.expanduser(model)):
+        if os.path.isdir(path):
             raise OSError(
-                f"Cannot load model {model!r} from its folder: {str(error).splitlines()[0].rstrip('.')}. A detector folder holds "
-                f"the model's config.json and weights and the image processor's preprocessor_config.json (what "
-                f"`save_pretrained` of the model and of its processor write)."
+                f"Cannot load model {model!r} from its folder: {str(error).splitlines()[0].rstrip('.')}. A detector "
+                f"folder holds the model's config.json and weights and the image processor's preprocessor_config.json "
+                f"(what `save_pretrained` of the model and of its processor write)."
             ) from error
         raise OSError(
             f"Cannot load model {model!r}: it is not a local folder and not in the Hugging Face cache, and the Hub "

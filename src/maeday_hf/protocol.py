@@ -51,7 +51,6 @@ import yaml
 from tqdm.auto import tqdm
 
 from .data import (
-    FOD_CONFIGS,
     SYNTHETIC_CATEGORIES,
     load_fod_with_references,
     load_mvtec,
@@ -60,7 +59,7 @@ from .data import (
     shot_indices,
 )
 from .data.fod import REFERENCE_FRAMES
-from .data.publish import read_card
+from .data.publish import available_configs, read_card
 from .masking import (
     MASK_SCHEDULES,
     validate_mask_ratio,
@@ -157,16 +156,12 @@ def resolve_dataset(spec: str | os.PathLike) -> DatasetSource:
             return DatasetSource("synthetic", str(folder), SYNTHETIC_CATEGORIES)
         if not folder.is_dir():
             raise FileNotFoundError(f"FOD folder {rest!r} not found; expected <DIR>/<indoor|outdoor>/normal, ...")
-        found = tuple(c for c in FOD_CONFIGS if (folder / c).is_dir())
-        return DatasetSource("fod", str(folder), found)
+        return DatasetSource("fod", str(folder), available_configs("fod", folder))
     path = Path(spec).expanduser()
     if path.is_dir():
         if _is_hub_folder(path):
             return DatasetSource("hub", str(path), tuple(datasets.get_dataset_config_names(str(path))))
-        categories = tuple(sorted(  # hidden folders (a killed writer's ".x.partial-*", ".ipynb_checkpoints") are not
-            p.name for p in path.iterdir()
-            if not p.name.startswith(".") and ((p / "test").is_dir() or (p / "train").is_dir())
-        ))
+        categories = available_configs("mvtec", path)  # (hidden folders, e.g. a killed writer's, are left out)
         if categories:
             return DatasetSource("mvtec", str(path), categories)
         hint = (

@@ -60,7 +60,11 @@ _CONFIG_LOCKS_GUARD = threading.Lock()
 
 
 def _config_lock(config) -> threading.RLock:
-    """One re-entrant lock per config object (configs are unhashable, so keyed by id, dropped with the config)."""
+    """One re-entrant lock per config object (configs are unhashable, so keyed by id, dropped with the config).
+
+    Separate from `_patch_embedding_lock` on purpose: a caller holding the mask ratio may fan the forwards out to
+    threads (each taking the patch-embedding lock); one lock for both would deadlock there.
+    """
     with _CONFIG_LOCKS_GUARD:
         lock = _CONFIG_LOCKS.get(id(config))
         if lock is None:

@@ -127,10 +127,13 @@ def load_fod(root: str | os.PathLike, config: str, num_reference: int = 0) -> da
     Raises:
         `ValueError`: `num_reference` is negative, or leaves no frame without objects in `test`.
     """
-    columns = fod_examples(root, config)
-    dataset = datasets.Dataset.from_dict(columns, features=anomaly_features(with_boxes=True))
     if isinstance(num_reference, bool) or not isinstance(num_reference, int) or num_reference < 0:
         raise ValueError(f"num_reference must be an integer >= 0, got {num_reference!r}.")
+    return _splits(fod_examples(root, config), config, num_reference)
+
+
+def _splits(columns: dict[str, list], config: str, num_reference: int) -> datasets.DatasetDict:
+    dataset = datasets.Dataset.from_dict(columns, features=anomaly_features(with_boxes=True))
     if num_reference == 0:
         return datasets.DatasetDict({"test": dataset})
     normal = [index for index, label in enumerate(columns["label"]) if label == 0]
@@ -151,5 +154,5 @@ REFERENCE_FRAMES = 5
 def load_fod_with_references(root: str | os.PathLike, config: str) -> datasets.DatasetDict:
     """`load_fod` with `min(REFERENCE_FRAMES, frames without objects // 2)` reference frames held out as `train`: the
     split the evaluation protocol (`fod:DIR`) and `scripts/publish_dataset.py fod` use."""
-    num_normal = fod_examples(root, config)["label"].count(0)
-    return load_fod(root, config, num_reference=min(REFERENCE_FRAMES, num_normal // 2))
+    columns = fod_examples(root, config)  # read once: listing and pairing open every image and mask
+    return _splits(columns, config, min(REFERENCE_FRAMES, columns["label"].count(0) // 2))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from PIL import ExifTags, Image
 
-from ..images import IMAGE_SUFFIXES, list_images  # noqa: F401 - part of this module's API (hidden files left out)
+from ..images import IMAGE_SUFFIXES, is_hidden, list_images  # noqa: F401 - part of this module's API
 
 MASK_SUFFIX = "_mask"
 """MVTec AD names the mask of `<stem>.png` `<stem>_mask.png`; FOD follows it."""
@@ -20,11 +20,6 @@ _TRANSPOSING_ORIENTATIONS = frozenset({5, 6, 7, 8})
 
 _PNG_TEXT_CHUNKS = frozenset({b"eXIf", b"tEXt", b"zTXt", b"iTXt"})
 """PNG chunks that can carry an orientation (EXIF, or XMP / raw EXIF in text)."""
-
-
-def is_hidden(path: Path) -> bool:
-    """Names starting with `.`: macOS AppleDouble files (`._000.png`), `.DS_Store`, `.ipynb_checkpoints`, ..."""
-    return path.name.startswith(".")
 
 
 def require_dir(folder: Path, expectation: str) -> Path:
