@@ -40,7 +40,8 @@ def main() -> None:
     parser.add_argument("--trainer-loop", action="store_true",
                         help="on a GPU, use the Trainer loop instead of CUDA graph replays (the baseline)")
     parser.add_argument("--graph-warmup-steps", type=int, default=3,
-                        help="eager steps before the CUDA graph is captured (FinetuneConfig.graph_warmup_steps)")
+                        help="the run's first steps, run eagerly before the CUDA graph is captured "
+                             "(FinetuneConfig.graph_warmup_steps)")
     parser.add_argument("--runs", type=int, default=1,
                         help="fine-tunes in this process, one JSON line each: the first also pays the process's "
                              "one-time costs (CUDA's lazy kernel loading, library handles), later ones do not")

@@ -11,7 +11,7 @@
 # then run it there with `carry: [".whl"]`:  bash scripts/device_check.sh
 # It writes JSON lines under $OUT (or results/device): the GPU tests, the inference speed table of the README (ViT-B
 # on 256 px and 1024 px inputs, ViT-L, ViT-H, and ViT-B with 4 balanced masks; with the bf16-vs-fp32 map difference),
-# and the 50-step fine-tune time with CUDA graph replays (3 or 1 warm-up steps) and with the Trainer loop. About 5
+# and the 50-step fine-tune time with CUDA graph replays (the first 3 or 1 steps eager) and with the Trainer loop. About 5
 # minutes on an H200.
 set -uo pipefail  # no -e: one failing step must not keep the later ones from reporting
 out=${OUT:-results/device}
@@ -47,6 +47,6 @@ grep FAILED "$out/benchmark_stderr.txt"
     run python3 scripts/benchmark_finetune.py --device cuda --steps 50 --precision bf16 --trainer-loop --runs 2
 } 2> "$out/finetune_stderr.txt" | grep '^{' | tee "$out/finetune.jsonl"
 grep FAILED "$out/finetune_stderr.txt"
-# The graph loop's own split of its time (warm-ups + capture, then the replays):
-grep 'warm-up steps' "$out/finetune_stderr.txt" | tee "$out/finetune_split.txt"
+# The graph loop's own split of its time (its first, eager steps + the capture, then the replays):
+grep 'eager steps' "$out/finetune_stderr.txt" | tee "$out/finetune_split.txt"
 exit 0

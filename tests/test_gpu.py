@@ -102,4 +102,4 @@ def test_gpu_graph_steps_with_timing_logged_equal_eager_steps(tmp_path, caplog):
     # The graph loop's INFO timing adds a host sync; the steps must not change with it.
     caplog.set_level("INFO", logger="maeday_hf.step_loop")
     test_cuda_graph_steps_equal_eager_steps(False, 3, tmp_path)
-    assert "warm-up steps and the capture took" in caplog.text
+    assert "eager steps and the capture took" in caplog.text

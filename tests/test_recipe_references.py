@@ -161,3 +161,26 @@ def test_patchcore_maps_are_bilinear_upsampling_then_a_sigma_4_gaussian():
     expected = reference_gaussian_filter(upsampled[0, 0].numpy(), kernel_size=kernel_size, sigma=4.0)
     np.testing.assert_allclose(maps, expected, rtol=1e-5, atol=1e-7)
     assert math.isclose(float(patchcore.anomaly_maps(torch.full((1, 4, 4), 2.0))[0].mean()), 2.0, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("warmup_steps", [1, 2, 5])
+def test_graph_loop_warm_up_steps_are_the_runs_own_first_steps(warmup_steps, caplog):
+    # The graph loop's eager steps before its capture are real steps, and where the capture fails (here: no CUDA) the
+    # run goes on from where they stopped: the same 3 steps as the plain loop, none repeated or skipped.
+    views = ShotViews(torch.randn(2, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE), num_views=12, num_patches=16, seed=3)
+    runs = []
+    for cuda_graph in (False, True):
+        model = make_tiny_model()
+        torch.manual_seed(0)
+        peft_model = add_lora(model, make_lora_config(model))
+        optimizer = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2, momentum=0.9,
+                                    weight_decay=0.05)
+        with mask_ratio_set_to(model, 0.75), caplog.at_level("WARNING", logger="maeday_hf.step_loop"):
+            losses = run_steps(peft_model, model, views, optimizer, 3, 4, cuda_graph=cuda_graph,
+                               warmup_steps=warmup_steps)
+        runs.append((losses, [p.detach().clone() for p in peft_model.parameters() if p.requires_grad]))
+    (eager_losses, eager_weights), (graph_losses, graph_weights) = runs
+    assert graph_losses == eager_losses and len(set(eager_losses)) == 3
+    for graph_weight, eager_weight in zip(graph_weights, eager_weights):
+        torch.testing.assert_close(graph_weight, eager_weight, rtol=0, atol=0)
+    assert ("capture failed" in caplog.text) is (warmup_steps < 3)  # no capture when the eager steps are all of them

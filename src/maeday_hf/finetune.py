@@ -107,8 +107,8 @@ class FinetuneConfig:
             that process's GPU instead of the Trainer loop (`step_loop.py`: same optimizer, views and loss; 50 LoRA
             steps of ViT-B in 2.76 s instead of 7.15 s on an H200), also where more GPUs are visible. Under several
             processes or on the CPU the Trainer loop runs.
-        graph_warmup_steps (`int`, defaults to 3): eager steps at learning rate 0 before the graph is captured (they
-            change no weight; at least 1). Fewer start the replays sooner.
+        graph_warmup_steps (`int`, defaults to 3): how many of the run's first steps run eagerly before the graph is
+            captured (real steps, not extra ones; at least 1). Fewer hand over to the faster replays sooner.
         disable_tqdm (`bool`): no progress bar.
     """
 

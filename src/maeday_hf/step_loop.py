@@ -5,9 +5,9 @@ gradients); Python launching them, not the GPU running them, sets the pace. Capt
 is replayed with one launch. The math is the Trainer's: the same optimizer (built by `Trainer.create_optimizer`, so
 the same parameter groups and weight decay), the same views in the same order, the same loss, no gradient clipping.
 
-Capturing needs a few warm-up steps (they create the gradients and momentum buffers the graph reuses); they run with
-a learning rate of 0 and the momentum buffers are zeroed afterwards, so the run's weights are exactly as if they never
-happened.
+The capture needs a few eager steps first (they create the gradients and momentum buffers the graph reuses, and
+settle the libraries' lazy set-up): those are the run's own first steps, so the run computes exactly `num_steps`
+steps, and the graph takes over from there.
 """
 
 from __future__ import annotations
@@ -71,9 +71,9 @@ def run_steps(
         reconstruction_model (`ViTMAEForPreTraining`): the unwrapped model (for `patchify` and `norm_pix_loss`).
         views (`ShotViews`): at least `num_steps * batch_size` views.
         cuda_graph (`bool`, *optional*): replay a captured graph per step; by default on CUDA. If the capture fails,
-            a warning is logged and the steps run eagerly.
-        warmup_steps (`int`, defaults to 3): eager steps (learning rate 0) before the capture; at least 1, which
-            creates the gradients and momentum buffers the graph reuses.
+            a warning is logged and the remaining steps run eagerly.
+        warmup_steps (`int`, defaults to 3): with `cuda_graph`, how many of the run's first steps run eagerly before
+            the capture; at least 1, which creates the gradients and momentum buffers the graph reuses.
     """
     if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
         raise ValueError(f"warmup_steps must be an integer >= 1, got {warmup_steps!r}.")
@@ -83,20 +83,34 @@ def run_steps(
     trained.train()
     all_views = _views_on(views, num_steps, batch_size, device)
     losses = torch.zeros(num_steps, device=device)
-    if cuda_graph:
-        started = time.perf_counter()
+
+    def eager_step(step: int) -> None:
+        loss = step_loss(trained, reconstruction_model, views, _step_batch(all_views, step, batch_size), bf16)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses[step] = loss.detach()
+
+    first_replayed = min(warmup_steps, num_steps) if cuda_graph else num_steps
+    started = time.perf_counter()
+    with _side_stream(device):  # (as CUDA's graph docs warm up: off the stream the graph will be replayed on)
+        for step in range(first_replayed):
+            eager_step(step)
+    if first_replayed < num_steps:
         try:
-            graph, static_batch, static_loss = _capture(trained, reconstruction_model, views, optimizer, all_views,
-                                                        batch_size, bf16, warmup_steps)
+            graph, static_batch, static_loss = _capture(
+                trained, reconstruction_model, views, optimizer, _step_batch(all_views, first_replayed, batch_size),
+                bf16,
+            )
         except Exception as error:  # noqa: BLE001 - any capture failure falls back to the same steps, eagerly
-            logger.warning("CUDA graph capture failed (%s); running the fine-tuning steps eagerly.", error)
-            _reset(optimizer)
+            logger.warning("CUDA graph capture failed (%s); running the remaining fine-tuning steps eagerly.", error)
+            optimizer.zero_grad(set_to_none=True)  # (a capture records kernels without running them: no weight moved)
         else:
             timed = logger.isEnabledFor(logging.INFO)
             if timed:  # (one host sync, only when asked: where a run's time goes, for scripts/benchmark_finetune.py)
                 torch.cuda.synchronize(device)
                 captured = time.perf_counter()
-            for step in range(num_steps):
+            for step in range(first_replayed, num_steps):
                 for key, value in _step_batch(all_views, step, batch_size).items():
                     static_batch[key].copy_(value)
                 graph.replay()
@@ -106,47 +120,39 @@ def run_steps(
             if timed:
                 finished = time.perf_counter()
                 logger.info(
-                    "%d warm-up steps and the capture took %.3f s; %d replays %.3f s (%.1f ms per step)",
-                    warmup_steps, captured - started, num_steps, finished - captured,
-                    1e3 * (finished - captured) / num_steps,
+                    "%d eager steps and the capture took %.3f s; %d replays %.3f s (%.1f ms per step)",
+                    first_replayed, captured - started, num_steps - first_replayed, finished - captured,
+                    1e3 * (finished - captured) / (num_steps - first_replayed),
                 )
             return step_losses
-    for step in range(num_steps):
-        loss = step_loss(trained, reconstruction_model, views, _step_batch(all_views, step, batch_size), bf16)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses[step] = loss.detach()
+    for step in range(first_replayed, num_steps):
+        eager_step(step)
     return losses.tolist()
 
 
-def _reset(optimizer: torch.optim.Optimizer) -> None:
-    """Zero the momentum buffers and drop the gradients (so the next step is a first step again)."""
-    for state in optimizer.state.values():
-        if state.get("momentum_buffer") is not None:
-            state["momentum_buffer"].zero_()
-    optimizer.zero_grad(set_to_none=True)
+def _side_stream(device: torch.device):
+    """A context running its work on a fresh CUDA stream that waits for, and is then waited for by, the current one;
+    no-op off CUDA."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def on_side_stream():
+        side_stream = torch.cuda.Stream(device)
+        side_stream.wait_stream(torch.cuda.current_stream(device))
+        try:
+            with torch.cuda.stream(side_stream):
+                yield
+        finally:
+            torch.cuda.current_stream(device).wait_stream(side_stream)
+
+    return on_side_stream()
 
 
-def _capture(trained, reconstruction_model, views, optimizer, all_views, batch_size: int, bf16: bool,
-             warmup_steps: int):
-    static_batch = {key: value.clone() for key, value in _step_batch(all_views, 0, batch_size).items()}
-    learning_rates = [group["lr"] for group in optimizer.param_groups]
-    for group in optimizer.param_groups:
-        group["lr"] = 0.0  # warm-up steps leave every weight as it is
-    side_stream = torch.cuda.Stream()
-    side_stream.wait_stream(torch.cuda.current_stream())
-    try:
-        with torch.cuda.stream(side_stream):
-            for _ in range(warmup_steps):
-                optimizer.zero_grad(set_to_none=True)
-                step_loss(trained, reconstruction_model, views, static_batch, bf16).backward()
-                optimizer.step()
-        torch.cuda.current_stream().wait_stream(side_stream)
-    finally:
-        for group, learning_rate in zip(optimizer.param_groups, learning_rates):
-            group["lr"] = learning_rate
-    _reset(optimizer)
+def _capture(trained, reconstruction_model, views, optimizer, first_batch: dict[str, torch.Tensor], bf16: bool):
+    """One step (loss, backward, optimizer step) captured as a CUDA graph, reading its views from `static_batch`."""
+    static_batch = {key: value.clone() for key, value in first_batch.items()}
+    optimizer.zero_grad(set_to_none=True)  # the graph's backward assigns (not accumulates) the gradients it owns
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         static_loss = step_loss(trained, reconstruction_model, views, static_batch, bf16)
