@@ -377,3 +377,14 @@ def test_gpu_matches_cpu(tiny_backbone):
     for on_cpu, on_gpu in zip(cpu, gpu):
         assert on_gpu["score"] == pytest.approx(on_cpu["score"], rel=1e-3)
         np.testing.assert_allclose(on_gpu["anomaly_map"], on_cpu["anomaly_map"], rtol=1e-3, atol=1e-4)
+
+
+def test_the_device_is_checked_before_the_backbone_loads(feature_extractor):
+    assert PatchCore(_config(), feature_extractor=feature_extractor, device=-1).device == torch.device("cpu")
+    assert PatchCore(_config(), feature_extractor=feature_extractor, device="auto").device.type == (
+        "cuda" if torch.cuda.is_available() else "cpu"
+    )
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for missing in (f"cuda:{gpus}", "gpu"):
+        with pytest.raises(ValueError, match=f"device='{missing}'"):
+            PatchCore(_config(backbone="no/such-backbone"), device=missing)  # would fail to load, later

@@ -251,7 +251,8 @@ class PatchCore:
         config (`PatchCoreConfig`, *optional*): hyper-parameters; defaults to `PatchCoreConfig()`.
         feature_extractor (`PatchFeatureExtractor`, *optional*): an already loaded extractor (share one between
             several PatchCores); loaded from `config` when omitted.
-        device (`str` or `torch.device`, *optional*): where the backbone and memory bank live; CUDA when available.
+        device (`str`, `int` or `torch.device`, *optional*): where the backbone and memory bank live; by default (or
+            `"auto"`) CUDA when available. An int is a CUDA index, -1 the CPU, as for `transformers.pipeline`.
         show_progress (`bool`): show a progress bar over batches.
 
     Example:
@@ -272,9 +273,10 @@ class PatchCore:
         show_progress: bool = False,
     ) -> None:
         self.config = config if config is not None else PatchCoreConfig()
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
+        from .modeling import resolve_device
+
+        device = resolve_device(device)  # one that is not here is a ValueError naming it, before anything loads
+        self.device = torch.device("cpu" if device == -1 else f"cuda:{device}" if isinstance(device, int) else device)
         if feature_extractor is None:
             feature_extractor = PatchFeatureExtractor.from_pretrained(
                 self.config.backbone,
