@@ -2,7 +2,7 @@
 """The paper's protocol (Sec. 4): Tables 1/2 (or 3 for FOD) and Figs. 2/3 in one resumable command.
 
     python scripts/evaluate.py --model facebook/vit-mae-base --dataset /data/mvtec_anomaly_detection \
-        --shots 0 1 2 4 --shot-seeds 3 --num-masks 32 --ensemble patchcore --output-dir results
+        --shots 0 1 2 3 4 --shot-seeds 3 --num-masks 32 --ensemble patchcore --output-dir results
     accelerate launch --num_processes 4 scripts/evaluate.py ...      # units split across processes
     python scripts/evaluate.py --model M --dataset synthetic:/tmp/synthetic --categories stripes disc \
         --shots 0 1 --repetitions 1 2 4 --output-dir results-synthetic
@@ -20,6 +20,7 @@ import sys
 from collections.abc import Sequence
 
 from maeday_hf.cli import BF16_OF_PRECISION, configure_logging
+from maeday_hf.ensemble import NORMALIZATION_METHODS
 from maeday_hf.masking import MASK_SCHEDULES
 from maeday_hf.protocol import PAPER_REPETITIONS, ProtocolConfig, execute_protocol, prepare_protocol
 
@@ -46,11 +47,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repetitions", type=int, nargs="*", default=list(PAPER_REPETITIONS),
                         help="N values of Fig. 3 (zero-shot, both schedules); give none to skip Fig. 3.")
     parser.add_argument("--ensemble", choices=("patchcore",), help="Add PatchCore, 2xPatchCore and MAEDAY+PatchCore.")
+    parser.add_argument("--ensemble-normalization", choices=NORMALIZATION_METHODS, default="zscore",
+                        help="How each method of an ensemble is standardised over the test images before the sum "
+                             "(label-free); 'none' sums the raw outputs, the paper's words taken literally.")
     parser.add_argument("--patchcore-backbone", help="PatchCore backbone (default: the PatchCore module's).")
     parser.add_argument("--patchcore-image-size", type=int, help="PatchCore input side (default: the backbone's).")
     parser.add_argument("--finetune-steps", type=int, help="Fine-tuning steps (default: the paper's 50).")
     parser.add_argument("--finetune-batch-size", type=int, help="Views per step (default: 32).")
-    parser.add_argument("--finetune-learning-rate", type=float, help="Default: 1e-2 (LoRA).")
+    parser.add_argument("--finetune-learning-rate", type=float,
+                        help="Default: 1e-2 (LoRA), 1e-4 with --full-finetune.")
+    parser.add_argument("--full-finetune", action="store_true",
+                        help="Fine-tune every weight instead of LoRA (the paper's ablation, Table 5).")
     parser.add_argument("--lora-rank", type=int, help="Default: 32.")
     parser.add_argument("--no-pixel-metrics", dest="pixel_metrics", action="store_false",
                         help="Image metrics only (datasets without masks).")
@@ -77,6 +84,8 @@ def config_from_args(args: argparse.Namespace) -> ProtocolConfig:
         )
         if value is not None
     }
+    if args.full_finetune:
+        recipe["full_finetune"] = True
     patchcore = None
     if args.ensemble:
         from maeday_hf.patchcore import PatchCoreConfig
@@ -97,6 +106,7 @@ def config_from_args(args: argparse.Namespace) -> ProtocolConfig:
         batch_size=args.batch_size,
         repetitions=args.repetitions,
         ensemble=args.ensemble,
+        ensemble_normalization=args.ensemble_normalization,
         patchcore=patchcore,
         finetune=FinetuneConfig(**recipe),
         pixel_metrics=args.pixel_metrics,

@@ -50,6 +50,9 @@ def test_ensemble_equals_normalised_sum_of_both_methods(detector, fitted_patchco
         (dict(ensemble="knn", reference_images=["x.png"]), ValueError, "knn"),
         (dict(ensemble=3), TypeError, "int"),
         (dict(reference_images=["x.png"]), ValueError, "reference_images"),
+        (dict(ensemble_normalization="none"), ValueError, "ensemble_normalization"),
+        (dict(ensemble="patchcore", reference_images=["x.png"], ensemble_normalization="minmax"), ValueError,
+         "'minmax'"),
     ],
 )
 def test_bad_ensemble_options(detector, queries, kwargs, error, fragment):
@@ -60,6 +63,16 @@ def test_bad_ensemble_options(detector, queries, kwargs, error, fragment):
 def test_ensemble_refuses_a_single_query(detector, fitted_patchcore, queries):
     with pytest.raises(ValueError, match="at least 2"):
         detector(queries[0], ensemble=fitted_patchcore)
+
+
+def test_the_papers_plain_sum_adds_the_raw_outputs(detector, fitted_patchcore, queries):
+    maeday, patchcore = detector(queries, num_masks=3), fitted_patchcore.predict(queries)
+    results = detector(queries, ensemble=fitted_patchcore, ensemble_normalization="none", num_masks=3)
+    for result, own, other in zip(results, maeday, patchcore):
+        assert result["score"] == pytest.approx(own["score"] + other["score"], rel=1e-6)
+        np.testing.assert_allclose(result["anomaly_map"], own["anomaly_map"] + other["anomaly_map"], rtol=1e-6)
+    alone = detector(queries[2], ensemble=fitted_patchcore, ensemble_normalization="none", num_masks=3)
+    assert alone["score"] == pytest.approx(results[2]["score"], rel=1e-6)  # nothing fitted on the other queries
 
 
 def test_fixed_ensemble_stats_make_results_independent_of_the_other_queries(detector, fitted_patchcore, queries):

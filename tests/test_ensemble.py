@@ -63,6 +63,18 @@ def test_zscore_normalisation_and_sum_match_a_plain_reference():
     assert maps.dtype == np.float32 and maps.shape == first_maps.shape
 
 
+def test_the_plain_sum_adds_the_raw_outputs_and_takes_a_single_image():
+    first_scores, first_maps = _outputs(0)
+    second_scores, second_maps = _outputs(1, offset=7.0, gain=3.0)
+    scores, maps = ensemble_scores([first_scores, second_scores], [first_maps, second_maps], method="none")
+    np.testing.assert_array_equal(scores, first_scores + second_scores)
+    np.testing.assert_allclose(maps, first_maps.astype(np.float64) + second_maps, rtol=1e-6)
+    single, _ = ensemble_scores([first_scores[:1], second_scores[:1]], [first_maps[:1], second_maps[:1]], method="none")
+    assert single[0] == scores[0]  # no statistics of the other images, and no warning about their spread
+    with pytest.raises(ValueError, match="'minmax'"):
+        ensemble_scores([first_scores], [first_maps], stats=[None], method="minmax")
+
+
 @pytest.mark.parametrize("method", ["zscore", "robust"])
 def test_stats_pool_every_pixel_of_every_map(method):
     scores, maps = _outputs(2)

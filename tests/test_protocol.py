@@ -397,4 +397,26 @@ def test_ensemble_patchcore_units(tiny_checkpoint, tmp_path, capsys):
     # ... but another PatchCore would not fit the recorded units.
     capsys.readouterr()  # (progress bars of the runs above, shown when no earlier test turned them off)
     assert "patchcore" in _run_error(capsys, argv[:-1] + ["48"])
+    assert "ensemble_normalization" in _run_error(capsys, argv + ["--ensemble-normalization", "none"])
     assert evaluate_script.main(maeday_only) == 0  # leaving the ensemble out again is fine
+    assert evaluate_script.main(argv) == 0  # and adding it back, normalised as before
+
+    # The paper's plain sum, in another folder: the raw scores added, the units record the choice.
+    plain = argv + ["--ensemble-normalization", "none"]
+    plain[plain.index("--output-dir") + 1] = str(tmp_path / "plain")
+    assert evaluate_script.main(plain) == 0
+    units = json.loads((tmp_path / "plain" / "results.json").read_text())["units"]
+    plain_scores = {unit["method"]: np.array(unit["image_scores"]) for unit in units}
+    np.testing.assert_allclose(plain_scores["maeday+patchcore"], plain_scores["maeday"] + plain_scores["patchcore"],
+                               rtol=1e-6)
+    assert {unit["settings"]["ensemble_normalization"] for unit in units} == {"none"}
+    assert "needs ensemble" in _run_error(capsys, maeday_only + ["--ensemble-normalization", "robust"])
+
+
+def test_the_full_finetune_ablation_is_a_protocol_option(tiny_checkpoint, synthetic_root, tmp_path):
+    argv = ["--model", str(tiny_checkpoint), "--dataset", f"synthetic:{synthetic_root}", "--output-dir", str(tmp_path)]
+    configs = [evaluate_script.config_from_args(evaluate_script.build_parser().parse_args(argv + extra))
+               for extra in ([], ["--full-finetune"])]
+    assert [(c.finetune.full_finetune, c.finetune.resolved_learning_rate) for c in configs] == [(False, 1e-2),
+                                                                                                 (True, 1e-4)]
+    assert configs[0].settings()["finetune"] != configs[1].settings()["finetune"]  # a resume cannot mix the two

@@ -1,16 +1,20 @@
-"""Label-free ensembles of anomaly detectors: normalise each method's outputs, then sum them, as the paper does.
+"""Label-free ensembles of anomaly detectors: normalise each method's outputs, then sum them.
 
-MAEDAY's reconstruction errors and PatchCore's feature distances live on unrelated scales, so the paper's summation
-("the models' output images and pixel-level scores are summed") only means something after each method is brought to a
-common scale. Normalisation here is a standardisation fitted, per method, on statistics that use no labels:
+The paper says only that "the models' output images and pixel-level scores are summed". MAEDAY's reconstruction
+errors and PatchCore's feature distances live on unrelated scales, so a plain sum lets whichever method has the larger
+numbers decide, and changes with either method's units. By default each method is therefore first brought to a
+common scale (this normalisation is this package's, not the paper's), with a standardisation fitted, per method, on
+statistics that use no labels:
 
 * image scores: `(score - center) / scale` over the method's scores on the unlabeled query set;
 * pixel maps: the same, with one `center`/`scale` pooled over every pixel of the method's maps on that set.
 
 `method="zscore"` (default) uses mean and standard deviation; `method="robust"` uses median and interquartile range,
 which a handful of extreme anomalies cannot dominate (pixel quantiles on an evenly strided subsample of at most 4M
-values, so full-resolution maps of a whole test split are never concatenated). Either way the normalised values, and so the ensemble, do not
-change when a constant is added to one method's scores or when they are multiplied by a positive factor.
+values, so full-resolution maps of a whole test split are never concatenated). Either way the normalised values, and so
+the ensemble, do not change when a constant is added to one method's scores or when they are multiplied by a positive
+factor. `method="none"` takes the paper's words literally: the raw outputs are summed (`IDENTITY` statistics), so
+results do not depend on the other images either.
 
 The statistics are transductive: they come from the unlabeled test images scored together (the whole test split of a
 category in the protocol), never from their labels. With a single query image there is no spread to measure; the
@@ -30,8 +34,8 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-NormalizationMethod = Literal["zscore", "robust"]
-_METHODS = ("zscore", "robust")
+NormalizationMethod = Literal["zscore", "robust", "none"]
+NORMALIZATION_METHODS: tuple[str, ...] = ("zscore", "robust", "none")
 # A spread at or below this fraction of the values' magnitude is treated as no spread at all: the methods' outputs are
 # float32 (about 6e-8 relative rounding per operation), so a spread of a few float32 steps is rounding, not signal, and
 # dividing by it would blow rounding noise up to unit variance.
@@ -59,6 +63,16 @@ class NormalizationStats:
             value = getattr(self, name)
             if not np.isfinite(value) or value <= 0:
                 raise ValueError(f"Expected a finite positive `{name}`, got {value}.")
+
+
+IDENTITY = NormalizationStats(score_center=0.0, score_scale=1.0, map_center=0.0, map_scale=1.0)
+"""No normalisation: the outputs as they are (`method="none"`, the paper's plain sum)."""
+
+
+def validate_normalization_method(method: str) -> str:
+    if method not in NORMALIZATION_METHODS:
+        raise ValueError(f"Expected the normalisation `method` in {NORMALIZATION_METHODS}, got {method!r}.")
+    return method
 
 
 def _center_and_scale(chunks: Sequence[np.ndarray], method: NormalizationMethod) -> tuple[float, float]:
@@ -118,16 +132,17 @@ def compute_normalization_stats(
     Args:
         scores (`np.ndarray` of shape `(num_images,)`): image scores.
         anomaly_maps (`np.ndarray` of shape `(num_images, H, W)`, or a sequence of `(H_i, W_i)` arrays): pixel maps.
-        method (`"zscore"` or `"robust"`): mean/std or median/IQR.
+        method (`"zscore"`, `"robust"` or `"none"`): mean/std, median/IQR, or no normalisation ([`IDENTITY`]).
 
     Returns:
         [`NormalizationStats`].
     """
-    if method not in _METHODS:
-        raise ValueError(f"Expected `method` in {_METHODS}, got {method!r}.")
+    validate_normalization_method(method)
     scores = np.asarray(scores, dtype=np.float64)
     maps = _as_map_list(anomaly_maps)
     _check_scores_and_maps(scores, maps)
+    if method == "none":
+        return IDENTITY
     score_center, score_scale = _center_and_scale([scores], method)
     map_center, map_scale = _center_and_scale(maps, method)
     return NormalizationStats(score_center, score_scale, map_center, map_scale)
@@ -145,7 +160,7 @@ def normalize_scores(
         scores (`np.ndarray` of shape `(num_images,)`).
         anomaly_maps (`np.ndarray` of shape `(num_images, H, W)`, or a sequence of `(H_i, W_i)` arrays).
         stats ([`NormalizationStats`], *optional*): fitted elsewhere; by default fitted on these outputs.
-        method (`"zscore"` or `"robust"`): used when `stats` is None.
+        method (`"zscore"`, `"robust"` or `"none"`): used when `stats` is None.
 
     Returns:
         `scores` `(num_images,)` float64 and the maps float32, in the form they came in (stacked array or list).
@@ -179,7 +194,7 @@ def ensemble_scores(
             methods' maps of one image must have the same shape.
         stats (`Sequence[NormalizationStats | None]`, *optional*): per method; `None` entries are fitted on that
             method's outputs.
-        method (`"zscore"` or `"robust"`): statistics fitted when not given.
+        method (`"zscore"`, `"robust"` or `"none"`): statistics fitted when not given (`"none"`: the plain sum).
 
     Returns:
         Ensemble `scores` `(num_images,)` float64 and `anomaly_maps` float32, stacked if the first method's maps were.
@@ -191,6 +206,7 @@ def ensemble_scores(
     >>> scores, maps = ensemble_scores([maeday_scores, patchcore_scores], [maeday_maps, patchcore_maps])
     ```
     """
+    validate_normalization_method(method)
     if len(scores_per_method) == 0:
         raise ValueError("Expected the outputs of at least one method, got none.")
     if len(maps_per_method) != len(scores_per_method):

@@ -222,7 +222,8 @@ class AnomalyDetectionPipeline(Pipeline):
         return preprocess_params, forward_params, postprocess_params
 
     def __call__(
-        self, inputs, ensemble=None, reference_images=None, ensemble_stats=None, **kwargs: Any
+        self, inputs, ensemble=None, reference_images=None, ensemble_stats=None, ensemble_normalization=None,
+        **kwargs: Any,
     ) -> dict[str, Any] | list[dict[str, Any]]:
         """Score one image or a list of images.
 
@@ -257,6 +258,9 @@ class AnomalyDetectionPipeline(Pipeline):
                 normalised scores and maps (the paper's best configuration). Each method is standardised over the
                 images of this call (no labels), so pass at least two images; `"patchcore"` fits a PatchCore with the
                 default backbone on `reference_images` at each call — fit one yourself to reuse it.
+            ensemble_normalization (`"zscore"`, `"robust"` or `"none"`, *optional*, defaults to `"zscore"`): how
+                each method is standardised before the sum (`maeday_hf.ensemble`); `"none"` sums the raw outputs,
+                the paper's words taken literally (then a single image may be scored).
             reference_images (list of images, *optional*): the normal shots for `ensemble="patchcore"`.
             ensemble_stats (two `maeday_hf.NormalizationStats`, *optional*): fixed normalisation of (MAEDAY,
                 PatchCore), e.g. from `compute_normalization_stats` on an earlier unlabeled batch; then a single image
@@ -283,25 +287,38 @@ class AnomalyDetectionPipeline(Pipeline):
             if kwargs.get("num_workers") is None and self._num_workers is None:
                 kwargs["num_workers"] = default_num_threads()
         if ensemble is None:
-            if reference_images is not None or ensemble_stats is not None:
-                raise ValueError("reference_images and ensemble_stats are only used with ensemble=.")
+            if reference_images is not None or ensemble_stats is not None or ensemble_normalization is not None:
+                raise ValueError("reference_images, ensemble_stats and ensemble_normalization are only used with "
+                                 "ensemble=.")
             if isinstance(inputs, tuple) or (isinstance(inputs, np.ndarray) and not is_single_image(inputs)):
                 inputs = list(inputs)  # several images, as a list is (the stock call takes a tuple for one input)
             return super().__call__(inputs, **kwargs)
-        return self._ensemble_call(inputs, ensemble, reference_images, ensemble_stats, **kwargs)
+        return self._ensemble_call(
+            inputs, ensemble, reference_images, ensemble_stats, ensemble_normalization or "zscore", **kwargs
+        )
 
     def _ensemble_call(
-        self, inputs, ensemble, reference_images, ensemble_stats, threshold: float | None = None, **kwargs: Any
+        self, inputs, ensemble, reference_images, ensemble_stats, normalization: str, threshold: float | None = None,
+        **kwargs: Any,
     ):
-        from .ensemble import NormalizationStats, compute_normalization_stats, ensemble_predictions
+        from .ensemble import (
+            IDENTITY,
+            NormalizationStats,
+            compute_normalization_stats,
+            ensemble_predictions,
+            validate_normalization_method,
+        )
         from .patchcore import PatchCore
 
+        validate_normalization_method(normalization)
         images = as_image_list(inputs)
         stats = [None, None] if ensemble_stats is None else list(ensemble_stats)
         if len(stats) != 2 or not all(entry is None or isinstance(entry, NormalizationStats) for entry in stats):
             raise ValueError(
                 f"ensemble_stats must hold 2 NormalizationStats or None (MAEDAY, PatchCore), got {ensemble_stats!r:.200}."
             )
+        if normalization == "none":
+            stats = [IDENTITY if entry is None else entry for entry in stats]
         if len(images) < 2 and None in stats:
             raise ValueError(
                 f"ensemble needs at least 2 query images per call to normalise each method's scores without labels "
@@ -323,9 +340,10 @@ class AnomalyDetectionPipeline(Pipeline):
         maeday_outputs = super().__call__(images, **kwargs)
         if stats[0] is None:
             stats[0] = compute_normalization_stats(
-                [output["score"] for output in maeday_outputs], [output["anomaly_map"] for output in maeday_outputs]
+                [output["score"] for output in maeday_outputs], [output["anomaly_map"] for output in maeday_outputs],
+                normalization,
             )
-        results = ensemble_predictions([maeday_outputs, patchcore.predict(images)], stats=stats)
+        results = ensemble_predictions([maeday_outputs, patchcore.predict(images)], stats=stats, method=normalization)
         # PatchCore draws no masks: the spread over masks of the sum is that of MAEDAY's normalised map.
         for result, output in zip(results, maeday_outputs):
             if "uncertainty_map" in output:

@@ -17,7 +17,8 @@ For k > 0, the shots are `maeday_hf.data.select_shots(train, k, seed)` for seeds
 every method. The fine-tuned adapter of `(category, k, seed)` is kept in `RESULTS/adapters/<category>/k<k>-seed<seed>/`
 (loadable with `maeday_hf.modeling.load_detector`), so a resumed run never fine-tunes twice. Zero-shot uses no shots and
 has a single "seed". PatchCore, its 2×PatchCore ensemble (coreset seeds 0 and 1) and the MAEDAY+PatchCore ensemble
-(label-free normalisation over the category's test images, `maeday_hf.ensemble`) run only for k > 0.
+(label-free normalisation over the category's test images, `maeday_hf.ensemble`, or the paper's plain sum with
+`ensemble_normalization="none"`) run only for k > 0.
 
 Layout of `RESULTS`:
 
@@ -203,6 +204,8 @@ class ProtocolConfig:
         batch_size (`int`): images per MAEDAY forward pass.
         repetitions (`Sequence[int]`): N values of Fig. 3 (zero-shot, both schedules); empty skips Fig. 3.
         ensemble (`"patchcore"`, *optional*): also PatchCore, 2×PatchCore and MAEDAY+PatchCore for k > 0.
+        ensemble_normalization (`str`, defaults to `"zscore"`): how the ensembles standardise each method over the
+            category's test images before summing (`maeday_hf.ensemble`); `"none"` sums the raw outputs.
         patchcore (`PatchCoreConfig`, *optional*): PatchCore settings (its `seed` is replaced by 0 and 1).
         finetune (`FinetuneConfig`, *optional*): the few-shot recipe; defaults to the paper's.
         pixel_metrics (`bool`): pixel ROC-AUC, pixel F1-max and AUPRO (needs masks).
@@ -228,6 +231,7 @@ class ProtocolConfig:
     batch_size: int = 8
     repetitions: Sequence[int] = PAPER_REPETITIONS
     ensemble: Literal["patchcore"] | None = None
+    ensemble_normalization: str = "zscore"
     patchcore: PatchCoreConfig | None = None
     finetune: FinetuneConfig | None = None
     pixel_metrics: bool = True
@@ -257,6 +261,11 @@ class ProtocolConfig:
             validate_positive_int(n, "repetitions")
         if self.ensemble not in (None, "patchcore"):
             raise ValueError(f"ensemble must be None or 'patchcore', got {self.ensemble!r}.")
+        from .ensemble import validate_normalization_method
+
+        validate_normalization_method(self.ensemble_normalization)
+        if self.ensemble is None and self.ensemble_normalization != "zscore":
+            raise ValueError(f"ensemble_normalization={self.ensemble_normalization!r} needs ensemble='patchcore'.")
         if self.ensemble is not None and not any(k > 0 for k in self.shots):
             raise ValueError("ensemble='patchcore' needs shots > 0 (PatchCore builds its memory bank from the shots).")
         if self.patchcore is None and self.ensemble is not None:
@@ -294,6 +303,8 @@ class ProtocolConfig:
             "patchcore": None if self.patchcore is None else _jsonable(dataclasses.asdict(self.patchcore)),
         } | (  # the test set of `fod:DIR` (a folder from before the hold-out lacks it, so it is refused, not mixed)
             {"fod_reference_frames": REFERENCE_FRAMES} if os.fspath(self.dataset).startswith("fod:") else {}
+        ) | (  # recorded when it is not the default, which every run before the option had
+            {"ensemble_normalization": self.ensemble_normalization} if self.ensemble_normalization != "zscore" else {}
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -428,6 +439,8 @@ def _settings_to_record(config: ProtocolConfig) -> dict[str, Any]:
     recorded = _recorded_settings(config.output_dir) or {}
     if settings.get("patchcore") is None and recorded.get("patchcore") is not None:
         settings["patchcore"] = recorded["patchcore"]
+        if "ensemble_normalization" in recorded:
+            settings["ensemble_normalization"] = recorded["ensemble_normalization"]
     return settings
 
 
@@ -436,8 +449,13 @@ def _check_settings(config: ProtocolConfig) -> None:
     if recorded is None:
         return
     current = _jsonable(config.settings())
-    # Adding (or leaving out) the PatchCore ensemble only adds (or skips) units; a different PatchCore does not fit.
-    optional = {"patchcore"} if recorded.get("patchcore") is None or current.get("patchcore") is None else set()
+    # Adding (or leaving out) the PatchCore ensemble only adds (or skips) units; a different PatchCore, or ensembles
+    # normalised otherwise, do not fit.
+    optional = (
+        {"patchcore", "ensemble_normalization"}
+        if recorded.get("patchcore") is None or current.get("patchcore") is None
+        else set()
+    )
     different = sorted(
         key for key in (set(recorded) | set(current)) - optional if recorded.get(key) != current.get(key)
     )
@@ -601,8 +619,12 @@ class _Runner:
         combined = {
             "maeday": lambda: predictions["maeday"],
             "patchcore": lambda: predictions["patchcore0"],
-            "2xpatchcore": lambda: ensemble_predictions([predictions["patchcore0"], predictions["patchcore1"]]),
-            "maeday+patchcore": lambda: ensemble_predictions([predictions["maeday"], predictions["patchcore0"]]),
+            "2xpatchcore": lambda: ensemble_predictions(
+                [predictions["patchcore0"], predictions["patchcore1"]], method=self.config.ensemble_normalization
+            ),
+            "maeday+patchcore": lambda: ensemble_predictions(
+                [predictions["maeday"], predictions["patchcore0"]], method=self.config.ensemble_normalization
+            ),
         }
         seconds = time.perf_counter() - start
         labels = np.asarray(test["label"])
