@@ -79,6 +79,9 @@ def test_end_to_end_writes_units_results_tables_and_figures(protocol_run):
     for unit in results["units"]:
         assert set(unit["metrics"]) == {"image_roc_auc", "image_f1_max", "pixel_roc_auc", "pixel_f1_max", "aupro"}
         assert all(0 <= value <= 1 for value in unit["metrics"].values())
+        # The streamed pixel metrics carry their own bounds (the image metrics are exact).
+        assert set(unit["metric_error_bounds"]) == {"pixel_roc_auc", "pixel_f1_max", "aupro"}
+        assert all(0 <= value < 1 for value in unit["metric_error_bounds"].values())
     for category in CATEGORIES:
         for seed in (0, 1):
             assert (protocol_run / "adapters" / category / f"k1-seed{seed}" / "config.json").is_file()

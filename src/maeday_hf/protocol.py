@@ -24,7 +24,8 @@ Layout of `RESULTS`:
 
 ```
 settings.json                         what the unit values depend on (a rerun with other settings is refused)
-units/<category>/k1-seed0-maeday.json one file per finished unit: metrics, config, timing, shot indices
+units/<category>/k1-seed0-maeday.json one file per finished unit: metrics (and the pixel metrics' error bounds),
+                                      config, timing, shot indices, image scores
 adapters/<category>/k1-seed0/         fine-tuned MAEDAY adapters
 results.json                          config, versions, every unit, per-cell summaries
 tables.md                             Tables 1/2 (or 3 for FOD), AUPRO, F1-max
@@ -537,17 +538,22 @@ def _gt_masks(test: datasets.Dataset):
 
 def compute_metrics(
     predictions: Sequence[dict[str, Any]], labels: np.ndarray, gt_masks: Sequence[np.ndarray | None] | None
-) -> dict[str, float | None]:
-    """Image ROC-AUC and F1-max, and (given `gt_masks`) pixel ROC-AUC, pixel F1-max and AUPRO (streamed)."""
+) -> tuple[dict[str, float | None], dict[str, float | None]]:
+    """Image ROC-AUC and F1-max, and (given `gt_masks`) pixel ROC-AUC, pixel F1-max and AUPRO (streamed); and the
+    bounds on how far each streamed pixel metric can be from its exact value (`metrics.compute_pixel_metrics`; the
+    image metrics are exact)."""
     scores = np.array([p["score"] for p in predictions], dtype=np.float64)
     metrics: dict[str, float | None] = {
         "image_roc_auc": image_roc_auc(labels, scores),
         "image_f1_max": image_f1_max(labels, scores),
     }
+    error_bounds: dict[str, float | None] = {}
     if gt_masks is not None:
         pixel = compute_pixel_metrics(gt_masks, [p["anomaly_map"] for p in predictions])
         metrics.update(pixel_roc_auc=pixel.pixel_roc_auc, pixel_f1_max=pixel.pixel_f1_max, aupro=pixel.aupro)
-    return metrics
+        error_bounds.update(pixel_roc_auc=pixel.pixel_roc_auc_error_bound,
+                            pixel_f1_max=pixel.pixel_f1_max_error_bound, aupro=pixel.aupro_error_bound)
+    return metrics, error_bounds
 
 
 class _Runner:
@@ -631,11 +637,12 @@ class _Runner:
         gt_masks = list(_gt_masks(test)) if self.config.pixel_metrics else None  # decoded once for every method
         for unit in pending:
             outputs = combined[unit.method]()
-            metrics = compute_metrics(outputs, labels, gt_masks)
+            metrics, error_bounds = compute_metrics(outputs, labels, gt_masks)
             record = {
                 **dataclasses.asdict(unit),
                 "unit": unit.name,
                 "metrics": metrics,
+                "metric_error_bounds": error_bounds,  # of the streamed pixel metrics (histogram), not of the method
                 "image_scores": [float(output["score"]) for output in outputs],  # test-split order
                 "num_test_images": len(test),
                 "num_anomalous": int(labels.sum()),
