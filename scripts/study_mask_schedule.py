@@ -6,7 +6,7 @@ MAE is (its own masked-patch loss, AdamW, through `transformers.Trainer`), then 
 schedule, N and seed. A model must use the visible patches to be a fair test: one that predicts each masked patch from
 its position alone makes every balanced schedule give the same map.
 
-    python scripts/study_mask_schedule.py                      # about 10 min on 2 CPU cores
+    python scripts/study_mask_schedule.py                      # about 8-10 min on 2 CPU cores
     python scripts/study_mask_schedule.py --steps 100 --num-test 10 --seeds 0 1   # a quick look
 """
 

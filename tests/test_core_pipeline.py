@@ -233,6 +233,11 @@ def test_remote_code_pipeline_runs_without_the_package(detector, images, tmp_pat
     detector.save_pretrained(saved)
     config = json.loads((saved / "config.json").read_text())
     assert config["custom_pipelines"]["anomaly-detection"]["impl"] == "pipeline.AnomalyDetectionPipeline"
+    # The bundle is the pipeline and what it imports (as the README lists it), not the loading or training code.
+    assert {path.name for path in saved.glob("*.py")} == {
+        "pipeline.py", "masking.py", "reconstruction.py", "scoring.py", "images.py", "overlap.py", "preprocessing.py",
+        "ensemble.py", "patchcore.py", "feature_extraction.py", "devices.py",
+    }
     images[0].save(tmp_path / "query.png")
     expected = detector(str(tmp_path / "query.png"), num_masks=3)["score"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))

@@ -292,9 +292,10 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calibration-views", type=int, default=4, help="views per shot scored for the threshold")
     parser.add_argument("--calibration-masks", type=int, default=32, help="masks per calibration view")
     parser.add_argument("--calibration-std", type=float, default=None,
-                        help="threshold = mean + this many standard deviations of the shots' scores (default 3)")
+                        help="threshold = mean + this many standard deviations of the scores of the shots and their "
+                             "calibration views, or their maximum if higher (default 3)")
     parser.add_argument("--min-crop-scale", type=float, default=None,
-                        help="smallest side of a view's random crop, as a share of the image's (default 0.75)")
+                        help="smallest share of the image's area a view's random crop covers (default 0.75)")
     parser.add_argument("--max-rotation", type=float, default=None,
                         help="largest random rotation of a view, in degrees (default 15)")
     parser.add_argument("--trainer-loop", action="store_true",

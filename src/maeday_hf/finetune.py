@@ -102,7 +102,7 @@ class FinetuneConfig:
             `False` trains in float32. Either overrides `accelerate launch --mixed_precision`. By default: under
             `accelerate launch`, its `--mixed_precision` (which defaults to "no"); otherwise on where the training
             device multiplies bf16 in hardware (`runs_bfloat16_natively`: GPUs from Ampere on, x86 CPUs with
-            AVX512-BF16 or AMX, where a ViT-B step runs 2.8x faster than in float32).
+            AVX512-BF16 or AMX, where a ViT-B step runs 2.9x faster than in float32).
         cuda_graph (`bool`, defaults to `True`): in a single process on a GPU, run the steps as CUDA graph replays on
             that process's GPU instead of the Trainer loop (`step_loop.py`: same optimizer, views and loss; 50 LoRA
             steps of ViT-B in 2.76 s instead of 7.15 s on an H200), also where more GPUs are visible. Under several

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .devices import as_torch_device
 from .feature_extraction import (
     DEFAULT_BACKBONE,
     DEFAULT_OUT_INDICES,
@@ -273,10 +274,7 @@ class PatchCore:
         show_progress: bool = False,
     ) -> None:
         self.config = config if config is not None else PatchCoreConfig()
-        from .modeling import resolve_device
-
-        device = resolve_device(device)  # one that is not here is a ValueError naming it, before anything loads
-        self.device = torch.device("cpu" if device == -1 else f"cuda:{device}" if isinstance(device, int) else device)
+        self.device = as_torch_device(device)  # one that is not here is a ValueError naming it, before anything loads
         if feature_extractor is None:
             feature_extractor = PatchFeatureExtractor.from_pretrained(
                 self.config.backbone,

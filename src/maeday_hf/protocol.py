@@ -277,7 +277,7 @@ class ProtocolConfig:
             from .finetune import FinetuneConfig
 
             self.finetune = FinetuneConfig()
-        from .modeling import resolve_device
+        from .devices import resolve_device
 
         device = resolve_device(self.device)  # one that is not here is refused now, before anything is written
         if self.bf16 is None:
