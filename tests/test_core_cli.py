@@ -65,6 +65,7 @@ def test_scores_match_the_pipeline(synthetic_root, tiny_checkpoint, tmp_path, pr
         (["--mask-batch-size", "0"], "mask_batch_size must be >= 1"),
         (["--device", "nonsense"], "device='nonsense' is not a device"),
         (["--device", "cuda:7"], "device='cuda:7', but"),
+        (["--num-workers", "-1"], "--num-workers must be >= 0, got -1"),
     ],
 )
 def test_bad_options_print_one_line(synthetic_root, tiny_checkpoint, tmp_path, capsys, extra, fragment):
@@ -92,6 +93,9 @@ def test_bad_inputs_print_one_line(tiny_checkpoint, tmp_path, capsys):
         (["detect", str(corrupt), "--model", tiny_checkpoint, "--out", str(tmp_path)], "broken.png"),
         (["detect", str(corrupt), "--model", str(tmp_path / "no-model"), "--out", str(tmp_path)], "no-model"),
         (["detect", str(corrupt), "--model", "org/not-cached", "--out", str(tmp_path)], "org/not-cached"),
+        (["detect", str(corrupt), "--model", tiny_checkpoint, "--out", str(corrupt)], "is a file; expected a folder"),
+        (["detect", str(tmp_path), "--model", tiny_checkpoint, "--out", str(tmp_path / "o"), "--num-workers", "1",
+          "--device", "cpu"], "broken.png"),  # the worker process's own message, not "Caught ValueError in ..."
     ]
     for argv, fragment in cases:
         assert main([*argv, "--quiet"]) == 2
@@ -147,3 +151,74 @@ def test_verbose_before_or_after_the_command():
     assert build_parser().parse_args(common).verbose is False
     assert build_parser().parse_args(["-v", *common]).verbose is True
     assert build_parser().parse_args([*common, "--verbose"]).verbose is True  # as scripts/finetune.py passes it
+
+
+def test_damaged_or_incomplete_checkpoints_print_one_line(tiny_checkpoint, tmp_path, capsys):
+    import shutil
+
+    image = tmp_path / "query.png"
+    Image.new("RGB", (32, 32)).save(image)
+    truncated, without_weights, without_config = (tmp_path / name for name in ("truncated", "no-weights", "no-config"))
+    for folder in (truncated, without_weights, without_config):
+        shutil.copytree(tiny_checkpoint, folder)
+    weights = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(weights[:1000])
+    (without_weights / "model.safetensors").unlink()
+    (without_config / "config.json").unlink()
+    for folder, fragment in [(truncated, "damaged or incomplete"), (without_weights, "no file named model.safetensors"),
+                             (without_config, "has no config.json")]:
+        assert main(["detect", str(image), "--model", str(folder), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and fragment in err and str(folder) in err and "Traceback" not in err, err
+
+
+def test_a_finished_run_replaces_the_heatmaps_and_a_failed_one_leaves_them(synthetic_root, tiny_checkpoint, tmp_path,
+                                                                             monkeypatch):
+    from maeday_hf import cli
+
+    test = synthetic_root / "stripes" / "test"
+    out = tmp_path / "out"
+    common = ["--model", tiny_checkpoint, "--out", str(out), "--num-masks", "2", "--quiet", "--device", "cpu"]
+    assert main(["detect", str(test / "good"), *common]) == 0
+    first = {path.name: path.read_bytes() for path in (out / "heatmaps").iterdir()}
+    scores = (out / "scores.csv").read_text()
+    assert sorted(first) == ["000.png", "001.png"]
+
+    # A run that fails while drawing its heatmaps leaves the first run's outputs exactly as they were.
+    drawn = []
+
+    def failing_overlay(*args, **kwargs):
+        if drawn:
+            raise OSError("disk full")
+        drawn.append(1)
+        return Image.new("RGB", (8, 8))
+
+    monkeypatch.setattr("maeday_hf.visualize.overlay_heatmap", failing_overlay)
+    assert main(["detect", str(test / "hole"), str(test / "stain"), *common]) == 2
+    assert {path.name: path.read_bytes() for path in (out / "heatmaps").iterdir()} == first
+    assert (out / "scores.csv").read_text() == scores
+    assert sorted(path.name for path in out.iterdir()) == ["heatmaps", "scores.csv"]  # nothing half-written left
+    monkeypatch.undo()
+
+    # A finished run's heatmaps are its own: none of the earlier run's stays next to them.
+    assert main(["detect", str(test / "hole"), *common]) == 0
+    assert sorted(path.name for path in (out / "heatmaps").iterdir()) == ["000.png"]
+    assert (out / "heatmaps" / "000.png").read_bytes() != first["000.png"]
+    assert cli.collect_images([str(test / "hole")])[0][1] == "000"
+
+
+def test_names_too_long_for_a_file_are_shortened_and_stay_unique(tmp_path, tiny_checkpoint):
+    from maeday_hf.cli import collect_images
+
+    deep = tmp_path / "data" / ("é" * 60) / ("a" * 100) / ("b" * 100)
+    deep.mkdir(parents=True)
+    for name in ("x.png", "y.png"):
+        Image.new("RGB", (32, 32)).save(deep / name)
+    Image.new("RGB", (32, 32)).save(tmp_path / "data" / "short.png")
+    names = [name for _, name in collect_images([str(tmp_path / "data")])]
+    assert "short" in names and len(set(names)) == 3
+    assert all(len(name.encode()) <= 200 for name in names)
+    out = tmp_path / "out"
+    assert main(["detect", str(tmp_path / "data"), "--model", tiny_checkpoint, "--out", str(out), "--num-masks", "2",
+                 "--quiet", "--device", "cpu"]) == 0
+    assert len(list((out / "heatmaps").iterdir())) == 3

@@ -378,3 +378,35 @@ def test_adapter_on_a_base_that_does_not_match_is_refused(trained, tmp_path):
     # The right base given explicitly works (e.g. a local copy).
     assert load_detector(trained.output_dir, device="cpu", base_model=json.loads(
         (trained.output_dir / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"])
+
+
+def test_an_adapter_whose_local_base_moved_is_loaded_with_base_model(trained, tiny_checkpoint, shot_path, tmp_path,
+                                                                      capsys):
+    import shutil
+
+    from maeday_hf.cli import main
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_checkpoint, base)
+    adapter = tmp_path / "adapter-copy"
+    shutil.copytree(trained.output_dir, adapter)
+    _edit_json(adapter / "adapter" / "adapter_config.json", base_model_name_or_path=str(tmp_path / "moved-away"))
+    common = ["detect", str(shot_path), "--model", str(adapter), "--num-masks", "2", "--quiet", "--device", "cpu"]
+    assert main([*common, "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "moved-away" in err and "--base-model" in err and "hf download" not in err, err  # a folder, not a Hub id
+    assert main([*common, "--out", str(tmp_path / "b"), "--base-model", str(base)]) == 0
+    expected = load_detector(trained.output_dir, device="cpu")(str(shot_path), num_masks=2)["score"]
+    score = float((tmp_path / "b" / "scores.csv").read_text().splitlines()[1].split(",")[1])
+    assert score == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_damaged_base_is_one_error_before_training(tiny_checkpoint, shot_path, tmp_path):
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_checkpoint, base)
+    (base / "model.safetensors").write_bytes((base / "model.safetensors").read_bytes()[:1000])
+    with pytest.raises(OSError, match="damaged or incomplete"):
+        finetune(base, [shot_path], tmp_path / "out", FinetuneConfig(**FAST))
+    assert not (tmp_path / "out").exists()

@@ -161,9 +161,15 @@ def load_merged_model(
     try:
         base_config = AutoConfig.from_pretrained(base_name, **hub_kwargs)
     except OSError as error:
+        if os.path.isabs(base_name) or base_name.startswith((".", "~")):  # a local folder, not a Hub id
+            advice = (f"That folder is not there (any more); pass base_model= (`maeday detect --base-model`) the "
+                      f"folder that holds the same checkpoint now.")
+        else:
+            advice = (f"Download the base (`hf download {base_name}`) or pass base_model= (`maeday detect "
+                      f"--base-model`) a local copy of it.")
         raise BaseModelNotFoundError(
             f"Cannot load the base model {base_name!r} of the adapter {adapter!r}: {str(error).splitlines()[0]} "
-            f"Download the base (`hf download {base_name}`) or pass base_model= a local copy of it."
+            f"{advice}"
         ) from error
     check_base_matches(base_config, config, base_name)
     logger.info("Loading base %s and applying the adapter %s", base_name, adapter)

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import io
 import logging
 import os
+import re
+import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -20,7 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .atomic_io import write_atomically
+from .atomic_io import make_partial_dir, replace_folder, write_atomically
 from .images import IMAGE_SUFFIXES
 from .masking import MASK_SCHEDULES
 from .pipeline import DEFAULT_CHECKPOINT, DEFAULT_MASK_RATIO, DEFAULT_NUM_MASKS
@@ -67,12 +70,40 @@ def collect_images(inputs: Sequence[str], exclude: str | os.PathLike | None = No
         else:
             raise CommandError(f"input {entry!r} does not exist (expected an image file or a folder of images)")
     common = Path(os.path.commonpath([os.path.abspath(root) for root in roots]))
-    images = [(path, "__".join(Path(os.path.abspath(path)).relative_to(common).with_suffix("").parts)) for path in found]
+    images = [
+        (path, _fitting_name("__".join(Path(os.path.abspath(path)).relative_to(common).with_suffix("").parts)))
+        for path in found
+    ]
     names = [name for _, name in images]
     if len(set(names)) != len(names):
         # The same file given twice, or a.png next to a.jpg: a running index keeps names unique.
         images = [(path, f"{index:05d}_{name}") for index, (path, name) in enumerate(images)]
     return images
+
+
+def one_line_message(error: BaseException) -> str:
+    """The first line of an error's message; for one re-raised from a DataLoader worker ("Caught ValueError in
+    DataLoader worker process 0." + the worker's traceback), the worker's own message."""
+    message = str(error)
+    if "Original Traceback" in message:
+        raised = re.findall(r"^\w+(?:Error|Exception|Interrupt): (.+)$", message, flags=re.MULTILINE)
+        if raised:
+            message = raised[-1]
+    return message.splitlines()[0] if message else type(error).__name__
+
+
+_MAX_NAME_BYTES = 200
+"""Longest heatmap file name stem, in UTF-8 bytes: file systems take 255 per name, and `.png` plus a running index
+must still fit."""
+
+
+def _fitting_name(name: str) -> str:
+    """`name`, or, if it is too long for a file name, its start and a hash of the whole (still unique)."""
+    if len(name.encode()) <= _MAX_NAME_BYTES:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:16]
+    start = name.encode()[: _MAX_NAME_BYTES - len(digest) - 2].decode(errors="ignore")  # whole characters only
+    return f"{start}__{digest}"
 
 
 def configure_logging(level: int, format: str = "%(levelname)s %(name)s: %(message)s") -> None:
@@ -117,10 +148,14 @@ def run_detect(args: argparse.Namespace) -> int:
     split_call_parameters(**call_kwargs)  # bad options fail before the model loads
     if args.batch_size is not None:
         validate_positive_int(args.batch_size, "batch_size")
-    images = collect_images(args.inputs, exclude=Path(args.out) / "heatmaps")  # what a previous run wrote
-    detector = load_detector(args.model, device=args.device)
-
+    if args.num_workers is not None and args.num_workers < 0:
+        raise CommandError(f"--num-workers must be >= 0, got {args.num_workers}")
     out_dir = Path(args.out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CommandError(f"--out {args.out!r} is a file; expected a folder (created if missing)")
+    images = collect_images(args.inputs, exclude=out_dir / "heatmaps")  # what a previous run wrote
+    detector = load_detector(args.model, device=args.device, base_model=args.base_model)
+
     # A map-style dataset in gives an iterator out: results stream while the bar advances, and workers (threads on a
     # GPU, DataLoader processes on a CPU) decode and resize the next images while the model runs.
     on_gpu = detector.device.type == "cuda"
@@ -130,18 +165,25 @@ def run_detect(args: argparse.Namespace) -> int:
         **call_kwargs,
     )
     rows = []
-    with tempfile.TemporaryDirectory(prefix="maeday-maps-") as maps_dir:
-        # Maps wait on disk, not in memory, until the common colour scale is known.
-        vmax = 0.0
-        progress = tqdm(zip(images, results), total=len(images), desc="maeday detect", disable=args.quiet)
-        for index, ((path, _), result) in enumerate(progress):
-            rows.append((str(path), result["score"], result.get("label")))
-            np.save(Path(maps_dir) / f"{index}.npy", result["anomaly_map"])
-            vmax = max(vmax, finite_max(result["anomaly_map"]))
-        for index, (path, name) in enumerate(images):
-            anomaly_map = np.load(Path(maps_dir) / f"{index}.npy")
-            overlay = overlay_heatmap(load_rgb_image(path), anomaly_map, vmin=0.0, vmax=vmax)
-            write_atomically(out_dir / "heatmaps" / f"{name}.png", lambda temp: overlay.save(temp, format="PNG"))
+    # This run's heatmaps are drawn into a hidden folder that replaces heatmaps/ whole once every one is written: an
+    # interrupted or failed run leaves the previous run's outputs as they were, a finished one leaves none of them.
+    partial = make_partial_dir(out_dir, ".heatmaps.partial-")
+    try:
+        with tempfile.TemporaryDirectory(prefix="maeday-maps-") as maps_dir:
+            # Maps wait on disk, not in memory, until the common colour scale is known.
+            vmax = 0.0
+            progress = tqdm(zip(images, results), total=len(images), desc="maeday detect", disable=args.quiet)
+            for index, ((path, _), result) in enumerate(progress):
+                rows.append((str(path), result["score"], result.get("label")))
+                np.save(Path(maps_dir) / f"{index}.npy", result["anomaly_map"])
+                vmax = max(vmax, finite_max(result["anomaly_map"]))
+            for index, (path, name) in enumerate(images):
+                anomaly_map = np.load(Path(maps_dir) / f"{index}.npy")
+                overlay = overlay_heatmap(load_rgb_image(path), anomaly_map, vmin=0.0, vmax=vmax)
+                overlay.save(partial / f"{name}.png", format="PNG")
+        replace_folder(partial, out_dir / "heatmaps")
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)  # (gone already when the swap succeeded)
 
     # A label column when labels exist: from --threshold or from a fine-tune's calibrated threshold.
     with_labels = any(label is not None for _, _, label in rows)
@@ -169,7 +211,10 @@ def add_detect_parser(subparsers) -> None:
     parser = subparsers.add_parser("detect", help="zero-/few-shot anomaly maps and scores for images")
     parser.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
     parser.add_argument("--model", default=DEFAULT_CHECKPOINT, help="Hub id or local ViTMAE/adapter folder")
-    parser.add_argument("--out", required=True, help="output folder: scores.csv and heatmaps/")
+    parser.add_argument("--base-model", default=None,
+                        help="for an adapter: the base to merge into instead of the one it names (e.g. a moved copy)")
+    parser.add_argument("--out", required=True,
+                        help="output folder: scores.csv and heatmaps/ (replaced whole by each finished run)")
     parser.add_argument("--num-masks", type=int, default=DEFAULT_NUM_MASKS, help="masked reconstructions per image (N)")
     parser.add_argument("--mask-ratio", type=float, default=DEFAULT_MASK_RATIO, help="share of patches masked, in [0, 1)")
     parser.add_argument("--mask-schedule", choices=MASK_SCHEDULES, default="random")
@@ -339,8 +384,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.handler(args)
     except (CommandError, *USER_ERRORS) as error:
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        print(f"maeday: error: {message}", file=sys.stderr)
+        print(f"maeday: error: {one_line_message(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("maeday: interrupted", file=sys.stderr)

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoImageProcessor, Trainer, TrainingArguments, ViTMAEForPreTraining
 from transformers.trainer_callback import PrinterCallback
 from transformers.dynamic_module_utils import custom_object_save
@@ -628,7 +629,12 @@ def finetune(
     image_processor = AutoImageProcessor.from_pretrained(base_model)
     require_whole_image_processor(image_processor)  # before training, not when the result fails to load
     # float32 whatever dtype the base was saved in: the optimizer, the rendered views and the calibration are float32.
-    model = ViTMAEForPreTraining.from_pretrained(base_model, config=base_config, dtype=torch.float32)
+    try:
+        model = ViTMAEForPreTraining.from_pretrained(base_model, config=base_config, dtype=torch.float32)
+    except SafetensorError as error:
+        raise OSError(
+            f"Cannot load the base {base_model!r}: a weights file in it is damaged or incomplete ({error})."
+        ) from error
     if not is_vit_mae_for_pretraining(model):
         raise ValueError(f"{base_model!r} did not load as a ViTMAEForPreTraining with its decoder.")
     pixel_values = image_processor(images=images, return_tensors="pt")["pixel_values"]

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoImageProcessor, pipeline
 
 from .adapter_model import BaseModelNotFoundError, adapter_subfolder, load_merged_model
@@ -57,6 +59,11 @@ def load_detector(
     path = os.path.expanduser(model)  # what is loaded: `model` itself for a Hub id
     if looks_local and not os.path.isdir(path):
         raise FileNotFoundError(f"Model folder not found: {model!r} (expected a folder with config.json).")
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(
+            f"Model folder {model!r} has no config.json. {_DETECTOR_FOLDER} (A PEFT adapter's own folder is the "
+            f"adapter/ inside a folder `maeday finetune` wrote; pass that outer folder.)"
+        )
     # Where and which version to read, as pipeline() takes them: for the config read here and an adapter's files too.
     revision = pipeline_kwargs.get("revision")
     hub_kwargs = {key: value for key, value in (pipeline_kwargs.get("model_kwargs") or {}).items()
@@ -83,18 +90,40 @@ def load_detector(
         )
     except BaseModelNotFoundError:
         raise  # the adapter loaded; its message names the base that did not
+    except SafetensorError as error:
+        raise OSError(f"Cannot load model {model!r}: a weights file in it is damaged or incomplete ({error}).") from error
+    except ValueError as error:
+        cause = _loading_cause(error)
+        if cause is None:
+            raise
+        raise OSError(f"Cannot load model {model!r}: {cause} {_DETECTOR_FOLDER}") from error
     except OSError as error:
         if os.path.isdir(path):
             raise OSError(
-                f"Cannot load model {model!r} from its folder: {str(error).splitlines()[0].rstrip('.')}. A detector "
-                f"folder holds the model's config.json and weights and the image processor's preprocessor_config.json "
-                f"(what `save_pretrained` of the model and of its processor write)."
+                f"Cannot load model {model!r} from its folder: {str(error).splitlines()[0].rstrip('.')}. "
+                f"{_DETECTOR_FOLDER}"
             ) from error
         raise OSError(
             f"Cannot load model {model!r}: it is not a local folder and not in the Hugging Face cache, and the Hub "
             f"could not be reached ({str(error).splitlines()[0]}). Download it on a connected machine "
             f"(`hf download {model}`) or pass a local ViTMAE checkpoint folder."
         ) from error
+
+
+_DETECTOR_FOLDER = (
+    "A detector folder holds the model's config.json and weights and the image processor's preprocessor_config.json "
+    "(what `save_pretrained` of the model and of its processor write)."
+)
+
+
+def _loading_cause(error: ValueError) -> str | None:
+    """The original error inside transformers' "Could not load model ... See the original errors" (None for another
+    ValueError): e.g. "OSError: Error no file named model.safetensors ... found in directory X."."""
+    message = str(error)
+    if not message.startswith("Could not load model"):
+        return None
+    causes = re.findall(r"^\w+(?:Error|Exception): (.+)$", message, flags=re.MULTILINE)
+    return causes[0] if causes else message.splitlines()[0]
 
 
 def _load_adapter_detector(
