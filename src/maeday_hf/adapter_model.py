@@ -162,8 +162,8 @@ def load_merged_model(
         base_config = AutoConfig.from_pretrained(base_name, **hub_kwargs)
     except OSError as error:
         if os.path.isabs(base_name) or base_name.startswith((".", "~")):  # a local folder, not a Hub id
-            advice = (f"That folder is not there (any more); pass base_model= (`maeday detect --base-model`) the "
-                      f"folder that holds the same checkpoint now.")
+            advice = ("That folder is not there (any more); pass base_model= (`maeday detect --base-model`) the "
+                      "folder that holds the same checkpoint now.")
         else:
             advice = (f"Download the base (`hf download {base_name}`) or pass base_model= (`maeday detect "
                       f"--base-model`) a local copy of it.")
