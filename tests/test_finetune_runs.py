@@ -62,6 +62,8 @@ def no_training(monkeypatch):
         (dict(seed=1.5), TypeError, "seed"),
         (dict(momentum=1.0), ValueError, "momentum must be < 1"),
         (dict(graph_warmup_steps=0), ValueError, "graph_warmup_steps"),
+        (dict(calibration_num_std=float("nan")), ValueError, "calibration_num_std"),  # not "training diverged", later
+        (dict(calibration_num_std=-1.0), ValueError, "calibration_num_std"),
     ],
 )
 def test_config_rejects_bad_values_and_conflicts(kwargs, error, fragment):
@@ -257,6 +259,19 @@ def test_an_output_folder_that_is_or_holds_the_base_is_refused(
         with pytest.raises(ValueError, match="base model folder"):
             finetune(base, shot_files[:1], output_dir, config, overwrite=True)
     assert (base / "model.safetensors").is_file()
+
+
+def test_an_output_folder_that_is_or_holds_the_shots_is_refused(tiny_checkpoint, shot_files, tmp_path, no_training):
+    shots = tmp_path / "data" / "good"
+    shots.mkdir(parents=True)
+    for path in shot_files[:2]:
+        shutil.copy(path, shots)
+    (shots / "notes.txt").write_text("kept")
+    for given in ([shots], sorted(shots.glob("*.png"))):
+        for output_dir in (shots, tmp_path / "data"):
+            with pytest.raises(ValueError, match="the shot"):
+                finetune(tiny_checkpoint, given, output_dir, FinetuneConfig(**TINY), overwrite=True)
+    assert (shots / "notes.txt").read_text() == "kept" and len(list(shots.glob("*.png"))) == 2
 
 
 def test_a_base_folder_given_with_a_tilde_is_expanded(tiny_checkpoint, shot_files, tmp_path, monkeypatch):

@@ -162,7 +162,7 @@ class FinetuneConfig:
             if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
                 raise ValueError(f"lora_dropout must be in [0, 1), got {dropout!r}.")
         for name, value in (("learning_rate", self.resolved_learning_rate), ("momentum", self.momentum),
-                            ("weight_decay", self.weight_decay)):
+                            ("weight_decay", self.weight_decay), ("calibration_num_std", self.calibration_num_std)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
         if self.momentum >= 1:
@@ -378,16 +378,23 @@ def logged_losses(step_losses: list[float], logging_steps: int) -> list[tuple[in
     ]
 
 
-def _validate_output(output_dir: Path, overwrite: bool, base_model: str) -> None:
-    """Refuse an `output_dir` that exists (without `overwrite`), is a file, or would take a local base with it."""
-    if os.path.isdir(base_model):
-        base_folder, target = Path(os.path.realpath(base_model)), Path(os.path.realpath(output_dir))
-        if target == base_folder or target in base_folder.parents:
-            # Writing the run replaces output_dir, and the base folder with it; an adapter then has no base to load.
-            what = "is" if target == base_folder else "contains"
+def _validate_output(output_dir: Path, overwrite: bool, base_model: str, shots: Any = None) -> None:
+    """Refuse an `output_dir` that exists (without `overwrite`), is a file, or would take a local input with it: the
+    base folder, or a shot image or folder."""
+    inputs = [("the base model folder", base_model)] if os.path.isdir(base_model) else []
+    for shot in shots if isinstance(shots, (list, tuple)) else [shots]:
+        if isinstance(shot, (str, os.PathLike)) and os.path.exists(shot):
+            inputs.append(("the shot", os.fspath(shot)))
+    target = Path(os.path.realpath(output_dir))
+    for name, path in inputs:
+        kept = Path(os.path.realpath(path))
+        if target == kept or target in kept.parents:
+            # Writing the run replaces output_dir, and what is in it: the base (an adapter then has no base to load)
+            # or the user's shots.
+            what = "is" if target == kept else "contains"
             raise ValueError(
-                f"Output folder {os.fspath(output_dir)!r} {what} the base model folder {os.fspath(base_folder)!r}, "
-                f"which writing the run would delete; choose an output folder outside it."
+                f"Output folder {os.fspath(output_dir)!r} {what} {name} {os.fspath(path)!r}, which writing the run "
+                f"would delete; choose an output folder outside it."
             )
     if output_dir.exists() and not overwrite:
         raise FileExistsError(f"Output folder {os.fspath(output_dir)!r} already exists; pass overwrite=True "
@@ -609,7 +616,7 @@ def finetune(
     if base_model.startswith("~"):  # a Hub id never starts with "~"; from_pretrained does not expand it
         base_model = os.path.expanduser(base_model)
     output_dir = Path(output_dir).expanduser().absolute()
-    _validate_output(output_dir, overwrite, base_model)
+    _validate_output(output_dir, overwrite, base_model, shots)
     _validate_hub_flags(push_to_hub, hub_model_id, hub_private)
     if push_to_hub:
         _check_hub_login(hub_model_id)
