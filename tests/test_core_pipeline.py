@@ -189,6 +189,44 @@ def test_more_image_inputs_read_as_expected(tmp_path, monkeypatch):
         load_rgb_image(path)
 
 
+def test_urls_are_decoded_as_files_are_and_http_errors_are_named(tmp_path):
+    import functools
+    import http.server
+    import socket
+    import threading
+
+    from maeday_hf.images import load_rgb_image
+
+    deep = (np.arange(24 * 32, dtype=np.uint16).reshape(24, 32) * 80).astype(np.uint16)  # 16-bit: not to be clipped
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    (tmp_path / "page.html").write_text("<html>not an image</html>")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        from_url = np.asarray(load_rgb_image(f"{base}/deep.png", timeout=10))
+        assert np.array_equal(from_url, np.asarray(load_rgb_image(tmp_path / "deep.png")))
+        assert from_url.max() > 200 and len(np.unique(from_url)) > 100  # rescaled from 16 bits, not clipped to white
+        from maeday_hf.shot_views import load_shot_images
+
+        shots, names = load_shot_images([f"{base}/deep.png"])  # a fine-tune's shot may be a URL too
+        assert names == [f"{base}/deep.png"] and np.array_equal(np.asarray(shots[0]), from_url)
+        with pytest.raises(ValueError, match=r"missing.png.*HTTP 404"):
+            load_rgb_image(f"{base}/missing.png", timeout=10)
+        with pytest.raises(ValueError, match=r"page.html.* as an image"):
+            load_rgb_image(f"{base}/page.html", timeout=10)
+    finally:
+        server.shutdown()
+        server.server_close()
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    with pytest.raises(OSError, match=f"Cannot fetch image URL 'http://127.0.0.1:{closed}/x.png'"):
+        load_rgb_image(f"http://127.0.0.1:{closed}/x.png", timeout=10)
+
+
 def test_a_center_cropping_processor_is_refused(tiny_checkpoint):
     # The map of a crop, resized to the whole image, would put every anomaly in the wrong place.
     from transformers import BeitImageProcessorPil

@@ -3,17 +3,17 @@
 `transformers.image_utils.load_image` covers URLs and plain files but calls `convert("RGB")` on everything, which clips
 16-bit images (MVTec's and many industrial cameras' PNGs) to white, and it accepts no arrays. Here 16-bit and 32-bit
 integer images are rescaled from their full range, float arrays are read as [0, 1], alpha is dropped, and palette,
-grayscale and CMYK images are converted.
+grayscale and CMYK images are converted; files and URLs are decoded the same way (a URL's HTTP status is checked).
 """
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
-from transformers.image_utils import load_image
 
 IMAGE_SUFFIXES: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 """File suffixes treated as images when a folder is searched (CLI, shots, dataset builders)."""
@@ -25,21 +25,40 @@ def _is_url(text: str) -> bool:
     return text.startswith(("http://", "https://"))
 
 
+def _decode(source: str | os.PathLike | io.BytesIO, name: str) -> Image.Image:
+    try:
+        with Image.open(source) as image:
+            image.load()  # decode now, so a truncated file fails here and not later
+            return image.copy()
+    except Image.DecompressionBombError as error:
+        raise ValueError(
+            f"Cannot read {name!r}: {error} To read larger images, raise PIL.Image.MAX_IMAGE_PIXELS."
+        ) from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise ValueError(f"Cannot read {name!r} as an image: {error}") from None
+
+
 def _open_image_file(path: str | os.PathLike) -> Image.Image:
     if not os.path.exists(path):
         raise FileNotFoundError(f"Image file not found: {os.fspath(path)!r}.")
     if os.path.isdir(path):
         raise ValueError(f"Expected an image file, got the directory {os.fspath(path)!r}.")
+    return _decode(path, os.fspath(path))
+
+
+def _fetch_image(url: str, timeout: float | None) -> Image.Image:
+    """GET `url` (redirects followed; `timeout` in seconds, None waits as long as it takes, as `load_image` does)."""
+    from huggingface_hub.utils import httpx  # the HTTP client transformers fetches images with, whatever its version
+
     try:
-        with Image.open(path) as image:
-            image.load()  # decode now, so a truncated file fails here and not later
-            return image.copy()
-    except Image.DecompressionBombError as error:
-        raise ValueError(
-            f"Cannot read {os.fspath(path)!r}: {error} To read larger images, raise PIL.Image.MAX_IMAGE_PIXELS."
-        ) from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise ValueError(f"Cannot read {os.fspath(path)!r} as an image: {error}") from None
+        response = httpx.get(url, timeout=timeout, follow_redirects=True)
+        response.raise_for_status()
+    except httpx.HTTPStatusError as error:
+        status = error.response
+        raise ValueError(f"Cannot read image URL {url!r}: HTTP {status.status_code} {status.reason_phrase}.") from None
+    except httpx.HTTPError as error:
+        raise OSError(f"Cannot fetch image URL {url!r}: {str(error) or type(error).__name__}.") from None
+    return _decode(io.BytesIO(response.content), url)
 
 
 def array_to_rgb_image(array: np.ndarray) -> Image.Image:
@@ -104,7 +123,9 @@ def load_rgb_image(image: str | os.PathLike | Image.Image | np.ndarray, timeout:
 
     Raises:
         FileNotFoundError: a path that does not exist.
-        ValueError: a file that is not a readable image, or an array of an unsupported shape/dtype.
+        ValueError: a file or URL that is not a readable image (or an HTTP error status), or an array of an
+            unsupported shape/dtype.
+        OSError: a URL that cannot be fetched (no connection, timeout).
         TypeError: anything else.
     """
     if isinstance(image, Image.Image):
@@ -112,7 +133,7 @@ def load_rgb_image(image: str | os.PathLike | Image.Image | np.ndarray, timeout:
     if isinstance(image, np.ndarray):
         return array_to_rgb_image(image)
     if isinstance(image, str) and _is_url(image):
-        return to_rgb(load_image(image, timeout=timeout))
+        return to_rgb(_fetch_image(image, timeout))
     if isinstance(image, (str, os.PathLike)):
         return to_rgb(_open_image_file(image))
     raise TypeError(

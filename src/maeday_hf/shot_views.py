@@ -60,7 +60,7 @@ def load_shot_images(shots: Sequence[Any]) -> tuple[list[Image.Image], list[str]
     """Decode every shot now, so a bad file fails before training.
 
     Args:
-        shots: image paths, folders of images, PIL images or `(H, W, C)` / `(H, W)` arrays (mixed is fine), a single
+        shots: image paths, URLs, folders of images, PIL images or `(H, W, C)` / `(H, W)` arrays (mixed is fine), a single
             one of them (an array is one image, not a list of rows), or an `(N, H, W, C)` array of N shots.
 
     Returns:
@@ -79,14 +79,18 @@ def load_shot_images(shots: Sequence[Any]) -> tuple[list[Image.Image], list[str]
         )
     entries: list[Any] = []
     for shot in shots:
-        if isinstance(shot, (str, os.PathLike)):
+        if isinstance(shot, str) and shot.startswith(("http://", "https://")):
+            entries.append(shot)  # a URL, fetched as it is (a Path would fold its "//")
+        elif isinstance(shot, (str, os.PathLike)):
             entries.extend(expand_shot_paths([shot]))
         else:
             entries.append(shot)
     if not entries:
         raise ValueError("No shots given: few-shot fine-tuning needs at least one normal image (k >= 1).")
     images = [load_rgb_image(entry) for entry in entries]
-    names = [os.fspath(entry) if isinstance(entry, Path) else f"<image {index}>" for index, entry in enumerate(entries)]
+    names = [
+        os.fspath(entry) if isinstance(entry, (Path, str)) else f"<image {index}>" for index, entry in enumerate(entries)
+    ]
     return images, names
 
 
