@@ -48,6 +48,22 @@ def test_calibrated_threshold_is_dropped_with_a_warning_elsewhere(calibrated_che
     assert "calibrated threshold" in caplog.text
 
 
+def test_an_ensemble_call_does_not_warn_about_a_threshold_it_never_applies(calibrated_checkpoint, image, caplog,
+                                                                           monkeypatch):
+    from maeday_hf.ensemble import IDENTITY
+
+    class FixedPatchCore:  # PatchCore's outputs, without a backbone
+        def predict(self, images):
+            return [{"score": 1.0, "anomaly_map": np.ones((32, 32), dtype=np.float32)} for _ in images]
+
+    monkeypatch.setattr("maeday_hf.patchcore.PatchCore", FixedPatchCore)  # (the call checks isinstance(..., PatchCore))
+    detector = pipeline("anomaly-detection", model=calibrated_checkpoint)
+    with caplog.at_level(logging.WARNING, logger="maeday_hf.pipeline"):
+        result = detector(image, ensemble=FixedPatchCore(), ensemble_stats=[IDENTITY, IDENTITY], num_masks=2)
+    assert "calibrated threshold" not in caplog.text and "label" not in result
+    assert result["score"] == pytest.approx(detector(image, num_masks=2)["score"] + 1.0, rel=1e-6)
+
+
 def test_an_explicit_threshold_always_wins(calibrated_checkpoint, image):
     detector = pipeline("anomaly-detection", model=calibrated_checkpoint)
     assert detector(image, num_masks=2, threshold=1e9)["label"] == "normal"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -85,6 +86,8 @@ def test_model_masks_exactly_the_patches_our_noise_says(schedule, mask_ratio):
         (dict(mask_ratio="0.5"), TypeError),
         (dict(schedule="grid"), ValueError),
         (dict(seed=1.5), TypeError),
+        (dict(mask_ratio=0.95), ValueError),  # int(16 * 0.05) = 0 patches visible
+        (dict(mask_ratio=0.9999999), ValueError),
     ],
 )
 def test_bad_arguments_name_the_value(kwargs, error):
@@ -93,3 +96,10 @@ def test_bad_arguments_name_the_value(kwargs, error):
         make_mask_noise(**arguments)
     bad_value = next(iter(kwargs.values()))
     assert repr(bad_value) in str(raised.value) or str(bad_value) in str(raised.value)
+
+
+def test_the_highest_mask_ratio_that_keeps_a_patch_is_accepted(detector):
+    noise = make_mask_noise(2, 16, 1 - 1 / 16)  # exactly one patch visible
+    assert noise.shape == (2, 16)
+    with pytest.raises(ValueError, match="0 of the model's 16 patches"):
+        detector(np.zeros((32, 32, 3), dtype=np.uint8), num_masks=2, mask_ratio=0.95)

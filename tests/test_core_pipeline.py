@@ -40,6 +40,23 @@ def test_task_is_registered_and_builds_our_pipeline(detector):
     assert isinstance(detector, AnomalyDetectionPipeline)
 
 
+def test_no_images_give_no_results(detector):
+    assert detector([]) == [] and detector(()) == [] and detector(np.zeros((0, 8, 8, 3), dtype=np.uint8)) == []
+
+
+def test_a_model_in_training_mode_scores_as_in_inference_mode(tiny_checkpoint, images):
+    from transformers import ViTMAEForPreTraining
+
+    model = ViTMAEForPreTraining.from_pretrained(tiny_checkpoint, hidden_dropout_prob=0.5)
+    expected = pipeline("anomaly-detection", model=model, image_processor=tiny_checkpoint)(images[0], num_masks=2,
+                                                                                         bf16=False)
+    model.train()  # e.g. handed over straight from a training loop
+    detector = pipeline("anomaly-detection", model=model, image_processor=tiny_checkpoint)
+    assert not model.training
+    for _ in range(2):
+        assert detector(images[0], num_masks=2, bf16=False)["score"] == expected["score"]
+
+
 def test_outputs_keys_types_and_original_size(detector, images):
     result = detector(images[0], num_masks=4, return_uncertainty=True, threshold=0.5)
     assert set(result) == {"score", "anomaly_map", "uncertainty_map", "label", "mask"}

@@ -261,6 +261,13 @@ def test_an_output_folder_that_is_or_holds_the_base_is_refused(
     assert (base / "model.safetensors").is_file()
 
 
+def test_a_mask_ratio_that_hides_every_patch_is_refused_before_training(tiny_checkpoint, shot_files, tmp_path,
+                                                                         no_training):
+    with pytest.raises(ValueError, match="0 of the model's 16 patches"):
+        finetune(tiny_checkpoint, shot_files[:1], tmp_path / "out", FinetuneConfig(**{**TINY, "mask_ratio": 0.95}))
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_output_folder_that_is_or_holds_the_shots_is_refused(tiny_checkpoint, shot_files, tmp_path, no_training):
     shots = tmp_path / "data" / "good"
     shots.mkdir(parents=True)

@@ -48,7 +48,7 @@ from .adapter_model import ADAPTER_CONFIG_KEY, ADAPTER_SUBFOLDER, MaedayAdapterF
 from .atomic_io import replace_folder
 from .calibration import Calibration, calibrate_threshold
 from .lora import add_lora, make_lora_config
-from .masking import validate_mask_ratio, validate_positive_int, validate_seed
+from .masking import require_visible_patches, validate_mask_ratio, validate_positive_int, validate_seed
 from .model_card import render_model_card
 from .pipeline import (
     TASK,
@@ -646,6 +646,7 @@ def finetune(
         raise ValueError(f"{base_model!r} did not load as a ViTMAEForPreTraining with its decoder.")
     pixel_values = image_processor(images=images, return_tensors="pt")["pixel_values"]
     num_patches = count_patches(model, pixel_values)
+    require_visible_patches(num_patches, config.mask_ratio)
 
     partial = output_dir.with_name(f".{output_dir.name}.partial")
     if config.full_finetune:

@@ -37,6 +37,16 @@ def validate_mask_ratio(mask_ratio: float) -> float:
     return float(mask_ratio)
 
 
+def require_visible_patches(num_patches: int, mask_ratio: float) -> None:
+    """Refuse a mask ratio that leaves no patch of `num_patches` visible (the model would see only its CLS token)."""
+    if num_kept_patches(num_patches, mask_ratio) < 1:
+        raise ValueError(
+            f"mask_ratio={mask_ratio} keeps int({num_patches} * (1 - {mask_ratio})) = 0 of the model's {num_patches} "
+            f"patches visible, so every reconstruction would ignore the image; use a mask ratio of at most "
+            f"1 - 1/{num_patches} = {1 - 1 / num_patches:.6g}."
+        )
+
+
 def validate_positive_int(value: int, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be a positive integer, got {value!r} ({type(value).__name__}).")
@@ -114,6 +124,7 @@ def make_mask_noise(
     mask_ratio = validate_mask_ratio(mask_ratio)
     validate_mask_schedule(schedule)
     validate_seed(seed)
+    require_visible_patches(num_patches, mask_ratio)
     generator = torch.Generator().manual_seed(seed)
     if schedule == "random":
         return random_mask_noise(num_masks, num_patches, generator)

@@ -191,6 +191,9 @@ class AnomalyDetectionPipeline(Pipeline):
                 "the model's image size and normalisation) or pass `image_processor=` to `pipeline()`."
             )
         require_whole_image_processor(self.image_processor)
+        # Scores must not depend on dropout: a model handed over in training mode (e.g. straight from a training
+        # loop) is switched to inference mode, as `from_pretrained` returns it (the bf16 copy always runs in it).
+        self.model.eval()
         # A fine-tuned checkpoint's calibrated threshold is the default `threshold`; one passed at init or call wins.
         self._shortcuts = ProcessorShortcuts()
         default_threshold = calibrated_threshold(self.model.config)
@@ -279,6 +282,8 @@ class AnomalyDetectionPipeline(Pipeline):
             - **mask** (`PIL.Image.Image`, mode "L", `(H, W)`) -- 255 where `anomaly_map > threshold`; only with
               `threshold`.
         """
+        if not is_single_image(inputs) and isinstance(inputs, (list, tuple, np.ndarray)) and len(inputs) == 0:
+            return []  # no images, no results (the stock call would fail on inputs[0])
         if self.device.type == "cuda":
             # The GPU defaults, decided here: the stock `__call__` turns an unset num_workers into 0.
             if kwargs.get("batch_size") is None and self._batch_size is None:
@@ -337,7 +342,8 @@ class AnomalyDetectionPipeline(Pipeline):
             raise TypeError(f"ensemble must be 'patchcore' or a fitted PatchCore, got {type(ensemble).__name__}.")
         # Decode once; both methods see the same RGB images. MAEDAY's own labels, if any, are dropped by the sum.
         images = [load_rgb_image(image) for image in images]
-        maeday_outputs = super().__call__(images, **kwargs)
+        # (threshold=None: MAEDAY's own labels, calibrated or not, would be dropped by the sum anyway.)
+        maeday_outputs = super().__call__(images, threshold=None, **kwargs)
         if stats[0] is None:
             stats[0] = compute_normalization_stats(
                 [output["score"] for output in maeday_outputs], [output["anomaly_map"] for output in maeday_outputs],
