@@ -255,6 +255,12 @@ def test_a_center_cropping_processor_is_refused(tiny_checkpoint):
     cropping.do_center_crop, cropping.size = False, {"height": 32, "width": 32}
     whole = pipeline("anomaly-detection", model=tiny_checkpoint, image_processor=cropping, device="cpu")
     assert whole(np.zeros((20, 30, 3), dtype=np.uint8), num_masks=1)["anomaly_map"].shape == (20, 30)
+    # ConvNeXt's processor crops through crop_pct after a shortest-edge resize, with no do_center_crop flag.
+    from transformers import ConvNextImageProcessorPil
+
+    with pytest.raises(ValueError, match="not to a height and width"):
+        pipeline("anomaly-detection", model=tiny_checkpoint, device="cpu",
+                 image_processor=ConvNextImageProcessorPil(size={"shortest_edge": 32}, crop_pct=0.5))
 
 
 def test_a_checkpoint_that_is_not_vit_mae_is_refused(tmp_path):

@@ -86,14 +86,28 @@ def _validate_threshold(threshold: float) -> float:
 
 
 def require_whole_image_processor(image_processor) -> None:
-    """Raise a `ValueError` if `image_processor` center-crops: the map of a crop, resized to the whole image (or a
-    model fine-tuned on crops), would put every anomaly in the wrong place."""
+    """Raise a `ValueError` if `image_processor` may crop: the map of a crop, resized to the whole image (or a
+    model fine-tuned on crops), would put every anomaly in the wrong place.
+
+    Refused: `do_center_crop`, and a `size` without both `height` and `width` (a resize by the shortest edge keeps
+    the aspect ratio, and processors such as ConvNeXt's then crop, through `crop_pct`, without a `do_center_crop`)."""
+    name = type(image_processor).__name__
+    advice = "use one that resizes the whole image to the model's height and width, as ViTImageProcessor does"
     if getattr(image_processor, "do_center_crop", False):
         raise ValueError(
-            f"The image processor ({type(image_processor).__name__}) center-crops, so the anomaly map would cover only "
-            f"the crop, yet be stretched over the whole image; use an image processor with do_center_crop=False (the "
-            f"image is then resized whole, as ViTImageProcessor does)."
+            f"The image processor ({name}) center-crops, so the anomaly map would cover only the crop, yet be "
+            f"stretched over the whole image; {advice} (do_center_crop=False)."
         )
+    size = getattr(image_processor, "size", None)
+    if getattr(image_processor, "do_resize", True) and size is not None:
+        height, width = (
+            size.get(key) if isinstance(size, dict) else getattr(size, key, None) for key in ("height", "width")
+        )
+        if height is None or width is None:
+            raise ValueError(
+                f"The image processor ({name}) resizes to size={size!r}, not to a height and width: it keeps the "
+                f"aspect ratio and may crop, so the anomaly map would not line up with the image; {advice}."
+            )
 
 
 def split_call_parameters(
