@@ -310,6 +310,10 @@ def test_remote_code_pipeline_runs_without_the_package(detector, images, tmp_pat
         detector = pipeline(model={str(saved)!r}, trust_remote_code=True)
         assert type(detector).__name__ == "AnomalyDetectionPipeline", type(detector)
         assert "maeday_hf" not in type(detector).__module__
+        # Saved again from the remote copy: the code travels on, and the folder loads the same way.
+        detector.save_pretrained({str(tmp_path / "again")!r})
+        again = pipeline(model={str(tmp_path / "again")!r}, trust_remote_code=True)
+        assert again({str(tmp_path / 'query.png')!r}, num_masks=3)["score"] == detector({str(tmp_path / 'query.png')!r}, num_masks=3)["score"]
         print(detector({str(tmp_path / 'query.png')!r}, num_masks=3)["score"])
         """,
         env,

@@ -11,7 +11,6 @@ Importing the package registers the `"anomaly-detection"` task with `transformer
 
 from __future__ import annotations
 
-from transformers import AutoModelForPreTraining
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from .ensemble import NormalizationStats, compute_normalization_stats, ensemble_predictions, ensemble_scores
@@ -28,12 +27,13 @@ def register_pipeline() -> None:
     """Register `AnomalyDetectionPipeline` under the task name `"anomaly-detection"` (idempotent)."""
     if PIPELINE_REGISTRY.supported_tasks.get(TASK, {}).get("impl") is AnomalyDetectionPipeline:
         return
+    (task_impl,) = AnomalyDetectionPipeline._registered_impl.values()
     PIPELINE_REGISTRY.register_pipeline(
         TASK,
         pipeline_class=AnomalyDetectionPipeline,
-        pt_model=AutoModelForPreTraining,
-        default={"model": (DEFAULT_CHECKPOINT, "main")},
-        type="image",
+        pt_model=task_impl["pt"],
+        default=task_impl["default"],
+        type=task_impl["type"],
     )
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from transformers import Pipeline
+from transformers import AutoModelForPreTraining, Pipeline
 
 from .images import as_image_list, is_single_image, load_rgb_image
 from .masking import (
@@ -513,3 +513,16 @@ class AnomalyDetectionPipeline(Pipeline):
         if threshold is not None:
             result.update(_threshold_outputs(result["score"], result["anomaly_map"], threshold))
         return result
+
+
+# What `PIPELINE_REGISTRY.register_pipeline` records on the class (`maeday_hf.register_pipeline` registers the task
+# with it). Set here too, so that a copy of this class loaded as remote code (`trust_remote_code=True`, without
+# maeday-hf) still writes its code and `custom_pipelines` entry when it is saved or pushed again.
+AnomalyDetectionPipeline._registered_impl = {
+    TASK: {
+        "impl": AnomalyDetectionPipeline,
+        "pt": (AutoModelForPreTraining,),
+        "default": {"model": (DEFAULT_CHECKPOINT, "main")},
+        "type": "image",
+    }
+}
