@@ -163,6 +163,15 @@ def test_fod_layout(fod_root):
     assert loaded["boxes"] == test["boxes"] and loaded.features == test.features
 
 
+def test_a_frame_without_objects_never_gets_boxes_of_a_namesake(fod_root):
+    shutil.copy(fod_root / "indoor" / "normal" / "n0.png", fod_root / "indoor" / "normal" / "o1.png")
+    test = load_fod(fod_root, "indoor")["test"]
+    boxes = {(name, label): frame_boxes for name, label, frame_boxes in zip(
+        [Path(image["path"]).name for image in test.cast_column("image", datasets.Image(decode=False))["image"]],
+        test["label"], test["boxes"])}
+    assert boxes[("o1.png", 0)] == [] and boxes[("o1.png", 1)] == [[1, 2, 5, 6]]
+
+
 def test_fod_reference_frames_are_held_out_of_the_test_split(fod_root):
     def paths(split):
         return [image["path"] for image in split.cast_column("image", datasets.Image(decode=False))["image"]]
@@ -235,6 +244,14 @@ def test_dry_run_folder_loads_back_without_the_source_files(mvtec_root, tmp_path
         assert len(loaded["train"]) == 3 and len(loaded["test"]) == 5
         example = next(e for e in loaded["test"] if e["label"] == 1)
         assert example["image"].mode == mode and example["mask"].size == SIZE
+
+
+@pytest.mark.parametrize("configs", ["foo", "[{data_files: x}]", "[{config_name: 3}]"])
+def test_a_malformed_configs_header_is_one_error_and_nothing_written(mvtec_root, tmp_path, configs):
+    (tmp_path / "README.md").write_text(f"---\nconfigs: {configs}\n---\nbody\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"README.md: its `configs:` header is .* expected a list"):
+        write_hub_folder({"bottle": load_mvtec(mvtec_root, "bottle")}, tmp_path)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["README.md"]
 
 
 def test_push_calls_one_config_per_category(mvtec_root):

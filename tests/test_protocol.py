@@ -301,6 +301,23 @@ def test_bad_options(tiny_checkpoint, synthetic_root, tmp_path, capsys, extra, e
     assert expected in _run_error(capsys, _argv(tiny_checkpoint, synthetic_root, tmp_path / "out", *extra))
 
 
+def test_a_patchcore_backbone_that_cannot_load_fails_before_any_fine_tune(tiny_checkpoint, synthetic_root, tmp_path,
+                                                                           capsys):
+    argv = _argv(tiny_checkpoint, synthetic_root, tmp_path / "out", "--shots", "1", "--shot-seeds", "1",
+                 "--ensemble", "patchcore", "--patchcore-backbone", str(tmp_path / "no-backbone"))
+    assert "no-backbone" in _run_error(capsys, argv)
+    assert not (tmp_path / "out" / "adapters").exists()
+
+
+def test_few_shot_units_do_not_warn_about_the_calibrated_threshold(tiny_checkpoint, synthetic_root, tmp_path, caplog):
+    # The fine-tunes are calibrated at 32 masks, the units score at 2: the protocol asks for no labels at all.
+    argv = _argv(tiny_checkpoint, synthetic_root, tmp_path / "out", "--shots", "1", "--shot-seeds", "1",
+                 "--repetitions", "--no-plots", "--categories", "disc")
+    with caplog.at_level("WARNING"):
+        assert evaluate_script.main(argv) == 0
+    assert "calibrated threshold" not in caplog.text
+
+
 def test_missing_model(synthetic_root, tmp_path, capsys):
     err = _run_error(capsys, _argv(tmp_path / "no-model", synthetic_root, tmp_path / "out", "--shots", "0"))
     assert "no-model" in err
@@ -329,6 +346,27 @@ def test_precision_is_decided_once_recorded_and_a_resume_in_another_is_refused(
     argv = _argv(tiny_checkpoint, synthetic_root, protocol_run, "--shots", "0", "1", "--shot-seeds", "2",
                  "--repetitions", "1", "2", "--precision", other)
     assert "bf16" in _run_error(capsys, argv)
+
+
+def test_labels_named_in_another_order_or_anomalous_shots_are_refused(synthetic_root, tiny_checkpoint, tmp_path):
+    import datasets
+
+    splits = load_mvtec(synthetic_root, "stripes")
+    config = ProtocolConfig(tiny_checkpoint, "unused", str(tmp_path), shots=(0, 1), device="cpu")
+    protocol._check_category_splits("stripes", splits, config)  # as published: fine
+    # The same data with the class names swapped (and the values with them): 1 would no longer mean anomaly.
+    flipped = datasets.DatasetDict({
+        name: split.cast_column("label", datasets.ClassLabel(names=["anomaly", "good"])).map(
+            lambda example: {"label": 1 - example["label"]})
+        for name, split in splits.items()
+    })
+    with pytest.raises(ValueError, match=r"labels are named \['anomaly', 'good'\]"):
+        protocol._check_category_splits("stripes", flipped, config)
+    with_anomalous_shot = datasets.DatasetDict(
+        {"train": splits["train"].map(lambda example, index: {"label": int(index == 0)}, with_indices=True),
+         "test": splits["test"]})
+    with pytest.raises(ValueError, match="1 training images are labelled anomaly"):
+        protocol._check_category_splits("stripes", with_anomalous_shot, config)
 
 
 def test_hub_folder_is_resolved_by_its_configs(synthetic_root, tmp_path):

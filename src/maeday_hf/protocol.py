@@ -60,6 +60,7 @@ from .data import (
     select_shots,
     shot_indices,
 )
+from .data.features import LABEL_NAMES
 from .data.fod import REFERENCE_FRAMES
 from .data.publish import available_configs, read_card
 from .masking import (
@@ -403,6 +404,19 @@ class PreparedProtocol:
 def _check_category_splits(name: str, splits: datasets.DatasetDict, config: ProtocolConfig) -> None:
     if "test" not in splits:
         raise ValueError(f"Category {name!r} has no test split (splits: {list(splits)}).")
+    for split_name, split in splits.items():
+        feature = split.features.get("label")
+        if isinstance(feature, datasets.ClassLabel) and tuple(feature.names) != LABEL_NAMES:
+            raise ValueError(
+                f"Category {name!r}: the {split_name} split's labels are named {feature.names}, but the protocol reads "
+                f"0 as good and 1 as anomaly ({list(LABEL_NAMES)}); publish it with maeday_hf.data, or align the "
+                f"label column (datasets' align_labels_with_mapping)."
+            )
+    if "train" in splits and any(splits["train"]["label"]):
+        raise ValueError(
+            f"Category {name!r}: {sum(splits['train']['label'])} training images are labelled anomaly; the shots "
+            f"(and PatchCore's memory bank) must be normal images."
+        )
     test = splits["test"]
     labels = list(test["label"])
     num_anomalous = int(sum(labels))
@@ -510,6 +524,12 @@ def prepare_protocol(config: ProtocolConfig) -> PreparedProtocol:
         splits[category] = source.load(category)
         _check_category_splits(category, splits[category], config)
     _check_model(config)
+    if config.ensemble is not None:
+        # Loaded now, so a backbone that cannot be had fails before hours of fine-tuning, not after (the runner loads
+        # it again, on its own device).
+        from .feature_extraction import load_backbone
+
+        load_backbone(config.patchcore.backbone, config.patchcore.out_indices)
     tasks = plan_tasks(config, categories)
     logger.info("Planned %d units in %d tasks over %d categories", sum(len(t.units) for t in tasks), len(tasks),
                 len(categories))
@@ -578,6 +598,7 @@ class _Runner:
         results = detector(
             (image for image in images), num_masks=num_masks, mask_ratio=config.mask_ratio, seed=config.mask_seed,
             mask_schedule=schedule, batch_size=config.batch_size, bf16=config.bf16,
+            threshold=None,  # the metrics need scores and maps only (and a fine-tune's calibrated labels are moot)
         )
         # Only what the metrics read: a fine-tune's calibrated labels and PIL masks would pile up for nothing.
         return [

@@ -107,7 +107,8 @@ def fod_examples(root: str | os.PathLike, config: str) -> dict[str, list]:
         "label": [0] * len(normal) + [1] * len(objects),
         "defect_type": [GOOD] * len(normal) + [OBJECT_DIR] * len(objects),
         "category": [config] * len(frames),
-        "boxes": [boxes.get(p.name, []) for p in frames],
+        # Boxes belong to frames with objects: a frame without, of the same file name, has none.
+        "boxes": [[] for _ in normal] + [boxes.get(p.name, []) for p in objects],
     }
 
 

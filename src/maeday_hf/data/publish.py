@@ -164,7 +164,15 @@ def write_hub_folder(
     except yaml.YAMLError as error:
         problem = " ".join(str(error).split())
         raise ValueError(f"{folder / README} has a YAML header that does not parse: {problem}") from None
-    entries = {entry["config_name"]: entry for entry in header.get("configs", [])}
+    existing = header.get("configs", [])
+    if not isinstance(existing, list) or not all(
+        isinstance(entry, dict) and isinstance(entry.get("config_name"), str) for entry in existing
+    ):
+        raise ValueError(
+            f"{folder / README}: its `configs:` header is {existing!r:.200}; expected a list of entries with a "
+            f"config_name (as the Hub's dataset cards have). Fix or remove it, then run again."
+        )
+    entries = {entry["config_name"]: entry for entry in existing}
     for name, dataset_dict in configs.items():
         for split, dataset in dataset_dict.items():
             path = folder / name / f"{split}-00000-of-00001.parquet"
