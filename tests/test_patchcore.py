@@ -144,6 +144,20 @@ def test_nearest_neighbors_match_brute_force(k):
     torch.testing.assert_close(distances.double(), expected_distances[:, :k])
 
 
+def test_nearest_neighbors_stay_exact_when_the_features_share_a_large_offset():
+    # ReLU features sit far from the origin, with small differences between patches: the matrix-product distance
+    # form alone loses those differences in float32.
+    generator = torch.Generator().manual_seed(0)
+    offset = torch.randn(1, 64, generator=generator) * 100
+    bank = offset + torch.randn(500, 64, generator=generator) * 0.01
+    queries = offset + torch.randn(300, 64, generator=generator) * 0.01
+    distances, indices = nearest_neighbors(queries, bank, k=2)
+    reference = torch.linalg.vector_norm(queries.double()[:, None] - bank.double()[None], dim=-1)
+    expected_distances, expected_indices = reference.sort(dim=1)
+    assert (indices == expected_indices[:, :2]).float().mean() > 0.99  # (float32 features: a few exact near-ties)
+    torch.testing.assert_close(distances.double(), expected_distances[:, :2], rtol=1e-3, atol=1e-6)
+
+
 def test_nearest_neighbors_of_bank_entries_are_exactly_zero():
     bank = torch.randn(50, 16, generator=torch.Generator().manual_seed(0)) * 100
     distances, indices = nearest_neighbors(bank, bank)

@@ -152,13 +152,19 @@ def greedy_coreset_indices(
     return selected
 
 
+NEIGHBOR_CANDIDATE_MARGIN = 8
+"""Candidates beyond k whose distances `nearest_neighbors` recomputes exactly before choosing the k nearest."""
+
+
 def nearest_neighbors(
     queries: torch.Tensor, memory_bank: torch.Tensor, k: int = 1, max_chunk_elements: int = MAX_CHUNK_ELEMENTS
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact k nearest neighbours (Euclidean) of each query in the memory bank, chunked over the queries.
 
-    Candidates come from `torch.cdist` (fast matrix-product form); the returned distances are recomputed exactly for
-    them, so a query equal to a bank entry gets distance 0 rather than float cancellation noise.
+    Candidates come from `torch.cdist` (fast matrix-product form) on features centred on the bank's mean (the form
+    `‖q‖² + ‖m‖² − 2 q·m` loses precision with the features' common offset, which centring removes); the
+    `k + NEIGHBOR_CANDIDATE_MARGIN` best candidates get their distances recomputed exactly and the k nearest of them
+    are returned, so a near-tie is decided exactly and a query equal to a bank entry gets distance 0.
 
     Args:
         queries (`torch.Tensor` of shape `(num_queries, dim)`).
@@ -176,14 +182,17 @@ def nearest_neighbors(
     if not 1 <= k <= bank_size:
         raise ValueError(f"Expected 1 <= k <= {bank_size} (the memory bank size), got {k}.")
     rows = max(1, max_chunk_elements // bank_size)
+    num_candidates = min(bank_size, k + NEIGHBOR_CANDIDATE_MARGIN)
+    center = memory_bank.mean(dim=0)
+    centred_bank = memory_bank - center
     all_distances, all_indices = [], []
     for start in range(0, num_queries, rows):
-        chunk = queries[start : start + rows]
-        _, indices = torch.cdist(chunk, memory_bank).topk(k, dim=1, largest=False)
-        distances = torch.linalg.vector_norm(chunk.unsqueeze(1) - memory_bank[indices], dim=-1)
-        distances, order = distances.sort(dim=1)
+        chunk = queries[start : start + rows] - center
+        _, candidates = torch.cdist(chunk, centred_bank).topk(num_candidates, dim=1, largest=False)
+        distances = torch.linalg.vector_norm(chunk.unsqueeze(1) - centred_bank[candidates], dim=-1)
+        distances, order = distances.topk(k, dim=1, largest=False)  # ascending
         all_distances.append(distances)
-        all_indices.append(indices.gather(1, order))
+        all_indices.append(candidates.gather(1, order))
     if not all_distances:
         return queries.new_empty(0, k), torch.empty(0, k, dtype=torch.long, device=queries.device)
     return torch.cat(all_distances), torch.cat(all_indices)
