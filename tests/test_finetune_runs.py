@@ -142,6 +142,8 @@ def test_precision_defaults_to_bf16_where_native_and_the_log_records_what_ran(
         ("no", None, True, "no"), ("bf16", None, False, "bf16"),  # accelerate launch --mixed_precision decides
         ("bf16", False, True, "no"), ("no", True, False, "bf16"),  # an explicit bf16 wins over both
         (None, True, False, "bf16"),  # also on a machine without a GPU and without use_cpu
+        ("fp16", None, False, "no"),  # on the CPU accelerate ignores fp16: recorded as what runs (float32); on a GPU
+                                      # it stays fp16 (below)
     ],
 )
 def test_precision_comes_from_the_config_then_the_launcher_then_the_hardware(
@@ -154,6 +156,8 @@ def test_precision_comes_from_the_config_then_the_launcher_then_the_hardware(
     from maeday_hf.lora import add_lora, make_lora_config
     from maeday_hf.shot_views import ShotViews
 
+    if launcher == "fp16" and torch.cuda.is_available():
+        expected = "fp16"  # the Trainer loop's fp16 autocast with loss scaling
     if launcher is None:
         monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
     else:
@@ -434,9 +438,17 @@ def test_full_finetune_writes_a_plain_checkpoint_that_loads(tiny_checkpoint, sho
 
 
 def _launch(num_processes: int, checkpoint: str, shot: Path, out: Path, tmp_path: Path) -> list[float]:
+    # (`accelerate launch --cpu` starts one process whatever --num_processes says; --multi_gpu starts them, and on a
+    # machine without a GPU they run on the CPU over gloo.)
+    import socket
+
+    with socket.socket() as probe:  # a free port for the processes' rendezvous (29500 may be taken by another run)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(num_processes),
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu" if num_processes > 1 else "--cpu",
+        "--num_processes", str(num_processes), "--num_machines", "1", "--main_process_port", str(port),
+        "--mixed_precision", "no", "--dynamo_backend", "no",
         str(REPO_ROOT / "scripts" / "finetune.py"), "--model", checkpoint, "--shots", str(shot), "--output-dir",
         str(out), "--steps", "2", "--batch-size", "4", "--learning-rate", "0.2", "--calibration-views", "1",
         "--calibration-masks", "2", "--quiet",
@@ -445,7 +457,9 @@ def _launch(num_processes: int, checkpoint: str, shot: Path, out: Path, tmp_path
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
-    return [entry["loss"] for entry in json.loads((out / "training_log.json").read_text())["losses"]]
+    log = json.loads((out / "training_log.json").read_text())
+    assert log["num_processes"] == num_processes  # one distributed run, not num_processes runs of their own
+    return [entry["loss"] for entry in log["losses"]]
 
 
 def test_accelerate_launch_of_the_script_writes_an_adapter(tiny_checkpoint, shot_files, tmp_path):

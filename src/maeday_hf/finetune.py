@@ -285,7 +285,10 @@ def _precision_resolved_arguments(config: FinetuneConfig, output_dir: str | os.P
     """The recipe's `TrainingArguments`, with the mixed precision decided in this order: `config.bf16` if given; else
     the launcher's (`accelerate launch --mixed_precision ...` sets ACCELERATE_MIXED_PRECISION, "no" by default);
     else bf16 where the training device multiplies it in hardware."""
-    float32_arguments = _training_arguments(config, output_dir, bf16=False, use_cpu=config.use_cpu)
+    probe = _training_arguments(config, output_dir, bf16=False, use_cpu=config.use_cpu)
+    # On a CPU the Trainer runs several processes as one distributed run (gloo), and accepts bf16, only with use_cpu,
+    # also where there is no GPU to keep away from: without it each process would train alone on the whole batch.
+    use_cpu = config.use_cpu or probe.device.type == "cpu"
     launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION")
     if config.bf16 is not None:
         bf16 = config.bf16
@@ -294,18 +297,18 @@ def _precision_resolved_arguments(config: FinetuneConfig, output_dir: str | os.P
             log = logger.info if launcher_precision == "no" else logger.warning
             log("FinetuneConfig.bf16=%s overrides the launcher's mixed_precision=%r.", bf16, launcher_precision)
     elif launcher_precision is not None:
-        if launcher_precision != "bf16":
-            return float32_arguments  # "no", or fp16 (the Trainer loop scales its loss)
-        bf16 = True
+        bf16 = launcher_precision == "bf16"
     else:
-        bf16 = runs_bfloat16_natively(float32_arguments.device)
+        bf16 = runs_bfloat16_natively(probe.device)
+    arguments = _training_arguments(config, output_dir, bf16=bf16, use_cpu=use_cpu) if bf16 or use_cpu else probe
     if not bf16:
-        float32_arguments.mixed_precision = "no"  # also over a launcher's bf16/fp16
-        return float32_arguments
-    # The Trainer accepts bf16 on a CPU only with use_cpu, also where there is no GPU to keep away from.
-    return _training_arguments(
-        config, output_dir, bf16=True, use_cpu=config.use_cpu or float32_arguments.device.type == "cpu"
-    )
+        keep_fp16 = launcher_precision == "fp16" and config.bf16 is None and not use_cpu
+        if launcher_precision == "fp16" and config.bf16 is None and use_cpu:
+            logger.warning("fp16 mixed precision does not run on the CPU (accelerate ignores it); training in float32.")
+        # A launcher's fp16 on a GPU stays (the Trainer loop scales its loss); otherwise float32, also over a
+        # launcher's bf16/fp16 that FinetuneConfig.bf16=False overrides.
+        arguments.mixed_precision = "fp16" if keep_fp16 else "no"
+    return arguments
 
 
 def build_trainer(
@@ -504,6 +507,7 @@ def _write_folder(
     train_seconds: float,
     name: str,
     mixed_precision: str,
+    num_processes: int = 1,
 ) -> None:
     """Everything but the weights/adapter (written before merging): config, processor, remote code, card, logs."""
     if config.full_finetune:
@@ -535,6 +539,7 @@ def _write_folder(
         "shots": shot_names,
         "recipe": config.recipe(),
         "mixed_precision": mixed_precision,
+        "num_processes": num_processes,
         "losses": [{"step": step, "loss": loss} for step, loss in losses],
         "train_seconds": train_seconds,
     }
@@ -731,6 +736,7 @@ def finetune(
             _write_folder(
                 partial, merged, image_processor, recorded_base, recorded_config, calibration, shot_names, losses,
                 train_seconds, name=hub_model_id or output_dir.name, mixed_precision=trainer.args.mixed_precision,
+                num_processes=trainer.args.world_size,
             )
             replace_folder(partial, output_dir)
             logger.info("Wrote %s", output_dir)
