@@ -410,3 +410,16 @@ def test_a_damaged_base_is_one_error_before_training(tiny_checkpoint, shot_path,
     with pytest.raises(OSError, match="damaged or incomplete"):
         finetune(base, [shot_path], tmp_path / "out", FinetuneConfig(**FAST))
     assert not (tmp_path / "out").exists()
+
+
+def test_without_augmentation_the_calibration_scores_the_shots_as_they_are(tiny_checkpoint, shot_path, tmp_path):
+    second = tmp_path / "second.png"
+    _smooth_image(phase=1.0).save(second)
+    config = FinetuneConfig(**{**FAST, "num_steps": 2, "calibration_views_per_shot": 4}, augment=False)
+    result = finetune(tiny_checkpoint, [shot_path, second], tmp_path / "out", config)
+    detector = load_detector(result.output_dir, device="cpu")
+    scores = [detector(str(shot), num_masks=FAST["calibration_num_masks"])["score"] for shot in (shot_path, second)]
+    assert scores == pytest.approx(result.calibration.scores, rel=1e-5)  # one view per shot: no crop, no rotation
+    recorded = json.loads((result.output_dir / "calibration.json").read_text())
+    assert recorded["augmented"] is False and recorded["num_views_per_shot"] == 1
+    assert "each shot as is: the fine-tune used no augmentation" in (result.output_dir / "README.md").read_text()

@@ -58,6 +58,7 @@ def no_training(monkeypatch):
         (dict(min_crop_scale=0.0), ValueError, "min_crop_scale"),
         (dict(bf16="yes"), TypeError, "bf16"),
         (dict(seed=2**32), ValueError, "seed"),  # refused here, not by the Trainer after the model has loaded
+        (dict(seed=2**31), ValueError, r"seed must be in \[0, 2\*\*31\)"),  # would repeat seed 0's views
         (dict(seed=-1), ValueError, "seed"),
         (dict(seed=1.5), TypeError, "seed"),
         (dict(momentum=1.0), ValueError, "momentum must be < 1"),
@@ -272,6 +273,57 @@ def test_a_mask_ratio_that_hides_every_patch_is_refused_before_training(tiny_che
     assert not (tmp_path / "out").exists()
 
 
+def test_overwrite_replaces_only_an_earlier_runs_folder(tiny_checkpoint, shot_files, tmp_path, monkeypatch):
+    work = tmp_path / "project"
+    (work / "src").mkdir(parents=True)
+    (work / "notes.txt").write_text("kept")
+    monkeypatch.chdir(work)
+    with pytest.raises(FileExistsError, match="no fine-tune wrote"):
+        finetune(tiny_checkpoint, shot_files[:1], ".", FinetuneConfig(**TINY), overwrite=True)
+    assert (work / "notes.txt").read_text() == "kept" and (work / "src").is_dir()
+    # An earlier run's folder (and an empty one) is replaced.
+    first = finetune(tiny_checkpoint, shot_files[:1], tmp_path / "run", FinetuneConfig(**TINY))
+    finetune(tiny_checkpoint, shot_files[:1], tmp_path / "run", FinetuneConfig(**{**TINY, "seed": 1}), overwrite=True)
+    assert json.loads((first.output_dir / "training_log.json").read_text())["recipe"]["seed"] == 1
+    (tmp_path / "empty").mkdir()
+    finetune(tiny_checkpoint, shot_files[:1], tmp_path / "empty", FinetuneConfig(**TINY), overwrite=True)
+
+
+def test_a_folder_that_appears_during_training_is_left_alone(tiny_checkpoint, shot_files, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    original_train = MaedayTrainer.train
+
+    def train_while_someone_writes_the_folder(self, *args, **kwargs):
+        out.mkdir()
+        (out / "theirs.txt").write_text("kept")
+        return original_train(self, *args, **kwargs)
+
+    monkeypatch.setattr(MaedayTrainer, "train", train_while_someone_writes_the_folder)
+    with pytest.raises(FileExistsError, match="appeared while training") as raised:
+        finetune(tiny_checkpoint, shot_files[:1], out, FinetuneConfig(**TINY))
+    assert sorted(path.name for path in out.iterdir()) == ["theirs.txt"]
+    kept = Path(str(raised.value).rsplit("'", 2)[-2])
+    assert (kept / "training_log.json").is_file() and kept.parent == tmp_path
+
+
+def test_shots_given_as_a_set_or_a_generator_are_read_once_and_checked(tiny_checkpoint, shot_files, tmp_path,
+                                                                        no_training):
+    shots = tmp_path / "data"
+    shots.mkdir()
+    shutil.copy(shot_files[0], shots / "a.png")
+    for given in ({shots / "a.png"}, (path for path in [shots / "a.png"])):
+        with pytest.raises(ValueError, match="the shot"):
+            finetune(tiny_checkpoint, given, shots, FinetuneConfig(**TINY), overwrite=True)
+    assert (shots / "a.png").is_file()
+
+
+def test_a_hub_model_id_is_checked_before_training(tiny_checkpoint, shot_files, tmp_path, no_training):
+    for repo_id in ("org/", "my org/x", "org/a..b", "org/-x"):
+        with pytest.raises(ValueError, match="not a valid Hub repo id"):
+            finetune(tiny_checkpoint, shot_files[:1], tmp_path / "out", FinetuneConfig(**TINY), push_to_hub=True,
+                     hub_model_id=repo_id)
+
+
 def test_an_output_folder_that_is_or_holds_the_shots_is_refused(tiny_checkpoint, shot_files, tmp_path, no_training):
     shots = tmp_path / "data" / "good"
     shots.mkdir(parents=True)
@@ -405,6 +457,15 @@ def test_a_push_leaves_the_repo_holding_exactly_the_folder(tiny_checkpoint, shot
                  hub_model_id="my-org/tiny-1shot")
     folder = {p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*") if p.is_file()}
     assert "model.safetensors" not in folder and repo == folder | {".gitattributes"}
+
+
+def test_a_failed_push_says_where_the_run_is(tiny_checkpoint, shot_files, tmp_path):
+    with mock.patch("huggingface_hub.HfApi") as api_class:
+        api_class.return_value.upload_folder.side_effect = ConnectionError("Connection reset by peer")
+        with pytest.raises(OSError, match=r"written to '.*out', but pushing it to 'my-org/x' failed \(Connection reset"):
+            finetune(tiny_checkpoint, shot_files[:1], tmp_path / "out", FinetuneConfig(**TINY), push_to_hub=True,
+                     hub_model_id="my-org/x")
+    assert (tmp_path / "out" / "training_log.json").is_file()
 
 
 def test_a_private_push_into_an_existing_public_repo_uploads_nothing(tiny_checkpoint, shot_files, tmp_path):

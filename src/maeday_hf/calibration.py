@@ -47,6 +47,9 @@ class Calibration:
     mask_ratio: float
     seed: int
     mask_seed: int
+    augmented: bool = True
+    """Whether the views beyond each shot itself were augmented (False: the fine-tune trained without augmentation,
+    so each shot is scored once, as it is)."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -65,6 +68,7 @@ def calibrate_threshold(
     min_crop_scale: float = 0.75,
     max_rotation_degrees: float = 15.0,
     mask_seed: int = PIPELINE_MASK_SEED,
+    augment: bool = True,
 ) -> Calibration:
     """Score the shots (plus `num_views_per_shot - 1` augmented views of each) and derive a threshold.
 
@@ -75,11 +79,16 @@ def calibrate_threshold(
         seed (`int`): seeds the augmented views (the run seed).
         mask_seed (`int`, defaults to the pipeline's default, 0): the masks are the ones the pipeline draws for its
             `seed=mask_seed` (random schedule), so the scores match what it returns for the same image.
+        augment (`bool`, defaults to `True`): as in training; without augmentation the model saw no cropped or rotated
+            views, so only the shots themselves are scored (`num_views_per_shot` is then 1: more copies of a shot,
+            with the same masks, would score the same).
 
     Returns:
         `Calibration`.
     """
     num_shots = pixel_values.shape[0]
+    if not augment:
+        num_views_per_shot = 1
     views = []
     for shot_index in range(num_shots):
         views.append(pixel_values[shot_index])
@@ -112,4 +121,5 @@ def calibrate_threshold(
         mask_ratio=mask_ratio,
         seed=seed,
         mask_seed=mask_seed,
+        augmented=augment,
     )

@@ -28,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import json
 import logging
@@ -95,7 +96,7 @@ class FinetuneConfig:
         mask_ratio (`float`, defaults to 0.75): share of patches masked in each training view.
         augment (`bool`, defaults to `True`): random crop + rotation of each view (`min_crop_scale`,
             `max_rotation_degrees`).
-        seed (`int`, defaults to 0): in [0, 2**32); seeds the views, their masks, the LoRA init and the Trainer.
+        seed (`int`, defaults to 0): in [0, 2**31); seeds the views, their masks, the LoRA init and the Trainer.
             (The calibration scores with the masks the pipeline draws by default, whatever the seed.)
         calibration_views_per_shot, calibration_num_masks, calibration_num_std: see `calibration.py`.
         use_cpu (`bool`): train on the CPU even when a GPU is there.
@@ -170,8 +171,11 @@ class FinetuneConfig:
         if self.resolved_learning_rate == 0:
             raise ValueError("learning_rate must be > 0 (0 would train nothing).")
         validate_seed(self.seed)
-        if self.seed >= 2**32:
-            raise ValueError(f"seed must be in [0, 2**32) (the Trainer seeds NumPy with it), got {self.seed}.")
+        if self.seed >= 2**31:
+            # View i of a run is seeded seed * 2**32 + i in a 63-bit generator seed: a larger seed would repeat the
+            # views of seed - 2**31.
+            raise ValueError(f"seed must be in [0, 2**31) (it seeds each view as seed * 2**32 + view index in 63 "
+                             f"bits), got {self.seed}.")
         self.mask_ratio = validate_mask_ratio(self.mask_ratio)
         if self.bf16 is not None and not isinstance(self.bf16, bool):
             raise TypeError(f"bf16 must be True, False or None (the device decides), got {self.bf16!r}.")
@@ -404,6 +408,29 @@ def _validate_output(output_dir: Path, overwrite: bool, base_model: str, shots: 
                               f"(--overwrite) or choose another folder.")
     if output_dir.exists() and not output_dir.is_dir():
         raise FileExistsError(f"Output path {os.fspath(output_dir)!r} exists and is not a folder.")
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not (output_dir / TRAINING_LOG_FILE).is_file():
+        # `overwrite` replaces the folder whole: only one an earlier run wrote (or an empty one), never, say, the
+        # working directory with someone's work in it.
+        raise FileExistsError(
+            f"Output folder {os.fspath(output_dir)!r} holds files that no fine-tune wrote (it has no "
+            f"{TRAINING_LOG_FILE}); overwrite replaces only an earlier run's folder. Choose another folder."
+        )
+
+
+def _move_into_place(partial: Path, output_dir: Path) -> None:
+    """Rename the finished `partial` to `output_dir`, which must not have appeared meanwhile (without `overwrite`,
+    what someone put there during training is theirs): then the run is kept next to it, under a new name."""
+    try:
+        os.rename(partial, output_dir)  # replaces nothing but an empty folder
+    except OSError:
+        if not output_dir.exists():
+            raise
+        kept = output_dir.with_name(f"{output_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+        os.rename(partial, kept)
+        raise FileExistsError(
+            f"Output folder {os.fspath(output_dir)!r} appeared while training (left as it is); the run was written "
+            f"to {os.fspath(kept)!r} instead."
+        ) from None
 
 
 class TrainingDivergedError(ValueError):
@@ -430,6 +457,13 @@ def _validate_hub_flags(push_to_hub: bool, hub_model_id: str | None, hub_private
         raise ValueError(f"hub_model_id={hub_model_id!r} given without push_to_hub: add --push-to-hub or drop it.")
     if hub_model_id is not None and hub_model_id.count("/") != 1:
         raise ValueError(f"hub_model_id must look like 'org/name', got {hub_model_id!r}.")
+    if hub_model_id is not None:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(hub_model_id)  # now, not when the push fails after training
+        except HFValidationError as error:
+            raise ValueError(f"hub_model_id={hub_model_id!r} is not a valid Hub repo id: {error}") from None
 
 
 def _check_hub_login(hub_model_id: str) -> None:
@@ -621,6 +655,8 @@ def finetune(
     if base_model.startswith("~"):  # a Hub id never starts with "~"; from_pretrained does not expand it
         base_model = os.path.expanduser(base_model)
     output_dir = Path(output_dir).expanduser().absolute()
+    if isinstance(shots, (set, frozenset, collections.abc.Iterator)):
+        shots = list(shots)  # read once, and seen by the output check below
     _validate_output(output_dir, overwrite, base_model, shots)
     _validate_hub_flags(push_to_hub, hub_model_id, hub_private)
     if push_to_hub:
@@ -725,6 +761,7 @@ def finetune(
                 seed=config.seed,
                 min_crop_scale=config.min_crop_scale,
                 max_rotation_degrees=config.max_rotation_degrees,
+                augment=config.augment,
             )
             if not math.isfinite(calibration.threshold):
                 raise TrainingDivergedError(
@@ -738,7 +775,10 @@ def finetune(
                 train_seconds, name=hub_model_id or output_dir.name, mixed_precision=trainer.args.mixed_precision,
                 num_processes=trainer.args.world_size,
             )
-            replace_folder(partial, output_dir)
+            if overwrite:
+                replace_folder(partial, output_dir)
+            else:
+                _move_into_place(partial, output_dir)
             logger.info("Wrote %s", output_dir)
     except BaseException:
         if is_main:
@@ -746,6 +786,15 @@ def finetune(
         raise
     trainer.accelerator.wait_for_everyone()
     if is_main and push_to_hub:
-        url = push_folder_to_hub(output_dir, hub_model_id, private=hub_private)
+        try:
+            url = push_folder_to_hub(output_dir, hub_model_id, private=hub_private)
+        except ValueError:
+            raise  # this package's own checks of the repo (e.g. a private push into a public repo): already precise
+        except Exception as error:  # noqa: BLE001 - whatever the Hub raised, the run itself is safe on disk
+            cause = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise OSError(
+                f"The fine-tune is written to {os.fspath(output_dir)!r}, but pushing it to {hub_model_id!r} failed "
+                f"({cause}); push the folder later (e.g. `hf upload {hub_model_id} {os.fspath(output_dir)}`)."
+            ) from error
         logger.info("Pushed %s to %s", output_dir, url)
     return FinetuneResult(output_dir=output_dir, losses=losses, calibration=calibration, train_seconds=train_seconds)

@@ -59,7 +59,7 @@ shipped here (`pipeline.py` and the modules it imports{remote_note}).
 ## Threshold (from the normal shots only)
 
 `{threshold:.6g}` = max(mean + {num_std} x std, max) of the image scores of {num_calibration_views} normal views
-(each shot as is and augmented), scored with {calibration_masks} masks at mask ratio {calibration_mask_ratio}. The
+({calibration_views}), scored with {calibration_masks} masks at mask ratio {calibration_mask_ratio}. The
 pipeline uses it as the default `threshold` (adds `label` and `mask`); pass `threshold=` to override. All scores are in
 `calibration.json`.
 """
@@ -124,6 +124,10 @@ def render_model_card(
         threshold=calibration["threshold"],
         num_std=calibration["num_std"],
         num_calibration_views=len(calibration["scores"]),
+        calibration_views=(
+            "each shot as is and augmented" if calibration.get("augmented", True)
+            else "each shot as is: the fine-tune used no augmentation"
+        ),
         calibration_masks=calibration["num_masks"],
         calibration_mask_ratio=calibration["mask_ratio"],
     )
