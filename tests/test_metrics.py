@@ -179,6 +179,19 @@ def test_half_precision_tensors_are_read_as_their_values(dtype):
     assert image_roc_auc(torch.tensor(labels, dtype=dtype), scores) == image_roc_auc(labels, scores.detach().float())
 
 
+def test_float64_maps_keep_their_precision():
+    mask = np.zeros((1, 4, 4))
+    mask[0, 0, 0] = 1
+    for anomalous, normal in ((1e8 + 1, 1e8), (1e-46, 0.0), (1e39, 0.0)):  # float32 would tie, flush or overflow
+        scores = np.full((1, 4, 4), normal)
+        scores[0, 0, 0] = anomalous
+        for num_bins in (None, 1024):
+            assert compute_pixel_metrics(mask, scores, num_bins=num_bins).pixel_roc_auc == 1.0
+    # A range given in float64 holds float64 maps exactly (0.1 in float32 is above 0.1).
+    assert compute_pixel_metrics([np.array([[0, 1.0]])], [np.array([[0, 0.1]])], score_range=(0, 0.1),
+                                 include_aupro=False).pixel_roc_auc == 1.0
+
+
 def test_pixel_inputs_stacked_tensor_and_none_masks():
     masks, maps = random_category(5)
     stacked = compute_pixel_metrics(torch.from_numpy(np.stack(masks)), torch.from_numpy(np.stack(maps)))

@@ -63,6 +63,18 @@ def _as_array(value, dtype) -> np.ndarray:
     return np.asarray(value, dtype=dtype)
 
 
+def _as_scores(value) -> np.ndarray:
+    """Scores in their own float precision (float32 stays float32, float64 stays float64: rounding a float64 map to
+    float32 would merge close scores and flush tiny ones to 0); other dtypes as float64."""
+    if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype not in (torch.float32,
+                                                                                              torch.float64):
+        value = value.float()  # NumPy has no bfloat16
+    scores = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+    if scores.dtype in (np.float32, np.float64):
+        return scores
+    return scores.astype(np.float32 if scores.dtype == np.float16 else np.float64)
+
+
 def _iter_pairs(gt_masks: Iterable, anomaly_maps: Iterable) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Validated `(mask, scores)` per image: bool and float of the same `(height, width)`; a `None` mask means good."""
     missing = object()
@@ -74,7 +86,7 @@ def _iter_pairs(gt_masks: Iterable, anomaly_maps: Iterable) -> Iterator[tuple[np
             return
         if mask is missing or scores is missing:
             raise ValueError(f"gt_masks and anomaly_maps differ in length: one of them ends at image {index}.")
-        scores = _as_array(scores, np.float32)
+        scores = _as_scores(scores)
         scores = scores.squeeze(0) if scores.ndim == 3 and scores.shape[0] == 1 else scores
         mask = np.zeros(scores.shape, dtype=bool) if mask is None else _as_array(mask, np.float32) > 0
         mask = mask.squeeze(0) if mask.ndim == 3 and mask.shape[0] == 1 else mask
@@ -101,7 +113,7 @@ def _region_weights(mask: np.ndarray, connectivity: Literal[4, 8]) -> np.ndarray
 def _score_range(anomaly_maps: Iterable) -> tuple[float, float]:
     low, high = np.inf, -np.inf
     for scores in anomaly_maps:
-        scores = _as_array(scores, np.float32)
+        scores = _as_scores(scores)
         if scores.size:
             low, high = min(low, float(scores.min())), max(high, float(scores.max()))
     if not np.isfinite(low) or not np.isfinite(high):
