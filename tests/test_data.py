@@ -369,3 +369,39 @@ def test_malformed_boxes_are_refused_naming_the_file_and_box(fod_root, content, 
     boxes.write_text(content)
     with pytest.raises(ValueError, match=rf"{boxes}.*{expected}"):
         load_fod(fod_root, "indoor")
+
+
+def test_masks_of_any_mode_read_as_their_grey_level():
+    from maeday_hf.data.features import mask_array
+
+    defect = np.zeros((6, 8), dtype=bool)
+    defect[2:4, 3:6] = True
+    grey = np.where(defect, 255, 0).astype(np.uint8)
+    palette = Image.fromarray(np.where(defect, 0, 1).astype(np.uint8), mode="P")  # index 0 is white: the defect
+    palette.putpalette([255, 255, 255, 0, 0, 0] + [0, 0, 0] * 254)
+    modes = {
+        "L": Image.fromarray(grey),
+        "P": palette,
+        "RGB": Image.fromarray(np.repeat(grey[..., None], 3, axis=-1)),
+        "LA": Image.fromarray(np.stack([grey, np.full_like(grey, 255)], axis=-1), mode="LA"),
+        "I;16": Image.fromarray(np.where(defect, 65535, 0).astype(np.uint16)),
+        "1": Image.fromarray(defect),
+    }
+    for mode, mask in modes.items():
+        values = mask_array(mask)
+        assert values.shape == defect.shape and np.array_equal(values > 0, defect), mode
+
+
+def test_a_damaged_mask_fails_the_protocol_before_anything_runs(tmp_path, tiny_checkpoint):
+    from maeday_hf.protocol import ProtocolConfig, prepare_protocol
+    from maeday_hf.synthetic import write_synthetic_mvtec
+
+    root = write_synthetic_mvtec(tmp_path / "data", categories=("disc",), num_train=2, num_test_good=1,
+                                 num_test_per_defect=1, image_size=32)
+    mask = next((root / "disc" / "ground_truth").rglob("*_mask.png"))
+    mask.write_bytes(mask.read_bytes()[:60])  # the header survives (size checks pass), the pixels do not
+    config = ProtocolConfig(tiny_checkpoint, str(root), str(tmp_path / "out"), shots=(0,), repetitions=(), plots=False,
+                            device="cpu")
+    with pytest.raises(ValueError, match=f"Cannot read the ground-truth mask '{mask}'"):
+        prepare_protocol(config)
+    assert not (tmp_path / "out").exists()

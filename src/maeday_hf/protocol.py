@@ -60,7 +60,7 @@ from .data import (
     select_shots,
     shot_indices,
 )
-from .data.features import LABEL_NAMES
+from .data.features import LABEL_NAMES, check_mask, mask_array
 from .data.fod import REFERENCE_FRAMES
 from .data.publish import available_configs, read_card
 from .masking import (
@@ -441,6 +441,8 @@ def _check_category_splits(name: str, splits: datasets.DatasetDict, config: Prot
                 f"Category {name!r}: {unmasked} of {num_anomalous} anomalous test images have no ground-truth mask, "
                 f"so pixel metrics cannot be computed; pass --no-pixel-metrics for image metrics only."
             )
+        for index, mask in enumerate(masks):  # decoded once now: a damaged mask must not fail after the scoring
+            check_mask(mask, f"{name} test example {index}")
 
 
 def _recorded_settings(output_dir: str | os.PathLike) -> dict[str, Any] | None:
@@ -553,7 +555,7 @@ def _test_images(test: datasets.Dataset) -> list:
 
 def _gt_masks(test: datasets.Dataset):
     for example in test.select_columns(["mask"]):
-        yield None if example["mask"] is None else np.asarray(example["mask"])
+        yield None if example["mask"] is None else mask_array(example["mask"])
 
 
 def compute_metrics(

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import io
+
 import datasets
+import numpy as np
+from PIL import Image
+
+from ..images import to_rgb
 
 LABEL_NAMES: tuple[str, str] = ("good", "anomaly")
 """`label` class names: 0 is good, 1 is anomaly (`gt_label`)."""
@@ -32,3 +38,28 @@ def anomaly_features(with_boxes: bool = False) -> datasets.Features:
     if with_boxes:
         features["boxes"] = datasets.List(datasets.List(datasets.Value("float32"), length=4))
     return datasets.Features(features)
+
+
+def mask_array(mask: Image.Image) -> np.ndarray:
+    """A ground-truth mask as the metrics read it, `(height, width)` uint8, non-zero where anomalous, whatever mode it
+    was stored in: a palette mask by its colours (not its palette indices), RGB / LA / RGBA by their grey level, 16-bit
+    rescaled to 8 bits."""
+    return np.asarray(to_rgb(mask).convert("L"))
+
+
+def check_mask(mask: dict | None, name: str) -> None:
+    """Decode a mask column entry as `datasets.Image(decode=False)` gives it (`{"path", "bytes"}`), so that a damaged
+    file fails here, named, and not after the category was scored.
+
+    Raises:
+        ValueError: the mask cannot be decoded.
+    """
+    if mask is None:
+        return
+    source = io.BytesIO(mask["bytes"]) if mask.get("bytes") is not None else mask.get("path")
+    where = mask.get("path") or name
+    try:
+        with Image.open(source) as image:
+            image.load()
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ValueError(f"Cannot read the ground-truth mask {where!r}: {error}") from None
