@@ -256,6 +256,12 @@ def test_card_of_a_hub_base_names_and_links_it():
     )
     assert "base_model: facebook/vit-mae-base" in card.split("---")[1]
     assert "(https://huggingface.co/facebook/vit-mae-base)" in card
+    local = render_model_card(
+        name="org/bottle-1shot", base_model="facebook/vit-mae-base", shot_names=["/home/me/data/a.png", "b/c.png"],
+        recipe={}, losses=[], calibration={"threshold": 1.0, "scores": [0.5], "num_std": 3.0, "num_masks": 32,
+                                           "mask_ratio": 0.75}, full_finetune=False,
+    )
+    assert "- `a.png`" in local and "- `b/c.png`" in local and "/home/me" not in local  # no local paths shared
 
 
 # --- loading back -------------------------------------------------------------------------------------------------

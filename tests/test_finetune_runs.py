@@ -486,6 +486,12 @@ def test_shots_from_a_split_are_select_shots_choice(tiny_checkpoint, shot_files,
     assert [np.asarray(i).tolist() for i in images] == [np.asarray(e["image"]).tolist() for e in expected]
     result = finetune(tiny_checkpoint, split, tmp_path / "out", FinetuneConfig(**TINY), num_shots=2, shot_seed=1)
     assert json.loads((result.output_dir / "training_log.json").read_text())["shots"] == names
+    from maeday_hf.data import shot_indices
+
+    indices = shot_indices(len(split), 2, 1)
+    assert names == [f"train[{index}] (shot seed 1)" for index in indices]  # enough to pick them again
+    with_category = split.add_column("category", ["bottle"] * len(split))
+    assert shots_from_split(with_category, 2, seed=1)[1] == [f"bottle {name}" for name in names]
 
 
 def test_full_finetune_writes_a_plain_checkpoint_that_loads(tiny_checkpoint, shot_files, tmp_path):

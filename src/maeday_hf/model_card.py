@@ -118,7 +118,9 @@ def render_model_card(
         num_masks_hint=calibration.get("num_masks", 32),
         usage=usage,
         remote_note="" if full_finetune else ", plus `adapter_model.py`, which merges the adapter with `peft`",
-        shots="\n".join(f"- `{shot}`" for shot in shot_names),
+        # File names only: a card is for sharing, and a local path says nothing to its readers (training_log.json
+        # keeps the shots as they were given).
+        shots="\n".join(f"- `{os.path.basename(shot) if os.path.isabs(shot) else shot}`" for shot in shot_names),
         recipe="\n".join(f"| {key} | `{json.dumps(value)}` |" for key, value in recipe.items()),
         losses="\n".join(f"| {step} | {loss:.6g} |" for step, loss in losses) or "| - | - |",
         threshold=calibration["threshold"],

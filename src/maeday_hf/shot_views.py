@@ -98,14 +98,19 @@ def shots_from_split(split, k: int, seed: int) -> tuple[list[Image.Image], list[
     """The k shots `maeday_hf.data.select_shots(split, k, seed)` picks, so every method sees the same shots.
 
     Returns:
-        `(images, names)` with names `"<split index i>"`.
+        `(images, names)` with names `"<category> train[i] (shot seed s)"` (without the category where the split has
+        no `category` column): enough to pick the same shots again.
     """
     from .data import select_shots, shot_indices
 
     indices = shot_indices(len(split), k, seed)  # raises for k < 1 or k > len(split)
     selected = select_shots(split, k, seed)
     images = [load_rgb_image(example["image"]) for example in selected]
-    return images, [f"train[{index}]" for index in indices]
+    categories = selected["category"] if "category" in selected.column_names else [None] * len(indices)
+    return images, [
+        f"{'' if category is None else f'{category} '}train[{index}] (shot seed {seed})"
+        for category, index in zip(categories, indices)
+    ]
 
 
 def crop_rotate_transform(
