@@ -230,7 +230,8 @@ def test_adapter_folder_layout_card_and_unchanged_config(trained, tiny_checkpoin
     scores = np.array(calibration["scores"])  # the threshold: mean + 3 sample standard deviations, at least the max
     assert calibration["threshold"] == pytest.approx(max(scores.mean() + 3 * scores.std(ddof=1), scores.max()))
     card = (out / "README.md").read_text()
-    assert str(shot_path) in card and f"{trained.losses[-1][1]:.6g}" in card
+    assert f"- `{shot_path.name}`" in card and str(shot_path) not in card  # named, not by its local path
+    assert f"{trained.losses[-1][1]:.6g}" in card
     # A local base is named, but is no Hub metadata (the Hub rejects a path there) and no huggingface.co link.
     metadata = card.split("---")[1]
     assert "library_name: transformers" in metadata and "- peft" in metadata and "base_model:" not in metadata
