@@ -323,6 +323,24 @@ def test_missing_model(synthetic_root, tmp_path, capsys):
     assert "no-model" in err
 
 
+def test_a_resume_compares_places_not_spellings(tiny_checkpoint, synthetic_root, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    for place in ("here", "there"):
+        shutil.copytree(tiny_checkpoint, tmp_path / place / "model")
+        shutil.copytree(synthetic_root, tmp_path / place / "data")
+    common = ["--output-dir", str(tmp_path / "out"), "--shots", "0", "--repetitions", "--no-plots", "--categories",
+              "disc", *FAST]
+    monkeypatch.chdir(tmp_path / "here")
+    assert evaluate_script.main(["--model", "model", "--dataset", "synthetic:data", *common]) == 0
+    # The same folders spelled otherwise: a resume.
+    assert evaluate_script.main(["--model", "./model/", "--dataset", f"synthetic:{tmp_path / 'here' / 'data'}/",
+                                 *common]) == 0
+    # The same spelling from another folder names other folders: refused.
+    monkeypatch.chdir(tmp_path / "there")
+    assert "model" in _run_error(capsys, ["--model", "model", "--dataset", "synthetic:data", *common])
+
+
 def test_rerun_with_other_settings_is_refused(protocol_run, tiny_checkpoint, synthetic_root, capsys):
     argv = _argv(tiny_checkpoint, synthetic_root, protocol_run, "--shots", "0") + ["--num-masks", "3"]
     assert "num_masks" in _run_error(capsys, argv)

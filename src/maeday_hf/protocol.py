@@ -293,8 +293,8 @@ class ProtocolConfig:
     def settings(self) -> dict[str, Any]:
         """What the value of a unit depends on (categories, shots and seeds only add units)."""
         return {
-            "model": self.model,
-            "dataset": self.dataset,
+            "model": _as_location(self.model),
+            "dataset": _as_location(self.dataset),
             "mask_ratio": self.mask_ratio,
             "mask_seed": self.mask_seed,
             "num_masks": self.num_masks,
@@ -313,6 +313,17 @@ class ProtocolConfig:
         skip = ("finetune", "patchcore")  # their settings() form is JSON-friendly
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
         return _jsonable({**fields, **self.settings()})
+
+
+def _as_location(spec: str) -> str:
+    """A model or dataset as one string per place: a local folder (also after `synthetic:` / `fod:`) as its absolute
+    path without a trailing slash, so `data`, `./data/` and `/abs/data` compare equal, and `data` run from another
+    folder does not; a Hub id as it is."""
+    prefix, separator, rest = spec.partition(":")
+    if separator and prefix in ("synthetic", "fod") and rest:
+        return f"{prefix}:{os.path.abspath(os.path.expanduser(rest))}"
+    path = os.path.expanduser(spec)
+    return os.path.abspath(path) if os.path.isdir(path) else spec
 
 
 def _jsonable(value: Any) -> Any:
@@ -466,6 +477,9 @@ def _check_settings(config: ProtocolConfig) -> None:
     if recorded is None:
         return
     current = _jsonable(config.settings())
+    # Runs recorded before locations were made absolute hold them as typed (relative to where they ran, taken to be
+    # here).
+    recorded = {**recorded, **{key: _as_location(recorded[key]) for key in ("model", "dataset") if key in recorded}}
     # Adding (or leaving out) the PatchCore ensemble only adds (or skips) units; a different PatchCore, or ensembles
     # normalised otherwise, do not fit.
     optional = (
