@@ -405,3 +405,20 @@ def test_a_damaged_mask_fails_the_protocol_before_anything_runs(tmp_path, tiny_c
     with pytest.raises(ValueError, match=f"Cannot read the ground-truth mask '{mask}'"):
         prepare_protocol(config)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_mask_with_more_than_two_grey_levels_is_reported(tmp_path, tiny_checkpoint, caplog):
+    from maeday_hf.protocol import ProtocolConfig, prepare_protocol
+    from maeday_hf.synthetic import write_synthetic_mvtec
+
+    root = write_synthetic_mvtec(tmp_path / "data", categories=("disc",), num_train=2, num_test_good=1,
+                                 num_test_per_defect=1, image_size=32)
+    mask = next((root / "disc" / "ground_truth").rglob("*_mask.png"))
+    values = np.asarray(Image.open(mask)).copy()
+    values[0, 0] = 3  # as JPEG compression leaves them
+    Image.fromarray(values).save(mask)
+    config = ProtocolConfig(tiny_checkpoint, str(root), str(tmp_path / "out"), shots=(0,), repetitions=(), plots=False,
+                            device="cpu")
+    with caplog.at_level("WARNING", logger="maeday_hf.protocol"):
+        prepare_protocol(config)
+    assert "1 ground-truth mask(s) have more than two grey levels" in caplog.text and mask.name in caplog.text

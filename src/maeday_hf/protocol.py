@@ -452,8 +452,15 @@ def _check_category_splits(name: str, splits: datasets.DatasetDict, config: Prot
                 f"Category {name!r}: {unmasked} of {num_anomalous} anomalous test images have no ground-truth mask, "
                 f"so pixel metrics cannot be computed; pass --no-pixel-metrics for image metrics only."
             )
-        for index, mask in enumerate(masks):  # decoded once now: a damaged mask must not fail after the scoring
-            check_mask(mask, f"{name} test example {index}")
+        # Decoded once now: a damaged mask must not fail after the scoring.
+        not_binary = [index for index, mask in enumerate(masks) if not check_mask(mask, f"{name} test example {index}")]
+        if not_binary:
+            first = masks[not_binary[0]]
+            logger.warning(
+                "Category %r: %d ground-truth mask(s) have more than two grey levels (e.g. %s; a lossy JPEG?): every "
+                "pixel above 0 counts as anomalous.", name, len(not_binary),
+                first.get("path") or f"test example {not_binary[0]}",
+            )
 
 
 def _recorded_settings(output_dir: str | os.PathLike) -> dict[str, Any] | None:

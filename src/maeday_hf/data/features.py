@@ -47,19 +47,24 @@ def mask_array(mask: Image.Image) -> np.ndarray:
     return np.asarray(to_rgb(mask).convert("L"))
 
 
-def check_mask(mask: dict | None, name: str) -> None:
+def check_mask(mask: dict | None, name: str) -> bool:
     """Decode a mask column entry as `datasets.Image(decode=False)` gives it (`{"path", "bytes"}`), so that a damaged
     file fails here, named, and not after the category was scored.
+
+    Returns:
+        Whether the mask is binary (at most two grey levels; a lossy JPEG mask is not, and every one of its pixels
+        above 0 counts as anomalous).
 
     Raises:
         ValueError: the mask cannot be decoded.
     """
     if mask is None:
-        return
+        return True
     source = io.BytesIO(mask["bytes"]) if mask.get("bytes") is not None else mask.get("path")
     where = mask.get("path") or name
     try:
         with Image.open(source) as image:
             image.load()
+            return len(np.unique(mask_array(image))) <= 2
     except (OSError, SyntaxError, ValueError) as error:
         raise ValueError(f"Cannot read the ground-truth mask {where!r}: {error}") from None
