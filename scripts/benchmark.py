@@ -39,6 +39,7 @@ import maeday_hf
 from maeday_hf.flops import image_flops
 from maeday_hf.masking import make_mask_noise
 from maeday_hf.modeling import load_detector
+from maeday_hf.pipeline import default_gpu_batch_size
 from maeday_hf.reconstruction import count_patches
 from maeday_hf.scoring import maeday_anomaly_maps
 
@@ -124,8 +125,8 @@ def benchmark_geometry(name, args, device):
     pixel_values = detector.image_processor(images=images, return_tensors="pt")["pixel_values"].to(device)
     noise = make_mask_noise(
         args.num_masks, count_patches(detector.model, pixel_values), args.mask_ratio, args.mask_schedule
-    )
-    scoring_batch = call.get("batch_size") or (32 if device.type == "cuda" else 1)
+    ).to(device)  # on the device once, as the pipeline keeps it (a copy per batch would wait for the GPU)
+    scoring_batch = call.get("batch_size") or (default_gpu_batch_size(args.num_masks) if device.type == "cuda" else 1)
 
     def scoring_path():
         for batch in pixel_values.split(scoring_batch):

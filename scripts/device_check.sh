@@ -17,9 +17,12 @@ set -uo pipefail  # no -e: one failing step must not keep the later ones from re
 out=${OUT:-results/device}
 mkdir -p "$out"
 if compgen -G ".whl/*.whl" > /dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || { echo "device_check: installing the carried wheels failed" >&2; exit 2; }
     export PYTHONPATH=/tmp/site
-elif ! python3 -c "import sys, transformers, peft; from packaging.version import Version as V; \
+fi
+# (Checked after the install too: a run against the machine's own older transformers would waste the whole lease.)
+if ! python3 -c "import sys, transformers, peft; from packaging.version import Version as V; \
         sys.exit(not (V(transformers.__version__) >= V('5.24') and V('0.21') <= V(peft.__version__) < V('0.22')))"; then
     echo "device_check: transformers >= 5.24 and peft 0.21 are needed: carry the wheels ([\".whl\"], see above)" >&2
     exit 2
@@ -27,11 +30,12 @@ fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
 # The whole log in the file (tracebacks included), its end on screen.
-python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py > "$out/gpu_tests.txt" 2>&1
+# Every step has its own time limit: one that hangs must not take the lease's remaining minutes with it.
+timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py > "$out/gpu_tests.txt" 2>&1
 echo "gpu tests: rc=$?"; tail -15 "$out/gpu_tests.txt"
 # JSON lines on stdout; each command's errors, and its exit status if it failed, in benchmark_stderr.txt.
 {
-    run() { "$@" || echo "FAILED rc=$?: $*" >&2; }
+    run() { timeout 150 "$@" || echo "FAILED rc=$?: $*" >&2; }
     run python3 scripts/benchmark.py --device cuda --geometries base --num-images 256 --repeats 3 --compare-precision
     run python3 scripts/benchmark.py --device cuda --geometries base --num-images 128 --repeats 3 --image-size 1024
     run python3 scripts/benchmark.py --device cuda --geometries large huge --num-images 64 --repeats 2
@@ -41,7 +45,7 @@ echo "gpu tests: rc=$?"; tail -15 "$out/gpu_tests.txt"
 } 2> "$out/benchmark_stderr.txt" | grep '^{' | tee "$out/benchmark.jsonl"
 grep FAILED "$out/benchmark_stderr.txt"
 {
-    run() { "$@" || echo "FAILED rc=$?: $*" >&2; }
+    run() { timeout 120 "$@" || echo "FAILED rc=$?: $*" >&2; }
     run python3 scripts/benchmark_finetune.py --device cuda --steps 50 --precision bf16 --runs 2
     run python3 scripts/benchmark_finetune.py --device cuda --steps 50 --precision bf16 --runs 2 --graph-warmup-steps 1
     run python3 scripts/benchmark_finetune.py --device cuda --steps 50 --precision bf16 --trainer-loop --runs 2

@@ -23,9 +23,10 @@ from maeday_hf.cli import BF16_OF_PRECISION, configure_logging
 from maeday_hf.ensemble import NORMALIZATION_METHODS
 from maeday_hf.masking import MASK_SCHEDULES
 from maeday_hf.protocol import PAPER_REPETITIONS, ProtocolConfig, execute_protocol, prepare_protocol
+from maeday_hf.step_loop import GraphCaptureError
 
 PROG = "evaluate.py"
-USER_ERRORS = (ValueError, TypeError, OSError, ImportError)
+USER_ERRORS = (ValueError, TypeError, OSError, ImportError, GraphCaptureError)
 
 
 def build_parser() -> argparse.ArgumentParser:

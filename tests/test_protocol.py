@@ -479,3 +479,15 @@ def test_the_full_finetune_ablation_is_a_protocol_option(tiny_checkpoint, synthe
     assert [(c.finetune.full_finetune, c.finetune.resolved_learning_rate) for c in configs] == [(False, 1e-2),
                                                                                                  (True, 1e-4)]
     assert configs[0].settings()["finetune"] != configs[1].settings()["finetune"]  # a resume cannot mix the two
+
+
+def test_a_second_gpu_is_refused_where_the_fine_tunes_would_train_on_the_first(tiny_checkpoint, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match="CUDA_VISIBLE_DEVICES=1 with device='cuda'"):
+        ProtocolConfig(tiny_checkpoint, "unused", "unused", shots=(0, 1), device="cuda:1", bf16=False)
+    assert ProtocolConfig(tiny_checkpoint, "unused", "unused", shots=(0,), device="cuda:1", bf16=False).device == (
+        "cuda:1"  # zero-shot only: nothing is fine-tuned
+    )

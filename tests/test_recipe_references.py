@@ -164,9 +164,31 @@ def test_patchcore_maps_are_bilinear_upsampling_then_a_sigma_4_gaussian():
 
 
 @pytest.mark.parametrize("warmup_steps", [1, 2, 5])
-def test_graph_loop_warm_up_steps_are_the_runs_own_first_steps(warmup_steps, caplog):
-    # The graph loop's eager steps before its capture are real steps, and where the capture fails (here: no CUDA) the
-    # run goes on from where they stopped: the same 3 steps as the plain loop, none repeated or skipped.
+def test_graph_loop_warm_up_steps_are_the_runs_own_first_steps(warmup_steps, monkeypatch):
+    # The graph loop's bookkeeping, on the CPU: its first steps run eagerly, then each later step is one replay of the
+    # captured step on its own batch, copied into the static inputs. A stand-in for the capture replays the step
+    # eagerly, as the graph would run it; the run must equal the plain loop, no step repeated or skipped.
+    from maeday_hf import step_loop
+
+    replayed = []
+
+    def capture_on_the_cpu(trained, reconstruction_model, views, optimizer, first_batch, bf16, device):
+        static_batch = {key: value.clone() for key, value in first_batch.items()}
+        static_loss = torch.zeros(())
+
+        class Replay:
+            def replay(self):
+                optimizer.zero_grad(set_to_none=True)  # the graph's backward assigns its gradients
+                loss = step_loss(trained, reconstruction_model, views, static_batch, bf16)
+                loss.backward()
+                optimizer.step()
+                static_loss.copy_(loss.detach())
+                replayed.append(static_batch["noise"].clone())
+
+        return Replay(), static_batch, static_loss
+
+    monkeypatch.setattr(step_loop, "_capture", capture_on_the_cpu)
+    monkeypatch.setattr(step_loop, "_require_cuda", lambda device: None)
     views = ShotViews(torch.randn(2, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE), num_views=12, num_patches=16, seed=3)
     runs = []
     for cuda_graph in (False, True):
@@ -175,7 +197,7 @@ def test_graph_loop_warm_up_steps_are_the_runs_own_first_steps(warmup_steps, cap
         peft_model = add_lora(model, make_lora_config(model))
         optimizer = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2, momentum=0.9,
                                     weight_decay=0.05)
-        with mask_ratio_set_to(model, 0.75), caplog.at_level("WARNING", logger="maeday_hf.step_loop"):
+        with mask_ratio_set_to(model, 0.75):
             losses = run_steps(peft_model, model, views, optimizer, 3, 4, cuda_graph=cuda_graph,
                                warmup_steps=warmup_steps)
         runs.append((losses, [p.detach().clone() for p in peft_model.parameters() if p.requires_grad]))
@@ -183,4 +205,15 @@ def test_graph_loop_warm_up_steps_are_the_runs_own_first_steps(warmup_steps, cap
     assert graph_losses == eager_losses and len(set(eager_losses)) == 3
     for graph_weight, eager_weight in zip(graph_weights, eager_weights):
         torch.testing.assert_close(graph_weight, eager_weight, rtol=0, atol=0)
-    assert ("capture failed" in caplog.text) is (warmup_steps < 3)  # no capture when the eager steps are all of them
+    # The replays took the batches of the steps after the eager ones, in order.
+    expected = [views.batch(range(step * 4, step * 4 + 4))["noise"] for step in range(min(warmup_steps, 3), 3)]
+    assert len(replayed) == len(expected) and all(torch.equal(a, b) for a, b in zip(replayed, expected))
+
+
+def test_graph_replays_need_a_cuda_model():
+    model = make_tiny_model()
+    peft_model = add_lora(model, make_lora_config(model))
+    views = ShotViews(torch.randn(1, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE), num_views=4, num_patches=16)
+    optimizer = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    with pytest.raises(ValueError, match="cuda_graph=True replays CUDA graphs, but the model is on cpu"):
+        run_steps(peft_model, model, views, optimizer, 1, 4, cuda_graph=True)

@@ -27,10 +27,11 @@ from .atomic_io import make_partial_dir, replace_folder, write_atomically
 from .images import IMAGE_SUFFIXES
 from .masking import MASK_SCHEDULES
 from .pipeline import DEFAULT_CHECKPOINT, DEFAULT_MASK_RATIO, DEFAULT_NUM_MASKS
+from .step_loop import GraphCaptureError
 
 logger = logging.getLogger("maeday_hf")
 
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError, OSError)
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, OSError, GraphCaptureError)
 
 
 class CommandError(Exception):

@@ -106,7 +106,8 @@ class FinetuneConfig:
             device multiplies bf16 in hardware (`runs_bfloat16_natively`: GPUs from Ampere on, x86 CPUs with
             AVX512-BF16 or AMX, where a ViT-B step runs 2.9x faster than in float32).
         cuda_graph (`bool`, defaults to `True`): in a single process on a GPU, run the steps as CUDA graph replays on
-            that process's GPU instead of the Trainer loop (`step_loop.py`: same optimizer, views and loss; 50 LoRA
+            that process's GPU (a capture that fails raises `step_loop.GraphCaptureError`; then use `False`) instead
+            of the Trainer loop (`step_loop.py`: same optimizer, views and loss; 50 LoRA
             steps of ViT-B in 2.76 s instead of 7.15 s on an H200), also where more GPUs are visible. Under several
             processes or on the CPU the Trainer loop runs.
         graph_warmup_steps (`int`, defaults to 3): how many of the run's first steps run eagerly before the graph is

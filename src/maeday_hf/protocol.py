@@ -278,9 +278,16 @@ class ProtocolConfig:
             from .finetune import FinetuneConfig
 
             self.finetune = FinetuneConfig()
-        from .devices import resolve_device
+        from .devices import as_torch_device, resolve_device
 
         device = resolve_device(self.device)  # one that is not here is refused now, before anything is written
+        gpu = as_torch_device(device)
+        if gpu.type == "cuda" and (gpu.index or 0) != 0 and any(k > 0 for k in self.shots):
+            raise ValueError(
+                f"device={self.device!r}: the few-shot fine-tunes run through transformers' Trainer, which trains on "
+                f"cuda:0 in a single process, so they would not run where the scoring does; make that GPU the "
+                f"first visible one instead (CUDA_VISIBLE_DEVICES={gpu.index} with device='cuda')."
+            )
         if self.bf16 is None:
             from .reconstruction import runs_bfloat16_natively
 

@@ -54,11 +54,12 @@ def gaussian_filter(
     pad = kernel_size // 2
     if min(height, width) <= pad:
         raise ValueError(f"Maps of size {height}x{width} are too small for a {kernel_size}-tap Gaussian filter.")
-    taps = gaussian_kernel1d(kernel_size, sigma, device=maps.device, dtype=maps.dtype)
-    x = F.pad(maps.unsqueeze(1), (pad, pad, pad, pad), mode="reflect")
-    x = F.conv2d(x, taps.view(1, 1, 1, kernel_size))
-    x = F.conv2d(x, taps.view(1, 1, kernel_size, 1))
-    return x.squeeze(1)
+    taps = gaussian_kernel1d(kernel_size, sigma, dtype=torch.float64).tolist()
+    padded = F.pad(maps.unsqueeze(1), (pad, pad, pad, pad), mode="reflect").squeeze(1)
+    # Weighted sums of shifted slices, along the rows then the columns: in the maps' own precision on every device
+    # (a convolution would run in TF32 under cuDNN's default on recent GPUs), and cheap for one channel per image.
+    rows = sum(tap * padded[:, :, offset : offset + width] for offset, tap in enumerate(taps))
+    return sum(tap * rows[:, offset : offset + height, :] for offset, tap in enumerate(taps))
 
 
 def default_mask_batch_size(device: torch.device) -> int:

@@ -70,16 +70,22 @@ def run_steps(
         trained: the model whose trainable parameters `optimizer` holds (a `PeftModel`, or the model itself).
         reconstruction_model (`ViTMAEForPreTraining`): the unwrapped model (for `patchify` and `norm_pix_loss`).
         views (`ShotViews`): at least `num_steps * batch_size` views.
-        cuda_graph (`bool`, *optional*): replay a captured graph per step; by default on CUDA. If the capture fails,
-            a warning is logged and the remaining steps run eagerly.
+        cuda_graph (`bool`, *optional*): replay a captured graph per step; by default on CUDA (and only there).
         warmup_steps (`int`, defaults to 3): with `cuda_graph`, how many of the run's first steps run eagerly before
             the capture; at least 1, which creates the gradients and momentum buffers the graph reuses.
+
+    Raises:
+        GraphCaptureError: the capture failed. There is no eager fallback in the same process: a failed capture can
+            leave CUDA's stream and PyTorch's allocator in a state later work should not meet; rerun with
+            `cuda_graph=False` (`maeday finetune --trainer-loop`).
     """
     if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
         raise ValueError(f"warmup_steps must be an integer >= 1, got {warmup_steps!r}.")
     device = next(trained.parameters()).device
     if cuda_graph is None:
         cuda_graph = device.type == "cuda"
+    if cuda_graph:
+        _require_cuda(device)
     trained.train()
     all_views = _views_on(views, num_steps, batch_size, device)
     losses = torch.zeros(num_steps, device=device)
@@ -91,43 +97,49 @@ def run_steps(
         optimizer.zero_grad(set_to_none=True)
         losses[step] = loss.detach()
 
-    first_replayed = min(warmup_steps, num_steps) if cuda_graph else num_steps
+    if not cuda_graph:
+        for step in range(num_steps):
+            eager_step(step)
+        return losses.tolist()
+    first_replayed = min(warmup_steps, num_steps)
     started = time.perf_counter()
     with _side_stream(device):  # (as CUDA's graph docs warm up: off the stream the graph will be replayed on)
         for step in range(first_replayed):
             eager_step(step)
-    if first_replayed < num_steps:
-        try:
-            graph, static_batch, static_loss = _capture(
-                trained, reconstruction_model, views, optimizer, _step_batch(all_views, first_replayed, batch_size),
-                bf16,
-            )
-        except Exception as error:  # noqa: BLE001 - any capture failure falls back to the same steps, eagerly
-            logger.warning("CUDA graph capture failed (%s); running the remaining fine-tuning steps eagerly.", error)
-            optimizer.zero_grad(set_to_none=True)  # (a capture records kernels without running them: no weight moved)
-        else:
-            timed = logger.isEnabledFor(logging.INFO)
-            if timed:  # (one host sync, only when asked: where a run's time goes, for scripts/benchmark_finetune.py)
-                torch.cuda.synchronize(device)
-                captured = time.perf_counter()
-            for step in range(first_replayed, num_steps):
-                for key, value in _step_batch(all_views, step, batch_size).items():
-                    static_batch[key].copy_(value)
-                graph.replay()
-                losses[step].copy_(static_loss)
-            optimizer.zero_grad(set_to_none=True)  # as after every eager step; frees the graph's gradients
-            step_losses = losses.tolist()
-            if timed:
-                finished = time.perf_counter()
-                logger.info(
-                    "%d eager steps and the capture took %.3f s; %d replays %.3f s (%.1f ms per step)",
-                    first_replayed, captured - started, num_steps - first_replayed, finished - captured,
-                    1e3 * (finished - captured) / (num_steps - first_replayed),
-                )
-            return step_losses
+    if first_replayed == num_steps:
+        return losses.tolist()
+    graph, static_batch, static_loss = _capture(
+        trained, reconstruction_model, views, optimizer, _step_batch(all_views, first_replayed, batch_size), bf16,
+        device,
+    )
+    timed = logger.isEnabledFor(logging.INFO)
+    if timed:  # (one host sync, only when asked: where a run's time goes, for scripts/benchmark_finetune.py)
+        torch.cuda.synchronize(device)
+        captured = time.perf_counter()
     for step in range(first_replayed, num_steps):
-        eager_step(step)
-    return losses.tolist()
+        for key, value in _step_batch(all_views, step, batch_size).items():
+            static_batch[key].copy_(value)
+        graph.replay()
+        losses[step].copy_(static_loss)
+    optimizer.zero_grad(set_to_none=True)  # as after every eager step; frees the graph's gradients
+    step_losses = losses.tolist()
+    if timed:
+        finished = time.perf_counter()
+        logger.info(
+            "%d eager steps and the capture took %.3f s; %d replays %.3f s (%.1f ms per step)",
+            first_replayed, captured - started, num_steps - first_replayed, finished - captured,
+            1e3 * (finished - captured) / (num_steps - first_replayed),
+        )
+    return step_losses
+
+
+def _require_cuda(device: torch.device) -> None:
+    if device.type != "cuda":
+        raise ValueError(f"cuda_graph=True replays CUDA graphs, but the model is on {device}.")
+
+
+class GraphCaptureError(RuntimeError):
+    """The fine-tuning step could not be captured as a CUDA graph (rerun with `cuda_graph=False`)."""
 
 
 def _side_stream(device: torch.device):
@@ -149,13 +161,27 @@ def _side_stream(device: torch.device):
     return on_side_stream()
 
 
-def _capture(trained, reconstruction_model, views, optimizer, first_batch: dict[str, torch.Tensor], bf16: bool):
-    """One step (loss, backward, optimizer step) captured as a CUDA graph, reading its views from `static_batch`."""
+def _capture(trained, reconstruction_model, views, optimizer, first_batch: dict[str, torch.Tensor], bf16: bool,
+             device: torch.device):
+    """One step (loss, backward, optimizer step) captured as a CUDA graph on `device`, reading its views from
+    `static_batch`."""
     static_batch = {key: value.clone() for key, value in first_batch.items()}
     optimizer.zero_grad(set_to_none=True)  # the graph's backward assigns (not accumulates) the gradients it owns
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_loss = step_loss(trained, reconstruction_model, views, static_batch, bf16)
-        static_loss.backward()
-        optimizer.step()
+    with torch.cuda.device(device):  # the capture's stream and synchronisation are the current device's
+        stream = torch.cuda.current_stream(device)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, stream=torch.cuda.Stream(device)):
+                static_loss = step_loss(trained, reconstruction_model, views, static_batch, bf16)
+                static_loss.backward()
+                optimizer.step()
+        except Exception as error:
+            # torch.cuda.graph leaves its capture stream current when ending the capture fails; put ours back.
+            torch.cuda.set_stream(stream)
+            cause = error.__context__ or error  # (the capture's own failure, not the end-of-capture error after it)
+            raise GraphCaptureError(
+                f"CUDA graph capture of the fine-tuning step failed ({type(cause).__name__}: "
+                f"{str(cause).splitlines()[0] if str(cause) else ''}); rerun with cuda_graph=False "
+                f"(maeday finetune --trainer-loop)."
+            ) from error
     return graph, static_batch, static_loss
