@@ -222,3 +222,14 @@ def test_names_too_long_for_a_file_are_shortened_and_stay_unique(tmp_path, tiny_
     assert main(["detect", str(tmp_path / "data"), "--model", tiny_checkpoint, "--out", str(out), "--num-masks", "2",
                  "--quiet", "--device", "cpu"]) == 0
     assert len(list((out / "heatmaps").iterdir())) == 3
+
+
+def test_the_installed_commands_run_as_modules_too():
+    import subprocess
+    import sys
+
+    # (`accelerate launch -m maeday_hf finetune ...`, `accelerate launch -m maeday_hf.commands.evaluate ...`)
+    for module, usage in (("maeday_hf", "usage: maeday "), ("maeday_hf.commands.evaluate", "usage: maeday-evaluate")):
+        completed = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True,
+                                   timeout=120)
+        assert completed.returncode == 0 and completed.stdout.startswith(usage), completed.stderr[-2000:]

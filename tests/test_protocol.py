@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from conftest import load_script
+from maeday_hf.commands import evaluate as evaluate_script
 from maeday_hf import protocol
 from maeday_hf.data import load_fod_with_references, load_mvtec, write_hub_folder
 from maeday_hf.finetune import FinetuneConfig
@@ -31,7 +32,12 @@ FAST = ["--num-masks", "2", "--finetune-steps", "3", "--finetune-batch-size", "4
         "--quiet"]
 
 
-evaluate_script = load_script("evaluate")
+
+
+def test_the_clones_script_is_the_installed_program():
+    script = load_script("evaluate")
+    assert (script.main, script.build_parser, script.config_from_args) == (
+        evaluate_script.main, evaluate_script.build_parser, evaluate_script.config_from_args)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""scripts/publish_dataset.py: the configs found under --root by default; user errors as one line and exit status 2."""
+"""maeday-publish-dataset (scripts/publish_dataset.py in a clone): the configs found under --root by default; user
+errors as one line and exit status 2."""
 
 from __future__ import annotations
 
@@ -11,8 +12,11 @@ import pytest
 from PIL import Image
 
 from conftest import load_script
+from maeday_hf.commands import publish_dataset as publish_script
 
-publish_script = load_script("publish_dataset")
+
+def test_the_clones_script_is_the_installed_program():
+    assert load_script("publish_dataset").main is publish_script.main
 
 
 @pytest.fixture()
@@ -47,11 +51,11 @@ def test_user_errors_are_one_line_and_exit_status_2(fod_root, tmp_path, capsys, 
     assert publish_script.main(argv) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1
-    assert error.startswith("publish_dataset: error: ")
+    assert error.startswith("maeday-publish-dataset: error: ")
     assert re.search(expected, error), error
     assert not (tmp_path / "hub").exists() and not (fod_root / "stripes").exists()
 
 
 def test_missing_root_is_named(tmp_path, capsys):
     assert publish_script.main(["mvtec", "--root", str(tmp_path / "nowhere"), "--dry-run", str(tmp_path / "hub")]) == 2
-    assert capsys.readouterr().err == f"publish_dataset: error: The mvtec root {tmp_path / 'nowhere'} is not a folder.\n"
+    assert capsys.readouterr().err == f"maeday-publish-dataset: error: The mvtec root {tmp_path / 'nowhere'} is not a folder.\n"

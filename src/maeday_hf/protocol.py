@@ -141,7 +141,7 @@ def resolve_dataset(spec: str | os.PathLike) -> DatasetSource:
       are written with the defaults (224 px) — write it yourself first for other sizes.
     - `fod:DIR`: the FOD folder layout (`maeday_hf.data.fod`), with `data.fod.REFERENCE_FRAMES` (at most half) of
       each surface's frames without objects held out as the shots of k-shot methods (Table 3's 1-shot PatchCore).
-    - a local folder holding a dataset repo (README.md with `configs:`, e.g. `publish_dataset.py --dry-run`):
+    - a local folder holding a dataset repo (README.md with `configs:`, e.g. `maeday-publish-dataset --dry-run`):
       `datasets.load_dataset(DIR, category)`.
     - any other local folder: the extracted MVTec AD archive (`<root>/<category>/{train,test,ground_truth}`).
     - `ORG/NAME`: a Hub dataset with one config per category, `datasets.load_dataset(ORG/NAME, category)`.

@@ -154,6 +154,6 @@ REFERENCE_FRAMES = 5
 
 def load_fod_with_references(root: str | os.PathLike, config: str) -> datasets.DatasetDict:
     """`load_fod` with `min(REFERENCE_FRAMES, frames without objects // 2)` reference frames held out as `train`: the
-    split the evaluation protocol (`fod:DIR`) and `scripts/publish_dataset.py fod` use."""
+    split the evaluation protocol (`fod:DIR`) and `maeday-publish-dataset fod` use."""
     columns = fod_examples(root, config)  # read once: listing and pairing open every image and mask
     return _splits(columns, config, min(REFERENCE_FRAMES, columns["label"].count(0) // 2))

@@ -1,0 +1,56 @@
+"""Publish MVTec AD, the FOD set or the synthetic set as a Hub dataset with one config per category.
+
+    maeday-publish-dataset mvtec --root /data/mvtec_anomaly_detection --repo-id ORG/mvtec-ad
+    maeday-publish-dataset fod --root /data/fod --dry-run out/fod        # writes the repo folder locally
+    maeday-publish-dataset synthetic --root /tmp/synthetic --dry-run out/synthetic --categories stripes
+
+The dry-run folder loads back with `datasets.load_dataset("out/fod", "indoor")`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from maeday_hf.cli import configure_logging
+from maeday_hf.data import push_configs_to_hub, write_hub_folder
+from maeday_hf.data.publish import BUILDERS, load_configs
+
+PROG = "maeday-publish-dataset"
+USER_ERRORS = (ValueError, OSError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("dataset", choices=sorted(BUILDERS), help="Which builder reads --root.")
+    parser.add_argument("--root", required=True, help="Extracted dataset folder (for synthetic: where to write it).")
+    parser.add_argument("--categories", nargs="+", help="Configs to publish (default: all found under --root).")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--repo-id", help="Hub dataset repo, e.g. ORG/mvtec-ad.")
+    target.add_argument("--dry-run", metavar="DIR", help="Write the repo folder to DIR instead of pushing.")
+    parser.add_argument("--private", action="store_true", help="Create the Hub repo as private.")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(logging.INFO, "%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        configs = load_configs(args.dataset, args.root, args.categories)
+        if args.dry_run:
+            write_hub_folder(configs, args.dry_run)
+        else:
+            push_configs_to_hub(configs, args.repo_id, private=args.private or None)
+    except USER_ERRORS as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
