@@ -98,6 +98,21 @@ def test_bad_arguments_name_the_value(kwargs, error):
     assert repr(bad_value) in str(raised.value) or str(bad_value) in str(raised.value)
 
 
+@pytest.mark.parametrize("num_patches", [16, 49, 196, 256, 1369])
+def test_the_suggested_largest_mask_ratio_is_accepted(num_patches):
+    import math
+    import re
+
+    from maeday_hf.masking import largest_mask_ratio, require_visible_patches
+
+    with pytest.raises(ValueError) as raised:
+        require_visible_patches(num_patches, 0.9999999)
+    suggested = float(re.search(r"at most (\S+)\.$", str(raised.value)).group(1))
+    assert suggested == largest_mask_ratio(num_patches)
+    require_visible_patches(num_patches, suggested)  # what the message suggests works
+    assert num_kept_patches(num_patches, math.nextafter(suggested, 1.0)) == 0  # and it is the largest that does
+
+
 def test_the_highest_mask_ratio_that_keeps_a_patch_is_accepted(detector):
     noise = make_mask_noise(2, 16, 1 - 1 / 16)  # exactly one patch visible
     assert noise.shape == (2, 16)

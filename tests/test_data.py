@@ -385,6 +385,7 @@ def test_masks_of_any_mode_read_as_their_grey_level():
         "RGB": Image.fromarray(np.repeat(grey[..., None], 3, axis=-1)),
         "LA": Image.fromarray(np.stack([grey, np.full_like(grey, 255)], axis=-1), mode="LA"),
         "I;16": Image.fromarray(np.where(defect, 65535, 0).astype(np.uint16)),
+        "I;16 labels": Image.fromarray(defect.astype(np.uint16)),  # 0/1: a label image, not a grey level
         "1": Image.fromarray(defect),
     }
     for mode, mask in modes.items():

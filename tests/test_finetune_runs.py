@@ -289,7 +289,9 @@ def test_overwrite_replaces_only_an_earlier_runs_folder(tiny_checkpoint, shot_fi
     finetune(tiny_checkpoint, shot_files[:1], tmp_path / "empty", FinetuneConfig(**TINY), overwrite=True)
 
 
-def test_a_folder_that_appears_during_training_is_left_alone(tiny_checkpoint, shot_files, tmp_path, monkeypatch):
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_folder_that_appears_during_training_is_left_alone(tiny_checkpoint, shot_files, tmp_path, monkeypatch,
+                                                            overwrite):
     out = tmp_path / "out"
     original_train = MaedayTrainer.train
 
@@ -300,7 +302,7 @@ def test_a_folder_that_appears_during_training_is_left_alone(tiny_checkpoint, sh
 
     monkeypatch.setattr(MaedayTrainer, "train", train_while_someone_writes_the_folder)
     with pytest.raises(FileExistsError, match="appeared while training") as raised:
-        finetune(tiny_checkpoint, shot_files[:1], out, FinetuneConfig(**TINY))
+        finetune(tiny_checkpoint, shot_files[:1], out, FinetuneConfig(**TINY), overwrite=overwrite)
     assert sorted(path.name for path in out.iterdir()) == ["theirs.txt"]
     kept = Path(str(raised.value).rsplit("'", 2)[-2])
     assert (kept / "training_log.json").is_file() and kept.parent == tmp_path
@@ -459,10 +461,16 @@ def test_a_push_leaves_the_repo_holding_exactly_the_folder(tiny_checkpoint, shot
     assert "model.safetensors" not in folder and repo == folder | {".gitattributes"}
 
 
-def test_a_failed_push_says_where_the_run_is(tiny_checkpoint, shot_files, tmp_path):
+@pytest.mark.parametrize("failure", ["connection", "bad request"])
+def test_a_failed_push_says_where_the_run_is(tiny_checkpoint, shot_files, tmp_path, failure):
+    from huggingface_hub.errors import BadRequestError
+
+    error = (ConnectionError("Connection reset by peer") if failure == "connection"
+             else BadRequestError("Bad request: invalid file", response=mock.Mock(status_code=400, headers={})))
+    assert failure == "connection" or isinstance(error, ValueError)  # (the Hub's 400 is a ValueError too)
     with mock.patch("huggingface_hub.HfApi") as api_class:
-        api_class.return_value.upload_folder.side_effect = ConnectionError("Connection reset by peer")
-        with pytest.raises(OSError, match=r"written to '.*out', but pushing it to 'my-org/x' failed \(Connection reset"):
+        api_class.return_value.upload_folder.side_effect = error
+        with pytest.raises(OSError, match=r"written to '.*out', but pushing it to 'my-org/x' failed"):
             finetune(tiny_checkpoint, shot_files[:1], tmp_path / "out", FinetuneConfig(**TINY), push_to_hub=True,
                      hub_model_id="my-org/x")
     assert (tmp_path / "out" / "training_log.json").is_file()

@@ -342,6 +342,12 @@ def test_a_resume_compares_places_not_spellings(tiny_checkpoint, synthetic_root,
     # The same folders spelled otherwise: a resume.
     assert evaluate_script.main(["--model", "./model/", "--dataset", f"synthetic:{tmp_path / 'here' / 'data'}/",
                                  *common]) == 0
+    # A folder written before locations were recorded absolute holds them as typed: it resumes from where it ran.
+    settings_path = tmp_path / "out" / "settings.json"
+    settings = json.loads(settings_path.read_text())
+    settings_path.write_text(json.dumps({**settings, "model": "model", "dataset": "synthetic:./data/"}))
+    assert evaluate_script.main(["--model", str(tmp_path / "here" / "model"), "--dataset", "synthetic:data",
+                                 *common]) == 0
     # The same spelling from another folder names other folders: refused.
     monkeypatch.chdir(tmp_path / "there")
     assert "model" in _run_error(capsys, ["--model", "model", "--dataset", "synthetic:data", *common])
@@ -386,6 +392,14 @@ def test_labels_named_in_another_order_or_anomalous_shots_are_refused(synthetic_
     })
     with pytest.raises(ValueError, match=r"labels are named \['anomaly', 'good'\]"):
         protocol._check_category_splits("stripes", flipped, config)
+    # Other names in the right order are fine, and so is a train split without labels.
+    renamed = datasets.DatasetDict({
+        name: split.cast_column("label", datasets.ClassLabel(names=["normal", "anomalous"]))
+        for name, split in splits.items()
+    })
+    protocol._check_category_splits("stripes", renamed, config)
+    unlabelled_train = datasets.DatasetDict({"train": splits["train"].remove_columns("label"), "test": splits["test"]})
+    protocol._check_category_splits("stripes", unlabelled_train, config)
     with_anomalous_shot = datasets.DatasetDict(
         {"train": splits["train"].map(lambda example, index: {"label": int(index == 0)}, with_indices=True),
          "test": splits["test"]})

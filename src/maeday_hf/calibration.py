@@ -104,7 +104,8 @@ def calibrate_threshold(
     if len(scores) < 8:
         logger.warning(
             "Calibrating the threshold from only %d normal views: their spread is a poor estimate, so expect "
-            "mislabelled queries; raise calibration_views_per_shot (or use more shots).", len(scores)
+            "mislabelled queries; %s.", len(scores),
+            "raise calibration_views_per_shot (or use more shots)" if augment else "use more shots",
         )
     mean = sum(scores) / len(scores)
     std = math.sqrt(sum((s - mean) ** 2 for s in scores) / max(1, len(scores) - 1))

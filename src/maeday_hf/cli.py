@@ -217,7 +217,7 @@ def add_detect_parser(subparsers) -> None:
     parser.add_argument("--out", required=True,
                         help="output folder: scores.csv and heatmaps/ (replaced whole by each finished run)")
     parser.add_argument("--num-masks", type=int, default=DEFAULT_NUM_MASKS, help="masked reconstructions per image (N)")
-    parser.add_argument("--mask-ratio", type=float, default=DEFAULT_MASK_RATIO, help="share of patches masked, in [0, 1)")
+    parser.add_argument("--mask-ratio", type=float, default=DEFAULT_MASK_RATIO, help="share of patches masked, in [0, 1) (a patch must stay visible)")
     parser.add_argument("--mask-schedule", choices=MASK_SCHEDULES, default="random")
     parser.add_argument("--seed", type=int, default=0, help="seed of the masks")
     parser.add_argument("--threshold", type=float, default=None, help="adds a normal/anomalous label per image")
@@ -319,7 +319,7 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shot-seed", type=int, default=None,
                         help="seed of the shot choice from --dataset-root (default 0; same seed, same shots)")
     parser.add_argument("--output-dir", required=True, help="adapter folder to write (appears when the run ends)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output-dir")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output-dir that an earlier run wrote (or an empty one)")
     parser.add_argument("--push-to-hub", action="store_true", help="upload the folder to --hub-model-id")
     parser.add_argument("--hub-model-id", default=None, help="ORG/NAME of the Hub repo to push to")
     parser.add_argument("--hub-private", action="store_true", help="create the Hub repo private")
@@ -335,7 +335,7 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mask-ratio", type=float, default=0.75, help="share of patches masked per view")
     parser.add_argument("--no-augment", action="store_true", help="no random crop/rotation (masks still differ)")
     parser.add_argument("--seed", type=int, default=0, help="seed of views, masks and the Trainer")
-    parser.add_argument("--calibration-views", type=int, default=4, help="views per shot scored for the threshold")
+    parser.add_argument("--calibration-views", type=int, default=4, help="views per shot scored for the threshold (the shot and augmented views; with --no-augment the shot only)")
     parser.add_argument("--calibration-masks", type=int, default=32, help="masks per calibration view")
     parser.add_argument("--calibration-std", type=float, default=None,
                         help="threshold = mean + this many standard deviations of the scores of the shots and their "
@@ -357,7 +357,7 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_finetune_parser(subparsers) -> None:
-    parser = subparsers.add_parser("finetune", help="few-shot LoRA fine-tuning on normal shots -> adapter folder")
+    parser = subparsers.add_parser("finetune", help="few-shot fine-tuning on normal shots (LoRA -> adapter folder; or all weights)")
     add_finetune_arguments(parser)
     parser.set_defaults(handler=run_finetune)
 

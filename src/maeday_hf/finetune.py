@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub.errors import HfHubHTTPError
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoImageProcessor, Trainer, TrainingArguments, ViTMAEForPreTraining
 from transformers.trainer_callback import PrinterCallback
@@ -409,13 +410,26 @@ def _validate_output(output_dir: Path, overwrite: bool, base_model: str, shots: 
                               f"(--overwrite) or choose another folder.")
     if output_dir.exists() and not output_dir.is_dir():
         raise FileExistsError(f"Output path {os.fspath(output_dir)!r} exists and is not a folder.")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not (output_dir / TRAINING_LOG_FILE).is_file():
+    if _holds_foreign_files(output_dir):
         # `overwrite` replaces the folder whole: only one an earlier run wrote (or an empty one), never, say, the
         # working directory with someone's work in it.
         raise FileExistsError(
             f"Output folder {os.fspath(output_dir)!r} holds files that no fine-tune wrote (it has no "
             f"{TRAINING_LOG_FILE}); overwrite replaces only an earlier run's folder. Choose another folder."
         )
+
+
+def _push_failed(output_dir: Path, hub_model_id: str, error: BaseException) -> OSError:
+    cause = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return OSError(
+        f"The fine-tune is written to {os.fspath(output_dir)!r}, but pushing it to {hub_model_id!r} failed ({cause}); "
+        f"push the folder later (e.g. `hf upload {hub_model_id} {os.fspath(output_dir)}`)."
+    )
+
+
+def _holds_foreign_files(folder: Path) -> bool:
+    """Whether `folder` holds files that no fine-tune wrote (it is not empty and has no training log)."""
+    return folder.is_dir() and any(folder.iterdir()) and not (folder / TRAINING_LOG_FILE).is_file()
 
 
 def _move_into_place(partial: Path, output_dir: Path) -> None:
@@ -641,7 +655,9 @@ def finetune(
         output_dir (`str`): the folder to write; it appears only when the run has finished. Never the base model's
             folder or one that contains it (writing the run replaces `output_dir`).
         config (`FinetuneConfig`, *optional*): the recipe (defaults: the paper's).
-        overwrite (`bool`): replace an existing `output_dir` (at the end of the run).
+        overwrite (`bool`): replace an existing `output_dir` (at the end of the run) that an earlier run wrote (it
+            has a `training_log.json`) or that is empty; a folder holding other files is refused, at the start and
+            again at the end.
         push_to_hub, hub_model_id, hub_private: upload the finished folder to `hub_model_id`.
 
     Returns:
@@ -776,7 +792,7 @@ def finetune(
                 train_seconds, name=hub_model_id or output_dir.name, mixed_precision=trainer.args.mixed_precision,
                 num_processes=trainer.args.world_size,
             )
-            if overwrite:
+            if overwrite and not _holds_foreign_files(output_dir):  # (checked again: it may be new since the start)
                 replace_folder(partial, output_dir)
             else:
                 _move_into_place(partial, output_dir)
@@ -789,13 +805,11 @@ def finetune(
     if is_main and push_to_hub:
         try:
             url = push_folder_to_hub(output_dir, hub_model_id, private=hub_private)
+        except HfHubHTTPError as error:  # (some of them are ValueErrors too)
+            raise _push_failed(output_dir, hub_model_id, error) from error
         except ValueError:
             raise  # this package's own checks of the repo (e.g. a private push into a public repo): already precise
         except Exception as error:  # noqa: BLE001 - whatever the Hub raised, the run itself is safe on disk
-            cause = str(error).splitlines()[0] if str(error) else type(error).__name__
-            raise OSError(
-                f"The fine-tune is written to {os.fspath(output_dir)!r}, but pushing it to {hub_model_id!r} failed "
-                f"({cause}); push the folder later (e.g. `hf upload {hub_model_id} {os.fspath(output_dir)}`)."
-            ) from error
+            raise _push_failed(output_dir, hub_model_id, error) from error
         logger.info("Pushed %s to %s", output_dir, url)
     return FinetuneResult(output_dir=output_dir, losses=losses, calibration=calibration, train_seconds=train_seconds)

@@ -15,6 +15,7 @@ Two schedules:
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Literal
 
@@ -37,13 +38,22 @@ def validate_mask_ratio(mask_ratio: float) -> float:
     return float(mask_ratio)
 
 
+def largest_mask_ratio(num_patches: int) -> float:
+    """The largest mask ratio that keeps a patch of `num_patches` visible, as the model counts them
+    (`int(num_patches * (1 - mask_ratio)) >= 1`; `1 - 1 / num_patches` itself rounds below 1 for many sizes)."""
+    ratio = 1 - 1 / num_patches
+    while num_kept_patches(num_patches, ratio) < 1:
+        ratio = math.nextafter(ratio, 0.0)
+    return ratio
+
+
 def require_visible_patches(num_patches: int, mask_ratio: float) -> None:
     """Refuse a mask ratio that leaves no patch of `num_patches` visible (the model would see only its CLS token)."""
     if num_kept_patches(num_patches, mask_ratio) < 1:
         raise ValueError(
             f"mask_ratio={mask_ratio} keeps int({num_patches} * (1 - {mask_ratio})) = 0 of the model's {num_patches} "
             f"patches visible, so every reconstruction would ignore the image; use a mask ratio of at most "
-            f"1 - 1/{num_patches} = {1 - 1 / num_patches:.6g}."
+            f"{largest_mask_ratio(num_patches)!r}."
         )
 
 
@@ -112,7 +122,7 @@ def make_mask_noise(
     Args:
         num_masks (`int`): N, the number of masked reconstructions per image.
         num_patches (`int`): L, patches per image (`(image_size // patch_size) ** 2`).
-        mask_ratio (`float`): fraction of patches masked, in [0, 1).
+        mask_ratio (`float`): fraction of patches masked, in [0, 1), keeping at least one patch visible.
         schedule (`"random"` or `"balanced"`): see the module docstring.
         seed (`int`): seeds a private CPU generator; global RNG state is untouched.
 

@@ -127,8 +127,9 @@ def render_model_card(
         num_std=calibration["num_std"],
         num_calibration_views=len(calibration["scores"]),
         calibration_views=(
-            "each shot as is and augmented" if calibration.get("augmented", True)
-            else "each shot as is: the fine-tune used no augmentation"
+            "each shot as is: the fine-tune used no augmentation" if not calibration.get("augmented", True)
+            else "each shot as is and augmented" if calibration.get("num_views_per_shot", 2) > 1
+            else "each shot as is"
         ),
         calibration_masks=calibration["num_masks"],
         calibration_mask_ratio=calibration["mask_ratio"],

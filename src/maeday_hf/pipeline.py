@@ -175,6 +175,9 @@ class AnomalyDetectionPipeline(Pipeline):
     `1 - mask_ratio` share of its patches. The squared error of each full reconstruction, Gaussian-filtered and summed
     over channels, is averaged over the masks into the anomaly map; its maximum is the image score.
 
+    The pipeline puts its model in inference mode (`model.eval()`, as `from_pretrained` returns it): a model handed
+    over from a training loop needs `model.train()` again there.
+
     Example:
 
     ```python
@@ -250,7 +253,7 @@ class AnomalyDetectionPipeline(Pipeline):
                 mode: images are converted to RGB and resized to the model's input; maps come back at the original
                 size.
             num_masks (`int`, *optional*, defaults to 32): masked reconstructions per image (N).
-            mask_ratio (`float`, *optional*, defaults to 0.75): share of patches masked in each, in [0, 1); the
+            mask_ratio (`float`, *optional*, defaults to 0.75): share of patches masked in each, in [0, 1), leaving a patch visible; the
                 checkpoint's own `config.mask_ratio` is ignored and left unchanged.
             seed (`int`, *optional*, defaults to 0): seeds the masks; every image of a call gets the same N masks.
             mask_schedule (`"random"` or `"balanced"`, *optional*, defaults to `"random"`): the paper's i.i.d.

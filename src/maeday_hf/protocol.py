@@ -309,7 +309,9 @@ class ProtocolConfig:
             "pixel_metrics": self.pixel_metrics,
             "bf16": self.bf16,
             "finetune": self.finetune.recipe(),
-            "patchcore": None if self.patchcore is None else _jsonable(dataclasses.asdict(self.patchcore)),
+            "patchcore": None if self.patchcore is None else _jsonable(
+                {**dataclasses.asdict(self.patchcore), "backbone": _as_location(self.patchcore.backbone)}
+            ),
         } | (  # the test set of `fod:DIR` (a folder from before the hold-out lacks it, so it is refused, not mixed)
             {"fod_reference_frames": REFERENCE_FRAMES} if os.fspath(self.dataset).startswith("fod:") else {}
         ) | (  # recorded when it is not the default, which every run before the option had
@@ -419,18 +421,31 @@ class PreparedProtocol:
     tasks: list[Task]
 
 
+_NORMAL_NAMES = frozenset({"good", "normal", "ok", "pass", "nominal", "negative"})
+_ANOMALOUS_NAMES = frozenset({"anomaly", "anomalous", "abnormal", "bad", "defect", "defective", "nok", "ng", "fail",
+                              "positive"})
+
+
+def _labels_look_reversed(names: Sequence[str]) -> bool:
+    """Whether ClassLabel `names` do not read as 0 = normal, 1 = anomalous (two classes, none named the other way)."""
+    lowered = [name.lower() for name in names]
+    return len(lowered) != 2 or lowered[0] in _ANOMALOUS_NAMES or lowered[1] in _NORMAL_NAMES
+
+
 def _check_category_splits(name: str, splits: datasets.DatasetDict, config: ProtocolConfig) -> None:
     if "test" not in splits:
         raise ValueError(f"Category {name!r} has no test split (splits: {list(splits)}).")
     for split_name, split in splits.items():
         feature = split.features.get("label")
-        if isinstance(feature, datasets.ClassLabel) and tuple(feature.names) != LABEL_NAMES:
+        if isinstance(feature, datasets.ClassLabel) and _labels_look_reversed(feature.names):
             raise ValueError(
                 f"Category {name!r}: the {split_name} split's labels are named {feature.names}, but the protocol reads "
                 f"0 as good and 1 as anomaly ({list(LABEL_NAMES)}); publish it with maeday_hf.data, or align the "
                 f"label column (datasets' align_labels_with_mapping)."
             )
-    if "train" in splits and any(splits["train"]["label"]):
+    train = splits.get("train")
+    shots_needed = any(k > 0 for k in config.shots)
+    if shots_needed and train is not None and "label" in train.column_names and any(train["label"]):
         raise ValueError(
             f"Category {name!r}: {sum(splits['train']['label'])} training images are labelled anomaly; the shots "
             f"(and PatchCore's memory bank) must be normal images."
@@ -494,6 +509,8 @@ def _check_settings(config: ProtocolConfig) -> None:
     # Runs recorded before locations were made absolute hold them as typed (relative to where they ran, taken to be
     # here).
     recorded = {**recorded, **{key: _as_location(recorded[key]) for key in ("model", "dataset") if key in recorded}}
+    if isinstance(recorded.get("patchcore"), dict) and "backbone" in recorded["patchcore"]:
+        recorded["patchcore"] = {**recorded["patchcore"], "backbone": _as_location(recorded["patchcore"]["backbone"])}
     # Adding (or leaving out) the PatchCore ensemble only adds (or skips) units; a different PatchCore, or ensembles
     # normalised otherwise, do not fit.
     optional = (

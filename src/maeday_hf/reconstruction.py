@@ -4,9 +4,10 @@ MAEDAY compares every *full* reconstruction (masked and visible patches alike) w
 the one the checkpoint was trained to predict in:
 
 - `norm_pix_loss=False`: the model's normalised input (`pixel_values` as the image processor made them);
-- `norm_pix_loss=True`: each target patch normalised by its own mean and variance, exactly as the MAE loss does. The
-  prediction is *not* de-normalised with the query patch's statistics, since that would copy the query's colour and
-  brightness into the reconstruction and hide colour defects.
+- `norm_pix_loss=True`: each target patch normalised by its own mean and variance, exactly as the MAE loss does. That
+  space ignores a patch's overall brightness and contrast (its structure is compared, not its level); de-normalising
+  the prediction with the query patch's statistics would not bring them back (it copies the query's level into the
+  reconstruction) and would weight each patch's error by its variance, so the prediction is compared as it is.
 
 Nothing here changes the model: the mask ratio is set for the duration of a call and restored afterwards.
 """

@@ -170,18 +170,23 @@ def _capture(trained, reconstruction_model, views, optimizer, first_batch: dict[
     with torch.cuda.device(device):  # the capture's stream and synchronisation are the current device's
         stream = torch.cuda.current_stream(device)
         graph = torch.cuda.CUDAGraph()
+        body_error = None
         try:
             with torch.cuda.graph(graph, stream=torch.cuda.Stream(device)):
-                static_loss = step_loss(trained, reconstruction_model, views, static_batch, bf16)
-                static_loss.backward()
-                optimizer.step()
+                try:
+                    static_loss = step_loss(trained, reconstruction_model, views, static_batch, bf16)
+                    static_loss.backward()
+                    optimizer.step()
+                except Exception as error:
+                    body_error = error
+                    raise
         except Exception as error:
             # torch.cuda.graph leaves its capture stream current when ending the capture fails; put ours back.
             torch.cuda.set_stream(stream)
-            cause = error.__context__ or error  # (the capture's own failure, not the end-of-capture error after it)
+            cause = body_error or error  # the step's own failure, not the end-of-capture error it may cause
             raise GraphCaptureError(
                 f"CUDA graph capture of the fine-tuning step failed ({type(cause).__name__}: "
-                f"{str(cause).splitlines()[0] if str(cause) else ''}); rerun with cuda_graph=False "
-                f"(maeday finetune --trainer-loop)."
+                f"{str(cause).splitlines()[0] if str(cause) else ''}); rerun with cuda_graph=False (--trainer-loop "
+                f"of maeday finetune and maeday-evaluate)."
             ) from error
     return graph, static_batch, static_loss

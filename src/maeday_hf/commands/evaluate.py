@@ -1,4 +1,4 @@
-"""The paper's protocol (Sec. 4): Tables 1/2 (or 3 for FOD) and Figs. 2/3 in one resumable command.
+r"""The paper's protocol (Sec. 4): Tables 1/2 (or 3 for FOD) and Figs. 2/3 in one resumable command.
 
     maeday-evaluate --model facebook/vit-mae-base --dataset /data/mvtec_anomaly_detection \
         --shots 0 1 2 3 4 --shot-seeds 3 --num-masks 32 --ensemble patchcore --output-dir results
@@ -10,7 +10,7 @@
 
 --dataset: an extracted MVTec AD folder, a dataset repo folder (`maeday-publish-dataset --dry-run`), a Hub id ORG/NAME with
 one config per category, `synthetic:DIR` or `fod:DIR`. Rerunning the same command continues where it stopped.
-Outputs: RESULTS/{results.json, tables.md, fig2_shots.png, fig3_repetitions.png, units/, adapters/}.
+Outputs: RESULTS/{settings.json, results.json, tables.md, fig2_shots.png, fig3_repetitions.png, units/, adapters/}.
 """
 
 from __future__ import annotations
@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--finetune-batch-size", type=int, help="Views per step (default: 32).")
     parser.add_argument("--finetune-learning-rate", type=float,
                         help="Default: 1e-2 (LoRA), 1e-4 with --full-finetune.")
+    parser.add_argument("--trainer-loop", action="store_true",
+                        help="On one GPU, fine-tune with the Trainer loop instead of CUDA graph replays (same steps).")
     parser.add_argument("--full-finetune", action="store_true",
                         help="Fine-tune every weight instead of LoRA (the paper's ablation, Table 5).")
     parser.add_argument("--lora-rank", type=int, help="Default: 32.")
@@ -88,6 +90,8 @@ def config_from_args(args: argparse.Namespace) -> ProtocolConfig:
     }
     if args.full_finetune:
         recipe["full_finetune"] = True
+    if args.trainer_loop:
+        recipe["cuda_graph"] = False
     patchcore = None
     if args.ensemble:
         from maeday_hf.patchcore import PatchCoreConfig

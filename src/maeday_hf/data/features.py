@@ -40,10 +40,15 @@ def anomaly_features(with_boxes: bool = False) -> datasets.Features:
     return datasets.Features(features)
 
 
+_INTEGER_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
+
+
 def mask_array(mask: Image.Image) -> np.ndarray:
     """A ground-truth mask as the metrics read it, `(height, width)` uint8, non-zero where anomalous, whatever mode it
-    was stored in: a palette mask by its colours (not its palette indices), RGB / LA / RGBA by their grey level, 16-bit
-    rescaled to 8 bits."""
+    was stored in: a palette mask by its colours (not its palette indices), RGB / LA / RGBA by their grey level, a
+    16- or 32-bit one by its values (0/1 labels as well as 0/65535)."""
+    if mask.mode in _INTEGER_MODES:
+        return (np.asarray(mask) != 0).astype(np.uint8) * 255
     return np.asarray(to_rgb(mask).convert("L"))
 
 
