@@ -86,3 +86,21 @@ def test_a_swap_killed_halfway_does_not_block_the_next(tmp_path):
     replace_folder(finished, target)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
     assert [p.name for p in target.iterdir()] == ["new.txt"]
+
+
+@pytest.mark.parametrize("kind", ["file", "link"])
+def test_a_file_or_a_link_in_the_way_is_replaced_without_leftovers(tmp_path, kind):
+    target, elsewhere = tmp_path / "heatmaps", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "kept.txt").write_text("kept")
+    if kind == "file":
+        target.write_text("in the way")
+    else:
+        target.symlink_to(elsewhere, target_is_directory=True)
+    finished = tmp_path / ".finished"
+    finished.mkdir()
+    (finished / "new.png").write_bytes(b"png")
+    replace_folder(finished, target)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["elsewhere", "heatmaps"]  # no .heatmaps.replaced-*
+    assert target.is_dir() and not target.is_symlink() and (target / "new.png").read_bytes() == b"png"
+    assert (elsewhere / "kept.txt").read_text() == "kept"  # what a link pointed to is not the link's to delete

@@ -207,6 +207,23 @@ def test_a_finished_run_replaces_the_heatmaps_and_a_failed_one_leaves_them(synth
     assert cli.collect_images([str(test / "hole")])[0][1] == "000"
 
 
+def test_inputs_in_the_heatmaps_folder_and_a_scores_folder_are_refused_before_scoring(tmp_path, tiny_checkpoint,
+                                                                                     capsys):
+    out = tmp_path / "project"
+    (out / "heatmaps").mkdir(parents=True)
+    Image.new("RGB", (32, 32), (10, 20, 30)).save(out / "heatmaps" / "photo.png")
+    original = (out / "heatmaps" / "photo.png").read_bytes()
+    common = ["--model", tiny_checkpoint, "--out", str(out), "--num-masks", "2", "--quiet", "--device", "cpu"]
+    assert main(["detect", str(out / "heatmaps" / "photo.png"), *common]) == 2
+    assert "which this run replaces" in capsys.readouterr().err
+    assert (out / "heatmaps" / "photo.png").read_bytes() == original  # the user's image, untouched
+    other = tmp_path / "other"
+    (other / "scores.csv").mkdir(parents=True)
+    Image.new("RGB", (32, 32)).save(tmp_path / "query.png")
+    assert main(["detect", str(tmp_path / "query.png"), *common[:2], "--out", str(other), "--quiet"]) == 2
+    assert "is not a file" in capsys.readouterr().err and not (other / "heatmaps").exists()
+
+
 def test_names_too_long_for_a_file_are_shortened_and_stay_unique(tmp_path, tiny_checkpoint):
     from maeday_hf.cli import collect_images
 

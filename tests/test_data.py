@@ -254,6 +254,21 @@ def test_a_malformed_configs_header_is_one_error_and_nothing_written(mvtec_root,
     assert sorted(path.name for path in tmp_path.iterdir()) == ["README.md"]
 
 
+def test_an_unclosed_or_non_utf8_card_is_one_error_and_a_bom_is_read(mvtec_root, tmp_path):
+    from maeday_hf.data.publish import read_card
+
+    readme = tmp_path / "README.md"
+    readme.write_text("---\nconfigs:\n- config_name: other\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="never closes it"):
+        write_hub_folder({"bottle": load_mvtec(mvtec_root, "bottle")}, tmp_path)
+    readme.write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(ValueError, match="README.md is not UTF-8 text"):
+        read_card(readme)
+    readme.write_text("\ufeff---\nconfigs:\n- config_name: other\n---\nbody\n", encoding="utf-8")
+    write_hub_folder({"bottle": load_mvtec(mvtec_root, "bottle")}, tmp_path)
+    assert [entry["config_name"] for entry in read_card(readme)[0]["configs"]] == ["bottle", "other"]
+
+
 def test_push_calls_one_config_per_category(mvtec_root):
     configs = {name: load_mvtec(mvtec_root, name) for name in ("bottle", "grid")}
     with mock.patch.object(datasets.DatasetDict, "push_to_hub", autospec=True) as push:

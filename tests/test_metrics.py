@@ -192,6 +192,15 @@ def test_float64_maps_keep_their_precision():
                                  include_aupro=False).pixel_roc_auc == 1.0
 
 
+def test_any_non_zero_mask_value_is_anomalous():
+    scores = np.zeros((1, 4, 4))
+    scores[0, 0, 0] = 1.0
+    for value in (-1.0, 1e-50, 255.0):
+        mask = np.zeros((1, 4, 4))
+        mask[0, 0, 0] = value
+        assert compute_pixel_metrics(mask, scores, num_bins=None, include_aupro=False).pixel_roc_auc == 1.0
+
+
 def test_pixel_inputs_stacked_tensor_and_none_masks():
     masks, maps = random_category(5)
     stacked = compute_pixel_metrics(torch.from_numpy(np.stack(masks)), torch.from_numpy(np.stack(maps)))

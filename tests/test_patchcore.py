@@ -158,6 +158,18 @@ def test_nearest_neighbors_stay_exact_when_the_features_share_a_large_offset():
     torch.testing.assert_close(distances.double(), expected_distances[:, :2], rtol=1e-3, atol=1e-6)
 
 
+def test_half_precision_features_are_ranked_in_float32_and_float64_embeddings_score():
+    generator = torch.Generator().manual_seed(1)
+    bank, queries = torch.randn(200, 32, generator=generator), torch.randn(100, 32, generator=generator)
+    expected = nearest_neighbors(queries, bank)
+    for dtype in (torch.bfloat16, torch.float16):
+        low_bank, low_queries = bank.to(dtype), queries.to(dtype)
+        reference = nearest_neighbors(low_queries.float(), low_bank.float())
+        distances, indices = nearest_neighbors(low_queries, low_bank)
+        assert torch.equal(indices, reference[1]) and distances.dtype == torch.float32
+    assert expected[0].dtype == torch.float32
+
+
 def test_nearest_neighbors_of_bank_entries_are_exactly_zero():
     bank = torch.randn(50, 16, generator=torch.Generator().manual_seed(0)) * 100
     distances, indices = nearest_neighbors(bank, bank)
@@ -300,6 +312,9 @@ def test_a_single_image_is_one_image_not_a_sequence(feature_extractor, tmp_path)
 def test_embeddings_of_any_float_dtype_build_a_bank_queries_can_use(feature_extractor):
     patchcore = PatchCore(_config(), feature_extractor=feature_extractor, device="cpu")
     embeddings, _ = patchcore.embed([_texture(0)])
+    patchcore.fit_embeddings(embeddings.reshape(-1, embeddings.shape[-1]))
+    queries, _ = patchcore.embed([_texture(5)])
+    torch.testing.assert_close(patchcore.score_embeddings(queries.double())[1], patchcore.score_embeddings(queries)[1])
     expected = patchcore.fit_embeddings(embeddings.reshape(-1, embeddings.shape[-1])).predict([_texture(5)])
     for dtype in (torch.float64, torch.bfloat16):
         patchcore.fit_embeddings(embeddings.reshape(-1, embeddings.shape[-1]).to(dtype))

@@ -348,6 +348,10 @@ def test_a_resume_compares_places_not_spellings(tiny_checkpoint, synthetic_root,
     settings_path.write_text(json.dumps({**settings, "model": "model", "dataset": "synthetic:./data/"}))
     assert evaluate_script.main(["--model", str(tmp_path / "here" / "model"), "--dataset", "synthetic:data",
                                  *common]) == 0
+    # A link to the same folders is the same place.
+    (tmp_path / "link").symlink_to(tmp_path / "here", target_is_directory=True)
+    assert evaluate_script.main(["--model", str(tmp_path / "link" / "model"), "--dataset",
+                                 f"synthetic:{tmp_path / 'link' / 'data'}", *common]) == 0
     # The same spelling from another folder names other folders: refused.
     monkeypatch.chdir(tmp_path / "there")
     assert "model" in _run_error(capsys, ["--model", "model", "--dataset", "synthetic:data", *common])
@@ -400,6 +404,21 @@ def test_labels_named_in_another_order_or_anomalous_shots_are_refused(synthetic_
     protocol._check_category_splits("stripes", renamed, config)
     unlabelled_train = datasets.DatasetDict({"train": splits["train"].remove_columns("label"), "test": splits["test"]})
     protocol._check_category_splits("stripes", unlabelled_train, config)
+    # Names it cannot place are refused: reversed, they would invert every result silently.
+    unplaced = datasets.DatasetDict({
+        name: split.cast_column("label", datasets.ClassLabel(names=["class_a", "class_b"]))
+        for name, split in splits.items()
+    })
+    with pytest.raises(ValueError, match="labels are named"):
+        protocol._check_category_splits("stripes", unplaced, config)
+    as_text = datasets.DatasetDict({
+        name: split.cast_column("label", datasets.Value("int64")).map(
+            lambda example: {"label": ["good", "anomaly"][example["label"]]},
+            features=datasets.Features({**split.features, "label": datasets.Value("string")}))
+        for name, split in splits.items()
+    })
+    with pytest.raises(ValueError, match="must be 0 \\(good\\) and 1 \\(anomaly\\)"):
+        protocol._check_category_splits("stripes", as_text, config)
     with_anomalous_shot = datasets.DatasetDict(
         {"train": splits["train"].map(lambda example, index: {"label": int(index == 0)}, with_indices=True),
          "test": splits["test"]})

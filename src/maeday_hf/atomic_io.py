@@ -69,8 +69,8 @@ def replace_folder(finished: str | os.PathLike, target: str | os.PathLike) -> Pa
     """
     finished, target = Path(finished), Path(target)
     previous = target.with_name(f".{target.name}.replaced-{os.getpid()}")
-    shutil.rmtree(previous, ignore_errors=True)  # left by a killed swap (PIDs recur, e.g. in containers)
-    moved_aside = target.exists()
+    _remove(previous)  # left by a killed swap (PIDs recur, e.g. in containers)
+    moved_aside = target.exists() or target.is_symlink()
     if moved_aside:
         os.replace(target, previous)
     try:
@@ -81,5 +81,13 @@ def replace_folder(finished: str | os.PathLike, target: str | os.PathLike) -> Pa
         raise
     finally:
         if target.exists():  # the new folder (or a concurrent writer's) is in place: the old one can go
-            shutil.rmtree(previous, ignore_errors=True)
+            _remove(previous)
     return target
+
+
+def _remove(path: Path) -> None:
+    """Delete `path` whatever it is (folder, file, or a link, not what it points to); nothing if it is not there."""
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .atomic_io import make_partial_dir, replace_folder, write_atomically
+from .atomic_io import make_partial_dir, replace_folder
 from .images import IMAGE_SUFFIXES
 from .masking import MASK_SCHEDULES
 from .pipeline import DEFAULT_CHECKPOINT, DEFAULT_MASK_RATIO, DEFAULT_NUM_MASKS
@@ -100,10 +100,11 @@ must still fit."""
 
 def _fitting_name(name: str) -> str:
     """`name`, or, if it is too long for a file name, its start and a hash of the whole (still unique)."""
-    if len(name.encode()) <= _MAX_NAME_BYTES:
+    encoded = name.encode(errors="surrogateescape")  # (a file name that is not UTF-8 keeps its bytes)
+    if len(encoded) <= _MAX_NAME_BYTES:
         return name
-    digest = hashlib.sha256(name.encode()).hexdigest()[:16]
-    start = name.encode()[: _MAX_NAME_BYTES - len(digest) - 2].decode(errors="ignore")  # whole characters only
+    digest = hashlib.sha256(encoded).hexdigest()[:16]
+    start = encoded[: _MAX_NAME_BYTES - len(digest) - 2].decode(errors="ignore")  # whole characters only
     return f"{start}__{digest}"
 
 
@@ -154,7 +155,14 @@ def run_detect(args: argparse.Namespace) -> int:
     out_dir = Path(args.out)
     if out_dir.exists() and not out_dir.is_dir():
         raise CommandError(f"--out {args.out!r} is a file; expected a folder (created if missing)")
+    if (out_dir / "scores.csv").exists() and not (out_dir / "scores.csv").is_file():
+        raise CommandError(f"{os.fspath(out_dir / 'scores.csv')!r} is not a file; the scores would have nowhere to go")
     images = collect_images(args.inputs, exclude=out_dir / "heatmaps")  # what a previous run wrote
+    heatmaps_dir = Path(os.path.abspath(out_dir / "heatmaps"))
+    inside = [path for path, _ in images if Path(os.path.abspath(path)).is_relative_to(heatmaps_dir)]
+    if inside:
+        raise CommandError(f"input {os.fspath(inside[0])!r} is in {os.fspath(out_dir / 'heatmaps')!r}, which this run "
+                           f"replaces with its heatmaps; move the images or choose another --out")
     detector = load_detector(args.model, device=args.device, base_model=args.base_model)
 
     # A map-style dataset in gives an iterator out: results stream while the bar advances, and workers (threads on a
@@ -166,9 +174,12 @@ def run_detect(args: argparse.Namespace) -> int:
         **call_kwargs,
     )
     rows = []
-    # This run's heatmaps are drawn into a hidden folder that replaces heatmaps/ whole once every one is written: an
-    # interrupted or failed run leaves the previous run's outputs as they were, a finished one leaves none of them.
+    # This run's heatmaps are drawn into a hidden folder that replaces heatmaps/ whole once every one is written, and
+    # the scores into a hidden file renamed right after: an interrupted or failed run leaves the previous run's
+    # outputs as they were, a finished one leaves none of them.
     partial = make_partial_dir(out_dir, ".heatmaps.partial-")
+    scores_file = out_dir / "scores.csv"
+    pending_scores = scores_file.with_name(f".scores.csv.partial-{os.getpid()}")
     try:
         with tempfile.TemporaryDirectory(prefix="maeday-maps-") as maps_dir:
             # Maps wait on disk, not in memory, until the common colour scale is known.
@@ -182,18 +193,19 @@ def run_detect(args: argparse.Namespace) -> int:
                 anomaly_map = np.load(Path(maps_dir) / f"{index}.npy")
                 overlay = overlay_heatmap(load_rgb_image(path), anomaly_map, vmin=0.0, vmax=vmax)
                 overlay.save(partial / f"{name}.png", format="PNG")
+        # A label column when labels exist: from --threshold or from a fine-tune's calibrated threshold.
+        with_labels = any(label is not None for _, _, label in rows)
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(["path", "score"] + (["label"] if with_labels else []))
+        for path, score, label in rows:
+            writer.writerow([path, f"{score:.6g}"] + ([label] if with_labels else []))
+        pending_scores.write_text(buffer.getvalue())
         replace_folder(partial, out_dir / "heatmaps")
+        os.replace(pending_scores, scores_file)  # (a rename: it cannot half-happen)
     finally:
         shutil.rmtree(partial, ignore_errors=True)  # (gone already when the swap succeeded)
-
-    # A label column when labels exist: from --threshold or from a fine-tune's calibrated threshold.
-    with_labels = any(label is not None for _, _, label in rows)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["path", "score"] + (["label"] if with_labels else []))
-    for path, score, label in rows:
-        writer.writerow([path, f"{score:.6g}"] + ([label] if with_labels else []))
-    write_atomically(out_dir / "scores.csv", lambda temp: Path(temp).write_text(buffer.getvalue()))
+        pending_scores.unlink(missing_ok=True)
     print(f"Scored {len(rows)} images: {out_dir / 'scores.csv'}, heatmaps in {out_dir / 'heatmaps'}")
     return 0
 

@@ -414,8 +414,9 @@ def _validate_output(output_dir: Path, overwrite: bool, base_model: str, shots: 
         # `overwrite` replaces the folder whole: only one an earlier run wrote (or an empty one), never, say, the
         # working directory with someone's work in it.
         raise FileExistsError(
-            f"Output folder {os.fspath(output_dir)!r} holds files that no fine-tune wrote (it has no "
-            f"{TRAINING_LOG_FILE}); overwrite replaces only an earlier run's folder. Choose another folder."
+            f"Output folder {os.fspath(output_dir)!r} holds files that no fine-tune wrote (no {TRAINING_LOG_FILE}, "
+            f"or files of other kinds next to it); overwrite replaces only an earlier run's folder as it wrote it. "
+            f"Choose another folder."
         )
 
 
@@ -428,8 +429,17 @@ def _push_failed(output_dir: Path, hub_model_id: str, error: BaseException) -> O
 
 
 def _holds_foreign_files(folder: Path) -> bool:
-    """Whether `folder` holds files that no fine-tune wrote (it is not empty and has no training log)."""
-    return folder.is_dir() and any(folder.iterdir()) and not (folder / TRAINING_LOG_FILE).is_file()
+    """Whether `folder` holds anything a fine-tune does not write: it is not empty and either has no training log or
+    has other entries than a run's (JSON, weights, remote code, its card, `adapter/`)."""
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return False
+    if not (folder / TRAINING_LOG_FILE).is_file():
+        return True
+    return any(
+        not (entry.name == ADAPTER_SUBFOLDER and entry.is_dir())
+        and not (entry.is_file() and (entry.suffix in (".json", ".py", ".safetensors") or entry.name == "README.md"))
+        for entry in folder.iterdir()
+    )
 
 
 def _move_into_place(partial: Path, output_dir: Path) -> None:
@@ -440,7 +450,9 @@ def _move_into_place(partial: Path, output_dir: Path) -> None:
     except OSError:
         if not output_dir.exists():
             raise
-        kept = output_dir.with_name(f"{output_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+        stem = f"{output_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        kept = next(candidate for candidate in (output_dir.with_name(f"{stem}{suffix}") for suffix in
+                                                ("", *(f"-{n}" for n in range(1, 1000)))) if not candidate.exists())
         os.rename(partial, kept)
         raise FileExistsError(
             f"Output folder {os.fspath(output_dir)!r} appeared while training (left as it is); the run was written "

@@ -21,8 +21,9 @@ IMAGE_SUFFIXES: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".t
 _HIGH_BIT_DEPTH_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 
 
-def _is_url(text: str) -> bool:
-    return text.startswith(("http://", "https://"))
+def is_url(text: str) -> bool:
+    """An http(s) URL (the scheme in any case, as URLs allow)."""
+    return text[:8].lower().startswith(("http://", "https://"))
 
 
 def _decode(source: str | os.PathLike | io.BytesIO, name: str) -> Image.Image:
@@ -132,7 +133,7 @@ def load_rgb_image(image: str | os.PathLike | Image.Image | np.ndarray, timeout:
         return to_rgb(image)
     if isinstance(image, np.ndarray):
         return array_to_rgb_image(image)
-    if isinstance(image, str) and _is_url(image):
+    if isinstance(image, str) and is_url(image):
         return to_rgb(_fetch_image(image, timeout))
     if isinstance(image, (str, os.PathLike)):
         return to_rgb(_open_image_file(image))

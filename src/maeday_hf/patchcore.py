@@ -181,6 +181,8 @@ def nearest_neighbors(
         raise ValueError(f"Queries have dimension {dim} but the memory bank has dimension {bank_dim}.")
     if not 1 <= k <= bank_size:
         raise ValueError(f"Expected 1 <= k <= {bank_size} (the memory bank size), got {k}.")
+    if queries.dtype not in (torch.float32, torch.float64) or memory_bank.dtype not in (torch.float32, torch.float64):
+        queries, memory_bank = queries.float(), memory_bank.float()  # distances in bf16/fp16 are too coarse to rank
     rows = max(1, max_chunk_elements // bank_size)
     num_candidates = min(bank_size, k + NEIGHBOR_CANDIDATE_MARGIN)
     center = memory_bank.mean(dim=0)
@@ -355,7 +357,7 @@ class PatchCore:
         if self.memory_bank is None:
             raise ValueError("PatchCore has no memory bank: call `fit(shots)` before scoring.")
         batch_size, height, width, dim = embeddings.shape
-        flat = embeddings.to(self.device).reshape(batch_size, height * width, dim)
+        flat = embeddings.to(self.device, torch.float32).reshape(batch_size, height * width, dim)  # as the bank
         distances, indices = nearest_neighbors(flat.reshape(-1, dim), self.memory_bank, k=1)
         patch_scores = distances[:, 0].reshape(batch_size, height * width)
         nearest_indices = indices[:, 0].reshape(batch_size, height * width)

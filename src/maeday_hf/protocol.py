@@ -326,13 +326,13 @@ class ProtocolConfig:
 
 def _as_location(spec: str) -> str:
     """A model or dataset as one string per place: a local folder (also after `synthetic:` / `fod:`) as its absolute
-    path without a trailing slash, so `data`, `./data/` and `/abs/data` compare equal, and `data` run from another
-    folder does not; a Hub id as it is."""
+    path with links resolved, so `data`, `./data/`, `/abs/data` and a link to it compare equal, and `data` run from
+    another folder does not; a Hub id as it is."""
     prefix, separator, rest = spec.partition(":")
     if separator and prefix in ("synthetic", "fod") and rest:
-        return f"{prefix}:{os.path.abspath(os.path.expanduser(rest))}"
+        return f"{prefix}:{os.path.realpath(os.path.expanduser(rest))}"
     path = os.path.expanduser(spec)
-    return os.path.abspath(path) if os.path.isdir(path) else spec
+    return os.path.realpath(path) if os.path.isdir(path) else spec
 
 
 def _jsonable(value: Any) -> Any:
@@ -421,21 +421,29 @@ class PreparedProtocol:
     tasks: list[Task]
 
 
-_NORMAL_NAMES = frozenset({"good", "normal", "ok", "pass", "nominal", "negative"})
+_NORMAL_NAMES = frozenset({"good", "normal", "ok", "pass", "nominal", "negative", "inlier", "undamaged", "clean"})
 _ANOMALOUS_NAMES = frozenset({"anomaly", "anomalous", "abnormal", "bad", "defect", "defective", "nok", "ng", "fail",
-                              "positive"})
+                              "positive", "outlier", "damaged"})
 
 
 def _labels_look_reversed(names: Sequence[str]) -> bool:
-    """Whether ClassLabel `names` do not read as 0 = normal, 1 = anomalous (two classes, none named the other way)."""
+    """Whether ClassLabel `names` do not plainly read as 0 = normal, 1 = anomalous. Names this cannot place (e.g.
+    `["outlier", "inlier"]`) count as not plain: a reversed order would invert every result silently."""
     lowered = [name.lower() for name in names]
-    return len(lowered) != 2 or lowered[0] in _ANOMALOUS_NAMES or lowered[1] in _NORMAL_NAMES
+    return len(lowered) != 2 or lowered[0] not in _NORMAL_NAMES or lowered[1] not in _ANOMALOUS_NAMES
 
 
 def _check_category_splits(name: str, splits: datasets.DatasetDict, config: ProtocolConfig) -> None:
     if "test" not in splits:
         raise ValueError(f"Category {name!r} has no test split (splits: {list(splits)}).")
     for split_name, split in splits.items():
+        if "label" not in split.column_names:
+            continue
+        odd = next((label for label in split["label"] if isinstance(label, bool) or label not in (0, 1)), None)
+        if odd is not None:
+            raise ValueError(
+                f"Category {name!r}: {split_name} labels must be 0 (good) and 1 (anomaly), got values such as {odd!r}."
+            )
         feature = split.features.get("label")
         if isinstance(feature, datasets.ClassLabel) and _labels_look_reversed(feature.names):
             raise ValueError(

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .images import IMAGE_SUFFIXES, is_single_image, list_images, load_rgb_image
+from .images import IMAGE_SUFFIXES, is_single_image, is_url, list_images, load_rgb_image
 
 _SEED_STRIDE = 2**32
 
@@ -79,7 +79,7 @@ def load_shot_images(shots: Sequence[Any]) -> tuple[list[Image.Image], list[str]
         )
     entries: list[Any] = []
     for shot in shots:
-        if isinstance(shot, str) and shot.startswith(("http://", "https://")):
+        if isinstance(shot, str) and is_url(shot):
             entries.append(shot)  # a URL, fetched as it is (a Path would fold its "//")
         elif isinstance(shot, (str, os.PathLike)):
             entries.extend(expand_shot_paths([shot]))

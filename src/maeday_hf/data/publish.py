@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -123,12 +124,19 @@ def read_card(readme: Path) -> tuple[dict, str]:
 
     Raises:
         yaml.YAMLError: the header is not valid YAML.
+        ValueError: the file is not UTF-8 text, or it opens a header (`---`) that it never closes (its configs would
+            be lost when the card is written again).
     """
     if not readme.is_file():
         return {}, ""
-    text = readme.read_text(encoding="utf-8")
+    try:
+        text = readme.read_text(encoding="utf-8-sig")  # (a byte-order mark is not part of the card)
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{readme} is not UTF-8 text ({error}).") from None
     if not text.startswith("---"):
         return {}, text
+    if not re.match(r"---[ \t]*\r?\n(.*?\r?\n)?---[ \t]*(\r?\n|$)", text, flags=re.DOTALL):
+        raise ValueError(f"{readme} opens a YAML header with '---' but never closes it with another '---' line.")
     card = RepoCard(text)
     return card.data.to_dict(), card.text
 

@@ -88,7 +88,7 @@ def _iter_pairs(gt_masks: Iterable, anomaly_maps: Iterable) -> Iterator[tuple[np
             raise ValueError(f"gt_masks and anomaly_maps differ in length: one of them ends at image {index}.")
         scores = _as_scores(scores)
         scores = scores.squeeze(0) if scores.ndim == 3 and scores.shape[0] == 1 else scores
-        mask = np.zeros(scores.shape, dtype=bool) if mask is None else _as_array(mask, np.float32) > 0
+        mask = np.zeros(scores.shape, dtype=bool) if mask is None else _as_array(mask, None) != 0  # non-zero: anomalous
         mask = mask.squeeze(0) if mask.ndim == 3 and mask.shape[0] == 1 else mask
         if scores.ndim != 2 or mask.shape != scores.shape:
             raise ValueError(
