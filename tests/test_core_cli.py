@@ -250,3 +250,17 @@ def test_the_installed_commands_run_as_modules_too():
         completed = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True,
                                    timeout=120)
         assert completed.returncode == 0 and completed.stdout.startswith(usage), completed.stderr[-2000:]
+
+
+def test_a_file_name_that_is_not_utf8_is_scored_and_listed_as_it_is(tmp_path, tiny_checkpoint):
+    import os
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    raw_name = b"\xe9t\xe9.png"  # Latin-1 bytes, not UTF-8
+    Image.new("RGB", (32, 32)).save(os.path.join(os.fsencode(folder), raw_name), format="PNG")
+    out = tmp_path / "out"
+    assert main(["detect", str(folder), "--model", tiny_checkpoint, "--out", str(out), "--num-masks", "2", "--quiet",
+                 "--device", "cpu"]) == 0
+    assert raw_name in (out / "scores.csv").read_bytes()
+    assert len(list((out / "heatmaps").iterdir())) == 1

@@ -230,6 +230,8 @@ def test_urls_are_decoded_as_files_are_and_http_errors_are_named(tmp_path):
 
         shots, names = load_shot_images([f"{base}/deep.png"])  # a fine-tune's shot may be a URL too
         assert names == [f"{base}/deep.png"] and np.array_equal(np.asarray(shots[0]), from_url)
+        # A signed URL's token is not recorded with the shot.
+        assert load_shot_images([f"{base}/deep.png?token=secret#x"])[1] == [f"{base}/deep.png"]
         shouted = base.replace("http://", "HTTP://")  # URL schemes are case-insensitive
         assert np.array_equal(np.asarray(load_shot_images([f"{shouted}/deep.png"])[0][0]), from_url)
         with pytest.raises(ValueError, match=r"missing.png.*HTTP 404"):

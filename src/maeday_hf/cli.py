@@ -200,7 +200,7 @@ def run_detect(args: argparse.Namespace) -> int:
         writer.writerow(["path", "score"] + (["label"] if with_labels else []))
         for path, score, label in rows:
             writer.writerow([path, f"{score:.6g}"] + ([label] if with_labels else []))
-        pending_scores.write_text(buffer.getvalue())
+        pending_scores.write_text(buffer.getvalue(), errors="surrogateescape")  # (paths as the file system has them)
         replace_folder(partial, out_dir / "heatmaps")
         os.replace(pending_scores, scores_file)  # (a rename: it cannot half-happen)
     finally:

@@ -88,10 +88,16 @@ def load_shot_images(shots: Sequence[Any]) -> tuple[list[Image.Image], list[str]
     if not entries:
         raise ValueError("No shots given: few-shot fine-tuning needs at least one normal image (k >= 1).")
     images = [load_rgb_image(entry) for entry in entries]
-    names = [
-        os.fspath(entry) if isinstance(entry, (Path, str)) else f"<image {index}>" for index, entry in enumerate(entries)
-    ]
+    names = [_shot_name(entry, index) for index, entry in enumerate(entries)]
     return images, names
+
+
+def _shot_name(entry: Any, index: int) -> str:
+    """How a shot is recorded (training log, model card): its path, or its URL without query and fragment (where
+    access tokens travel), or its position."""
+    if isinstance(entry, str) and is_url(entry):
+        return entry.split("?", 1)[0].split("#", 1)[0]
+    return os.fspath(entry) if isinstance(entry, (Path, str)) else f"<image {index}>"
 
 
 def shots_from_split(split, k: int, seed: int) -> tuple[list[Image.Image], list[str]]:
