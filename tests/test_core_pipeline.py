@@ -248,6 +248,42 @@ def test_urls_are_decoded_as_files_are_and_http_errors_are_named(tmp_path):
         load_rgb_image(f"http://127.0.0.1:{closed}/x.png", timeout=10)
 
 
+def test_a_url_timeout_bounds_the_whole_download():
+    import http.server
+    import threading
+    import time
+
+    from maeday_hf.images import load_rgb_image
+
+    class Trickle(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # a byte every 20 ms: each wait is short, the whole would take 20 s
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            try:
+                for _ in range(1000):
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                    time.sleep(0.02)
+            except OSError:  # the client gave up
+                pass
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        started = time.monotonic()
+        with pytest.raises(OSError, match="not downloaded within timeout=0.5 s"):
+            load_rgb_image(f"http://127.0.0.1:{server.server_address[1]}/slow.png", timeout=0.5)
+        assert time.monotonic() - started < 5
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_a_center_cropping_processor_is_refused(tiny_checkpoint):
     # The map of a crop, resized to the whole image, would put every anomaly in the wrong place.
     from transformers import BeitImageProcessorPil

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -48,18 +49,26 @@ def _open_image_file(path: str | os.PathLike) -> Image.Image:
 
 
 def _fetch_image(url: str, timeout: float | None) -> Image.Image:
-    """GET `url` (redirects followed; `timeout` in seconds, None waits as long as it takes, as `load_image` does)."""
+    """GET `url` (redirects followed). `timeout` (seconds) bounds the whole download, not only each wait for bytes (a
+    server trickling a byte at a time would pass that); None waits as long as it takes, as `load_image` does."""
     from huggingface_hub.utils import httpx  # the HTTP client transformers fetches images with, whatever its version
 
+    deadline = None if timeout is None else time.monotonic() + timeout
+    body = io.BytesIO()
     try:
-        response = httpx.get(url, timeout=timeout, follow_redirects=True)
-        response.raise_for_status()
+        with httpx.stream("GET", url, timeout=timeout, follow_redirects=True) as response:
+            response.raise_for_status()
+            for chunk in response.iter_bytes():
+                body.write(chunk)
+                if deadline is not None and time.monotonic() > deadline:
+                    raise OSError(f"Cannot fetch image URL {url!r}: not downloaded within timeout={timeout} s.")
     except httpx.HTTPStatusError as error:
         status = error.response
         raise ValueError(f"Cannot read image URL {url!r}: HTTP {status.status_code} {status.reason_phrase}.") from None
     except httpx.HTTPError as error:
         raise OSError(f"Cannot fetch image URL {url!r}: {str(error) or type(error).__name__}.") from None
-    return _decode(io.BytesIO(response.content), url)
+    body.seek(0)
+    return _decode(body, url)
 
 
 def array_to_rgb_image(array: np.ndarray) -> Image.Image:

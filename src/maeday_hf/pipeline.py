@@ -271,6 +271,7 @@ class AnomalyDetectionPipeline(Pipeline):
             batch_size (`int`, *optional*): images per forward pass (their masked copies are batched too); default 1
                 on a CPU; on a GPU, enough images for 1,024 (image, mask) pairs (32 at N = 32). Results do not depend
                 on it.
+            timeout (`float`, *optional*): seconds an image URL may take to download, whole (default: no limit).
             num_workers (`int`, *optional*): on a CPU, DataLoader processes that preprocess (default 0); on a GPU,
                 threads that decode and resize ahead while the GPU computes (default up to 8; 0 preprocesses in the
                 calling thread, between batches).
