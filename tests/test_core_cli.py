@@ -216,6 +216,10 @@ def test_inputs_in_the_heatmaps_folder_and_a_scores_folder_are_refused_before_sc
     common = ["--model", tiny_checkpoint, "--out", str(out), "--num-masks", "2", "--quiet", "--device", "cpu"]
     assert main(["detect", str(out / "heatmaps" / "photo.png"), *common]) == 2
     assert "which this run replaces" in capsys.readouterr().err
+    (tmp_path / "link").symlink_to(out, target_is_directory=True)  # the same folder under another name
+    linked = [*common[:2], "--out", str(tmp_path / "link"), *common[4:]]
+    assert main(["detect", str(out / "heatmaps" / "photo.png"), *linked]) == 2
+    assert "which this run replaces" in capsys.readouterr().err
     assert (out / "heatmaps" / "photo.png").read_bytes() == original  # the user's image, untouched
     other = tmp_path / "other"
     (other / "scores.csv").mkdir(parents=True)

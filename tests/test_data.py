@@ -264,6 +264,11 @@ def test_an_unclosed_or_non_utf8_card_is_one_error_and_a_bom_is_read(mvtec_root,
     readme.write_bytes("caf\xe9".encode("latin-1"))
     with pytest.raises(ValueError, match="README.md is not UTF-8 text"):
         read_card(readme)
+    # A Markdown rule opens no header, and an empty header leaves no stray dashes in the body.
+    readme.write_text("-----\n# Title\n", encoding="utf-8")
+    assert read_card(readme) == ({}, "-----\n# Title\n")
+    readme.write_text("---\n---\n# Title\n", encoding="utf-8")
+    assert read_card(readme) == ({}, "# Title\n")
     readme.write_text("\ufeff---\nconfigs:\n- config_name: other\n---\nbody\n", encoding="utf-8")
     write_hub_folder({"bottle": load_mvtec(mvtec_root, "bottle")}, tmp_path)
     assert [entry["config_name"] for entry in read_card(readme)[0]["configs"]] == ["bottle", "other"]

@@ -287,6 +287,10 @@ def test_overwrite_replaces_only_an_earlier_runs_folder(tiny_checkpoint, shot_fi
     assert json.loads((first.output_dir / "training_log.json").read_text())["recipe"]["seed"] == 1
     (tmp_path / "empty").mkdir()
     finetune(tiny_checkpoint, shot_files[:1], tmp_path / "empty", FinetuneConfig(**TINY), overwrite=True)
+    # Hidden metadata (Finder's .DS_Store, a Hub snapshot's .gitattributes) does not make a run's folder foreign.
+    for name in (".DS_Store", ".gitattributes"):
+        (first.output_dir / name).write_text("metadata")
+    finetune(tiny_checkpoint, shot_files[:1], tmp_path / "run", FinetuneConfig(**TINY), overwrite=True)
     # An earlier run's folder that someone added their own files to is theirs now.
     (first.output_dir / "eval").mkdir()
     (first.output_dir / "eval" / "results.csv").write_text("kept")

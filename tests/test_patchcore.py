@@ -168,6 +168,8 @@ def test_half_precision_features_are_ranked_in_float32_and_float64_embeddings_sc
         distances, indices = nearest_neighbors(low_queries, low_bank)
         assert torch.equal(indices, reference[1]) and distances.dtype == torch.float32
     assert expected[0].dtype == torch.float32
+    mixed = nearest_neighbors(queries.double(), bank)  # float64 queries, a float32 bank (as PatchCore builds it)
+    assert torch.equal(mixed[1], expected[1]) and mixed[0].dtype == torch.float64
 
 
 def test_nearest_neighbors_of_bank_entries_are_exactly_zero():

@@ -41,6 +41,14 @@ def make_partial_dir(parent: str | os.PathLike, prefix: str) -> Path:
     return _create_fresh(parent, prefix, "", Path.mkdir)
 
 
+def make_partial_file(parent: str | os.PathLike, prefix: str) -> Path:
+    """A new empty file `parent/<prefix><random>` (created exclusively, with the permissions `open(path, "w")`
+    gives), to be written and renamed into place by the caller."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    return _create_fresh(parent, prefix, "", _create_file)
+
+
 def write_atomically(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call `write(temp_path)` on a temporary file next to `path`, then rename it to `path`.
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .atomic_io import make_partial_dir, replace_folder
+from .atomic_io import make_partial_dir, make_partial_file, replace_folder
 from .images import IMAGE_SUFFIXES
 from .masking import MASK_SCHEDULES
 from .pipeline import DEFAULT_CHECKPOINT, DEFAULT_MASK_RATIO, DEFAULT_NUM_MASKS
@@ -46,14 +46,14 @@ def collect_images(inputs: Sequence[str], exclude: str | os.PathLike | None = No
     In folders, hidden files and folders (`.name`: macOS `._x.png` resource forks, `.ipynb_checkpoints`) and anything
     under `exclude` (the heatmaps folder, so a second run does not score the first one's heatmaps) are skipped.
     """
-    excluded = Path(os.path.abspath(exclude)) if exclude is not None else None
+    excluded = Path(os.path.realpath(exclude)) if exclude is not None else None
 
     def wanted(path: Path, folder: Path) -> bool:
         if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
             return False
         if any(part.startswith(".") for part in path.relative_to(folder).parts):
             return False
-        return excluded is None or not Path(os.path.abspath(path)).is_relative_to(excluded)
+        return excluded is None or not Path(os.path.realpath(path)).is_relative_to(excluded)
 
     found: list[Path] = []
     roots: list[Path] = []
@@ -158,8 +158,8 @@ def run_detect(args: argparse.Namespace) -> int:
     if (out_dir / "scores.csv").exists() and not (out_dir / "scores.csv").is_file():
         raise CommandError(f"{os.fspath(out_dir / 'scores.csv')!r} is not a file; the scores would have nowhere to go")
     images = collect_images(args.inputs, exclude=out_dir / "heatmaps")  # what a previous run wrote
-    heatmaps_dir = Path(os.path.abspath(out_dir / "heatmaps"))
-    inside = [path for path, _ in images if Path(os.path.abspath(path)).is_relative_to(heatmaps_dir)]
+    heatmaps_dir = Path(os.path.realpath(out_dir / "heatmaps"))  # (links resolved: the folder the swap replaces)
+    inside = [path for path, _ in images if Path(os.path.realpath(path)).is_relative_to(heatmaps_dir)]
     if inside:
         raise CommandError(f"input {os.fspath(inside[0])!r} is in {os.fspath(out_dir / 'heatmaps')!r}, which this run "
                            f"replaces with its heatmaps; move the images or choose another --out")
@@ -179,7 +179,7 @@ def run_detect(args: argparse.Namespace) -> int:
     # outputs as they were, a finished one leaves none of them.
     partial = make_partial_dir(out_dir, ".heatmaps.partial-")
     scores_file = out_dir / "scores.csv"
-    pending_scores = scores_file.with_name(f".scores.csv.partial-{os.getpid()}")
+    pending_scores = make_partial_file(out_dir, ".scores.csv.partial-")
     try:
         with tempfile.TemporaryDirectory(prefix="maeday-maps-") as maps_dir:
             # Maps wait on disk, not in memory, until the common colour scale is known.

@@ -429,14 +429,18 @@ def _push_failed(output_dir: Path, hub_model_id: str, error: BaseException) -> O
 
 
 def _holds_foreign_files(folder: Path) -> bool:
-    """Whether `folder` holds anything a fine-tune does not write: it is not empty and either has no training log or
-    has other entries than a run's (JSON, weights, remote code, its card, `adapter/`)."""
+    """Whether `folder` holds anything a fine-tune does not write: it is a file, or a folder that is not empty and
+    either has no training log or has other entries than a run's (JSON, weights, remote code, its card, `adapter/`;
+    hidden entries such as `.DS_Store` do not count)."""
+    if os.path.lexists(folder) and not folder.is_dir():
+        return True  # a file (or a dangling link) is nobody's run folder
     if not folder.is_dir() or not any(folder.iterdir()):
         return False
     if not (folder / TRAINING_LOG_FILE).is_file():
         return True
     return any(
-        not (entry.name == ADAPTER_SUBFOLDER and entry.is_dir())
+        not entry.name.startswith(".")  # (.DS_Store, a Hub snapshot's .gitattributes, hf download's .cache/)
+        and not (entry.name == ADAPTER_SUBFOLDER and entry.is_dir())
         and not (entry.is_file() and (entry.suffix in (".json", ".py", ".safetensors") or entry.name == "README.md"))
         for entry in folder.iterdir()
     )

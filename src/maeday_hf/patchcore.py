@@ -181,8 +181,10 @@ def nearest_neighbors(
         raise ValueError(f"Queries have dimension {dim} but the memory bank has dimension {bank_dim}.")
     if not 1 <= k <= bank_size:
         raise ValueError(f"Expected 1 <= k <= {bank_size} (the memory bank size), got {k}.")
-    if queries.dtype not in (torch.float32, torch.float64) or memory_bank.dtype not in (torch.float32, torch.float64):
-        queries, memory_bank = queries.float(), memory_bank.float()  # distances in bf16/fp16 are too coarse to rank
+    dtype = torch.promote_types(queries.dtype, memory_bank.dtype)
+    if dtype not in (torch.float32, torch.float64):
+        dtype = torch.float32  # distances in bf16/fp16 are too coarse to rank
+    queries, memory_bank = queries.to(dtype), memory_bank.to(dtype)
     rows = max(1, max_chunk_elements // bank_size)
     num_candidates = min(bank_size, k + NEIGHBOR_CANDIDATE_MARGIN)
     center = memory_bank.mean(dim=0)

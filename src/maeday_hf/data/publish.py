@@ -133,10 +133,13 @@ def read_card(readme: Path) -> tuple[dict, str]:
         text = readme.read_text(encoding="utf-8-sig")  # (a byte-order mark is not part of the card)
     except UnicodeDecodeError as error:
         raise ValueError(f"{readme} is not UTF-8 text ({error}).") from None
-    if not text.startswith("---"):
+    if text.split("\n", 1)[0].rstrip("\r") != "---":  # (a Markdown rule such as "-----" opens no header)
         return {}, text
-    if not re.match(r"---[ \t]*\r?\n(.*?\r?\n)?---[ \t]*(\r?\n|$)", text, flags=re.DOTALL):
+    header = re.match(r"---\r?\n(.*?\r?\n)?---[ \t]*(\r?\n|$)", text, flags=re.DOTALL)
+    if header is None:
         raise ValueError(f"{readme} opens a YAML header with '---' but never closes it with another '---' line.")
+    if not (header.group(1) or "").strip():
+        return {}, text[header.end():]  # an empty header
     card = RepoCard(text)
     return card.data.to_dict(), card.text
 
