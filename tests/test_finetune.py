@@ -272,13 +272,20 @@ def test_card_of_a_hub_base_names_and_links_it():
 def test_calibration_scores_are_the_loaded_detectors_scores_of_the_shots(tiny_checkpoint, shot_path, tmp_path, seed):
     # The run seed picks the views; the calibration scores with the masks the detector draws by default, so each shot
     # scores as calibrated, whatever the seed (and none lies above the threshold).
-    second = tmp_path / "good_001.png"
-    _smooth_image(phase=2.0).save(second)
-    config = FinetuneConfig(**{**FAST, "num_steps": 2, "calibration_views_per_shot": 1}, seed=seed)
-    result = finetune(tiny_checkpoint, [shot_path, second], tmp_path / "adapter", config)
+    result, scores = _two_shot_run_and_detector_scores(tiny_checkpoint, shot_path, tmp_path, phase=2.0,
+                                                       calibration_views_per_shot=1, seed=seed)
+    assert scores == pytest.approx(result.calibration.scores, rel=1e-5)
+
+
+def _two_shot_run_and_detector_scores(tiny_checkpoint, shot_path, tmp_path, phase: float, **config):
+    """A 2-step run on `shot_path` and a second shot, and the loaded detector's scores of both at the calibration's N."""
+    second = tmp_path / "second.png"
+    _smooth_image(phase=phase).save(second)
+    result = finetune(tiny_checkpoint, [shot_path, second], tmp_path / "out",
+                      FinetuneConfig(**{**FAST, "num_steps": 2, **config}))
     detector = load_detector(result.output_dir, device="cpu")
     scores = [detector(str(shot), num_masks=FAST["calibration_num_masks"])["score"] for shot in (shot_path, second)]
-    assert scores == pytest.approx(result.calibration.scores, rel=1e-5)
+    return result, scores
 
 
 def _run_python(code: str, env: dict[str, str]) -> str:
@@ -420,12 +427,8 @@ def test_a_damaged_base_is_one_error_before_training(tiny_checkpoint, shot_path,
 
 
 def test_without_augmentation_the_calibration_scores_the_shots_as_they_are(tiny_checkpoint, shot_path, tmp_path):
-    second = tmp_path / "second.png"
-    _smooth_image(phase=1.0).save(second)
-    config = FinetuneConfig(**{**FAST, "num_steps": 2, "calibration_views_per_shot": 4}, augment=False)
-    result = finetune(tiny_checkpoint, [shot_path, second], tmp_path / "out", config)
-    detector = load_detector(result.output_dir, device="cpu")
-    scores = [detector(str(shot), num_masks=FAST["calibration_num_masks"])["score"] for shot in (shot_path, second)]
+    result, scores = _two_shot_run_and_detector_scores(tiny_checkpoint, shot_path, tmp_path, phase=1.0,
+                                                       calibration_views_per_shot=4, augment=False)
     assert scores == pytest.approx(result.calibration.scores, rel=1e-5)  # one view per shot: no crop, no rotation
     recorded = json.loads((result.output_dir / "calibration.json").read_text())
     assert recorded["augmented"] is False and recorded["num_views_per_shot"] == 1

@@ -36,17 +36,15 @@ def _create_file(path: Path) -> None:
 
 def make_partial_dir(parent: str | os.PathLike, prefix: str) -> Path:
     """A new empty folder `parent/<prefix><random>`, with the permissions `Path.mkdir` gives; `parent` is created."""
-    parent = Path(parent)
-    parent.mkdir(parents=True, exist_ok=True)
-    return _create_fresh(parent, prefix, "", Path.mkdir)
+    Path(parent).mkdir(parents=True, exist_ok=True)
+    return _create_fresh(Path(parent), prefix, "", Path.mkdir)
 
 
 def make_partial_file(parent: str | os.PathLike, prefix: str) -> Path:
     """A new empty file `parent/<prefix><random>` (created exclusively, with the permissions `open(path, "w")`
-    gives), to be written and renamed into place by the caller."""
-    parent = Path(parent)
-    parent.mkdir(parents=True, exist_ok=True)
-    return _create_fresh(parent, prefix, "", _create_file)
+    gives), to be written and renamed into place by the caller; `parent` is created."""
+    Path(parent).mkdir(parents=True, exist_ok=True)
+    return _create_fresh(Path(parent), prefix, "", _create_file)
 
 
 def write_atomically(path: str | os.PathLike, write: Callable[[str], None]) -> Path:

@@ -47,7 +47,7 @@ from transformers.trainer_callback import PrinterCallback
 from transformers.dynamic_module_utils import custom_object_save
 
 from .adapter_model import ADAPTER_CONFIG_KEY, ADAPTER_SUBFOLDER, MaedayAdapterForPreTraining
-from .atomic_io import replace_folder
+from .atomic_io import make_partial_dir, replace_folder
 from .calibration import Calibration, calibrate_threshold
 from .lora import add_lora, make_lora_config
 from .masking import require_visible_patches, validate_mask_ratio, validate_positive_int, validate_seed
@@ -308,12 +308,12 @@ def _precision_resolved_arguments(config: FinetuneConfig, output_dir: str | os.P
         bf16 = runs_bfloat16_natively(probe.device)
     arguments = _training_arguments(config, output_dir, bf16=bf16, use_cpu=use_cpu) if bf16 or use_cpu else probe
     if not bf16:
-        keep_fp16 = launcher_precision == "fp16" and config.bf16 is None and not use_cpu
-        if launcher_precision == "fp16" and config.bf16 is None and use_cpu:
+        launcher_fp16 = launcher_precision == "fp16" and config.bf16 is None
+        if launcher_fp16 and use_cpu:
             logger.warning("fp16 mixed precision does not run on the CPU (accelerate ignores it); training in float32.")
         # A launcher's fp16 on a GPU stays (the Trainer loop scales its loss); otherwise float32, also over a
         # launcher's bf16/fp16 that FinetuneConfig.bf16=False overrides.
-        arguments.mixed_precision = "fp16" if keep_fp16 else "no"
+        arguments.mixed_precision = "fp16" if launcher_fp16 and not use_cpu else "no"
     return arguments
 
 
@@ -454,10 +454,8 @@ def _move_into_place(partial: Path, output_dir: Path) -> None:
     except OSError:
         if not output_dir.exists():
             raise
-        stem = f"{output_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-        kept = next(candidate for candidate in (output_dir.with_name(f"{stem}{suffix}") for suffix in
-                                                ("", *(f"-{n}" for n in range(1, 1000)))) if not candidate.exists())
-        os.rename(partial, kept)
+        kept = make_partial_dir(output_dir.parent, f"{output_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}-")
+        os.rename(partial, kept)  # (onto the fresh, empty folder: a name nobody else has)
         raise FileExistsError(
             f"Output folder {os.fspath(output_dir)!r} appeared while training (left as it is); the run was written "
             f"to {os.fspath(kept)!r} instead."

@@ -455,7 +455,7 @@ def _check_category_splits(name: str, splits: datasets.DatasetDict, config: Prot
     shots_needed = any(k > 0 for k in config.shots)
     if shots_needed and train is not None and "label" in train.column_names and any(train["label"]):
         raise ValueError(
-            f"Category {name!r}: {sum(splits['train']['label'])} training images are labelled anomaly; the shots "
+            f"Category {name!r}: {sum(train['label'])} training images are labelled anomaly; the shots "
             f"(and PatchCore's memory bank) must be normal images."
         )
     test = splits["test"]
