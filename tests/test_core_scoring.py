@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import make_tiny_model
 from maeday_hf.masking import make_mask_noise
 from maeday_hf.reconstruction import patches_to_image, squared_error_per_patch_pixel
-from maeday_hf.scoring import gaussian_filter, gaussian_kernel1d, maeday_anomaly_maps
+from maeday_hf.scoring import _chunks, gaussian_filter, gaussian_kernel1d, maeday_anomaly_maps
 
 
 def reference_gaussian_filter(image: np.ndarray, kernel_size: int = 7, sigma: float = 1.4) -> np.ndarray:
@@ -96,6 +97,59 @@ def test_anomaly_map_and_score_match_the_paper_reference(norm_pix_loss, mask_rat
     np.testing.assert_allclose(outputs["anomaly_map"][0].numpy(), expected_map, rtol=1e-5, atol=1e-6)
     assert outputs["pred_score"][0].item() == pytest.approx(expected_score, rel=1e-5)
     np.testing.assert_allclose(outputs["uncertainty_map"][0].numpy(), filtered_maps.std(axis=0), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("mask_batch_size", [1, 4, 6, 12, 100])
+def test_every_images_map_and_spread_match_the_reference_whatever_the_chunks(mask_batch_size):
+    # Several images per chunk (12, 100), one image per chunk (6), runs of one image's masks (1, 4).
+    model = make_tiny_model(seed=3).double()
+    pixel_values = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    noise = make_mask_noise(6, 16, 0.75, "random", seed=2)
+    outputs = maeday_anomaly_maps(
+        model, pixel_values, noise, 0.75, mask_batch_size=mask_batch_size, return_uncertainty=True
+    )
+    for index in range(3):
+        expected_map, _, filtered_maps = reference_maeday(model, pixel_values[index : index + 1], noise, 0.75)
+        np.testing.assert_allclose(outputs["anomaly_map"][index].numpy(), expected_map, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(
+            outputs["uncertainty_map"][index].numpy(), filtered_maps.std(axis=0), rtol=1e-7, atol=1e-10
+        )
+
+
+@pytest.mark.parametrize(("batch_size", "num_masks", "mask_batch_size"), [(5, 4, 9), (3, 6, 4), (2, 7, 7), (1, 3, 1)])
+def test_chunks_cover_every_pair_once_and_never_mix_part_of_an_image_with_another(batch_size, num_masks, mask_batch_size):
+    seen = []
+    for first_image, end_image, first_mask, end_mask in _chunks(batch_size, num_masks, mask_batch_size):
+        assert (end_image - first_image) * (end_mask - first_mask) <= mask_batch_size
+        assert end_image - first_image == 1 or (first_mask, end_mask) == (0, num_masks)
+        seen += [(image, mask) for image in range(first_image, end_image) for mask in range(first_mask, end_mask)]
+    assert sorted(seen) == [(image, mask) for image in range(batch_size) for mask in range(num_masks)]
+    assert len(seen) == len(set(seen))
+
+
+class _RecordedOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("mask_batch_size", [4, 5, 24])
+def test_errors_are_summed_per_image_without_scattered_adds(mask_batch_size):
+    # On CUDA, index_add_ / scatter_add / accumulating index_put_ add through atomics in no fixed order: the same
+    # seed would give maps that differ in their last bits from run to run. Plain reductions do not.
+    model = make_tiny_model(seed=5)
+    pixel_values = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    noise = make_mask_noise(6, 16, 0.75, seed=1)
+    recorded = _RecordedOps()
+    with recorded:
+        maeday_anomaly_maps(model, pixel_values, noise, 0.75, mask_batch_size=mask_batch_size, return_uncertainty=True)
+    assert "convolution" in recorded.names  # (the recorder sees the model's ops)
+    assert not recorded.names & {"index_add", "index_add_", "scatter_add", "scatter_add_", "index_put", "index_put_",
+                                 "put", "put_", "scatter_reduce", "scatter_reduce_", "_index_put_impl_"}
 
 
 def test_mask_ratio_zero_sees_everything_so_masks_do_not_matter():

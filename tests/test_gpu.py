@@ -14,8 +14,10 @@ from transformers import ViTImageProcessor, pipeline
 from conftest import TINY_IMAGE_SIZE, make_tiny_model
 from maeday_hf.finetune import FinetuneConfig, build_trainer
 from maeday_hf.lora import add_lora, make_lora_config
+from maeday_hf.masking import make_mask_noise
 from maeday_hf.pipeline import DeviceNormalization
 from maeday_hf.reconstruction import mask_ratio_set_to
+from maeday_hf.scoring import maeday_anomaly_maps
 from maeday_hf.shot_views import ShotViews
 from maeday_hf.step_loop import run_steps
 
@@ -103,3 +105,17 @@ def test_gpu_graph_steps_with_timing_logged_equal_eager_steps(tmp_path, caplog):
     caplog.set_level("INFO", logger="maeday_hf.step_loop")
     test_cuda_graph_steps_equal_eager_steps(False, 3, tmp_path)
     assert "eager steps and the capture took" in caplog.text
+
+
+@pytest.mark.parametrize("mask_batch_size", [100, 7])  # images split across chunks under the old plan; masks split
+def test_gpu_maps_and_spread_repeat_bit_for_bit(mask_batch_size):
+    model = make_tiny_model(seed=5).cuda()
+    pixel_values = torch.randn(9, 3, 32, 32, generator=torch.Generator().manual_seed(2)).cuda()
+    noise = make_mask_noise(24, 16, 0.75, seed=1)
+    runs = [
+        maeday_anomaly_maps(model, pixel_values, noise, 0.75, mask_batch_size=mask_batch_size, return_uncertainty=True)
+        for _ in range(3)
+    ]
+    for run in runs[1:]:
+        for key in ("anomaly_map", "uncertainty_map", "pred_score"):
+            assert torch.equal(run[key], runs[0][key]), key

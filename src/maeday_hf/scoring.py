@@ -89,7 +89,8 @@ def maeday_anomaly_maps(
 
     Every image gets the same N masks (the rows of `noise`), so an image's result does not depend on what it is
     batched with. The `batch_size * N` (image, mask) pairs run through the model in chunks of at most
-    `mask_batch_size`, and their error maps are accumulated per image, so memory does not grow with N.
+    `mask_batch_size` (whole images, or runs of one image's masks), and their error maps are summed per image by
+    plain reductions, so memory does not grow with N and a seed gives the same maps bit for bit on every run.
 
     Args:
         model (`ViTMAEForPreTraining`): left unchanged (its mask ratio is set only for this call).
@@ -126,34 +127,27 @@ def maeday_anomaly_maps(
     )
     if mask_batch_size is None:
         mask_batch_size = default_mask_batch_size(device)
-    num_pairs = batch_size * num_masks
     with mask_ratio_set_to(model, mask_ratio):
-        for start in range(0, num_pairs, mask_batch_size):
-            stop = min(start + mask_batch_size, num_pairs)
-            chunk = torch.arange(start, stop, device=device)
-            image_index, mask_index = chunk // num_masks, chunk % num_masks
-            # The chunk's images are consecutive: each is embedded once, whatever number of its masks is in the chunk.
-            first_image, end_image = start // num_masks, (stop - 1) // num_masks + 1
+        for first_image, end_image, first_mask, end_mask in _chunks(batch_size, num_masks, mask_batch_size):
+            num_chunk_images, num_chunk_masks = end_image - first_image, end_mask - first_mask
+            # Each of the chunk's images is embedded once, for all of its masks in the chunk.
+            image_index = torch.arange(num_chunk_images, device=device).repeat_interleave(num_chunk_masks)
             predicted = predict_patches(
-                model, pixel_values[first_image:end_image], noise[mask_index], bf16=bf16,
-                image_index=image_index - first_image, upcast=False,
+                model, pixel_values[first_image:end_image], noise[first_mask:end_mask].repeat(num_chunk_images, 1),
+                bf16=bf16, image_index=image_index, upcast=False,
             )
-            num_chunk_images = end_image - first_image
-            if stop - start == num_chunk_images * num_masks:
-                # Whole images: each one's N predictions against its target, broadcast (no gathered copies), and
-                # summed over the masks in one reduction.
-                errors = squared_error_per_patch_pixel(
-                    model, predicted.unflatten(0, (num_chunk_images, num_masks)),
-                    target_patches[first_image:end_image, None],
-                )
-                error_sum[first_image:end_image] += errors.sum(dim=1)
-                errors = errors.flatten(0, 1)
-            else:
-                errors = squared_error_per_patch_pixel(model, predicted, target_patches[image_index])
-                error_sum.index_add_(0, image_index, errors)
+            # Each image's predictions against its target, broadcast (no gathered copies), summed over the masks in
+            # one reduction: a plain sum, the same on every run (a scattered add would follow the order of CUDA's
+            # atomics).
+            errors = squared_error_per_patch_pixel(
+                model, predicted.unflatten(0, (num_chunk_images, num_chunk_masks)),
+                target_patches[first_image:end_image, None],
+            )
+            error_sum[first_image:end_image] += errors.sum(dim=1)
             if spread is not None:
-                error_maps = patches_to_image(model, errors, height, width)
-                spread.update(image_index, gaussian_filter(error_maps, kernel_size, sigma))
+                error_maps = patches_to_image(model, errors.flatten(0, 1), height, width)
+                filtered = gaussian_filter(error_maps, kernel_size, sigma)
+                spread.update(first_image, filtered.unflatten(0, (num_chunk_images, num_chunk_masks)))
 
     anomaly_map = gaussian_filter(patches_to_image(model, error_sum / num_masks, height, width), kernel_size, sigma)
     outputs = {"anomaly_map": anomaly_map, "pred_score": image_scores(anomaly_map)}
@@ -161,6 +155,20 @@ def maeday_anomaly_maps(
         outputs["uncertainty_map"] = spread.std()
     return outputs
 
+
+def _chunks(batch_size: int, num_masks: int, mask_batch_size: int):
+    """The forward passes of `batch_size` images x `num_masks` masks, at most `mask_batch_size` pairs each:
+    `(first_image, end_image, first_mask, end_mask)`, whole images where `num_masks <= mask_batch_size`, else runs of
+    one image's masks. A chunk never holds part of an image's masks next to another image, so its errors are summed
+    per image by plain reductions."""
+    if num_masks <= mask_batch_size:
+        images_per_chunk = mask_batch_size // num_masks
+        for first_image in range(0, batch_size, images_per_chunk):
+            yield first_image, min(first_image + images_per_chunk, batch_size), 0, num_masks
+    else:
+        for image in range(batch_size):
+            for first_mask in range(0, num_masks, mask_batch_size):
+                yield image, image + 1, first_mask, min(first_mask + mask_batch_size, num_masks)
 
 
 class _RunningSpread:
@@ -174,18 +182,19 @@ class _RunningSpread:
         self.mean = torch.zeros_like(like)
         self.sum_squared_deviations = torch.zeros_like(like)
 
-    def update(self, image_index: torch.Tensor, maps: torch.Tensor) -> None:
-        chunk_count = torch.zeros_like(self.count).index_add_(0, image_index, torch.ones_like(image_index, dtype=maps.dtype))
-        chunk_sum = torch.zeros_like(self.mean).index_add_(0, image_index, maps)
-        present = chunk_count > 0
-        chunk_mean = chunk_sum / chunk_count.clamp_min(1)[:, None, None]
-        chunk_ssd = torch.zeros_like(self.mean).index_add_(0, image_index, (maps - chunk_mean[image_index]).square())
-        total = self.count + chunk_count
-        weight = torch.where(present, chunk_count / total.clamp_min(1), torch.zeros_like(total))[:, None, None]
-        delta = chunk_mean - self.mean
-        self.sum_squared_deviations += chunk_ssd + delta.square() * (self.count[:, None, None] * weight)
-        self.mean += delta * weight
-        self.count = total
+    def update(self, first_image: int, maps: torch.Tensor) -> None:
+        """Add `maps` of shape `(num_images, num_maps, height, width)`: `num_maps` more maps of each of the images
+        `first_image`, `first_image + 1`, ..."""
+        images = slice(first_image, first_image + maps.shape[0])
+        num_maps = maps.shape[1]
+        chunk_mean = maps.mean(dim=1)
+        chunk_ssd = (maps - chunk_mean[:, None]).square().sum(dim=1)
+        count = self.count[images]
+        weight = num_maps / (count + num_maps)
+        delta = chunk_mean - self.mean[images]
+        self.sum_squared_deviations[images] += chunk_ssd + delta.square() * (count * weight)[:, None, None]
+        self.mean[images] += delta * weight[:, None, None]
+        self.count[images] += num_maps
 
     def std(self) -> torch.Tensor:
         """Population standard deviation per pixel, `(batch_size, height, width)`."""
