@@ -251,3 +251,14 @@ def test_evaluate_modules_load_by_path_and_equal_functions():
     assert result["pixel_roc_auc"] == pytest.approx(expected.pixel_roc_auc, abs=1e-12)
     assert result["pixel_f1_max"] == pytest.approx(expected.pixel_f1_max, abs=1e-12)
     assert result["aupro"] == pytest.approx(expected.aupro, abs=1e-12)
+
+
+def test_pixel_evaluate_module_reads_sixteen_bit_masks():
+    masks, maps = random_category(3)
+    expected = compute_pixel_metrics(masks, maps, num_bins=None)
+    for anomalous_value in (1, 256, 65535):  # a 16-bit PNG mask's white is 65535; 256 would wrap to 0 in uint8
+        pixel_metric = evaluate.load(METRIC_PATHS["pixel_anomaly"], keep_in_memory=True)
+        references = [mask.astype(np.uint16) * anomalous_value for mask in masks]
+        assert pixel_metric.compute(predictions=maps, references=references, num_bins=None) == pytest.approx(
+            dict(vars(expected)), abs=1e-12
+        )

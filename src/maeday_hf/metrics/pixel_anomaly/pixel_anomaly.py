@@ -26,7 +26,8 @@ _DESCRIPTION = "Pixel-level ROC-AUC, F1-max and AUPRO (MVTec AD protocol, FPR up
 _KWARGS_DESCRIPTION = """
 Args:
     predictions (`list` of `(height, width)` float arrays): anomaly maps (`anomaly_map`), at the masks' size.
-    references (`list` of `(height, width)` int arrays): ground-truth masks (`gt_mask`), non-zero is anomalous.
+    references (`list` of `(height, width)` arrays of 0 to 65535): ground-truth masks (`gt_mask`, bool, 8- or
+        16-bit), non-zero is anomalous.
     max_fpr (`float`, defaults to 0.3): AUPRO integration limit; the area is divided by it.
     num_bins (`int` or `None`, defaults to 65536): histogram bins; `None` sorts all pixels for exact values.
     connectivity (`int`, defaults to 8): neighbourhood of the ground-truth regions for AUPRO.
@@ -53,7 +54,8 @@ class PixelAnomaly(evaluate.Metric):
             features=datasets.Features(
                 {
                     "predictions": datasets.Sequence(datasets.Sequence(datasets.Value("float32"))),
-                    "references": datasets.Sequence(datasets.Sequence(datasets.Value("uint8"))),
+                    # uint16: 8- and 16-bit masks alike (a 16-bit mask's 256 or 65535 does not fit uint8).
+                    "references": datasets.Sequence(datasets.Sequence(datasets.Value("uint16"))),
                 }
             ),
         )
