@@ -268,3 +268,55 @@ def test_a_file_name_that_is_not_utf8_is_scored_and_listed_as_it_is(tmp_path, ti
                  "--device", "cpu"]) == 0
     assert raw_name in (out / "scores.csv").read_bytes()
     assert len(list((out / "heatmaps").iterdir())) == 1
+
+
+@pytest.fixture
+def image_server(tmp_path):
+    """A local HTTP server for the files of a fresh folder: `(folder, base URL)`."""
+    import functools
+    import http.server
+    import threading
+
+    served = tmp_path / "served"
+    served.mkdir()
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):  # (the server's request log would go to the stderr the tests read)
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(served)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield served, f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_image_urls_are_scored_like_the_same_files(synthetic_root, tiny_checkpoint, tmp_path, image_server):
+    served, base = image_server
+    local = synthetic_root / "stripes" / "test" / "hole" / "000.png"
+    (served / "a b.png").write_bytes(local.read_bytes())
+    url = f"{base}/a%20b.png?token=1"
+    common = ["--model", tiny_checkpoint, "--num-masks", "3", "--device", "cpu", "--quiet"]
+    assert main(["detect", url, str(local), "--out", str(tmp_path / "both"), *common]) == 0
+    with open(tmp_path / "both" / "scores.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["path"] for row in rows] == [url, str(local)]
+    assert rows[0]["score"] == rows[1]["score"]
+    assert sorted(p.name for p in (tmp_path / "both" / "heatmaps").iterdir()) == ["000.png", "a_b.png"]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "both" / "heatmaps" / "a_b.png")),
+                          np.asarray(Image.open(tmp_path / "both" / "heatmaps" / "000.png")))
+
+
+def test_a_bad_url_prints_one_line_before_the_model_loads(tmp_path, image_server, capsys):
+    served, base = image_server
+    (served / "page.html").write_text("<html>not an image</html>")
+    for url, fragment in ((f"{base}/missing.png", "HTTP 404"), (f"{base}/page.html", "as an image")):
+        out = tmp_path / "out"
+        # A model that does not exist: the URL's error comes first.
+        assert main(["detect", url, "--model", str(tmp_path / "no-model"), "--out", str(out), "--quiet"]) == 2
+        error = capsys.readouterr().err.strip()
+        assert len(error.splitlines()) == 1 and fragment in error and url in error and "Traceback" not in error
+        assert not out.exists()
+    assert main(["detect", f"{base}/x.png", "--timeout", "0", "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    assert "--timeout must be" in capsys.readouterr().err

@@ -16,15 +16,17 @@ import re
 import shutil
 import sys
 import tempfile
+import urllib.parse
 from collections.abc import Sequence
-from pathlib import Path
+from contextlib import ExitStack
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from .atomic_io import make_partial_dir, make_partial_file, replace_folder
-from .images import IMAGE_SUFFIXES
+from .images import IMAGE_SUFFIXES, is_url
 from .masking import MASK_SCHEDULES
 from .pipeline import DEFAULT_CHECKPOINT, DEFAULT_MASK_RATIO, DEFAULT_NUM_MASKS
 from .step_loop import GraphCaptureError
@@ -38,13 +40,15 @@ class CommandError(Exception):
     """An error in the user's input, printed as one line."""
 
 
-def collect_images(inputs: Sequence[str], exclude: str | os.PathLike | None = None) -> list[tuple[Path, str]]:
-    """Expand files and folders (recursively) into `(path, output name)` pairs, sorted, names unique.
+def collect_images(inputs: Sequence[str], exclude: str | os.PathLike | None = None) -> list[tuple[Path | str, str]]:
+    """Expand files, folders (recursively) and image URLs into `(path or URL, output name)` pairs, names unique.
 
-    Names are paths relative to the inputs' common folder, `__` for separators: `maeday detect data/*/test` names
-    `data/wood/test/crack/000.png` `wood__test__crack__000` (MVTec has `test/good/000.png` and `test/crack/000.png`).
-    In folders, hidden files and folders (`.name`: macOS `._x.png` resource forks, `.ipynb_checkpoints`) and anything
-    under `exclude` (the heatmaps folder, so a second run does not score the first one's heatmaps) are skipped.
+    Names are paths relative to the local inputs' common folder, `__` for separators: `maeday detect data/*/test`
+    names `data/wood/test/crack/000.png` `wood__test__crack__000` (MVTec has `test/good/000.png` and
+    `test/crack/000.png`); a URL is named by its file name (`https://host/a/b%20c.png?x=1` -> `b_c`). A folder's
+    images come sorted. In folders, hidden files and folders (`.name`: macOS `._x.png` resource forks,
+    `.ipynb_checkpoints`) and anything under `exclude` (the heatmaps folder, so a second run does not score the
+    first one's heatmaps) are skipped.
     """
     excluded = Path(os.path.realpath(exclude)) if exclude is not None else None
 
@@ -55,11 +59,13 @@ def collect_images(inputs: Sequence[str], exclude: str | os.PathLike | None = No
             return False
         return excluded is None or not Path(os.path.realpath(path)).is_relative_to(excluded)
 
-    found: list[Path] = []
+    found: list[Path | str] = []
     roots: list[Path] = []
     for entry in inputs:
         path = Path(entry)
-        if path.is_dir():
+        if is_url(entry):
+            found.append(entry)
+        elif path.is_dir():
             images = sorted(p for p in path.rglob("*") if wanted(p, path))
             if not images:
                 raise CommandError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in folder {entry!r}")
@@ -70,16 +76,27 @@ def collect_images(inputs: Sequence[str], exclude: str | os.PathLike | None = No
             roots.append(path.parent)
         else:
             raise CommandError(f"input {entry!r} does not exist (expected an image file or a folder of images)")
-    common = Path(os.path.commonpath([os.path.abspath(root) for root in roots]))
-    images = [
-        (path, _fitting_name("__".join(Path(os.path.abspath(path)).relative_to(common).with_suffix("").parts)))
-        for path in found
-    ]
+    common = Path(os.path.commonpath([os.path.abspath(root) for root in roots])) if roots else None
+
+    def name_of(path: Path | str) -> str:
+        if isinstance(path, str):
+            return _url_name(path)
+        return _fitting_name("__".join(Path(os.path.abspath(path)).relative_to(common).with_suffix("").parts))
+
+    images = [(path, name_of(path)) for path in found]
     names = [name for _, name in images]
     if len(set(names)) != len(names):
         # The same file given twice, or a.png next to a.jpg: a running index keeps names unique.
         images = [(path, f"{index:05d}_{name}") for index, (path, name) in enumerate(images)]
     return images
+
+
+def _url_name(url: str) -> str:
+    """A heatmap name for an image URL: its file name without suffix, characters a file name cannot hold replaced."""
+    parts = urllib.parse.urlsplit(url)
+    stem = PurePosixPath(urllib.parse.unquote(parts.path)).stem
+    name = re.sub(r"[^\w.-]+", "_", stem).strip("._") or re.sub(r"[^\w.-]+", "_", parts.netloc).strip("._")
+    return _fitting_name(name or "image")
 
 
 def one_line_message(error: BaseException) -> str:
@@ -131,11 +148,9 @@ class _PathDataset(torch.utils.data.Dataset):
 
 
 def run_detect(args: argparse.Namespace) -> int:
-    from .images import load_rgb_image
+    from .images import decode_image_bytes, download
     from .masking import validate_positive_int
-    from .modeling import load_detector
     from .pipeline import split_call_parameters
-    from .visualize import finite_max, overlay_heatmap
 
     call_kwargs = dict(
         num_masks=args.num_masks,
@@ -159,10 +174,38 @@ def run_detect(args: argparse.Namespace) -> int:
         raise CommandError(f"{os.fspath(out_dir / 'scores.csv')!r} is not a file; the scores would have nowhere to go")
     images = collect_images(args.inputs, exclude=out_dir / "heatmaps")  # what a previous run wrote
     heatmaps_dir = Path(os.path.realpath(out_dir / "heatmaps"))  # (links resolved: the folder the swap replaces)
-    inside = [path for path, _ in images if Path(os.path.realpath(path)).is_relative_to(heatmaps_dir)]
+    inside = [
+        path for path, _ in images if isinstance(path, Path) and Path(os.path.realpath(path)).is_relative_to(heatmaps_dir)
+    ]
     if inside:
         raise CommandError(f"input {os.fspath(inside[0])!r} is in {os.fspath(out_dir / 'heatmaps')!r}, which this run "
                            f"replaces with its heatmaps; move the images or choose another --out")
+    if not args.timeout > 0:
+        raise CommandError(f"--timeout must be a number of seconds > 0, got {args.timeout}")
+    with ExitStack() as cleanup:
+        # Each URL is downloaded once, before the model loads (a bad URL fails fast), and then scored and drawn from
+        # that copy; scores.csv lists the URL.
+        downloads = None
+        sources = []
+        for index, (path, _) in enumerate(images):
+            if isinstance(path, str):
+                if downloads is None:
+                    downloads = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="maeday-urls-")))
+                data = download(path, args.timeout)
+                decode_image_bytes(data, path)  # not an image: one line naming the URL, now
+                (downloads / str(index)).write_bytes(data)
+                sources.append(downloads / str(index))
+            else:
+                sources.append(path)
+        return _detect(args, call_kwargs, out_dir, images, sources)
+
+
+def _detect(args, call_kwargs, out_dir: Path, images: list[tuple[Path | str, str]], sources: list[Path]) -> int:
+    """Score `sources` (local files; `images` holds what the user named, and the output names) into `out_dir`."""
+    from .images import load_rgb_image
+    from .modeling import load_detector
+    from .visualize import finite_max, overlay_heatmap
+
     detector = load_detector(args.model, device=args.device, base_model=args.base_model)
 
     # A map-style dataset in gives an iterator out: results stream while the bar advances, and workers (threads on a
@@ -170,7 +213,7 @@ def run_detect(args: argparse.Namespace) -> int:
     on_gpu = detector.device.type == "cuda"
     batch_size = args.batch_size if args.batch_size is not None else (None if on_gpu else 8)  # None: the pipeline's
     results = detector(
-        _PathDataset([str(path) for path, _ in images]), batch_size=batch_size, num_workers=args.num_workers,
+        _PathDataset([str(source) for source in sources]), batch_size=batch_size, num_workers=args.num_workers,
         **call_kwargs,
     )
     rows = []
@@ -189,9 +232,9 @@ def run_detect(args: argparse.Namespace) -> int:
                 rows.append((str(path), result["score"], result.get("label")))
                 np.save(Path(maps_dir) / f"{index}.npy", result["anomaly_map"])
                 vmax = max(vmax, finite_max(result["anomaly_map"]))
-            for index, (path, name) in enumerate(images):
+            for index, ((_, name), source) in enumerate(zip(images, sources)):
                 anomaly_map = np.load(Path(maps_dir) / f"{index}.npy")
-                overlay = overlay_heatmap(load_rgb_image(path), anomaly_map, vmin=0.0, vmax=vmax)
+                overlay = overlay_heatmap(load_rgb_image(source), anomaly_map, vmin=0.0, vmax=vmax)
                 overlay.save(partial / f"{name}.png", format="PNG")
         # A label column when labels exist: from --threshold or from a fine-tune's calibrated threshold.
         with_labels = any(label is not None for _, _, label in rows)
@@ -222,7 +265,7 @@ def run_synthetic(args: argparse.Namespace) -> int:
 
 def add_detect_parser(subparsers) -> None:
     parser = subparsers.add_parser("detect", help="zero-/few-shot anomaly maps and scores for images")
-    parser.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
+    parser.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) and/or image URLs")
     parser.add_argument("--model", default=DEFAULT_CHECKPOINT, help="Hub id or local ViTMAE/adapter folder")
     parser.add_argument("--base-model", default=None,
                         help="for an adapter: the base to merge into instead of the one it names (e.g. a moved copy)")
@@ -245,6 +288,8 @@ def add_detect_parser(subparsers) -> None:
     parser.add_argument("--precision", choices=tuple(BF16_OF_PRECISION), default="auto",
                         help="the model's forward; auto: bf16 where the device multiplies it in hardware (GPUs from "
                              "Ampere on, CPUs with AVX512-BF16/AMX), else fp32; maps stay fp32")
+    parser.add_argument("--timeout", type=float, default=60.0,
+                        help="seconds each image URL's download may take, in all (default: 60)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(handler=run_detect)
 

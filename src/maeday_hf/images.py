@@ -48,9 +48,15 @@ def _open_image_file(path: str | os.PathLike) -> Image.Image:
     return _decode(path, os.fspath(path))
 
 
-def _fetch_image(url: str, timeout: float | None) -> Image.Image:
-    """GET `url` (redirects followed). `timeout` (seconds) bounds the whole download, not only each wait for bytes (a
-    server trickling a byte at a time would pass that); None waits as long as it takes, as `load_image` does."""
+def download(url: str, timeout: float | None = None) -> bytes:
+    """GET `url` (redirects followed) and return its body. `timeout` (seconds) bounds the whole download, not only each
+    wait for bytes (a server trickling a byte at a time would pass that); None waits as long as it takes, as
+    `load_image` does.
+
+    Raises:
+        ValueError: an HTTP error status.
+        OSError: no connection, or not downloaded within `timeout`.
+    """
     from huggingface_hub.utils import httpx  # the HTTP client transformers fetches images with, whatever its version
 
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -67,8 +73,17 @@ def _fetch_image(url: str, timeout: float | None) -> Image.Image:
         raise ValueError(f"Cannot read image URL {url!r}: HTTP {status.status_code} {status.reason_phrase}.") from None
     except httpx.HTTPError as error:
         raise OSError(f"Cannot fetch image URL {url!r}: {str(error) or type(error).__name__}.") from None
-    body.seek(0)
-    return _decode(body, url)
+    return body.getvalue()
+
+
+def decode_image_bytes(data: bytes, name: str) -> Image.Image:
+    """Decode an image file's bytes (`name` says where they came from, in errors). Raises `ValueError` if they are not
+    a readable image."""
+    return _decode(io.BytesIO(data), name)
+
+
+def _fetch_image(url: str, timeout: float | None) -> Image.Image:
+    return decode_image_bytes(download(url, timeout), url)
 
 
 def array_to_rgb_image(array: np.ndarray) -> Image.Image:
