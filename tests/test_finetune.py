@@ -433,3 +433,40 @@ def test_without_augmentation_the_calibration_scores_the_shots_as_they_are(tiny_
     recorded = json.loads((result.output_dir / "calibration.json").read_text())
     assert recorded["augmented"] is False and recorded["num_views_per_shot"] == 1
     assert "each shot as is: the fine-tune used no augmentation" in (result.output_dir / "README.md").read_text()
+
+
+def test_an_adapter_on_a_base_with_other_weights_is_refused(trained, tmp_path, shot_path, capsys):
+    # Same geometry, other weights: the LoRA update and the calibrated threshold belong to the base it was trained on.
+    import shutil
+
+    from conftest import save_tiny_checkpoint
+    from maeday_hf.cli import main
+
+    other = save_tiny_checkpoint(tmp_path / "other", seed=7)
+    with pytest.raises(ValueError, match=r"does not hold the weights .* trained on"):
+        load_detector(trained.output_dir, device="cpu", base_model=other)
+    common = ["detect", str(shot_path), "--model", str(trained.output_dir), "--num-masks", "2", "--quiet"]
+    assert main([*common, "--out", str(tmp_path / "o"), "--base-model", other]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "fingerprint" in err and "--base-model" in err
+    # A folder written before the fingerprint was recorded loads on any base of its geometry, as it did.
+    older = tmp_path / "older"
+    shutil.copytree(trained.output_dir, older)
+    config = json.loads((older / "config.json").read_text())
+    config["maeday_adapter"].pop("base_fingerprint")
+    (older / "config.json").write_text(json.dumps(config))
+    assert load_detector(older, device="cpu", base_model=other)
+
+
+def test_the_base_fingerprint_reads_the_weights_not_where_they_load_from(tmp_path):
+    from maeday_hf.adapter_model import base_weights_fingerprint
+
+    model = make_tiny_model(seed=0)
+    copy = tmp_path / "copy"
+    model.save_pretrained(copy)
+    reloaded = ViTMAEForPreTraining.from_pretrained(copy)
+    assert base_weights_fingerprint(reloaded) == base_weights_fingerprint(model)
+    with torch.no_grad():
+        # One value that the sample reads: the last element of the largest tensor is not always in it, the first is.
+        model.vit.layers[0].attention.q_proj.weight[0, 0] += 1e-3
+    assert base_weights_fingerprint(reloaded) != base_weights_fingerprint(model)

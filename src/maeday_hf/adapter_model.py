@@ -23,6 +23,7 @@ inside `load_merged_model` (an adapter folder cannot be merged without it).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -37,7 +38,9 @@ from .pipeline import THRESHOLD_CONFIG_KEY, THRESHOLD_SETTINGS_CONFIG_KEY
 logger = logging.getLogger(__name__)
 
 ADAPTER_CONFIG_KEY = "maeday_adapter"
-"""`config.json` key marking an adapter folder: `{"subfolder": "adapter"}`."""
+"""`config.json` key marking an adapter folder: `{"subfolder": "adapter", "base_fingerprint": "..."}` (the
+fingerprint, `base_weights_fingerprint` of the base it was trained on, is absent in folders written before
+2026-11-29)."""
 ADAPTER_SUBFOLDER = "adapter"
 
 # Config fields that fix the shapes and meaning of the weights: an adapter only fits a base that agrees on all of them.
@@ -90,6 +93,49 @@ def check_base_matches(base_config: PretrainedConfig, adapter_folder_config: Pre
         )
 
 
+_FINGERPRINT_SAMPLES_PER_TENSOR = 4096
+
+
+def base_weights_fingerprint(model: torch.nn.Module) -> str:
+    """A short hash of a model's weights: every tensor's name and shape, and up to 4,096 of its values, evenly spaced,
+    as float32.
+
+    Two checkpoints that differ anywhere a fine-tune or another pretraining would change them differ here; loading the
+    same checkpoint again, from any folder or the Hub, gives the same fingerprint. A sample rather than every value
+    keeps it to milliseconds for ViT-H.
+    """
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(model.state_dict().items()):
+        values = tensor.detach().flatten()
+        if values.numel() > _FINGERPRINT_SAMPLES_PER_TENSOR:
+            step = values.numel() // _FINGERPRINT_SAMPLES_PER_TENSOR
+            values = values[::step][:_FINGERPRINT_SAMPLES_PER_TENSOR]
+        digest.update(f"{name}{tuple(tensor.shape)}".encode())
+        digest.update(values.to(device="cpu", dtype=torch.float32).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_base_weights(base: torch.nn.Module, adapter_folder_config: PretrainedConfig, base_name: str,
+                       adapter: str) -> None:
+    """Raise `ValueError` if the adapter folder records the fingerprint of the base it was trained on and `base` (loaded
+    in float32) holds other weights: its LoRA update and calibrated threshold belong to that base only."""
+    expected = getattr(adapter_folder_config, ADAPTER_CONFIG_KEY, {}).get("base_fingerprint")
+    if expected is None:
+        return
+    if next(base.parameters()).dtype != torch.float32:
+        # The fingerprint is of the float32 weights: a base loaded in half precision cannot be compared.
+        logger.info("Base %s loaded in %s: its weights are not compared with the adapter's record.", base_name,
+                    next(base.parameters()).dtype)
+        return
+    found = base_weights_fingerprint(base)
+    if found != expected:
+        raise ValueError(
+            f"The base model {base_name!r} does not hold the weights the adapter {adapter!r} was trained on (weights "
+            f"fingerprint {found}, the adapter records {expected}); its LoRA update and threshold would not fit them. "
+            f"Pass base_model= (`maeday detect --base-model`) a copy of the checkpoint it was trained on."
+        )
+
+
 def local_adapter_folder(
     adapter: str | os.PathLike, subfolder: str = ADAPTER_SUBFOLDER, revision: str | None = None, **hub_kwargs: Any
 ) -> str:
@@ -139,7 +185,8 @@ def load_merged_model(
         has one (or a `peft.PeftModel` when `merge=False`).
 
     Raises:
-        ValueError: the folder is not a MAEDAY adapter, or its base does not match.
+        ValueError: the folder is not a MAEDAY adapter, or its base does not match (in geometry, or in the weights
+            fingerprint the folder records).
     """
     from peft import PeftModel  # lazy: only adapter folders need PEFT
 
@@ -185,6 +232,7 @@ def load_merged_model(
             f"Cannot load the weights of the base model {base_name!r} of the adapter {adapter!r}: "
             f"{str(error).splitlines()[0]}"
         ) from error
+    check_base_weights(base, config, base_name, adapter)
     peft_model = PeftModel.from_pretrained(base, peft_folder)
     peft_model.eval()
     if not merge:

@@ -46,7 +46,12 @@ from transformers import AutoConfig, AutoImageProcessor, Trainer, TrainingArgume
 from transformers.trainer_callback import PrinterCallback
 from transformers.dynamic_module_utils import custom_object_save
 
-from .adapter_model import ADAPTER_CONFIG_KEY, ADAPTER_SUBFOLDER, MaedayAdapterForPreTraining
+from .adapter_model import (
+    ADAPTER_CONFIG_KEY,
+    ADAPTER_SUBFOLDER,
+    MaedayAdapterForPreTraining,
+    base_weights_fingerprint,
+)
 from .atomic_io import make_partial_dir, replace_folder
 from .calibration import Calibration, calibrate_threshold
 from .lora import add_lora, make_lora_config
@@ -571,15 +576,19 @@ def _write_folder(
     name: str,
     mixed_precision: str,
     num_processes: int = 1,
+    base_fingerprint: str | None = None,
 ) -> None:
-    """Everything but the weights/adapter (written before merging): config, processor, remote code, card, logs."""
+    """Everything but the weights/adapter (written before merging): config, processor, remote code, card, logs.
+    `base_fingerprint`: `base_weights_fingerprint` of the base, recorded for an adapter (checked when it is loaded)."""
     if config.full_finetune:
         folder_config = model.config
     else:
         folder_config = AutoConfig.from_pretrained(base_model)
         # The dtype the adapter was trained and calibrated with (a base saved in fp16 is still merged in float32).
         folder_config.dtype = model.dtype
-        setattr(folder_config, ADAPTER_CONFIG_KEY, {"subfolder": ADAPTER_SUBFOLDER})
+        setattr(folder_config, ADAPTER_CONFIG_KEY, {
+            "subfolder": ADAPTER_SUBFOLDER, "base_fingerprint": base_fingerprint,
+        })
         folder_config.auto_map = {
             "AutoModelForPreTraining": f"{MaedayAdapterForPreTraining.__module__.split('.')[-1]}."
             f"{MaedayAdapterForPreTraining.__name__}"
@@ -716,6 +725,7 @@ def finetune(
         ) from error
     if not is_vit_mae_for_pretraining(model):
         raise ValueError(f"{base_model!r} did not load as a ViTMAEForPreTraining with its decoder.")
+    base_fingerprint = base_weights_fingerprint(model)  # (before LoRA wraps its layers)
     pixel_values = image_processor(images=images, return_tensors="pt")["pixel_values"]
     num_patches = count_patches(model, pixel_values)
     require_visible_patches(num_patches, config.mask_ratio)
@@ -804,7 +814,7 @@ def finetune(
             _write_folder(
                 partial, merged, image_processor, recorded_base, recorded_config, calibration, shot_names, losses,
                 train_seconds, name=hub_model_id or output_dir.name, mixed_precision=trainer.args.mixed_precision,
-                num_processes=trainer.args.world_size,
+                num_processes=trainer.args.world_size, base_fingerprint=base_fingerprint,
             )
             if overwrite and not _holds_foreign_files(output_dir):  # (checked again: it may be new since the start)
                 replace_folder(partial, output_dir)
