@@ -318,6 +318,31 @@ def test_a_folder_that_appears_during_training_is_left_alone(tiny_checkpoint, sh
     assert (kept / "training_log.json").is_file() and kept.parent == tmp_path
 
 
+def test_two_runs_into_the_same_output_at_once_do_not_touch_each_others_work(tiny_checkpoint, shot_files, tmp_path,
+                                                                              monkeypatch):
+    import maeday_hf.finetune
+
+    out = tmp_path / "out"
+    original_calibrate = maeday_hf.finetune.calibrate_threshold
+    second_started = []
+
+    def calibrate_while_a_second_run_finishes(*args, **kwargs):
+        # The first run has written its adapter into its unfinished folder; the second starts and finishes now.
+        if not second_started:
+            second_started.append(True)
+            finetune(tiny_checkpoint, shot_files[:1], out, FinetuneConfig(**{**TINY, "seed": 1}))
+        return original_calibrate(*args, **kwargs)
+
+    monkeypatch.setattr(maeday_hf.finetune, "calibrate_threshold", calibrate_while_a_second_run_finishes)
+    with pytest.raises(FileExistsError, match="appeared while training") as raised:
+        finetune(tiny_checkpoint, shot_files[:1], out, FinetuneConfig(**TINY))
+    assert json.loads((out / "training_log.json").read_text())["recipe"]["seed"] == 1  # the second run's, whole
+    kept = Path(str(raised.value).rsplit("'", 2)[-2])  # the first run's, complete, beside it
+    assert json.loads((kept / "training_log.json").read_text())["recipe"]["seed"] == 0
+    assert load_detector(kept, device="cpu") and load_detector(out, device="cpu")
+    assert not list(tmp_path.glob(".out.partial*"))
+
+
 def test_shots_given_as_a_set_or_a_generator_are_read_once_and_checked(tiny_checkpoint, shot_files, tmp_path,
                                                                         no_training):
     shots = tmp_path / "data"

@@ -35,6 +35,7 @@ import logging
 import math
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -730,7 +731,6 @@ def finetune(
     num_patches = count_patches(model, pixel_values)
     require_visible_patches(num_patches, config.mask_ratio)
 
-    partial = output_dir.with_name(f".{output_dir.name}.partial")
     if config.full_finetune:
         # Every weight MAE trains is trained; its fixed sin-cos position embeddings stay frozen, as in MAE (loading
         # a checkpoint can hand them back as trainable parameters, so freeze them explicitly).
@@ -757,11 +757,13 @@ def finetune(
         min_crop_scale=config.min_crop_scale,
         max_rotation_degrees=config.max_rotation_degrees,
     )
-    trainer = build_trainer(trained, model, views, config, partial)
+    # The Trainer saves nothing during training, but creates its output_dir: each process gets a throwaway one.
+    trainer_dir = tempfile.TemporaryDirectory(prefix="maeday-trainer-")
+    trainer = build_trainer(trained, model, views, config, trainer_dir.name)
     is_main = trainer.is_world_process_zero()
-    if is_main:
-        shutil.rmtree(partial, ignore_errors=True)  # left over by a killed run
-        partial.mkdir(parents=True)
+    # The run is written into a hidden folder of its own beside the output (a concurrent run into the same output,
+    # or a killed one's leftovers, cannot meet it) and renamed into place when complete.
+    partial = make_partial_dir(output_dir.parent, f".{output_dir.name}.partial-") if is_main else None
     try:
         start = time.perf_counter()
         with mask_ratio_set_to(model, config.mask_ratio):
@@ -825,6 +827,8 @@ def finetune(
         if is_main:
             shutil.rmtree(partial, ignore_errors=True)
         raise
+    finally:
+        trainer_dir.cleanup()
     trainer.accelerator.wait_for_everyone()
     if is_main and push_to_hub:
         try:
