@@ -408,6 +408,15 @@ def test_masks_of_any_mode_read_as_their_grey_level():
         "I;16 labels": Image.fromarray(defect.astype(np.uint16)),  # 0/1: a label image, not a grey level
         "1": Image.fromarray(defect),
     }
+    # Painted on a transparent background that holds white: the transparent pixels are not the defect.
+    opaque = np.where(defect, 255, 0).astype(np.uint8)
+    white = np.full_like(grey, 255)
+    modes["RGBA"] = Image.fromarray(np.stack([white, white, white, opaque], axis=-1), mode="RGBA")
+    modes["LA transparent"] = Image.fromarray(np.stack([white, opaque], axis=-1), mode="LA")
+    transparent_palette = Image.fromarray(np.where(defect, 0, 1).astype(np.uint8), mode="P")
+    transparent_palette.putpalette([255, 0, 0, 255, 255, 255] + [0, 0, 0] * 254)  # red defect, white background ...
+    transparent_palette.info["transparency"] = 1  # ... that is transparent
+    modes["P transparent"] = transparent_palette
     for mode, mask in modes.items():
         values = mask_array(mask)
         assert values.shape == defect.shape and np.array_equal(values > 0, defect), mode

@@ -46,10 +46,16 @@ _INTEGER_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
 def mask_array(mask: Image.Image) -> np.ndarray:
     """A ground-truth mask as the metrics read it, `(height, width)` uint8, non-zero where anomalous, whatever mode it
     was stored in: a palette mask by its colours (not its palette indices), RGB / LA / RGBA by their grey level, a
-    16- or 32-bit one by its values (0/1 labels as well as 0/65535)."""
+    16- or 32-bit one by its values (0/1 labels as well as 0/65535). Fully transparent pixels of a mask with alpha
+    (an annotation tool's layer: the defect painted on a transparent background, whatever colour that background
+    holds) are normal."""
     if mask.mode in _INTEGER_MODES:
         return (np.asarray(mask) != 0).astype(np.uint8) * 255
-    return np.asarray(to_rgb(mask).convert("L"))
+    grey = np.asarray(to_rgb(mask).convert("L"))
+    if mask.mode in ("RGBA", "RGBa", "LA", "La", "PA") or (mask.mode == "P" and "transparency" in mask.info):
+        alpha = np.asarray(mask.convert("RGBA").getchannel("A"))
+        grey = np.where(alpha > 0, grey, 0).astype(np.uint8)
+    return grey
 
 
 def check_mask(mask: dict | None, name: str) -> bool:
