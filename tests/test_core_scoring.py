@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from conftest import make_tiny_model
 from maeday_hf.masking import make_mask_noise
 from maeday_hf.reconstruction import patches_to_image, squared_error_per_patch_pixel
-from maeday_hf.scoring import _chunks, gaussian_filter, gaussian_kernel1d, maeday_anomaly_maps
+from maeday_hf.scoring import _runs, gaussian_filter, gaussian_kernel1d, maeday_anomaly_maps
 
 
 def reference_gaussian_filter(image: np.ndarray, kernel_size: int = 7, sigma: float = 1.4) -> np.ndarray:
@@ -99,9 +99,9 @@ def test_anomaly_map_and_score_match_the_paper_reference(norm_pix_loss, mask_rat
     np.testing.assert_allclose(outputs["uncertainty_map"][0].numpy(), filtered_maps.std(axis=0), rtol=1e-3, atol=1e-4)
 
 
-@pytest.mark.parametrize("mask_batch_size", [1, 4, 6, 12, 100])
+@pytest.mark.parametrize("mask_batch_size", [1, 4, 6, 9, 12, 100])
 def test_every_images_map_and_spread_match_the_reference_whatever_the_chunks(mask_batch_size):
-    # Several images per chunk (12, 100), one image per chunk (6), runs of one image's masks (1, 4).
+    # Whole images per chunk (6, 12, 100), parts of images next to others (4, 9), one pair per forward (1).
     model = make_tiny_model(seed=3).double()
     pixel_values = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     noise = make_mask_noise(6, 16, 0.75, "random", seed=2)
@@ -116,15 +116,22 @@ def test_every_images_map_and_spread_match_the_reference_whatever_the_chunks(mas
         )
 
 
-@pytest.mark.parametrize(("batch_size", "num_masks", "mask_batch_size"), [(5, 4, 9), (3, 6, 4), (2, 7, 7), (1, 3, 1)])
-def test_chunks_cover_every_pair_once_and_never_mix_part_of_an_image_with_another(batch_size, num_masks, mask_batch_size):
-    seen = []
-    for first_image, end_image, first_mask, end_mask in _chunks(batch_size, num_masks, mask_batch_size):
-        assert (end_image - first_image) * (end_mask - first_mask) <= mask_batch_size
+@pytest.mark.parametrize(("start", "stop", "num_masks"), [(0, 9, 4), (3, 14, 4), (5, 6, 4), (4, 12, 4), (2, 5, 7),
+                                                           (0, 21, 7), (6, 30, 6)])
+def test_runs_split_a_chunk_into_images_sharing_their_masks(start, stop, num_masks):
+    pairs = []
+    runs = list(_runs(start, stop, num_masks))
+    assert len(runs) <= 3
+    for first_image, end_image, first_mask, end_mask in runs:
         assert end_image - first_image == 1 or (first_mask, end_mask) == (0, num_masks)
-        seen += [(image, mask) for image in range(first_image, end_image) for mask in range(first_mask, end_mask)]
-    assert sorted(seen) == [(image, mask) for image in range(batch_size) for mask in range(num_masks)]
-    assert len(seen) == len(set(seen))
+        pairs += [(image, mask) for image in range(first_image, end_image) for mask in range(first_mask, end_mask)]
+    assert pairs == [divmod(pair, num_masks) for pair in range(start, stop)]  # every pair once, in the chunk's order
+
+
+def test_noise_without_masks_is_refused():
+    model = make_tiny_model(seed=5)
+    with pytest.raises(ValueError, match="no masks"):
+        maeday_anomaly_maps(model, torch.zeros(1, 3, 32, 32), torch.zeros(0, 16), 0.75)
 
 
 class _RecordedOps(TorchDispatchMode):

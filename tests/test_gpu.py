@@ -107,7 +107,7 @@ def test_gpu_graph_steps_with_timing_logged_equal_eager_steps(tmp_path, caplog):
     assert "eager steps and the capture took" in caplog.text
 
 
-@pytest.mark.parametrize("mask_batch_size", [100, 7])  # images split across chunks under the old plan; masks split
+@pytest.mark.parametrize("mask_batch_size", [100, 7])  # 24 masks: chunks with parts of images next to others
 def test_gpu_maps_and_spread_repeat_bit_for_bit(mask_batch_size):
     model = make_tiny_model(seed=5).cuda()
     pixel_values = torch.randn(9, 3, 32, 32, generator=torch.Generator().manual_seed(2)).cuda()

@@ -89,8 +89,8 @@ def maeday_anomaly_maps(
 
     Every image gets the same N masks (the rows of `noise`), so an image's result does not depend on what it is
     batched with. The `batch_size * N` (image, mask) pairs run through the model in chunks of at most
-    `mask_batch_size` (whole images, or runs of one image's masks), and their error maps are summed per image by
-    plain reductions, so memory does not grow with N and a seed gives the same maps bit for bit on every run.
+    `mask_batch_size`, and their error maps are summed per image by plain reductions (no scattered adds), so memory
+    does not grow with N and a seed gives the same maps bit for bit on every run.
 
     Args:
         model (`ViTMAEForPreTraining`): left unchanged (its mask ratio is set only for this call).
@@ -110,6 +110,8 @@ def maeday_anomaly_maps(
     """
     batch_size, _, height, width = pixel_values.shape
     num_masks = noise.shape[0]
+    if num_masks == 0:
+        raise ValueError("noise holds no masks (0 rows): MAEDAY averages N >= 1 masked reconstructions.")
     device = pixel_values.device
     noise = noise.to(device)
     # Errors in float32, or in float64 where the model or the pixels are: both branches below accumulate in it.
@@ -127,27 +129,32 @@ def maeday_anomaly_maps(
     )
     if mask_batch_size is None:
         mask_batch_size = default_mask_batch_size(device)
+    num_pairs = batch_size * num_masks
     with mask_ratio_set_to(model, mask_ratio):
-        for first_image, end_image, first_mask, end_mask in _chunks(batch_size, num_masks, mask_batch_size):
-            num_chunk_images, num_chunk_masks = end_image - first_image, end_mask - first_mask
-            # Each of the chunk's images is embedded once, for all of its masks in the chunk.
-            image_index = torch.arange(num_chunk_images, device=device).repeat_interleave(num_chunk_masks)
+        for start in range(0, num_pairs, mask_batch_size):
+            stop = min(start + mask_batch_size, num_pairs)
+            chunk = torch.arange(start, stop, device=device)
+            # The chunk's images are consecutive: each is embedded once, whatever number of its masks is in the chunk.
+            first_chunk_image = start // num_masks
             predicted = predict_patches(
-                model, pixel_values[first_image:end_image], noise[first_mask:end_mask].repeat(num_chunk_images, 1),
-                bf16=bf16, image_index=image_index, upcast=False,
+                model, pixel_values[first_chunk_image : (stop - 1) // num_masks + 1], noise[chunk % num_masks],
+                bf16=bf16, image_index=chunk // num_masks - first_chunk_image, upcast=False,
             )
-            # Each image's predictions against its target, broadcast (no gathered copies), summed over the masks in
-            # one reduction: a plain sum, the same on every run (a scattered add would follow the order of CUDA's
-            # atomics).
-            errors = squared_error_per_patch_pixel(
-                model, predicted.unflatten(0, (num_chunk_images, num_chunk_masks)),
-                target_patches[first_image:end_image, None],
-            )
-            error_sum[first_image:end_image] += errors.sum(dim=1)
-            if spread is not None:
-                error_maps = patches_to_image(model, errors.flatten(0, 1), height, width)
-                filtered = gaussian_filter(error_maps, kernel_size, sigma)
-                spread.update(first_image, filtered.unflatten(0, (num_chunk_images, num_chunk_masks)))
+            row = 0
+            for first_image, end_image, first_mask, end_mask in _runs(start, stop, num_masks):
+                # Images of this run of the chunk, the same masks each: their predictions against their targets,
+                # broadcast (no gathered copies), summed over the masks by a plain reduction, the same on every run
+                # (a scattered add, index_add_, would follow the order of CUDA's atomics).
+                shape = (end_image - first_image, end_mask - first_mask)
+                errors = squared_error_per_patch_pixel(
+                    model, predicted[row : row + shape[0] * shape[1]].unflatten(0, shape),
+                    target_patches[first_image:end_image, None],
+                )
+                row += shape[0] * shape[1]
+                error_sum[first_image:end_image] += errors.sum(dim=1)
+                if spread is not None:
+                    error_maps = patches_to_image(model, errors.flatten(0, 1), height, width)
+                    spread.update(first_image, gaussian_filter(error_maps, kernel_size, sigma).unflatten(0, shape))
 
     anomaly_map = gaussian_filter(patches_to_image(model, error_sum / num_masks, height, width), kernel_size, sigma)
     outputs = {"anomaly_map": anomaly_map, "pred_score": image_scores(anomaly_map)}
@@ -156,19 +163,20 @@ def maeday_anomaly_maps(
     return outputs
 
 
-def _chunks(batch_size: int, num_masks: int, mask_batch_size: int):
-    """The forward passes of `batch_size` images x `num_masks` masks, at most `mask_batch_size` pairs each:
-    `(first_image, end_image, first_mask, end_mask)`, whole images where `num_masks <= mask_batch_size`, else runs of
-    one image's masks. A chunk never holds part of an image's masks next to another image, so its errors are summed
-    per image by plain reductions."""
-    if num_masks <= mask_batch_size:
-        images_per_chunk = mask_batch_size // num_masks
-        for first_image in range(0, batch_size, images_per_chunk):
-            yield first_image, min(first_image + images_per_chunk, batch_size), 0, num_masks
-    else:
-        for image in range(batch_size):
-            for first_mask in range(0, num_masks, mask_batch_size):
-                yield image, image + 1, first_mask, min(first_mask + mask_batch_size, num_masks)
+def _runs(start: int, stop: int, num_masks: int):
+    """The (image, mask) pairs `start` to `stop` (pair `i` is image `i // num_masks`, mask `i % num_masks`) as at most
+    three runs of images that share their masks: `(first_image, end_image, first_mask, end_mask)`, in order. The
+    first and last can be parts of one image's masks; the middle one holds whole images."""
+    while start < stop:
+        image, mask = divmod(start, num_masks)
+        if mask == 0 and stop - start >= num_masks:
+            num_images = (stop - start) // num_masks
+            yield image, image + num_images, 0, num_masks
+            start += num_images * num_masks
+        else:
+            end_mask = min(num_masks, mask + stop - start)
+            yield image, image + 1, mask, end_mask
+            start += end_mask - mask
 
 
 class _RunningSpread:
