@@ -435,27 +435,52 @@ def test_without_augmentation_the_calibration_scores_the_shots_as_they_are(tiny_
     assert "each shot as is: the fine-tune used no augmentation" in (result.output_dir / "README.md").read_text()
 
 
-def test_an_adapter_on_a_base_with_other_weights_is_refused(trained, tmp_path, shot_path, capsys):
+def test_an_adapter_whose_named_base_holds_other_weights_is_refused(trained, tmp_path, shot_path, capsys, caplog):
     # Same geometry, other weights: the LoRA update and the calibrated threshold belong to the base it was trained on.
+    import logging
     import shutil
 
     from conftest import save_tiny_checkpoint
     from maeday_hf.cli import main
 
     other = save_tiny_checkpoint(tmp_path / "other", seed=7)
+    moved = tmp_path / "adapter-on-other"  # the base it names now holds another checkpoint
+    shutil.copytree(trained.output_dir, moved)
+    _edit_json(moved / "adapter" / "adapter_config.json", base_model_name_or_path=other)
     with pytest.raises(ValueError, match=r"does not hold the weights .* trained on"):
-        load_detector(trained.output_dir, device="cpu", base_model=other)
-    common = ["detect", str(shot_path), "--model", str(trained.output_dir), "--num-masks", "2", "--quiet"]
-    assert main([*common, "--out", str(tmp_path / "o"), "--base-model", other]) == 2
+        load_detector(moved, device="cpu")
+    common = ["detect", str(shot_path), "--num-masks", "2", "--quiet", "--device", "cpu"]
+    capsys.readouterr()  # (saving the other base drew a progress bar)
+    assert main([*common, "--model", str(moved), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "fingerprint" in err and "--base-model" in err
-    # A folder written before the fingerprint was recorded loads on any base of its geometry, as it did.
+    assert not (tmp_path / "o").exists()
+    # Chosen explicitly, another base loads, with a warning that names both fingerprints.
+    with caplog.at_level(logging.WARNING, logger="maeday_hf"):
+        assert load_detector(trained.output_dir, device="cpu", base_model=other)
+    assert "holds other weights" in caplog.text
+    # A folder written before the fingerprint was recorded loads as it did, warning about nothing.
     older = tmp_path / "older"
-    shutil.copytree(trained.output_dir, older)
+    shutil.copytree(moved, older)
     config = json.loads((older / "config.json").read_text())
     config["maeday_adapter"].pop("base_fingerprint")
     (older / "config.json").write_text(json.dumps(config))
-    assert load_detector(older, device="cpu", base_model=other)
+    caplog.clear()
+    assert load_detector(older, device="cpu")
+    assert "holds other weights" not in caplog.text
+
+
+def test_a_half_precision_copy_of_the_base_given_explicitly_loads_with_a_warning(trained, tiny_checkpoint, shot_path,
+                                                                                  tmp_path, caplog):
+    import logging
+
+    half = tmp_path / "half"
+    ViTMAEForPreTraining.from_pretrained(tiny_checkpoint).to(torch.bfloat16).save_pretrained(half)
+    with caplog.at_level(logging.WARNING, logger="maeday_hf"):
+        detector = load_detector(trained.output_dir, device="cpu", base_model=str(half))
+    assert "holds other weights" in caplog.text
+    expected = load_detector(trained.output_dir, device="cpu")(str(shot_path), num_masks=2, seed=0)["score"]
+    assert detector(str(shot_path), num_masks=2, seed=0)["score"] == pytest.approx(expected, rel=0.05)
 
 
 def test_the_base_fingerprint_reads_the_weights_not_where_they_load_from(tmp_path):
@@ -467,6 +492,12 @@ def test_the_base_fingerprint_reads_the_weights_not_where_they_load_from(tmp_pat
     reloaded = ViTMAEForPreTraining.from_pretrained(copy)
     assert base_weights_fingerprint(reloaded) == base_weights_fingerprint(model)
     with torch.no_grad():
-        # One value that the sample reads: the last element of the largest tensor is not always in it, the first is.
-        model.vit.layers[0].attention.q_proj.weight[0, 0] += 1e-3
+        model.vit.layers[0].attention.q_proj.weight[0, 0] += 1e-3  # sample 0 is value 0
     assert base_weights_fingerprint(reloaded) != base_weights_fingerprint(model)
+    # The sample reads every column of a matrix whose size is a multiple of the sample count (an even spacing would
+    # read one column of this one).
+    wide = torch.nn.Linear(64, 4096 * 2, bias=False)
+    before = base_weights_fingerprint(wide)
+    with torch.no_grad():
+        wide.weight[:, 1:] += 1.0  # every column but the first
+    assert base_weights_fingerprint(wide) != before

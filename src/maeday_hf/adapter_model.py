@@ -94,13 +94,15 @@ def check_base_matches(base_config: PretrainedConfig, adapter_folder_config: Pre
 
 
 _FINGERPRINT_SAMPLES_PER_TENSOR = 4096
+_FINGERPRINT_STRIDE = 2_654_435_761
+"""A prime larger than any tensor's size: sample i of a tensor of n values is value (i * stride) mod n, so 4,096
+distinct values spread over every row and column (an even spacing that divides a row's length reads few columns)."""
 
 
 def base_weights_fingerprint(model: torch.nn.Module) -> str:
-    """A short hash of a model's weights: every tensor's name and shape, and up to 4,096 of its values, evenly spaced,
-    as float32.
+    """A short hash of a model's weights: every tensor's name and shape, and up to 4,096 of its values, as float32.
 
-    Two checkpoints that differ anywhere a fine-tune or another pretraining would change them differ here; loading the
+    Two checkpoints that differ wherever a fine-tune or another pretraining would change them differ here; loading the
     same checkpoint again, from any folder or the Hub, gives the same fingerprint. A sample rather than every value
     keeps it to milliseconds for ViT-H.
     """
@@ -108,17 +110,22 @@ def base_weights_fingerprint(model: torch.nn.Module) -> str:
     for name, tensor in sorted(model.state_dict().items()):
         values = tensor.detach().flatten()
         if values.numel() > _FINGERPRINT_SAMPLES_PER_TENSOR:
-            step = values.numel() // _FINGERPRINT_SAMPLES_PER_TENSOR
-            values = values[::step][:_FINGERPRINT_SAMPLES_PER_TENSOR]
+            index = torch.arange(_FINGERPRINT_SAMPLES_PER_TENSOR, dtype=torch.int64) * _FINGERPRINT_STRIDE
+            values = values[(index % values.numel()).to(values.device)]
         digest.update(f"{name}{tuple(tensor.shape)}".encode())
         digest.update(values.to(device="cpu", dtype=torch.float32).numpy().tobytes())
     return digest.hexdigest()
 
 
-def check_base_weights(base: torch.nn.Module, adapter_folder_config: PretrainedConfig, base_name: str,
-                       adapter: str) -> None:
-    """Raise `ValueError` if the adapter folder records the fingerprint of the base it was trained on and `base` (loaded
-    in float32) holds other weights: its LoRA update and calibrated threshold belong to that base only."""
+def check_base_weights(base: torch.nn.Module, adapter_folder_config: PretrainedConfig, base_name: str, adapter: str,
+                       chosen: bool) -> None:
+    """Compare `base` (loaded in float32) with the fingerprint of the base the adapter folder was trained on, if it
+    records one: its LoRA update and calibrated threshold belong to those weights.
+
+    A base that holds other weights raises `ValueError` when it is the one the adapter names (it changed since, e.g.
+    a new revision on the Hub, or the folder now holds another checkpoint), and logs a warning when the caller
+    `chosen` it with `base_model=` (e.g. the same weights saved again in half precision, which round differently).
+    """
     expected = getattr(adapter_folder_config, ADAPTER_CONFIG_KEY, {}).get("base_fingerprint")
     if expected is None:
         return
@@ -128,12 +135,21 @@ def check_base_weights(base: torch.nn.Module, adapter_folder_config: PretrainedC
                     next(base.parameters()).dtype)
         return
     found = base_weights_fingerprint(base)
-    if found != expected:
-        raise ValueError(
-            f"The base model {base_name!r} does not hold the weights the adapter {adapter!r} was trained on (weights "
-            f"fingerprint {found}, the adapter records {expected}); its LoRA update and threshold would not fit them. "
-            f"Pass base_model= (`maeday detect --base-model`) a copy of the checkpoint it was trained on."
+    if found == expected:
+        return
+    if chosen:
+        logger.warning(
+            "The base %s holds other weights than the one the adapter %s was trained on (weights fingerprint %s, the "
+            "adapter records %s). The same weights in another precision score close to what the adapter was "
+            "calibrated on; another checkpoint does not.", base_name, adapter, found, expected,
         )
+        return
+    raise ValueError(
+        f"The base model {base_name!r} does not hold the weights the adapter {adapter!r} was trained on (weights "
+        f"fingerprint {found}, the adapter records {expected}): it changed since, so the adapter's LoRA update and "
+        f"threshold would not fit it. Pass base_model= (`maeday detect --base-model`) a copy of the checkpoint it was "
+        f"trained on (a base given that way loads with a warning if its weights still differ)."
+    )
 
 
 def local_adapter_folder(
@@ -185,8 +201,8 @@ def load_merged_model(
         has one (or a `peft.PeftModel` when `merge=False`).
 
     Raises:
-        ValueError: the folder is not a MAEDAY adapter, or its base does not match (in geometry, or in the weights
-            fingerprint the folder records).
+        ValueError: the folder is not a MAEDAY adapter, or its base does not match (in geometry; or in the weights
+            fingerprint the folder records, for the base it names: see `check_base_weights`).
     """
     from peft import PeftModel  # lazy: only adapter folders need PEFT
 
@@ -232,7 +248,7 @@ def load_merged_model(
             f"Cannot load the weights of the base model {base_name!r} of the adapter {adapter!r}: "
             f"{str(error).splitlines()[0]}"
         ) from error
-    check_base_weights(base, config, base_name, adapter)
+    check_base_weights(base, config, base_name, adapter, chosen=base_model is not None)
     peft_model = PeftModel.from_pretrained(base, peft_folder)
     peft_model.eval()
     if not merge:
