@@ -317,6 +317,30 @@ def test_a_bad_url_prints_one_line_before_the_model_loads(tmp_path, image_server
         assert main(["detect", url, "--model", str(tmp_path / "no-model"), "--out", str(out), "--quiet"]) == 2
         error = capsys.readouterr().err.strip()
         assert len(error.splitlines()) == 1 and fragment in error and url in error and "Traceback" not in error
+        assert "BytesIO" not in error  # (PIL's name for the downloaded bytes: the URL names them already)
         assert not out.exists()
     assert main(["detect", f"{base}/x.png", "--timeout", "0", "--out", str(tmp_path / "o"), "--quiet"]) == 2
     assert "--timeout must be" in capsys.readouterr().err
+    for url in ("http://[::1/a.png", "http://a..b/x.png"):  # malformed: one line that names the URL
+        assert main(["detect", url, "--out", str(tmp_path / "o"), "--quiet"]) == 2
+        error = capsys.readouterr().err.strip()
+        assert len(error.splitlines()) == 1 and url in error and "not a valid URL" in error, error
+
+
+def test_url_names_and_timeouts(synthetic_root, tiny_checkpoint, tmp_path, image_server, capsys):
+    served, base = image_server
+    image = synthetic_root / "stripes" / "test" / "good" / "000.png"
+    (served / "Part.png").write_bytes(image.read_bytes())
+    (served / "part.png").write_bytes(image.read_bytes())
+    port = base.rsplit(":", 1)[1]
+    urls = [f"{base}/Part.png", f"{base}/part.png", f"http://user:secret@127.0.0.1:{port}/"]
+    (served / "index.html").write_bytes(image.read_bytes())  # what the bare URL serves
+    # No time limit (inf, or one too long for a socket's clock) downloads as usual.
+    for timeout in ("inf", "1e10"):
+        out = tmp_path / f"out-{timeout}"
+        assert main(["detect", *urls, "--model", tiny_checkpoint, "--num-masks", "2", "--device", "cpu", "--quiet",
+                     "--out", str(out), "--timeout", timeout]) == 0, capsys.readouterr().err
+        # Names that differ only in case would be one file on macOS and Windows; no password in a name.
+        assert sorted(path.name for path in (out / "heatmaps").iterdir()) == [
+            "00000_Part.png", "00001_part.png", "00002_127.0.0.1.png"
+        ]

@@ -84,7 +84,7 @@ def collect_images(inputs: Sequence[str], exclude: str | os.PathLike | None = No
         return _fitting_name("__".join(Path(os.path.abspath(path)).relative_to(common).with_suffix("").parts))
 
     images = [(path, name_of(path)) for path in found]
-    names = [name for _, name in images]
+    names = [name.casefold() for _, name in images]  # (A.png and a.png are one file on macOS and Windows)
     if len(set(names)) != len(names):
         # The same file given twice, or a.png next to a.jpg: a running index keeps names unique.
         images = [(path, f"{index:05d}_{name}") for index, (path, name) in enumerate(images)]
@@ -93,9 +93,13 @@ def collect_images(inputs: Sequence[str], exclude: str | os.PathLike | None = No
 
 def _url_name(url: str) -> str:
     """A heatmap name for an image URL: its file name without suffix, characters a file name cannot hold replaced."""
-    parts = urllib.parse.urlsplit(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname or ""  # (no user:password@, no port)
+    except ValueError as error:  # (e.g. an unclosed IPv6 bracket)
+        raise CommandError(f"input {url!r} is not a valid URL: {error}") from None
     stem = PurePosixPath(urllib.parse.unquote(parts.path)).stem
-    name = re.sub(r"[^\w.-]+", "_", stem).strip("._") or re.sub(r"[^\w.-]+", "_", parts.netloc).strip("._")
+    name = re.sub(r"[^\w.-]+", "_", stem).strip("._") or re.sub(r"[^\w.-]+", "_", host).strip("._")
     return _fitting_name(name or "image")
 
 

@@ -37,7 +37,9 @@ def _decode(source: str | os.PathLike | io.BytesIO, name: str) -> Image.Image:
             f"Cannot read {name!r}: {error} To read larger images, raise PIL.Image.MAX_IMAGE_PIXELS."
         ) from None
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise ValueError(f"Cannot read {name!r} as an image: {error}") from None
+        # (PIL names an in-memory source by its repr, "<_io.BytesIO object at 0x...>": `name` says it already)
+        message = str(error).replace(f" {source!r}", "") if isinstance(source, io.BytesIO) else str(error)
+        raise ValueError(f"Cannot read {name!r} as an image: {message}") from None
 
 
 def _open_image_file(path: str | os.PathLike) -> Image.Image:
@@ -48,21 +50,29 @@ def _open_image_file(path: str | os.PathLike) -> Image.Image:
     return _decode(path, os.fspath(path))
 
 
+_LONGEST_SOCKET_WAIT = 86400.0
+
+
 def download(url: str, timeout: float | None = None) -> bytes:
     """GET `url` (redirects followed) and return its body. `timeout` (seconds) bounds the whole download, not only each
     wait for bytes (a server trickling a byte at a time would pass that); None waits as long as it takes, as
     `load_image` does.
 
     Raises:
-        ValueError: an HTTP error status.
+        ValueError: an HTTP error status, a malformed URL, a timeout that is not > 0.
         OSError: no connection, or not downloaded within `timeout`.
     """
     from huggingface_hub.utils import httpx  # the HTTP client transformers fetches images with, whatever its version
 
+    if timeout is not None and not timeout > 0:
+        raise ValueError(f"timeout must be a number of seconds > 0 (or None), got {timeout!r}.")
     deadline = None if timeout is None else time.monotonic() + timeout
+    # Each wait for bytes is bounded by the timeout too, but by at most a day: sockets take no longer (inf or 1e10
+    # overflow their clock); the deadline still bounds the whole download.
+    wait = None if timeout is None else min(timeout, _LONGEST_SOCKET_WAIT)
     body = io.BytesIO()
     try:
-        with httpx.stream("GET", url, timeout=timeout, follow_redirects=True) as response:
+        with httpx.stream("GET", url, timeout=wait, follow_redirects=True) as response:
             response.raise_for_status()
             for chunk in response.iter_bytes():
                 body.write(chunk)
@@ -73,6 +83,8 @@ def download(url: str, timeout: float | None = None) -> bytes:
         raise ValueError(f"Cannot read image URL {url!r}: HTTP {status.status_code} {status.reason_phrase}.") from None
     except httpx.HTTPError as error:
         raise OSError(f"Cannot fetch image URL {url!r}: {str(error) or type(error).__name__}.") from None
+    except (httpx.InvalidURL, ValueError) as error:  # (a malformed URL: a bad IPv6 literal, an unencodable host, ...)
+        raise ValueError(f"Cannot fetch image URL {url!r}: it is not a valid URL ({error}).") from None
     return body.getvalue()
 
 
