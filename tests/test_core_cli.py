@@ -298,14 +298,26 @@ def test_image_urls_are_scored_like_the_same_files(synthetic_root, tiny_checkpoi
     (served / "a b.png").write_bytes(local.read_bytes())
     url = f"{base}/a%20b.png?token=1"
     common = ["--model", tiny_checkpoint, "--num-masks", "3", "--device", "cpu", "--quiet"]
-    assert main(["detect", url, str(local), "--out", str(tmp_path / "both"), *common]) == 0
+    fetched = []
+    import maeday_hf.images
+
+    def counted_download(*args, **kwargs):
+        fetched.append(args[0])
+        return original_download(*args, **kwargs)
+
+    original_download = maeday_hf.images.download
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(maeday_hf.images, "download", counted_download)
+        assert main(["detect", url, str(local), url, "--out", str(tmp_path / "both"), *common]) == 0
+    assert fetched == [url]  # given twice, fetched once
     with open(tmp_path / "both" / "scores.csv") as handle:
         rows = list(csv.DictReader(handle))
-    assert [row["path"] for row in rows] == [url, str(local)]
-    assert rows[0]["score"] == rows[1]["score"]
-    assert sorted(p.name for p in (tmp_path / "both" / "heatmaps").iterdir()) == ["000.png", "a_b.png"]
-    assert np.array_equal(np.asarray(Image.open(tmp_path / "both" / "heatmaps" / "a_b.png")),
-                          np.asarray(Image.open(tmp_path / "both" / "heatmaps" / "000.png")))
+    assert [row["path"] for row in rows] == [url, str(local), url]
+    assert rows[0]["score"] == rows[1]["score"] == rows[2]["score"]
+    heatmaps = tmp_path / "both" / "heatmaps"
+    assert sorted(p.name for p in heatmaps.iterdir()) == ["00000_a_b.png", "00001_000.png", "00002_a_b.png"]
+    assert np.array_equal(np.asarray(Image.open(heatmaps / "00000_a_b.png")),
+                          np.asarray(Image.open(heatmaps / "00001_000.png")))
 
 
 def test_a_bad_url_prints_one_line_before_the_model_loads(tmp_path, image_server, capsys):

@@ -190,15 +190,18 @@ def run_detect(args: argparse.Namespace) -> int:
         # Each URL is downloaded once, before the model loads (a bad URL fails fast), and then scored and drawn from
         # that copy; scores.csv lists the URL.
         downloads = None
+        downloaded: dict[str, Path] = {}  # (a URL given twice is fetched once)
         sources = []
         for index, (path, _) in enumerate(images):
             if isinstance(path, str):
-                if downloads is None:
-                    downloads = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="maeday-urls-")))
-                data = download(path, args.timeout)
-                decode_image_bytes(data, path)  # not an image: one line naming the URL, now
-                (downloads / str(index)).write_bytes(data)
-                sources.append(downloads / str(index))
+                if path not in downloaded:
+                    if downloads is None:
+                        downloads = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="maeday-urls-")))
+                    data = download(path, args.timeout)
+                    decode_image_bytes(data, path)  # not an image: one line naming the URL, now
+                    downloaded[path] = downloads / str(index)
+                    downloaded[path].write_bytes(data)
+                sources.append(downloaded[path])
             else:
                 sources.append(path)
         return _detect(args, call_kwargs, out_dir, images, sources)
