@@ -165,6 +165,8 @@ def test_paths_including_16_bit_png(detector, tmp_path):
         (dict(mask_schedule="grid"), ValueError, "mask_schedule"),
         (dict(seed="zero"), TypeError, "seed"),
         (dict(threshold="high"), ValueError, "threshold"),
+        (dict(timeout=0), ValueError, "timeout"),  # refused even for a local image, where it is not used
+        (dict(timeout="5"), ValueError, "timeout"),
     ],
 )
 def test_bad_parameters_raise_one_clear_error(detector, images, kwargs, error, fragment):

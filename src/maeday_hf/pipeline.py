@@ -125,6 +125,8 @@ def split_call_parameters(
     """Validate call options and route them to preprocess / _forward / postprocess (only those passed)."""
     preprocess_params, forward_params, postprocess_params = {}, {}, {}
     if timeout is not None:
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ValueError(f"timeout must be a number of seconds > 0 (or None for no limit), got {timeout!r}.")
         preprocess_params["timeout"] = timeout
     if num_masks is not None:
         forward_params["num_masks"] = validate_positive_int(num_masks, "num_masks")
