@@ -118,3 +118,18 @@ def test_the_highest_mask_ratio_that_keeps_a_patch_is_accepted(detector):
     assert noise.shape == (2, 16)
     with pytest.raises(ValueError, match="0 of the model's 16 patches"):
         detector(np.zeros((32, 32, 3), dtype=np.uint8), num_masks=2, mask_ratio=0.95)
+
+
+def test_random_masks_are_the_uniform_draws_masks_with_no_ties():
+    # Seed 1155, mask 26: two of 196 float32 draws are equal at the keep boundary (ranks 48 and 49), where each
+    # device's sort could keep either patch.
+    generator = torch.Generator().manual_seed(1155)
+    uniform = torch.rand(32, 196, generator=generator)
+    ordered = uniform[26].sort().values
+    assert ordered[48] == ordered[49]  # (the draw this test is about)
+    noise = make_mask_noise(32, 196, 0.75, "random", seed=1155)
+    assert all(len(set(row.tolist())) == 196 for row in noise)
+    # Elsewhere exactly the masks of the uniform draws themselves.
+    untied = [index for index in range(32) if len(set(uniform[index].tolist())) == 196]
+    assert len(untied) >= 31
+    assert torch.equal(kept_patch_mask(noise[untied], 0.75), kept_patch_mask(uniform[untied], 0.75))
