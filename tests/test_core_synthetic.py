@@ -47,10 +47,12 @@ def test_mvtec_layout(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, fragment",
     [(dict(image_size=8), "image_size"), (dict(seed=-1), "seed"), (dict(num_train=1001), "num_train"),
-     (dict(num_test_good=-1), "num_test_good")],
+     (dict(num_test_good=-1), "num_test_good"), (dict(num_test_good=0), "num_test_good"),
+     (dict(num_test_per_defect=0), "num_test_per_defect"), (dict(num_train=0), "num_train")],
 )
 def test_settings_that_would_make_a_wrong_set_are_refused(tmp_path, kwargs, fragment):
-    # Below 16 px a defect can vanish from its mask; over 1,000 images a split repeats the next one's seeds.
+    # Below 16 px a defect can vanish from its mask; over 1,000 images a split repeats the next one's seeds; an empty
+    # split would write a category the MVTec loaders refuse.
     with pytest.raises(ValueError, match=fragment):
         write_synthetic_mvtec(tmp_path, categories=("disc",), **kwargs)
     assert not (tmp_path / "disc").exists()

@@ -153,9 +153,10 @@ def write_synthetic_mvtec(
             raise ValueError(f"Unknown synthetic category {category!r}; expected one of {CATEGORIES}.")
     for name, count in (("num_train", num_train), ("num_test_good", num_test_good),
                         ("num_test_per_defect", num_test_per_defect)):
-        # Each split draws from its own block of 1,000 sample seeds: more would repeat the next split's images.
-        if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= _SEEDS_PER_SPLIT:
-            raise ValueError(f"{name} must be an integer in [0, {_SEEDS_PER_SPLIT}], got {count!r}.")
+        # Each split draws from its own block of 1,000 sample seeds: more would repeat the next split's images. At
+        # least one of each: the MVTec loaders refuse a category without train/good, test/good or a defect's images.
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= _SEEDS_PER_SPLIT:
+            raise ValueError(f"{name} must be an integer in [1, {_SEEDS_PER_SPLIT}], got {count!r}.")
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < MIN_IMAGE_SIZE:
         raise ValueError(
             f"image_size must be an integer >= {MIN_IMAGE_SIZE} (smaller defects can vanish from their mask), "
