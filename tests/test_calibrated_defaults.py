@@ -94,3 +94,21 @@ def test_full_finetune_keeps_the_fixed_position_embeddings(tiny_checkpoint, tmp_
     assert torch.equal(before.vit.embeddings.position_embeddings, after.vit.embeddings.position_embeddings)
     assert torch.equal(before.decoder.decoder_pos_embed, after.decoder.decoder_pos_embed)
     assert not torch.equal(before.decoder.decoder_pred.weight, after.decoder.decoder_pred.weight)
+
+
+def test_calibration_threshold_is_mean_plus_k_sample_std_or_the_top_score():
+    from conftest import make_tiny_model
+    from maeday_hf.calibration import calibrate_threshold
+
+    model = make_tiny_model(seed=1)
+    shots = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for num_std in (0.0, 1.0, 3.0):
+        calibration = calibrate_threshold(model, shots, num_views_per_shot=3, num_masks=2, num_std=num_std)
+        scores = np.array(calibration.scores)
+        assert len(scores) == 6
+        expected = max(scores.mean() + num_std * scores.std(ddof=1), scores.max())
+        assert calibration.threshold == pytest.approx(expected, rel=1e-12)
+    with pytest.raises(ValueError, match="num_views_per_shot"):
+        calibrate_threshold(model, shots, num_views_per_shot=0, num_masks=2)
+    with pytest.raises(ValueError, match="0 images"):
+        calibrate_threshold(model, shots[:0], num_masks=2)

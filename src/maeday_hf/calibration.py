@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from .masking import make_mask_noise
+from .masking import make_mask_noise, validate_positive_int
 from .reconstruction import count_patches
 from .scoring import maeday_anomaly_maps
 from .shot_views import random_crop_rotate, view_generator
@@ -83,10 +83,16 @@ def calibrate_threshold(
             views, so only the shots themselves are scored (`num_views_per_shot` is then 1: more copies of a shot,
             with the same masks, would score the same).
 
+    The threshold is `max(mean + num_std * std, max score)` over the views' scores, `std` the sample standard
+    deviation (n - 1 in the denominator: a handful of views underestimates the spread less).
+
     Returns:
         `Calibration`.
     """
     num_shots = pixel_values.shape[0]
+    if num_shots == 0:
+        raise ValueError("No shots to calibrate on: pixel_values holds 0 images.")
+    num_views_per_shot = validate_positive_int(num_views_per_shot, "num_views_per_shot")
     if not augment:
         num_views_per_shot = 1
     views = []
