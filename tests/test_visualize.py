@@ -45,3 +45,17 @@ def _saved(image, exif):
     image.save(buffer, format="PNG", exif=exif)
     buffer.seek(0)
     return buffer
+
+
+def test_the_colour_scale_is_checked_and_keeps_the_contrast_of_tiny_maps():
+    image = Image.new("RGB", (2, 1))
+    for vmin, vmax in ((1.0, 0.5), (0.0, float("nan")), (float("-inf"), 1.0)):
+        with pytest.raises(ValueError, match="vmin <= vmax"):
+            overlay_heatmap(image, np.zeros((1, 2)), vmin=vmin, vmax=vmax)
+    tiny = np.array([[0.0, 5e-30]])  # its own scale: the two ends of the colour map
+    overlay = np.asarray(overlay_heatmap(image, tiny, alpha=1.0))
+    assert tuple(overlay[0, 0]) == (0, 0, 76) and tuple(overlay[0, 1]) == (204, 0, 0)
+    constant = np.asarray(overlay_heatmap(image, np.array([[0.0, 1.0]]), vmin=1.0, vmax=1.0, alpha=1.0))
+    assert tuple(constant[0, 0]) == tuple(constant[0, 1]) == (0, 0, 76)  # at vmin, on a scale of zero width
+    above = np.asarray(overlay_heatmap(image, np.array([[0.0, 2.0]]), vmin=0.0, vmax=0.0, alpha=1.0))
+    assert tuple(above[0, 1]) == (204, 0, 0)

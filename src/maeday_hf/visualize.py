@@ -48,7 +48,13 @@ def overlay_heatmap(
             f"{(image.height, image.width)}."
         )
     vmax = finite_max(anomaly_map, default=vmin) if vmax is None else vmax
-    scaled = (anomaly_map - vmin) / max(vmax - vmin, 1e-12)
+    if not (np.isfinite(vmin) and np.isfinite(vmax) and vmin <= vmax):
+        raise ValueError(f"The colour scale needs finite vmin <= vmax, got vmin={vmin}, vmax={vmax}.")
+    # A scale of zero width (a constant map) shows values above vmin at the top, without dividing by zero; any
+    # positive width is used as it is, however small (maps of tiny values keep their contrast).
+    span = max(float(vmax) - float(vmin), np.finfo(np.float64).tiny)
+    with np.errstate(over="ignore"):
+        scaled = (np.asarray(anomaly_map, dtype=np.float64) - vmin) / span
     heat = colorize(scaled).astype(np.float32)
     base = np.asarray(image, dtype=np.float32)
     return Image.fromarray(np.round((1 - alpha) * base + alpha * heat).astype(np.uint8))
