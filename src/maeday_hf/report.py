@@ -4,10 +4,12 @@ A *record* is what the protocol writes per unit (`RESULTS/units/<category>/<unit
 `shots`, `shot_seed`, `study` (`"main"` or `"repetitions"`), `num_masks`, `mask_schedule` and `metrics`
 (`image_roc_auc`, `image_f1_max`, and with masks `pixel_roc_auc`, `pixel_f1_max`, `aupro`), all in [0, 1].
 
-Aggregation, as in the paper's tables:
+Aggregation, laid out as the paper's tables:
 
-- a cell is the mean ± standard deviation over shot seeds (population std, `ddof=0`) of one category, method and
-  number of shots, in percent with one decimal; a single seed (zero-shot) shows the mean alone;
+- a cell is the mean ± standard deviation over shot seeds of one category, method and number of shots, in percent
+  with one decimal; a single seed (zero-shot) shows the mean alone. The paper says only "mean±std over 3 runs"; the
+  std here is the population one (`ddof=0`), this package's choice (the sample std, `ddof=1`, is 1.22x larger for 3
+  seeds);
 - a "Mean (...)" row is the mean over its categories of the per-category means (no ± , as in the paper).
 
 Figures need matplotlib (`pip install "maeday-hf[plots]"`); it is imported only when a figure is drawn, and through
