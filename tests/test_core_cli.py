@@ -79,28 +79,43 @@ def test_bad_options_print_one_line(synthetic_root, tiny_checkpoint, tmp_path, c
 
 
 def test_bad_inputs_print_one_line(tiny_checkpoint, tmp_path, capsys):
+    import io
+
     corrupt = tmp_path / "broken.png"
     corrupt.write_bytes(b"garbage")
+    valid = tmp_path / "valid" / "ok.png"
+    valid.parent.mkdir()
+    Image.new("RGB", (32, 32)).save(valid)
+    encoded = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(encoded, "PNG")
+    damaged = tmp_path / "damaged" / "cut.png"  # a good header, then half the pixels: found only when decoded
+    damaged.parent.mkdir()
+    damaged.write_bytes(encoded.getvalue()[: len(encoded.getvalue()) // 2])
     empty = tmp_path / "empty"
     empty.mkdir()
     without_processor = tmp_path / "model-without-processor"
     make_tiny_model().save_pretrained(without_processor)
+    capsys.readouterr()  # (saving may draw a progress bar)
     cases = [
-        (["detect", str(corrupt), "--model", str(without_processor), "--out", str(tmp_path)],
+        (["detect", str(valid), "--model", str(without_processor), "--out", str(tmp_path)],
          "from its folder: Can't load image processor"),
         (["detect", str(tmp_path / "absent.png"), "--model", tiny_checkpoint, "--out", str(tmp_path)], "absent.png"),
         (["detect", str(empty), "--model", tiny_checkpoint, "--out", str(tmp_path)], "no images"),
         (["detect", str(corrupt), "--model", tiny_checkpoint, "--out", str(tmp_path)], "broken.png"),
-        (["detect", str(corrupt), "--model", str(tmp_path / "no-model"), "--out", str(tmp_path)], "no-model"),
-        (["detect", str(corrupt), "--model", "org/not-cached", "--out", str(tmp_path)], "org/not-cached"),
+        (["detect", str(valid), "--model", str(tmp_path / "no-model"), "--out", str(tmp_path)], "no-model"),
+        (["detect", str(valid), "--model", "org/not-cached", "--out", str(tmp_path)], "org/not-cached"),
         (["detect", str(corrupt), "--model", tiny_checkpoint, "--out", str(corrupt)], "is a file; expected a folder"),
-        (["detect", str(tmp_path), "--model", tiny_checkpoint, "--out", str(tmp_path / "o"), "--num-workers", "1",
-          "--device", "cpu"], "broken.png"),  # the worker process's own message, not "Caught ValueError in ..."
+        (["detect", str(damaged.parent), "--model", tiny_checkpoint, "--out", str(tmp_path / "o"), "--num-workers",
+          "1", "--device", "cpu"], "cut.png"),  # the worker process's own message, not "Caught ValueError in ..."
+        # Not an image at all: found from its header before the model loads.
+        (["detect", str(valid), str(corrupt), "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "o")],
+         "broken.png' as an image"),
     ]
     for argv, fragment in cases:
         assert main([*argv, "--quiet"]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and fragment in err and "Traceback" not in err, err
+    assert not (tmp_path / "o").exists()  # a failed run leaves no new (empty) output folder
 
 
 def test_synthetic_command_writes_the_layout(tmp_path, capsys):
@@ -356,3 +371,51 @@ def test_url_names_and_timeouts(synthetic_root, tiny_checkpoint, tmp_path, image
         assert sorted(path.name for path in (out / "heatmaps").iterdir()) == [
             "00000_Part.png", "00001_part.png", "00002_127.0.0.1.png"
         ]
+
+
+def test_sigterm_is_handled_like_ctrl_c():
+    import os
+    import signal
+
+    from maeday_hf.cli import Terminated, interrupted_status, terminate_as_interrupt
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Terminated), terminate_as_interrupt():
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(1000):  # (Python runs the handler between bytecodes)
+            pass
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert interrupted_status(Terminated()) == 143 and interrupted_status(KeyboardInterrupt()) == 130
+
+
+def test_a_terminated_run_leaves_the_previous_results_and_no_temporary_files(synthetic_root, tiny_checkpoint, tmp_path):
+    # `kill`, `timeout`, a batch scheduler: the same clean-up as Ctrl-C, then exit status 143.
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "scores.csv").write_text("path,score\nearlier.png,1\n")
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    command = [sys.executable, "-m", "maeday_hf", "detect", str(synthetic_root), "--model", tiny_checkpoint,
+               "--out", str(out), "--num-masks", "4096", "--device", "cpu", "--quiet"]
+    process = subprocess.Popen(command, env={**os.environ, "TMPDIR": str(temporary)}, stderr=subprocess.PIPE,
+                               text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out.glob(".heatmaps.partial-*")):  # scoring has started
+            assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+            time.sleep(0.01)
+        time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        status = process.wait(timeout=60)
+    finally:
+        process.kill()
+    assert status == 143 and process.stderr.read().strip().endswith("maeday: terminated")
+    assert sorted(path.name for path in out.iterdir()) == ["scores.csv"]
+    assert (out / "scores.csv").read_text() == "path,score\nearlier.png,1\n"
+    assert not list(temporary.iterdir())

@@ -7,6 +7,7 @@ traceback. Every file is written to a temporary name and renamed into place, so 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import hashlib
 import io
@@ -14,8 +15,10 @@ import logging
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import urllib.parse
 from collections.abc import Sequence
 from contextlib import ExitStack
@@ -38,6 +41,33 @@ USER_ERRORS = (ValueError, TypeError, FileNotFoundError, OSError, GraphCaptureEr
 
 class CommandError(Exception):
     """An error in the user's input, printed as one line."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, `timeout`, a batch scheduler, `docker stop`), raised like Ctrl-C's `KeyboardInterrupt` so the
+    same clean-up runs: temporary files and unfinished outputs are removed, finished outputs are left as they were."""
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt():
+    """While active (in the main thread), SIGTERM raises `Terminated` instead of ending the process on the spot."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raise_terminated(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def interrupted_status(error: KeyboardInterrupt) -> int:
+    """The exit status of an interrupted command: 143 for SIGTERM, 130 for Ctrl-C (128 + the signal, as shells give)."""
+    return 128 + (signal.SIGTERM if isinstance(error, Terminated) else signal.SIGINT)
 
 
 def collect_images(inputs: Sequence[str], exclude: str | os.PathLike | None = None) -> list[tuple[Path | str, str]]:
@@ -152,7 +182,7 @@ class _PathDataset(torch.utils.data.Dataset):
 
 
 def run_detect(args: argparse.Namespace) -> int:
-    from .images import decode_image_bytes, download
+    from .images import check_image_file, decode_image_bytes, download
     from .masking import validate_positive_int
     from .pipeline import split_call_parameters
 
@@ -203,8 +233,16 @@ def run_detect(args: argparse.Namespace) -> int:
                     downloaded[path].write_bytes(data)
                 sources.append(downloaded[path])
             else:
+                check_image_file(path)  # (its header: not an image at all fails now, not after hours of scoring)
                 sources.append(path)
-        return _detect(args, call_kwargs, out_dir, images, sources)
+        created_out = not out_dir.exists()
+        try:
+            return _detect(args, call_kwargs, out_dir, images, sources)
+        except BaseException:
+            if created_out:
+                with contextlib.suppress(OSError):
+                    out_dir.rmdir()  # (only if empty: a failed run leaves no new empty folder behind)
+            raise
 
 
 def _detect(args, call_kwargs, out_dir: Path, images: list[tuple[Path | str, str]], sources: list[Path]) -> int:
@@ -447,13 +485,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         transformers_logging.disable_progress_bar()
     configure_logging(logging.INFO if args.verbose else logging.WARNING)
     try:
-        return args.handler(args)
+        with terminate_as_interrupt():
+            return args.handler(args)
     except (CommandError, *USER_ERRORS) as error:
         print(f"maeday: error: {one_line_message(error)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("maeday: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as error:
+        print(f"maeday: {'terminated' if isinstance(error, Terminated) else 'interrupted'}", file=sys.stderr)
+        return interrupted_status(error)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,27 @@ def _decode(source: str | os.PathLike | io.BytesIO, name: str) -> Image.Image:
         raise ValueError(f"Cannot read {name!r} as an image: {message}") from None
 
 
+def check_image_file(path: str | os.PathLike) -> None:
+    """Read an image file's header only (fast: no pixels are decoded), so a file that is not an image at all (empty,
+    another format, an HTML page saved as .png, too large) fails before any work starts. A file damaged after its
+    header is found only when decoded.
+
+    Raises:
+        FileNotFoundError, ValueError: as `load_rgb_image` would for that file.
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"Image file not found: {os.fspath(path)!r}.")
+    try:
+        with Image.open(path):
+            pass
+    except Image.DecompressionBombError as error:
+        raise ValueError(
+            f"Cannot read {os.fspath(path)!r}: {error} To read larger images, raise PIL.Image.MAX_IMAGE_PIXELS."
+        ) from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise ValueError(f"Cannot read {os.fspath(path)!r} as an image: {error}") from None
+
+
 def _open_image_file(path: str | os.PathLike) -> Image.Image:
     if not os.path.exists(path):
         raise FileNotFoundError(f"Image file not found: {os.fspath(path)!r}.")

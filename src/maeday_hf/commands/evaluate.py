@@ -20,7 +20,13 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from maeday_hf.cli import BF16_OF_PRECISION, configure_logging
+from maeday_hf.cli import (
+    BF16_OF_PRECISION,
+    Terminated,
+    configure_logging,
+    interrupted_status,
+    terminate_as_interrupt,
+)
 from maeday_hf.ensemble import NORMALIZATION_METHODS
 from maeday_hf.masking import MASK_SCHEDULES
 from maeday_hf.protocol import PAPER_REPETITIONS, ProtocolConfig, execute_protocol, prepare_protocol
@@ -135,17 +141,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         datasets.disable_progress_bars()
         transformers_logging.disable_progress_bar()
     try:
-        prepared = prepare_protocol(config_from_args(args))
-        results = execute_protocol(prepared)
+        with terminate_as_interrupt():
+            prepared = prepare_protocol(config_from_args(args))
+            results = execute_protocol(prepared)
     except USER_ERRORS as error:  # bad input, found before anything runs or by the step that meets it
         if args.verbose:
             raise  # the whole traceback, for a report
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         print(f"{PROG}: error: {message}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; rerun the same command to continue.", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as error:
+        stopped = "terminated" if isinstance(error, Terminated) else "interrupted"
+        print(f"{PROG}: {stopped}; rerun the same command to continue.", file=sys.stderr)
+        return interrupted_status(error)
     if results is not None:
         print(results)
     return 0

@@ -14,7 +14,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from maeday_hf.cli import configure_logging
+from maeday_hf.cli import Terminated, configure_logging, interrupted_status, terminate_as_interrupt
 from maeday_hf.data import push_configs_to_hub, write_hub_folder
 from maeday_hf.data.publish import BUILDERS, load_configs
 
@@ -40,15 +40,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(logging.INFO, "%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        configs = load_configs(args.dataset, args.root, args.categories)
-        if args.dry_run:
-            write_hub_folder(configs, args.dry_run)
-        else:
-            push_configs_to_hub(configs, args.repo_id, private=args.private or None)
+        with terminate_as_interrupt():
+            configs = load_configs(args.dataset, args.root, args.categories)
+            if args.dry_run:
+                write_hub_folder(configs, args.dry_run)
+            else:
+                push_configs_to_hub(configs, args.repo_id, private=args.private or None)
     except USER_ERRORS as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         print(f"{PROG}: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as error:
+        print(f"{PROG}: {'terminated' if isinstance(error, Terminated) else 'interrupted'}", file=sys.stderr)
+        return interrupted_status(error)
     return 0
 
 
