@@ -118,6 +118,13 @@ def test_bad_inputs_print_one_line(tiny_checkpoint, tmp_path, capsys):
     assert not (tmp_path / "o").exists()  # a failed run leaves no new (empty) output folder
 
 
+def test_synthetic_into_a_file_is_one_clear_error(tmp_path, capsys):
+    (tmp_path / "afile").write_text("kept")
+    assert main(["synthetic", str(tmp_path / "afile"), "--categories", "disc", "--image-size", "32"]) == 2
+    assert "is a file; expected a folder" in capsys.readouterr().err
+    assert (tmp_path / "afile").read_text() == "kept"
+
+
 def test_synthetic_command_writes_the_layout(tmp_path, capsys):
     assert main(["synthetic", str(tmp_path / "syn"), "--categories", "disc", "--image-size", "32"]) == 0
     assert (tmp_path / "syn" / "disc" / "ground_truth" / "scratch" / "000_mask.png").exists()
@@ -371,6 +378,10 @@ def test_url_names_and_timeouts(synthetic_root, tiny_checkpoint, tmp_path, image
         assert sorted(path.name for path in (out / "heatmaps").iterdir()) == [
             "00000_Part.png", "00001_part.png", "00002_127.0.0.1.png"
         ]
+        # Nor in scores.csv, which lists each URL as given otherwise.
+        with open(out / "scores.csv") as handle:
+            listed = [row["path"] for row in csv.DictReader(handle)]
+        assert listed == [*urls[:2], f"http://127.0.0.1:{port}/"]
 
 
 def test_sigterm_is_handled_like_ctrl_c():

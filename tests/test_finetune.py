@@ -409,6 +409,10 @@ def test_an_adapter_whose_local_base_moved_is_loaded_with_base_model(trained, ti
     assert main([*common, "--out", str(tmp_path / "a")]) == 2
     err = capsys.readouterr().err
     assert "moved-away" in err and "--base-model" in err and "hf download" not in err, err  # a folder, not a Hub id
+    assert "no such folder" in err and "Repo id" not in err, err
+    assert main([*common, "--out", str(tmp_path / "c"), "--base-model", str(tmp_path / "typo")]) == 2
+    err = capsys.readouterr().err
+    assert "typo" in err and "no such folder" in err and "Check the base given" in err and "Repo id" not in err, err
     assert main([*common, "--out", str(tmp_path / "b"), "--base-model", str(base)]) == 0
     expected = load_detector(trained.output_dir, device="cpu")(str(shot_path), num_masks=2)["score"]
     score = float((tmp_path / "b" / "scores.csv").read_text().splitlines()[1].split(",")[1])
@@ -501,3 +505,22 @@ def test_the_base_fingerprint_reads_the_weights_not_where_they_load_from(tmp_pat
     with torch.no_grad():
         wide.weight[:, 1:] += 1.0  # every column but the first
     assert base_weights_fingerprint(wide) != before
+
+
+def test_wrapping_with_peft_prints_no_library_deprecation(trained, tiny_checkpoint):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = ViTMAEForPreTraining.from_pretrained(tiny_checkpoint)
+        add_lora(model, make_lora_config(model, 4))
+        load_merged_model(trained.output_dir)
+    assert not [warning for warning in caught if "is_gradient_checkpointing" in str(warning.message)]
+
+
+def test_the_weights_are_as_readable_as_the_rest_of_the_run(trained):
+    import stat
+
+    expected = stat.S_IMODE(os.stat(trained.output_dir / "config.json").st_mode)  # open()'s: the umask's
+    weights = trained.output_dir / "adapter" / "adapter_model.safetensors"
+    assert stat.S_IMODE(os.stat(weights).st_mode) == expected

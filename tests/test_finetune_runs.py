@@ -589,3 +589,23 @@ def test_two_process_ddp_keeps_the_effective_batch(tiny_checkpoint, shot_files, 
     one = _launch(1, tiny_checkpoint, shot_files[0], tmp_path / "one", tmp_path)
     two = _launch(2, tiny_checkpoint, shot_files[0], tmp_path / "two", tmp_path)
     assert two == pytest.approx(one, rel=1e-5)
+
+
+def test_a_base_folder_that_does_not_exist_is_named_as_a_folder(shot_files, tmp_path, capsys):
+    for missing in (str(tmp_path / "no-base"), "./no-base", "a/b/c"):
+        with pytest.raises(FileNotFoundError, match="Base model folder not found"):
+            finetune(missing, shot_files[:1], tmp_path / "out", FinetuneConfig(**TINY))
+    assert cli_main(["finetune", "--model", str(tmp_path / "no-base"), "--shots", str(shot_files[0]), "--output-dir",
+                     str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("maeday: error: Base model folder not found") and "Repo id" not in err
+
+
+def test_an_output_path_that_is_a_file_is_named_as_one_with_or_without_overwrite(tiny_checkpoint, shot_files,
+                                                                                 tmp_path, no_training):
+    output = tmp_path / "notes.txt"
+    output.write_text("kept")
+    for overwrite in (False, True):
+        with pytest.raises(FileExistsError, match="is a file, not a folder"):
+            finetune(tiny_checkpoint, shot_files[:1], output, FinetuneConfig(**TINY), overwrite=overwrite)
+    assert output.read_text() == "kept"

@@ -23,10 +23,12 @@ inside `load_merged_model` (an adapter folder cannot be merged without it).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -63,6 +65,28 @@ GEOMETRY_KEYS: tuple[str, ...] = (
 # from_pretrained keywords that make sense for the base model; the others (revision, subfolder, ...) belong to the
 # adapter repository.
 _BASE_LOAD_KWARGS = ("dtype", "torch_dtype", "device_map", "cache_dir", "token", "local_files_only", "force_download")
+
+
+@contextlib.contextmanager
+def quiet_peft_wrapping():
+    """Silence the FutureWarning transformers >= 5.2x gives when PEFT (< 0.22) reads the deprecated
+    `model.is_gradient_checkpointing` while wrapping a model: a library detail users cannot act on, printed as two
+    lines by every fine-tune and every adapter load."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
+def looks_like_local_path(name: str) -> bool:
+    """Whether a model name can only be a local folder: a Hub id is "name" or "org/name"; anything with more path
+    parts, rooted, starting with "." or "~", a file, or with backslashes (Windows) is a path."""
+    return (
+        name.startswith((".", "/", "~"))
+        or os.path.isabs(name)
+        or os.path.isfile(name)
+        or name.count("/") > 1
+        or os.sep in name.replace("/", "")
+    )
 
 
 class BaseModelNotFoundError(OSError):
@@ -224,15 +248,19 @@ def load_merged_model(
     try:
         base_config = AutoConfig.from_pretrained(base_name, **hub_kwargs)
     except OSError as error:
-        if os.path.isabs(base_name) or base_name.startswith((".", "~")):  # a local folder, not a Hub id
+        local = looks_like_local_path(base_name)
+        missing = local and not os.path.isdir(os.path.expanduser(base_name))
+        reason = "there is no such folder." if missing else str(error).splitlines()[0]
+        if base_model is not None:
+            advice = "Check the base given as base_model= (`maeday detect --base-model`)."
+        elif local:
             advice = ("That folder is not there (any more); pass base_model= (`maeday detect --base-model`) the "
                       "folder that holds the same checkpoint now.")
         else:
             advice = (f"Download the base (`hf download {base_name}`) or pass base_model= (`maeday detect "
                       f"--base-model`) a local copy of it.")
         raise BaseModelNotFoundError(
-            f"Cannot load the base model {base_name!r} of the adapter {adapter!r}: {str(error).splitlines()[0]} "
-            f"{advice}"
+            f"Cannot load the base model {base_name!r} of the adapter {adapter!r}: {reason} {advice}"
         ) from error
     check_base_matches(base_config, config, base_name)
     logger.info("Loading base %s and applying the adapter %s", base_name, adapter)
@@ -249,7 +277,8 @@ def load_merged_model(
             f"{str(error).splitlines()[0]}"
         ) from error
     check_base_weights(base, config, base_name, adapter, chosen=base_model is not None)
-    peft_model = PeftModel.from_pretrained(base, peft_folder)
+    with quiet_peft_wrapping():
+        peft_model = PeftModel.from_pretrained(base, peft_folder)
     peft_model.eval()
     if not merge:
         return peft_model

@@ -133,6 +133,13 @@ def _url_name(url: str) -> str:
     return _fitting_name(name or "image")
 
 
+def _listed_url(url: str) -> str:
+    """`url` as scores.csv lists it: without a `user:password@` (results files get shared; the query stays, it may be
+    what names the image)."""
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
 def one_line_message(error: BaseException) -> str:
     """The first line of an error's message; for one re-raised from a DataLoader worker ("Caught ValueError in
     DataLoader worker process 0." + the worker's traceback), the worker's own message."""
@@ -274,7 +281,8 @@ def _detect(args, call_kwargs, out_dir: Path, images: list[tuple[Path | str, str
             vmax = 0.0
             progress = tqdm(zip(images, results), total=len(images), desc="maeday detect", disable=args.quiet)
             for index, ((path, _), result) in enumerate(progress):
-                rows.append((str(path), result["score"], result.get("label")))
+                rows.append((_listed_url(path) if isinstance(path, str) else str(path), result["score"],
+                             result.get("label")))
                 np.save(Path(maps_dir) / f"{index}.npy", result["anomaly_map"])
                 vmax = max(vmax, finite_max(result["anomaly_map"]))
             for index, ((_, name), source) in enumerate(zip(images, sources)):

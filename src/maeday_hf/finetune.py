@@ -35,6 +35,7 @@ import logging
 import math
 import os
 import shutil
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -52,6 +53,7 @@ from .adapter_model import (
     ADAPTER_SUBFOLDER,
     MaedayAdapterForPreTraining,
     base_weights_fingerprint,
+    looks_like_local_path,
 )
 from .atomic_io import make_partial_dir, replace_folder
 from .calibration import Calibration, calibrate_threshold
@@ -411,11 +413,11 @@ def _validate_output(output_dir: Path, overwrite: bool, base_model: str, shots: 
                 f"Output folder {os.fspath(output_dir)!r} {what} {name} {os.fspath(path)!r}, which writing the run "
                 f"would delete; choose an output folder outside it."
             )
+    if output_dir.exists() and not output_dir.is_dir():
+        raise FileExistsError(f"Output path {os.fspath(output_dir)!r} is a file, not a folder; choose a folder path.")
     if output_dir.exists() and not overwrite:
         raise FileExistsError(f"Output folder {os.fspath(output_dir)!r} already exists; pass overwrite=True "
                               f"(--overwrite) or choose another folder.")
-    if output_dir.exists() and not output_dir.is_dir():
-        raise FileExistsError(f"Output path {os.fspath(output_dir)!r} exists and is not a folder.")
     if _holds_foreign_files(output_dir):
         # `overwrite` replaces the folder whole: only one an earlier run wrote (or an empty one), never, say, the
         # working directory with someone's work in it.
@@ -521,6 +523,10 @@ def _recorded_base_name(base_model: str) -> str:
 
 def load_base_config(base_model: str) -> Any:
     """The base's config, checked to be a plain ViTMAE (not another model, not an adapter folder)."""
+    if looks_like_local_path(base_model) and not os.path.isdir(os.path.expanduser(base_model)):
+        raise FileNotFoundError(
+            f"Base model folder not found: {base_model!r} (expected a folder with config.json, or a Hub id)."
+        )
     config = AutoConfig.from_pretrained(base_model)
     require_vit_mae_config(config, base_model)
     if getattr(config, ADAPTER_CONFIG_KEY, None) is not None:
@@ -627,6 +633,12 @@ def _write_folder(
         full_finetune=config.full_finetune,
     )
     (folder / "README.md").write_text(card)
+    # safetensors (0.8) writes its files owner-only (0o600) whatever the umask: give the weights the permissions of
+    # the files written here with open() (the umask's), so whoever may read the run's config may read its weights
+    # (a shared folder, a model server running as another user).
+    like = stat.S_IMODE(os.stat(folder / TRAINING_LOG_FILE).st_mode)
+    for weights in folder.rglob("*.safetensors"):
+        os.chmod(weights, like)
 
 
 def push_folder_to_hub(folder: str | os.PathLike, repo_id: str, private: bool = False, token: str | None = None) -> str:

@@ -14,7 +14,7 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoImageProcessor, pipeline
 
-from .adapter_model import BaseModelNotFoundError, adapter_subfolder, load_merged_model
+from .adapter_model import BaseModelNotFoundError, adapter_subfolder, load_merged_model, looks_like_local_path
 from .devices import resolve_device
 from .pipeline import DEFAULT_CHECKPOINT, AnomalyDetectionPipeline
 from .reconstruction import require_vit_mae_config
@@ -49,15 +49,8 @@ def load_detector(
     """
     model = os.fspath(model)
     device = resolve_device(device)  # a device that is not here fails before anything is loaded
-    # A Hub id is "name" or "org/name"; anything with more path parts, or rooted, is a local path.
-    looks_local = (
-        model.startswith((".", "/", "~"))
-        or os.path.isfile(model)
-        or model.count("/") > 1
-        or os.sep in model.replace("/", "")  # a backslash path on Windows
-    )
     path = os.path.expanduser(model)  # what is loaded: `model` itself for a Hub id
-    if looks_local and not os.path.isdir(path):
+    if looks_like_local_path(model) and not os.path.isdir(path):
         raise FileNotFoundError(f"Model folder not found: {model!r} (expected a folder with config.json).")
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(

@@ -148,6 +148,8 @@ def write_synthetic_mvtec(
     `ground_truth/<defect>/000_mask.png`. Each category appears whole or not at all (written aside, then renamed).
     """
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"{os.fspath(root)!r} is a file; expected a folder (created if missing).")
     for category in categories:
         if category not in CATEGORIES:
             raise ValueError(f"Unknown synthetic category {category!r}; expected one of {CATEGORIES}.")
