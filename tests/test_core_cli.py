@@ -108,14 +108,14 @@ def test_bad_inputs_print_one_line(tiny_checkpoint, tmp_path, capsys):
         (["detect", str(damaged.parent), "--model", tiny_checkpoint, "--out", str(tmp_path / "o"), "--num-workers",
           "1", "--device", "cpu"], "cut.png"),  # the worker process's own message, not "Caught ValueError in ..."
         # Not an image at all: found from its header before the model loads.
-        (["detect", str(valid), str(corrupt), "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "o")],
-         "broken.png' as an image"),
+        (["detect", str(valid), str(corrupt), "--model", str(tmp_path / "no-model"), "--out",
+          str(tmp_path / "o" / "deeper" / "out")], "broken.png' as an image"),
     ]
     for argv, fragment in cases:
         assert main([*argv, "--quiet"]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and fragment in err and "Traceback" not in err, err
-    assert not (tmp_path / "o").exists()  # a failed run leaves no new (empty) output folder
+    assert not (tmp_path / "o").exists()  # a failed run leaves none of the (empty) folders it created
 
 
 def test_synthetic_into_a_file_is_one_clear_error(tmp_path, capsys):
@@ -345,12 +345,15 @@ def test_image_urls_are_scored_like_the_same_files(synthetic_root, tiny_checkpoi
 def test_a_bad_url_prints_one_line_before_the_model_loads(tmp_path, image_server, capsys):
     served, base = image_server
     (served / "page.html").write_text("<html>not an image</html>")
-    for url, fragment in ((f"{base}/missing.png", "HTTP 404"), (f"{base}/page.html", "as an image")):
+    with_password = base.replace("http://", "http://user:secret@")
+    for url, fragment in ((f"{base}/missing.png", "HTTP 404"), (f"{base}/page.html", "as an image"),
+                          (f"{with_password}/page.html", "as an image")):
         out = tmp_path / "out"
         # A model that does not exist: the URL's error comes first.
         assert main(["detect", url, "--model", str(tmp_path / "no-model"), "--out", str(out), "--quiet"]) == 2
         error = capsys.readouterr().err.strip()
-        assert len(error.splitlines()) == 1 and fragment in error and url in error and "Traceback" not in error
+        assert len(error.splitlines()) == 1 and fragment in error and "Traceback" not in error
+        assert url.replace("user:secret@", "") in error and "secret" not in error  # (errors end up in logs)
         assert "BytesIO" not in error  # (PIL's name for the downloaded bytes: the URL names them already)
         assert not out.exists()
     assert main(["detect", f"{base}/x.png", "--timeout", "0", "--out", str(tmp_path / "o"), "--quiet"]) == 2

@@ -609,3 +609,15 @@ def test_an_output_path_that_is_a_file_is_named_as_one_with_or_without_overwrite
         with pytest.raises(FileExistsError, match="is a file, not a folder"):
             finetune(tiny_checkpoint, shot_files[:1], output, FinetuneConfig(**TINY), overwrite=overwrite)
     assert output.read_text() == "kept"
+
+
+def test_a_mount_that_refuses_chmod_keeps_the_run(tiny_checkpoint, shot_files, tmp_path, monkeypatch, caplog):
+    import maeday_hf.finetune
+
+    def refuse(path, mode):
+        raise PermissionError(1, "Operation not permitted", str(path))
+
+    monkeypatch.setattr(maeday_hf.finetune.os, "chmod", refuse)
+    result = finetune(tiny_checkpoint, shot_files[:1], tmp_path / "out", FinetuneConfig(**TINY))
+    assert (result.output_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert "Could not give" in caplog.text

@@ -23,7 +23,6 @@ inside `load_merged_model` (an adapter folder cannot be merged without it).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -67,14 +66,12 @@ GEOMETRY_KEYS: tuple[str, ...] = (
 _BASE_LOAD_KWARGS = ("dtype", "torch_dtype", "device_map", "cache_dir", "token", "local_files_only", "force_download")
 
 
-@contextlib.contextmanager
-def quiet_peft_wrapping():
+def silence_peft_deprecation_warning() -> None:
     """Silence the FutureWarning transformers >= 5.2x gives when PEFT (< 0.22) reads the deprecated
     `model.is_gradient_checkpointing` while wrapping a model: a library detail users cannot act on, printed as two
-    lines by every fine-tune and every adapter load."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        yield
+    lines by every fine-tune and every adapter load. A filter for that one message, added once for the process
+    (`warnings.catch_warnings` around the wrapping would not be thread-safe)."""
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 def looks_like_local_path(name: str) -> bool:
@@ -277,8 +274,8 @@ def load_merged_model(
             f"{str(error).splitlines()[0]}"
         ) from error
     check_base_weights(base, config, base_name, adapter, chosen=base_model is not None)
-    with quiet_peft_wrapping():
-        peft_model = PeftModel.from_pretrained(base, peft_folder)
+    silence_peft_deprecation_warning()
+    peft_model = PeftModel.from_pretrained(base, peft_folder)
     peft_model.eval()
     if not merge:
         return peft_model

@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .atomic_io import make_partial_dir, make_partial_file, replace_folder
-from .images import IMAGE_SUFFIXES, is_url
+from .images import IMAGE_SUFFIXES, is_url, redact_url
 from .masking import MASK_SCHEDULES
 from .pipeline import DEFAULT_CHECKPOINT, DEFAULT_MASK_RATIO, DEFAULT_NUM_MASKS
 from .step_loop import GraphCaptureError
@@ -56,6 +56,8 @@ def terminate_as_interrupt():
         return
 
     def raise_terminated(signum, frame):
+        # Once: a second SIGTERM (a scheduler repeating itself) does not cut the clean-up short; SIGKILL still would.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise Terminated()
 
     previous = signal.signal(signal.SIGTERM, raise_terminated)
@@ -131,13 +133,6 @@ def _url_name(url: str) -> str:
     stem = PurePosixPath(urllib.parse.unquote(parts.path)).stem
     name = re.sub(r"[^\w.-]+", "_", stem).strip("._") or re.sub(r"[^\w.-]+", "_", host).strip("._")
     return _fitting_name(name or "image")
-
-
-def _listed_url(url: str) -> str:
-    """`url` as scores.csv lists it: without a `user:password@` (results files get shared; the query stays, it may be
-    what names the image)."""
-    parts = urllib.parse.urlsplit(url)
-    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 def one_line_message(error: BaseException) -> str:
@@ -235,20 +230,20 @@ def run_detect(args: argparse.Namespace) -> int:
                     if downloads is None:
                         downloads = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="maeday-urls-")))
                     data = download(path, args.timeout)
-                    decode_image_bytes(data, path)  # not an image: one line naming the URL, now
+                    decode_image_bytes(data, redact_url(path))  # not an image: one line naming the URL, now
                     downloaded[path] = downloads / str(index)
                     downloaded[path].write_bytes(data)
                 sources.append(downloaded[path])
             else:
                 check_image_file(path)  # (its header: not an image at all fails now, not after hours of scoring)
                 sources.append(path)
-        created_out = not out_dir.exists()
+        created = [folder for folder in (out_dir, *out_dir.parents) if not folder.exists()]  # deepest first
         try:
             return _detect(args, call_kwargs, out_dir, images, sources)
         except BaseException:
-            if created_out:
+            for folder in created:  # a failed run leaves none of the folders it created; rmdir removes only empty ones
                 with contextlib.suppress(OSError):
-                    out_dir.rmdir()  # (only if empty: a failed run leaves no new empty folder behind)
+                    folder.rmdir()
             raise
 
 
@@ -281,7 +276,7 @@ def _detect(args, call_kwargs, out_dir: Path, images: list[tuple[Path | str, str
             vmax = 0.0
             progress = tqdm(zip(images, results), total=len(images), desc="maeday detect", disable=args.quiet)
             for index, ((path, _), result) in enumerate(progress):
-                rows.append((_listed_url(path) if isinstance(path, str) else str(path), result["score"],
+                rows.append((redact_url(path) if isinstance(path, str) else str(path), result["score"],
                              result.get("label")))
                 np.save(Path(maps_dir) / f"{index}.npy", result["anomaly_map"])
                 vmax = max(vmax, finite_max(result["anomaly_map"]))

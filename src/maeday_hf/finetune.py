@@ -638,7 +638,10 @@ def _write_folder(
     # (a shared folder, a model server running as another user).
     like = stat.S_IMODE(os.stat(folder / TRAINING_LOG_FILE).st_mode)
     for weights in folder.rglob("*.safetensors"):
-        os.chmod(weights, like)
+        try:
+            os.chmod(weights, like)
+        except OSError as error:  # (some mounts refuse chmod: the run is kept, owner-only)
+            logger.warning("Could not give %s the permissions of the run's other files: %s", weights, error)
 
 
 def push_folder_to_hub(folder: str | os.PathLike, repo_id: str, private: bool = False, token: str | None = None) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import time
+import urllib.parse
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +75,15 @@ def _open_image_file(path: str | os.PathLike) -> Image.Image:
 _LONGEST_SOCKET_WAIT = 86400.0
 
 
+def redact_url(url: str) -> str:
+    """`url` without a `user:password@` (for messages and listings that get shared; the query stays)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:  # (malformed: shown as given)
+        return url
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
 def download(url: str, timeout: float | None = None) -> bytes:
     """GET `url` (redirects followed) and return its body. `timeout` (seconds) bounds the whole download, not only each
     wait for bytes (a server trickling a byte at a time would pass that); None waits as long as it takes, as
@@ -87,6 +97,7 @@ def download(url: str, timeout: float | None = None) -> bytes:
 
     if timeout is not None and not timeout > 0:
         raise ValueError(f"timeout must be a number of seconds > 0 (or None), got {timeout!r}.")
+    shown = redact_url(url)  # (errors end up in logs)
     deadline = None if timeout is None else time.monotonic() + timeout
     # Each wait for bytes is bounded by the timeout too, but by at most a day: sockets take no longer (inf or 1e10
     # overflow their clock); the deadline still bounds the whole download.
@@ -98,14 +109,14 @@ def download(url: str, timeout: float | None = None) -> bytes:
             for chunk in response.iter_bytes():
                 body.write(chunk)
                 if deadline is not None and time.monotonic() > deadline:
-                    raise OSError(f"Cannot fetch image URL {url!r}: not downloaded within timeout={timeout} s.")
+                    raise OSError(f"Cannot fetch image URL {shown!r}: not downloaded within timeout={timeout} s.")
     except httpx.HTTPStatusError as error:
         status = error.response
-        raise ValueError(f"Cannot read image URL {url!r}: HTTP {status.status_code} {status.reason_phrase}.") from None
+        raise ValueError(f"Cannot read image URL {shown!r}: HTTP {status.status_code} {status.reason_phrase}.") from None
     except httpx.HTTPError as error:
-        raise OSError(f"Cannot fetch image URL {url!r}: {str(error) or type(error).__name__}.") from None
+        raise OSError(f"Cannot fetch image URL {shown!r}: {str(error) or type(error).__name__}.") from None
     except (httpx.InvalidURL, ValueError) as error:  # (a malformed URL: a bad IPv6 literal, an unencodable host, ...)
-        raise ValueError(f"Cannot fetch image URL {url!r}: it is not a valid URL ({error}).") from None
+        raise ValueError(f"Cannot fetch image URL {shown!r}: it is not a valid URL ({error}).") from None
     return body.getvalue()
 
 

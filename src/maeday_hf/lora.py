@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from .adapter_model import quiet_peft_wrapping
+from .adapter_model import silence_peft_deprecation_warning
 
 LORA_MODULE_TYPES: tuple[type[torch.nn.Module], ...] = (torch.nn.Linear, torch.nn.Conv2d)
 
@@ -58,5 +58,5 @@ def make_lora_config(
 
 def add_lora(model: torch.nn.Module, lora_config: LoraConfig) -> PeftModel:
     """Wrap `model` with LoRA: only the `lora_A`/`lora_B` weights require gradients afterwards."""
-    with quiet_peft_wrapping():
-        return get_peft_model(model, lora_config)
+    silence_peft_deprecation_warning()
+    return get_peft_model(model, lora_config)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .images import IMAGE_SUFFIXES, is_single_image, is_url, list_images, load_rgb_image
+from .masking import random_mask_noise
 
 _SEED_STRIDE = 2**32
 
@@ -230,8 +231,9 @@ class ShotViews(torch.utils.data.Dataset):
             transform = crop_rotate_transform(generator, height, width, self.min_crop_scale, self.max_rotation_degrees)
         else:
             transform = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
-        # "small is keep, large is remove": a fresh random mask for every copy.
-        noise = torch.rand(self.num_patches, generator=generator)
+        # "small is keep, large is remove": a fresh random mask for every copy (ranks of uniform draws: no ties, so
+        # every device keeps the same patches, see `masking.random_mask_noise`).
+        noise = random_mask_noise(1, self.num_patches, generator)[0]
         shot_index = torch.tensor(index % self.pixel_values.shape[0])
         return {"shot_index": shot_index, "transform": transform, "noise": noise}
 
