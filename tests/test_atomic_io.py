@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from maeday_hf.atomic_io import replace_folder, write_atomically
+from maeday_hf.atomic_io import hold, let_go, make_partial_dir, remove_abandoned, replace_folder, write_atomically
 from maeday_hf.synthetic import write_synthetic_mvtec
 
 
@@ -104,3 +104,41 @@ def test_a_file_or_a_link_in_the_way_is_replaced_without_leftovers(tmp_path, kin
     assert sorted(path.name for path in tmp_path.iterdir()) == ["elsewhere", "heatmaps"]  # no .heatmaps.replaced-*
     assert target.is_dir() and not target.is_symlink() and (target / "new.png").read_bytes() == b"png"
     assert (elsewhere / "kept.txt").read_text() == "kept"  # what a link pointed to is not the link's to delete
+
+
+def _aged(path: Path, seconds: float = 3600) -> Path:
+    os.utime(path, (os.stat(path).st_atime - seconds, os.stat(path).st_mtime - seconds))
+    return path
+
+
+@pytest.mark.skipif(os.name != "posix", reason="partials are locked with flock")
+def test_only_partials_of_killed_runs_are_removed(tmp_path):
+    import subprocess
+    import sys
+
+    # A run killed outright: its partial (old, locked by no one) goes.
+    abandoned = make_partial_dir(tmp_path, ".out.partial-")
+    (abandoned / "weights.safetensors").write_text("x")
+    _aged(abandoned)
+    # A run still writing, in another process: its partial is locked and stays, however old.
+    running = _aged(make_partial_dir(tmp_path, ".out.partial-"))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"from maeday_hf.atomic_io import hold; import sys, time; h = hold({str(running)!r}); "
+                               f"print(h is not None, flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "True"
+        young = make_partial_dir(tmp_path, ".out.partial-")  # created a moment ago: perhaps not locked yet
+        held_here = _aged(make_partial_dir(tmp_path, ".out.partial-"))
+        handle = hold(held_here)
+        other = _aged(make_partial_dir(tmp_path, ".other.partial-"))
+        assert remove_abandoned(tmp_path, ".out.partial-") == [abandoned]
+        assert all(path.is_dir() for path in (running, young, held_here, other)) and not abandoned.exists()
+        let_go(handle)
+        assert remove_abandoned(tmp_path, ".out.partial-") == [held_here]  # let go of: abandoned now
+    finally:
+        holder.kill()
+        holder.wait()
+    assert remove_abandoned(tmp_path, ".out.partial-") == [running]  # its process is gone
+    assert remove_abandoned(tmp_path / "missing", ".out.partial-") == []

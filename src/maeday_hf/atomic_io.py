@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -97,3 +98,66 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
     else:
         shutil.rmtree(path, ignore_errors=True)
+
+
+# A partial folder or file is held with an advisory lock (flock) while its process works on it. A process that is
+# killed outright (SIGKILL, the OOM killer) cannot clean up, but the kernel drops its lock: a later run can then tell
+# that partial, abandoned, from one a concurrent run is still writing, and remove it.
+try:
+    import fcntl
+except ImportError:  # (Windows: partials are not locked, and none are ever removed as abandoned)
+    fcntl = None
+
+_ABANDONED_AFTER_SECONDS = 60.0
+"""A partial younger than this is never removed: its run may be between creating it and locking it."""
+
+
+def hold(path: str | os.PathLike) -> int | None:
+    """Lock the partial folder or file `path` for this process; returns the handle for `let_go` (None where locks are
+    not available: the partial then only looks abandoned to no one)."""
+    if fcntl is None:
+        return None
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # (a file system without locks)
+        os.close(handle)
+        return None
+    return handle
+
+
+def let_go(handle: int | None) -> None:
+    """Release a `hold` (also after the partial was renamed into place or deleted)."""
+    if handle is not None:
+        os.close(handle)
+
+
+def remove_abandoned(parent: str | os.PathLike, prefix: str) -> list[Path]:
+    """Delete the partials `parent/<prefix>*` whose process is gone: older than a minute and locked by no one.
+
+    Returns what was removed. Nothing is removed where locks are not available or cannot be taken: a partial is only
+    deleted when it is certain no process holds it.
+    """
+    if fcntl is None or not Path(parent).is_dir():
+        return []
+    removed = []
+    for candidate in Path(parent).iterdir():
+        if not candidate.name.startswith(prefix) or candidate.is_symlink():
+            continue
+        try:
+            if time.time() - candidate.stat().st_mtime < _ABANDONED_AFTER_SECONDS:
+                continue
+            handle = os.open(candidate, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(handle)
+            continue  # held by a running process (or no locks here)
+        try:
+            _remove(candidate)
+        finally:
+            os.close(handle)
+        removed.append(candidate)
+    return removed

@@ -55,7 +55,7 @@ from .adapter_model import (
     base_weights_fingerprint,
     looks_like_local_path,
 )
-from .atomic_io import make_partial_dir, replace_folder
+from .atomic_io import hold, let_go, make_partial_dir, remove_abandoned, replace_folder
 from .calibration import Calibration, calibrate_threshold
 from .lora import add_lora, make_lora_config
 from .masking import require_visible_patches, validate_mask_ratio, validate_positive_int, validate_seed
@@ -778,7 +778,12 @@ def finetune(
     is_main = trainer.is_world_process_zero()
     # The run is written into a hidden folder of its own beside the output (a concurrent run into the same output,
     # or a killed one's leftovers, cannot meet it) and renamed into place when complete.
-    partial = make_partial_dir(output_dir.parent, f".{output_dir.name}.partial-") if is_main else None
+    partial, held = None, None
+    if is_main:
+        for abandoned in remove_abandoned(output_dir.parent, f".{output_dir.name}.partial-"):
+            logger.info("Removed %s, left by a run that was killed", abandoned)
+        partial = make_partial_dir(output_dir.parent, f".{output_dir.name}.partial-")
+        held = hold(partial)  # (while held, no later run takes it for abandoned)
     try:
         start = time.perf_counter()
         with mask_ratio_set_to(model, config.mask_ratio):
@@ -843,6 +848,7 @@ def finetune(
             shutil.rmtree(partial, ignore_errors=True)
         raise
     finally:
+        let_go(held)
         trainer_dir.cleanup()
     trainer.accelerator.wait_for_everyone()
     if is_main and push_to_hub:
