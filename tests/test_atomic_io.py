@@ -9,7 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from maeday_hf.atomic_io import hold, let_go, make_partial_dir, remove_abandoned, replace_folder, write_atomically
+from maeday_hf.atomic_io import (
+    let_go,
+    make_held_partial_dir,
+    make_held_partial_file,
+    remove_abandoned,
+    replace_folder,
+    write_atomically,
+)
 from maeday_hf.synthetic import write_synthetic_mvtec
 
 
@@ -111,30 +118,45 @@ def _aged(path: Path, seconds: float = 3600) -> Path:
     return path
 
 
+def _killed(made: tuple[Path, int | None]) -> Path:
+    """A partial as a run killed outright leaves it: its lock gone with its process."""
+    path, handle = made
+    let_go(handle)
+    return path
+
+
 @pytest.mark.skipif(os.name != "posix", reason="partials are locked with flock")
 def test_only_partials_of_killed_runs_are_removed(tmp_path):
     import subprocess
     import sys
 
-    # A run killed outright: its partial (old, locked by no one) goes.
-    abandoned = make_partial_dir(tmp_path, ".out.partial-")
+    # A run killed outright: its partial (old, locked by no one) goes, folder or file.
+    abandoned = _killed(make_held_partial_dir(tmp_path, ".out.partial-"))
     (abandoned / "weights.safetensors").write_text("x")
+    abandoned_file = _aged(_killed(make_held_partial_file(tmp_path, ".out.partial-")))
     _aged(abandoned)
     # A run still writing, in another process: its partial is locked and stays, however old.
-    running = _aged(make_partial_dir(tmp_path, ".out.partial-"))
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"from maeday_hf.atomic_io import hold; import sys, time; h = hold({str(running)!r}); "
-                               f"print(h is not None, flush=True); time.sleep(60)"],
+        [sys.executable, "-c", "from maeday_hf.atomic_io import make_held_partial_dir; import sys, time; "
+                               f"path, handle = make_held_partial_dir({str(tmp_path)!r}, '.out.partial-'); "
+                               "print(path, handle is not None, flush=True); time.sleep(60)"],
         stdout=subprocess.PIPE, text=True,
     )
     try:
-        assert holder.stdout.readline().strip() == "True"
-        young = make_partial_dir(tmp_path, ".out.partial-")  # created a moment ago: perhaps not locked yet
-        held_here = _aged(make_partial_dir(tmp_path, ".out.partial-"))
-        handle = hold(held_here)
-        other = _aged(make_partial_dir(tmp_path, ".other.partial-"))
-        assert remove_abandoned(tmp_path, ".out.partial-") == [abandoned]
-        assert all(path.is_dir() for path in (running, young, held_here, other)) and not abandoned.exists()
+        running_name, locked = holder.stdout.readline().split()
+        running = _aged(Path(running_name))
+        assert locked == "True"
+        young = _killed(make_held_partial_dir(tmp_path, ".out.partial-"))  # a moment old: perhaps not locked yet
+        held_here, handle = make_held_partial_dir(tmp_path, ".out.partial-")
+        _aged(held_here)
+        other = _aged(_killed(make_held_partial_dir(tmp_path, ".other.partial-")))
+        # Not partials, though their names start alike: a user's files, another host's partial.
+        users = [tmp_path / name for name in (".out.partial-notes", ".out.partial-0123456789ab")]
+        for path in users:
+            path.mkdir()
+            _aged(path)
+        assert sorted(remove_abandoned(tmp_path, ".out.partial-")) == sorted([abandoned, abandoned_file])
+        assert all(path.exists() for path in (running, young, held_here, other, *users))
         let_go(handle)
         assert remove_abandoned(tmp_path, ".out.partial-") == [held_here]  # let go of: abandoned now
     finally:

@@ -438,11 +438,12 @@ def test_a_terminated_run_leaves_the_previous_results_and_no_temporary_files(syn
 def test_a_run_removes_what_a_killed_run_left_in_its_output(synthetic_root, tiny_checkpoint, tmp_path):
     import os
 
-    from maeday_hf.atomic_io import make_partial_dir, make_partial_file
+    from maeday_hf.atomic_io import let_go, make_held_partial_dir, make_held_partial_file
 
     out = tmp_path / "out"
-    left = [make_partial_dir(out, ".heatmaps.partial-"), make_partial_file(out, ".scores.csv.partial-")]
-    for path in left:
+    for path, handle in (make_held_partial_dir(out, ".heatmaps.partial-"),
+                         make_held_partial_file(out, ".scores.csv.partial-")):
+        let_go(handle)  # a run killed with SIGKILL: no clean-up, its lock gone with it
         os.utime(path, (0, 0))
     image = synthetic_root / "stripes" / "test" / "good" / "000.png"
     assert main(["detect", str(image), "--model", tiny_checkpoint, "--out", str(out), "--num-masks", "2",

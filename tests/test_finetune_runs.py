@@ -624,9 +624,10 @@ def test_a_mount_that_refuses_chmod_keeps_the_run(tiny_checkpoint, shot_files, t
 
 
 def test_a_run_removes_what_a_killed_run_left_beside_its_output(tiny_checkpoint, shot_files, tmp_path):
-    from maeday_hf.atomic_io import make_partial_dir
+    from maeday_hf.atomic_io import let_go, make_held_partial_dir
 
-    left = make_partial_dir(tmp_path, ".out.partial-")  # a run killed with SIGKILL: no clean-up, no lock
+    left, handle = make_held_partial_dir(tmp_path, ".out.partial-")
+    let_go(handle)  # a run killed with SIGKILL: no clean-up, its lock gone with it
     (left / "model.safetensors").write_bytes(b"0" * 1000)
     os.utime(left, (0, 0))
     finetune(tiny_checkpoint, shot_files[:1], tmp_path / "out", FinetuneConfig(**TINY))

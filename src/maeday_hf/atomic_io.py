@@ -9,9 +9,12 @@ owner-only (`0o600` / `0o700`), and reading the umask to widen that afterwards c
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import secrets
 import shutil
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -102,7 +105,9 @@ def _remove(path: Path) -> None:
 
 # A partial folder or file is held with an advisory lock (flock) while its process works on it. A process that is
 # killed outright (SIGKILL, the OOM killer) cannot clean up, but the kernel drops its lock: a later run can then tell
-# that partial, abandoned, from one a concurrent run is still writing, and remove it.
+# that partial, abandoned, from one a concurrent run is still writing, and remove it. flock is coherent within one
+# kernel only (NFS clients, for one, keep folder locks to themselves), so a partial's name carries a tag of the host
+# that made it, and a run only ever removes its own host's.
 try:
     import fcntl
 except ImportError:  # (Windows: partials are not locked, and none are ever removed as abandoned)
@@ -110,6 +115,37 @@ except ImportError:  # (Windows: partials are not locked, and none are ever remo
 
 _ABANDONED_AFTER_SECONDS = 60.0
 """A partial younger than this is never removed: its run may be between creating it and locking it."""
+_HOST_TAG = hashlib.sha256(socket.gethostname().encode(errors="surrogateescape")).hexdigest()[:8]
+_RANDOM_PART = re.compile(r"[0-9a-f]{12}")  # (secrets.token_hex(6), as _create_fresh names them)
+
+
+def _host_prefix(prefix: str) -> str:
+    return f"{prefix}{_HOST_TAG}-"
+
+
+def make_held_partial_dir(parent: str | os.PathLike, prefix: str) -> tuple[Path, int | None]:
+    """`make_partial_dir` under a name tagged with this host, held (`hold`) for this process: `(path, handle)`."""
+    path = make_partial_dir(parent, _host_prefix(prefix))
+    try:
+        return path, hold(path)
+    except BaseException:
+        _remove(path)
+        raise
+
+
+def make_held_partial_file(parent: str | os.PathLike, prefix: str) -> tuple[Path, int | None]:
+    """`make_partial_file` under a name tagged with this host, held (`hold`) for this process: `(path, handle)`."""
+    path = make_partial_file(parent, _host_prefix(prefix))
+    try:
+        return path, hold(path)
+    except BaseException:
+        _remove(path)
+        raise
+
+
+def _open_to_lock(path: str | os.PathLike) -> int:
+    # (a regular file is opened for writing: an exclusive flock over NFS needs it)
+    return os.open(path, os.O_RDONLY if os.path.isdir(path) else os.O_RDWR)
 
 
 def hold(path: str | os.PathLike) -> int | None:
@@ -117,7 +153,7 @@ def hold(path: str | os.PathLike) -> int | None:
     not available: the partial then only looks abandoned to no one)."""
     if fcntl is None:
         return None
-    handle = os.open(path, os.O_RDONLY)
+    handle = _open_to_lock(path)
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:  # (a file system without locks)
@@ -133,21 +169,30 @@ def let_go(handle: int | None) -> None:
 
 
 def remove_abandoned(parent: str | os.PathLike, prefix: str) -> list[Path]:
-    """Delete the partials `parent/<prefix>*` whose process is gone: older than a minute and locked by no one.
+    """Delete this host's partials `parent/<prefix><host tag>-<random>` (as `make_held_partial_*` name them) whose
+    process is gone: older than a minute and locked by no one.
 
-    Returns what was removed. Nothing is removed where locks are not available or cannot be taken: a partial is only
-    deleted when it is certain no process holds it.
+    Returns what was removed. Nothing else is touched, and nothing is removed where locks are not available or cannot
+    be taken: a partial is only deleted when it is certain no process holds it.
     """
-    if fcntl is None or not Path(parent).is_dir():
+    if fcntl is None:
+        return []
+    host_prefix = _host_prefix(prefix)
+    try:
+        entries = list(Path(parent).iterdir())
+    except OSError:  # (missing, or not listable)
         return []
     removed = []
-    for candidate in Path(parent).iterdir():
-        if not candidate.name.startswith(prefix) or candidate.is_symlink():
+    for candidate in entries:
+        name = candidate.name
+        if not (name.startswith(host_prefix) and _RANDOM_PART.fullmatch(name[len(host_prefix):])):
+            continue
+        if candidate.is_symlink():
             continue
         try:
             if time.time() - candidate.stat().st_mtime < _ABANDONED_AFTER_SECONDS:
                 continue
-            handle = os.open(candidate, os.O_RDONLY)
+            handle = _open_to_lock(candidate)
         except OSError:
             continue
         try:
@@ -156,6 +201,8 @@ def remove_abandoned(parent: str | os.PathLike, prefix: str) -> list[Path]:
             os.close(handle)
             continue  # held by a running process (or no locks here)
         try:
+            if not os.path.lexists(candidate):  # renamed into place by its run in the meantime
+                continue
             _remove(candidate)
         finally:
             os.close(handle)

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .atomic_io import hold, let_go, make_partial_dir, make_partial_file, remove_abandoned, replace_folder
+from .atomic_io import let_go, make_held_partial_dir, make_held_partial_file, remove_abandoned, replace_folder
 from .images import IMAGE_SUFFIXES, is_url, redact_url
 from .masking import MASK_SCHEDULES
 from .pipeline import DEFAULT_CHECKPOINT, DEFAULT_MASK_RATIO, DEFAULT_NUM_MASKS
@@ -267,13 +267,17 @@ def _detect(args, call_kwargs, out_dir: Path, images: list[tuple[Path | str, str
     # This run's heatmaps are drawn into a hidden folder that replaces heatmaps/ whole once every one is written, and
     # the scores into a hidden file renamed right after: an interrupted or failed run leaves the previous run's
     # outputs as they were, a finished one leaves none of them.
-    for prefix in (".heatmaps.partial-", ".scores.csv.partial-"):
-        remove_abandoned(out_dir, prefix)  # (left by a run that was killed outright)
-    partial = make_partial_dir(out_dir, ".heatmaps.partial-")
     scores_file = out_dir / "scores.csv"
-    pending_scores = make_partial_file(out_dir, ".scores.csv.partial-")
-    held = [hold(partial), hold(pending_scores)]
+    partial = pending_scores = None
+    held = []
     try:
+        for prefix in (".heatmaps.partial-", ".scores.csv.partial-"):
+            remove_abandoned(out_dir, prefix)  # (left by a run that was killed outright)
+        # (held while this run writes them: no later run takes them for abandoned)
+        partial, handle = make_held_partial_dir(out_dir, ".heatmaps.partial-")
+        held.append(handle)
+        pending_scores, handle = make_held_partial_file(out_dir, ".scores.csv.partial-")
+        held.append(handle)
         with tempfile.TemporaryDirectory(prefix="maeday-maps-") as maps_dir:
             # Maps wait on disk, not in memory, until the common colour scale is known.
             vmax = 0.0
@@ -298,8 +302,10 @@ def _detect(args, call_kwargs, out_dir: Path, images: list[tuple[Path | str, str
         replace_folder(partial, out_dir / "heatmaps")
         os.replace(pending_scores, scores_file)  # (a rename: it cannot half-happen)
     finally:
-        shutil.rmtree(partial, ignore_errors=True)  # (gone already when the swap succeeded)
-        pending_scores.unlink(missing_ok=True)
+        if partial is not None:
+            shutil.rmtree(partial, ignore_errors=True)  # (gone already when the swap succeeded)
+        if pending_scores is not None:
+            pending_scores.unlink(missing_ok=True)
         for handle in held:
             let_go(handle)
     print(f"Scored {len(rows)} images: {out_dir / 'scores.csv'}, heatmaps in {out_dir / 'heatmaps'}")

@@ -55,7 +55,7 @@ from .adapter_model import (
     base_weights_fingerprint,
     looks_like_local_path,
 )
-from .atomic_io import hold, let_go, make_partial_dir, remove_abandoned, replace_folder
+from .atomic_io import let_go, make_held_partial_dir, make_partial_dir, remove_abandoned, replace_folder
 from .calibration import Calibration, calibrate_threshold
 from .lora import add_lora, make_lora_config
 from .masking import require_visible_patches, validate_mask_ratio, validate_positive_int, validate_seed
@@ -779,12 +779,12 @@ def finetune(
     # The run is written into a hidden folder of its own beside the output (a concurrent run into the same output,
     # or a killed one's leftovers, cannot meet it) and renamed into place when complete.
     partial, held = None, None
-    if is_main:
-        for abandoned in remove_abandoned(output_dir.parent, f".{output_dir.name}.partial-"):
-            logger.info("Removed %s, left by a run that was killed", abandoned)
-        partial = make_partial_dir(output_dir.parent, f".{output_dir.name}.partial-")
-        held = hold(partial)  # (while held, no later run takes it for abandoned)
     try:
+        if is_main:
+            for abandoned in remove_abandoned(output_dir.parent, f".{output_dir.name}.partial-"):
+                logger.info("Removed %s, left by a run that was killed", abandoned)
+            # (held while this run writes it: no later run takes it for abandoned)
+            partial, held = make_held_partial_dir(output_dir.parent, f".{output_dir.name}.partial-")
         start = time.perf_counter()
         with mask_ratio_set_to(model, config.mask_ratio):
             if _runs_as_graph_replays(trainer.args, config):
@@ -844,7 +844,7 @@ def finetune(
                 _move_into_place(partial, output_dir)
             logger.info("Wrote %s", output_dir)
     except BaseException:
-        if is_main:
+        if partial is not None:
             shutil.rmtree(partial, ignore_errors=True)
         raise
     finally:
