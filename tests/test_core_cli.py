@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 
 import numpy as np
@@ -449,3 +450,38 @@ def test_a_run_removes_what_a_killed_run_left_in_its_output(synthetic_root, tiny
     assert main(["detect", str(image), "--model", tiny_checkpoint, "--out", str(out), "--num-masks", "2",
                  "--device", "cpu", "--quiet"]) == 0
     assert sorted(path.name for path in out.iterdir()) == ["heatmaps", "scores.csv"]
+
+
+def test_a_sigterm_to_the_whole_process_group_stops_decoding_workers_quietly(synthetic_root, tiny_checkpoint,
+                                                                              tmp_path):
+    # `timeout`, Slurm and systemd signal the process group: the DataLoader workers get SIGTERM from outside too.
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    command = [sys.executable, "-m", "maeday_hf", "detect", str(synthetic_root), "--model", tiny_checkpoint,
+               "--out", str(out), "--num-masks", "4096", "--device", "cpu", "--quiet", "--num-workers", "2",
+               "--batch-size", "1"]
+    process = subprocess.Popen(command, env={**os.environ, "TMPDIR": str(temporary)}, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out.glob(".heatmaps.partial-*")):  # scoring has started
+            assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+            time.sleep(0.01)
+        time.sleep(1.0)
+        os.killpg(process.pid, signal.SIGTERM)
+        status = process.wait(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    stderr = process.stderr.read()
+    assert status == 143 and stderr.strip().endswith("maeday: terminated"), stderr
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr
+    assert not list(temporary.glob("pymp-*")) and not list(temporary.glob("maeday-*"))
+    assert not out.exists() or not list(out.iterdir())

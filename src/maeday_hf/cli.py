@@ -175,12 +175,24 @@ BF16_OF_PRECISION = {"auto": None, "bf16": True, "fp32": False}
 class _PathDataset(torch.utils.data.Dataset):
     def __init__(self, paths: list[str]):
         self.paths = paths
+        self._in_worker = False
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> str:
+        if not self._in_worker and torch.utils.data.get_worker_info() is not None:
+            # A DataLoader worker process. torch's own SIGTERM handler there exits quietly only when the signal comes
+            # from the main process; from anyone else (`timeout`, Slurm or systemd signalling the whole process group)
+            # the worker dies by it, and the main process then prints a traceback and leaves pymp-* folders. Raised
+            # as KeyboardInterrupt instead, the worker loop ends normally (it expects the main process to stop too).
+            signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+            self._in_worker = True
         return self.paths[index]
+
+
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def run_detect(args: argparse.Namespace) -> int:
