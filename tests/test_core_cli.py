@@ -403,34 +403,47 @@ def test_sigterm_is_handled_like_ctrl_c():
     assert interrupted_status(Terminated()) == 143 and interrupted_status(KeyboardInterrupt()) == 130
 
 
-def test_a_terminated_run_leaves_the_previous_results_and_no_temporary_files(synthetic_root, tiny_checkpoint, tmp_path):
-    # `kill`, `timeout`, a batch scheduler: the same clean-up as Ctrl-C, then exit status 143.
+def _sigterm_while_scoring(arguments: list[str], out, temporary, settle: float, whole_group: bool):
+    """Start `maeday detect ARGUMENTS --out OUT` (temporary files under `temporary`), send SIGTERM once it has started
+    scoring and `settle` seconds more (to it alone, or to its whole process group); returns `(status, stderr)`."""
     import os
     import signal
     import subprocess
     import sys
     import time
 
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "scores.csv").write_text("path,score\nearlier.png,1\n")
-    temporary = tmp_path / "tmp"
-    temporary.mkdir()
-    command = [sys.executable, "-m", "maeday_hf", "detect", str(synthetic_root), "--model", tiny_checkpoint,
-               "--out", str(out), "--num-masks", "4096", "--device", "cpu", "--quiet"]
+    command = [sys.executable, "-m", "maeday_hf", "detect", *arguments, "--out", str(out), "--quiet"]
     process = subprocess.Popen(command, env={**os.environ, "TMPDIR": str(temporary)}, stderr=subprocess.PIPE,
-                               text=True)
+                               text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
         while not list(out.glob(".heatmaps.partial-*")):  # scoring has started
             assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
             time.sleep(0.01)
-        time.sleep(0.5)
-        process.send_signal(signal.SIGTERM)
+        time.sleep(settle)
+        if whole_group:
+            os.killpg(process.pid, signal.SIGTERM)
+        else:
+            process.send_signal(signal.SIGTERM)
         status = process.wait(timeout=60)
     finally:
-        process.kill()
-    assert status == 143 and process.stderr.read().strip().endswith("maeday: terminated")
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    return status, process.stderr.read()
+
+
+def test_a_terminated_run_leaves_the_previous_results_and_no_temporary_files(synthetic_root, tiny_checkpoint, tmp_path):
+    # `kill`, `timeout`, a batch scheduler: the same clean-up as Ctrl-C, then exit status 143.
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "scores.csv").write_text("path,score\nearlier.png,1\n")
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    status, stderr = _sigterm_while_scoring(
+        [str(synthetic_root), "--model", tiny_checkpoint, "--num-masks", "4096", "--device", "cpu"], out, temporary,
+        settle=0.5, whole_group=False,
+    )
+    assert status == 143 and stderr.strip().endswith("maeday: terminated")
     assert sorted(path.name for path in out.iterdir()) == ["scores.csv"]
     assert (out / "scores.csv").read_text() == "path,score\nearlier.png,1\n"
     assert not list(temporary.iterdir())
@@ -455,32 +468,13 @@ def test_a_run_removes_what_a_killed_run_left_in_its_output(synthetic_root, tiny
 def test_a_sigterm_to_the_whole_process_group_stops_decoding_workers_quietly(synthetic_root, tiny_checkpoint,
                                                                               tmp_path):
     # `timeout`, Slurm and systemd signal the process group: the DataLoader workers get SIGTERM from outside too.
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
     out = tmp_path / "out"
     temporary = tmp_path / "tmp"
     temporary.mkdir()
-    command = [sys.executable, "-m", "maeday_hf", "detect", str(synthetic_root), "--model", tiny_checkpoint,
-               "--out", str(out), "--num-masks", "4096", "--device", "cpu", "--quiet", "--num-workers", "2",
-               "--batch-size", "1"]
-    process = subprocess.Popen(command, env={**os.environ, "TMPDIR": str(temporary)}, stderr=subprocess.PIPE,
-                               text=True, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not list(out.glob(".heatmaps.partial-*")):  # scoring has started
-            assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
-            time.sleep(0.01)
-        time.sleep(1.0)
-        os.killpg(process.pid, signal.SIGTERM)
-        status = process.wait(timeout=60)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-    stderr = process.stderr.read()
+    status, stderr = _sigterm_while_scoring(
+        [str(synthetic_root), "--model", tiny_checkpoint, "--num-masks", "4096", "--device", "cpu", "--num-workers",
+         "2", "--batch-size", "1"], out, temporary, settle=1.0, whole_group=True,
+    )
     assert status == 143 and stderr.strip().endswith("maeday: terminated"), stderr
     assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr
     assert not list(temporary.glob("pymp-*")) and not list(temporary.glob("maeday-*"))

@@ -125,17 +125,17 @@ def _host_prefix(prefix: str) -> str:
 
 def make_held_partial_dir(parent: str | os.PathLike, prefix: str) -> tuple[Path, int | None]:
     """`make_partial_dir` under a name tagged with this host, held (`hold`) for this process: `(path, handle)`."""
-    path = make_partial_dir(parent, _host_prefix(prefix))
-    try:
-        return path, hold(path)
-    except BaseException:
-        _remove(path)
-        raise
+    return _make_held(make_partial_dir, parent, prefix)
 
 
 def make_held_partial_file(parent: str | os.PathLike, prefix: str) -> tuple[Path, int | None]:
     """`make_partial_file` under a name tagged with this host, held (`hold`) for this process: `(path, handle)`."""
-    path = make_partial_file(parent, _host_prefix(prefix))
+    return _make_held(make_partial_file, parent, prefix)
+
+
+def _make_held(make: Callable[[str | os.PathLike, str], Path], parent: str | os.PathLike,
+               prefix: str) -> tuple[Path, int | None]:
+    path = make(parent, _host_prefix(prefix))
     try:
         return path, hold(path)
     except BaseException:

@@ -72,6 +72,11 @@ def interrupted_status(error: KeyboardInterrupt) -> int:
     return 128 + (signal.SIGTERM if isinstance(error, Terminated) else signal.SIGINT)
 
 
+def how_stopped(error: KeyboardInterrupt) -> str:
+    """What the command tells the user it was: "terminated" (SIGTERM) or "interrupted" (Ctrl-C)."""
+    return "terminated" if isinstance(error, Terminated) else "interrupted"
+
+
 def collect_images(inputs: Sequence[str], exclude: str | os.PathLike | None = None) -> list[tuple[Path | str, str]]:
     """Expand files, folders (recursively) and image URLs into `(path or URL, output name)` pairs, names unique.
 
@@ -517,7 +522,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"maeday: error: {one_line_message(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as error:
-        print(f"maeday: {'terminated' if isinstance(error, Terminated) else 'interrupted'}", file=sys.stderr)
+        print(f"maeday: {how_stopped(error)}", file=sys.stderr)
         return interrupted_status(error)
 
 

@@ -28,10 +28,14 @@ def is_url(text: str) -> bool:
     return text[:8].lower().startswith(("http://", "https://"))
 
 
-def _decode(source: str | os.PathLike | io.BytesIO, name: str) -> Image.Image:
+def _decode(source: str | os.PathLike | io.BytesIO, name: str, pixels: bool = True) -> Image.Image | None:
+    """The image at `source`, decoded now (so a truncated file fails here and not later); with `pixels=False` only
+    its header is read and nothing is returned. Errors name `name`."""
     try:
         with Image.open(source) as image:
-            image.load()  # decode now, so a truncated file fails here and not later
+            if not pixels:
+                return None
+            image.load()
             return image.copy()
     except Image.DecompressionBombError as error:
         raise ValueError(
@@ -51,25 +55,15 @@ def check_image_file(path: str | os.PathLike) -> None:
     Raises:
         FileNotFoundError, ValueError: as `load_rgb_image` would for that file.
     """
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"Image file not found: {os.fspath(path)!r}.")
-    try:
-        with Image.open(path):
-            pass
-    except Image.DecompressionBombError as error:
-        raise ValueError(
-            f"Cannot read {os.fspath(path)!r}: {error} To read larger images, raise PIL.Image.MAX_IMAGE_PIXELS."
-        ) from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise ValueError(f"Cannot read {os.fspath(path)!r} as an image: {error}") from None
+    _open_image_file(path, pixels=False)
 
 
-def _open_image_file(path: str | os.PathLike) -> Image.Image:
+def _open_image_file(path: str | os.PathLike, pixels: bool = True) -> Image.Image | None:
     if not os.path.exists(path):
         raise FileNotFoundError(f"Image file not found: {os.fspath(path)!r}.")
     if os.path.isdir(path):
         raise ValueError(f"Expected an image file, got the directory {os.fspath(path)!r}.")
-    return _decode(path, os.fspath(path))
+    return _decode(path, os.fspath(path), pixels)
 
 
 _LONGEST_SOCKET_WAIT = 86400.0

@@ -22,8 +22,8 @@ from collections.abc import Sequence
 
 from maeday_hf.cli import (
     BF16_OF_PRECISION,
-    Terminated,
     configure_logging,
+    how_stopped,
     interrupted_status,
     terminate_as_interrupt,
 )
@@ -151,8 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as error:
-        stopped = "terminated" if isinstance(error, Terminated) else "interrupted"
-        print(f"{PROG}: {stopped}; rerun the same command to continue.", file=sys.stderr)
+        print(f"{PROG}: {how_stopped(error)}; rerun the same command to continue.", file=sys.stderr)
         return interrupted_status(error)
     if results is not None:
         print(results)

@@ -14,7 +14,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from maeday_hf.cli import Terminated, configure_logging, interrupted_status, terminate_as_interrupt
+from maeday_hf.cli import configure_logging, how_stopped, interrupted_status, terminate_as_interrupt
 from maeday_hf.data import push_configs_to_hub, write_hub_folder
 from maeday_hf.data.publish import BUILDERS, load_configs
 
@@ -51,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as error:
-        print(f"{PROG}: {'terminated' if isinstance(error, Terminated) else 'interrupted'}", file=sys.stderr)
+        print(f"{PROG}: {how_stopped(error)}", file=sys.stderr)
         return interrupted_status(error)
     return 0
 
