@@ -13,6 +13,7 @@ os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import ViTImageProcessor, ViTMAEConfig, ViTMAEForPreTraining
 
 TINY_IMAGE_SIZE = 32
@@ -50,6 +51,19 @@ def make_tiny_model(seed: int = 0, **overrides) -> ViTMAEForPreTraining:
         model.vit.embeddings.position_embeddings.normal_(std=0.5)
         model.decoder.decoder_pos_embed.normal_(std=0.5)
     return model.eval()
+
+
+class RecordedOps(TorchDispatchMode):
+    """Records the name of every aten op dispatched inside its `with` block (`.item()` shows as
+    `_local_scalar_dense`, the op behind every host sync)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
 
 
 def save_tiny_checkpoint(folder, seed: int = 0, **overrides) -> str:

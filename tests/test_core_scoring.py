@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import make_tiny_model
+from conftest import RecordedOps, make_tiny_model
 from maeday_hf.masking import make_mask_noise
 from maeday_hf.reconstruction import patches_to_image, squared_error_per_patch_pixel
 from maeday_hf.scoring import _runs, gaussian_filter, gaussian_kernel1d, maeday_anomaly_maps
@@ -134,16 +133,6 @@ def test_noise_without_masks_is_refused():
         maeday_anomaly_maps(model, torch.zeros(1, 3, 32, 32), torch.zeros(0, 16), 0.75)
 
 
-class _RecordedOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.add(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("mask_batch_size", [4, 5, 24])
 def test_errors_are_summed_per_image_without_scattered_adds(mask_batch_size):
     # On CUDA, index_add_ / scatter_add / accumulating index_put_ add through atomics in no fixed order: the same
@@ -151,7 +140,7 @@ def test_errors_are_summed_per_image_without_scattered_adds(mask_batch_size):
     model = make_tiny_model(seed=5)
     pixel_values = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     noise = make_mask_noise(6, 16, 0.75, seed=1)
-    recorded = _RecordedOps()
+    recorded = RecordedOps()
     with recorded:
         maeday_anomaly_maps(model, pixel_values, noise, 0.75, mask_batch_size=mask_batch_size, return_uncertainty=True)
     assert "convolution" in recorded.names  # (the recorder sees the model's ops)

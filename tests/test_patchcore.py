@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from transformers import ResNetBackbone, ResNetConfig, ViTImageProcessor
 
+from conftest import RecordedOps
 from maeday_hf.ensemble import ensemble_predictions
 from maeday_hf.feature_extraction import (
     IMAGENET_MEAN,
@@ -115,6 +116,19 @@ def test_greedy_coreset_never_picks_a_point_twice_among_near_duplicates():
     # The first 300 picks are one of each pair: a near-duplicate is the farthest point only once its twin is taken.
     first = indices[:300] % 300
     assert len(set(first.tolist())) == 300
+
+
+@pytest.mark.parametrize("projection_dim", [None, 3])
+def test_greedy_coreset_reads_nothing_back_to_the_host(projection_dim):
+    # On a GPU every `.item()` (also the hidden one of indexing with a 0-d tensor) waits for the device: a sync per
+    # selected point would serialise the loop. The recorder sees the same aten ops on the CPU.
+    features = torch.randn(60, 5, generator=torch.Generator().manual_seed(3))
+    recorded = RecordedOps()
+    with recorded:
+        indices = greedy_coreset_indices(features, 12, projection_dim, torch.Generator().manual_seed(0))
+    assert "addmv" in recorded.names  # (the recorder sees the loop's ops)
+    assert "_local_scalar_dense" not in recorded.names
+    assert len(set(indices.tolist())) == 12
 
 
 def test_greedy_coreset_rejects_bad_size():

@@ -130,25 +130,28 @@ def greedy_coreset_indices(
     if projection_dim is not None and projection_dim < dim:
         projection = torch.randn(dim, projection_dim, generator=generator, dtype=features.dtype)
         features = features @ projection.to(features.device)
-    start = int(torch.randint(num_points, (1,), generator=generator))
+    # Indices stay 1-element tensors on the device: a 0-d index (or `int(...)`) would be read back to the host, a
+    # CUDA sync per selected point.
+    index = torch.randint(num_points, (1,), generator=generator).to(features.device)
     selected = torch.empty(num_samples, dtype=torch.long, device=features.device)
-    selected[0] = start
+    selected[:1] = index
     # Squared distance of every point to its nearest selected point. One matrix-vector product per step,
     # ‖x‖² + ‖c‖² − 2x·c, is ~4x faster than materialising x − c. Centred first: the expansion's rounding grows with
     # the norms, and ReLU features share a large offset that would otherwise drown the distances of near-duplicates.
     features = features - features.mean(dim=0)
     squared_norms = features.pow(2).sum(dim=1)
 
-    def squared_distances_to(index: torch.Tensor | int) -> torch.Tensor:
-        return torch.addmv(squared_norms + squared_norms[index], features, features[index], alpha=-2).clamp_min_(0)
+    def squared_distances_to(index: torch.Tensor) -> torch.Tensor:
+        centre = features.index_select(0, index)[0]
+        return torch.addmv(squared_norms + squared_norms.index_select(0, index), features, centre, alpha=-2).clamp_min_(0)
 
-    min_distances = squared_distances_to(start)
-    min_distances[start] = -1.0  # selected points stay below every distance, so none is picked twice
+    min_distances = squared_distances_to(index)
+    min_distances.index_fill_(0, index, -1.0)  # selected points stay below every distance, so none is picked twice
     for step in range(1, num_samples):
-        index = torch.argmax(min_distances)
-        selected[step] = index
+        index = torch.argmax(min_distances).view(1)
+        selected[step : step + 1] = index
         torch.minimum(min_distances, squared_distances_to(index), out=min_distances)
-        min_distances[index] = -1.0
+        min_distances.index_fill_(0, index, -1.0)
     return selected
 
 
