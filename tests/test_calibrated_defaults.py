@@ -105,10 +105,41 @@ def test_calibration_threshold_is_mean_plus_k_sample_std_or_the_top_score():
     for num_std in (0.0, 1.0, 3.0):
         calibration = calibrate_threshold(model, shots, num_views_per_shot=3, num_masks=2, num_std=num_std)
         scores = np.array(calibration.scores)
-        assert len(scores) == 6
-        expected = max(scores.mean() + num_std * scores.std(ddof=1), scores.max())
+        assert len(scores) == len(calibration.bfloat16_scores) == 6
+        assert calibration.bfloat16_scores != calibration.scores  # (rounding differs)
+        top = max(scores.max(), max(calibration.bfloat16_scores))
+        expected = max(scores.mean() + num_std * scores.std(ddof=1), top * 1.001)
         assert calibration.threshold == pytest.approx(expected, rel=1e-12)
+    # A model in another dtype runs in it alone: one set of scores.
+    calibration = calibrate_threshold(model.double(), shots.double(), num_views_per_shot=3, num_masks=2, num_std=0.0)
+    assert calibration.bfloat16_scores is None
+    assert calibration.threshold == pytest.approx(max(calibration.scores) * 1.001, rel=1e-12)
+    model.float()
     with pytest.raises(ValueError, match="num_views_per_shot"):
         calibrate_threshold(model, shots, num_views_per_shot=0, num_masks=2)
     with pytest.raises(ValueError, match="0 images"):
         calibrate_threshold(model, shots[:0], num_masks=2)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_no_shot_is_labelled_anomalous_in_either_precision(tiny_checkpoint, seed):
+    # The pipeline scores a float32 model in bf16 where the hardware multiplies it and in float32 elsewhere; the
+    # threshold must hold in both, also when it is the top normal score (num_std=0).
+    from transformers import AutoImageProcessor, ViTMAEForPreTraining
+
+    from maeday_hf.calibration import calibrate_threshold
+
+    rng = np.random.default_rng(seed)
+    shots = [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(3)]
+    model = ViTMAEForPreTraining.from_pretrained(tiny_checkpoint).eval()
+    processor = AutoImageProcessor.from_pretrained(tiny_checkpoint)
+    pixel_values = processor(images=shots, return_tensors="pt")["pixel_values"]
+    calibration = calibrate_threshold(model, pixel_values, num_masks=4, num_std=0.0, augment=False)
+    detector = pipeline("anomaly-detection", model=model, image_processor=processor)
+    top = {}
+    for bf16 in (False, True):
+        results = detector(shots, num_masks=4, threshold=calibration.threshold, bf16=bf16)
+        assert [result["label"] for result in results] == ["normal"] * 3
+        top[bf16] = max(result["score"] for result in results)
+    assert top[False] != top[True]
+    assert calibration.threshold == pytest.approx(max(top.values()) * 1.001, rel=1e-5)

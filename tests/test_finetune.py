@@ -274,17 +274,24 @@ def test_calibration_scores_are_the_loaded_detectors_scores_of_the_shots(tiny_ch
     # scores as calibrated, whatever the seed (and none lies above the threshold).
     result, scores = _two_shot_run_and_detector_scores(tiny_checkpoint, shot_path, tmp_path, phase=2.0,
                                                        calibration_views_per_shot=1, seed=seed)
-    assert scores == pytest.approx(result.calibration.scores, rel=1e-5)
+    assert scores[False] == pytest.approx(result.calibration.scores, rel=1e-5)
+    assert scores[True] == pytest.approx(result.calibration.bfloat16_scores, rel=1e-5)
+    assert max(scores[False] + scores[True]) < result.calibration.threshold
 
 
 def _two_shot_run_and_detector_scores(tiny_checkpoint, shot_path, tmp_path, phase: float, **config):
-    """A 2-step run on `shot_path` and a second shot, and the loaded detector's scores of both at the calibration's N."""
+    """A 2-step run on `shot_path` and a second shot, and the loaded detector's scores of both at the calibration's N,
+    in float32 (key False) and in bf16 (key True)."""
     second = tmp_path / "second.png"
     _smooth_image(phase=phase).save(second)
     result = finetune(tiny_checkpoint, [shot_path, second], tmp_path / "out",
                       FinetuneConfig(**{**FAST, "num_steps": 2, **config}))
     detector = load_detector(result.output_dir, device="cpu")
-    scores = [detector(str(shot), num_masks=FAST["calibration_num_masks"])["score"] for shot in (shot_path, second)]
+    scores = {
+        bf16: [detector(str(shot), num_masks=FAST["calibration_num_masks"], bf16=bf16)["score"]
+               for shot in (shot_path, second)]
+        for bf16 in (False, True)
+    }
     return result, scores
 
 
@@ -433,7 +440,9 @@ def test_a_damaged_base_is_one_error_before_training(tiny_checkpoint, shot_path,
 def test_without_augmentation_the_calibration_scores_the_shots_as_they_are(tiny_checkpoint, shot_path, tmp_path):
     result, scores = _two_shot_run_and_detector_scores(tiny_checkpoint, shot_path, tmp_path, phase=1.0,
                                                        calibration_views_per_shot=4, augment=False)
-    assert scores == pytest.approx(result.calibration.scores, rel=1e-5)  # one view per shot: no crop, no rotation
+    # One view per shot: no crop, no rotation.
+    assert scores[False] == pytest.approx(result.calibration.scores, rel=1e-5)
+    assert scores[True] == pytest.approx(result.calibration.bfloat16_scores, rel=1e-5)
     recorded = json.loads((result.output_dir / "calibration.json").read_text())
     assert recorded["augmented"] is False and recorded["num_views_per_shot"] == 1
     assert "each shot as is: the fine-tune used no augmentation" in (result.output_dir / "README.md").read_text()

@@ -7,9 +7,15 @@ then the score the detector gives it. The image scores of these normal views giv
 
     threshold = mean + num_std * std      (num_std = 3 by default),
 
-or their maximum when that is larger: none of the normal views is then labelled anomalous, and since the image score
-is the maximum of the anomaly map, none of their pixels is either. The pipeline uses one threshold for the score and
+or their maximum when that is larger (raised by `TOP_SCORE_MARGIN`, so that rounding cannot put the view that set
+it above it): none of the normal views is then labelled anomalous, and since the image score is the maximum of the
+anomaly map, none of their pixels is either. The pipeline uses one threshold for the score and
 the map, so this one number serves both.
+
+The pipeline runs a float32 model in bfloat16 where the device multiplies bf16 in hardware and in float32 elsewhere,
+and the two precisions' scores differ by a few tenths of a percent: enough to lift the normal view that set the
+maximum above it. A float32 model's views are therefore scored in both precisions, and the maximum is taken over both,
+so the threshold holds wherever the detector runs (mean and std are the float32 scores').
 """
 
 from __future__ import annotations
@@ -29,6 +35,11 @@ logger = logging.getLogger(__name__)
 
 # Calibration views draw from seeds far from the training views' (seed, index) stream.
 _CALIBRATION_SEED_OFFSET = 1_000_003
+TOP_SCORE_MARGIN = 1e-3
+"""Relative margin above the top normal score, when that sets the threshold. The pipeline reaches the same score by
+another path (preprocessing on the device, other batches of images and masks), which moves it by rounding: up to
+3.5e-7 of the score on the CPU, in float32 and bf16 alike (measured with a tiny model over batch and chunk sizes);
+the margin leaves GPU kernels' different summation orders 1000x room and is far below the spread of normal scores."""
 PIPELINE_MASK_SEED = 0
 """`AnomalyDetectionPipeline`'s default `seed` of the masks (with the default `"random"` schedule)."""
 
@@ -47,6 +58,9 @@ class Calibration:
     mask_ratio: float
     seed: int
     mask_seed: int
+    bfloat16_scores: list[float] | None = None
+    """The same views' scores in bfloat16 (None for a model not in float32, which the pipeline runs in its own dtype
+    only); `threshold` is at least their maximum too."""
     augmented: bool = True
     """Whether the views beyond each shot itself were augmented (False: the fine-tune trained without augmentation,
     so each shot is scored once, as it is)."""
@@ -83,8 +97,10 @@ def calibrate_threshold(
             views, so only the shots themselves are scored (`num_views_per_shot` is then 1: more copies of a shot,
             with the same masks, would score the same).
 
-    The threshold is `max(mean + num_std * std, max score)` over the views' scores, `std` the sample standard
-    deviation (n - 1 in the denominator: a handful of views underestimates the spread less).
+    The threshold is `max(mean + num_std * std, max score * (1 + TOP_SCORE_MARGIN))` over the views' scores, `std`
+    the sample standard deviation (n - 1 in the denominator: a handful of views underestimates the spread less). A float32 model's views
+    are scored in float32 and in bfloat16 (the two precisions the pipeline may run it in); mean and std are the
+    float32 scores', the max is over both.
 
     Returns:
         `Calibration`.
@@ -105,8 +121,16 @@ def calibrate_threshold(
     device = next(model.parameters()).device
     num_patches = count_patches(model, views)
     noise = make_mask_noise(num_masks, num_patches, mask_ratio, "random", mask_seed)
-    outputs = maeday_anomaly_maps(model, views.to(device), noise, mask_ratio, mask_batch_size=mask_batch_size)
-    scores = outputs["pred_score"].cpu().tolist()
+    views = views.to(device)
+
+    def score_views(bf16: bool | None) -> list[float]:
+        outputs = maeday_anomaly_maps(model, views, noise, mask_ratio, mask_batch_size=mask_batch_size, bf16=bf16)
+        return outputs["pred_score"].cpu().tolist()
+
+    if next(model.parameters()).dtype == torch.float32:
+        scores, bfloat16_scores = score_views(False), score_views(True)
+    else:
+        scores, bfloat16_scores = score_views(None), None
     if len(scores) < 8:
         logger.warning(
             "Calibrating the threshold from only %d normal views: their spread is a poor estimate, so expect "
@@ -115,8 +139,11 @@ def calibrate_threshold(
         )
     mean = sum(scores) / len(scores)
     std = math.sqrt(sum((s - mean) ** 2 for s in scores) / max(1, len(scores) - 1))
-    threshold = max(mean + num_std * std, max(scores))
-    logger.info("Calibrated threshold %.6g from %d normal views (mean %.6g, std %.6g)", threshold, len(scores), mean, std)
+    top = max(max(scores), max(bfloat16_scores or scores))
+    threshold = max(mean + num_std * std, top + abs(top) * TOP_SCORE_MARGIN)
+    logger.info("Calibrated threshold %.6g from %d normal views (mean %.6g, std %.6g, max %.6g%s)", threshold,
+                len(scores), mean, std, max(scores),
+                "" if bfloat16_scores is None else f", in bf16 {max(bfloat16_scores):.6g}")
     return Calibration(
         threshold=threshold,
         scores=scores,
@@ -128,5 +155,6 @@ def calibrate_threshold(
         mask_ratio=mask_ratio,
         seed=seed,
         mask_seed=mask_seed,
+        bfloat16_scores=bfloat16_scores,
         augmented=augment,
     )

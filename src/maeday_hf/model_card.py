@@ -9,6 +9,7 @@ from typing import Any
 
 from huggingface_hub import ModelCardData
 
+from .calibration import TOP_SCORE_MARGIN
 from .pipeline import DEFAULT_MASK_RATIO, DEFAULT_NUM_MASKS
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
@@ -58,8 +59,8 @@ shipped here (`pipeline.py` and the modules it imports{remote_note}).
 
 ## Threshold (from the normal shots only)
 
-`{threshold:.6g}` = max(mean + {num_std} x std, max) of the image scores of {num_calibration_views} normal views
-({calibration_views}), scored with {calibration_masks} masks at mask ratio {calibration_mask_ratio}. The
+`{threshold:.6g}` = max(mean + {num_std} x std, {top_factor:g} x max) of the image scores of {num_calibration_views} normal views
+({calibration_views}), scored with {calibration_masks} masks at mask ratio {calibration_mask_ratio}{precisions}. The
 pipeline uses it as the default `threshold` (adds `label` and `mask`); pass `threshold=` to override. All scores are in
 `calibration.json`.
 """
@@ -133,4 +134,9 @@ def render_model_card(
         ),
         calibration_masks=calibration["num_masks"],
         calibration_mask_ratio=calibration["mask_ratio"],
+        top_factor=1 + TOP_SCORE_MARGIN,
+        precisions=(
+            "; the max is over their float32 and bfloat16 scores (the pipeline runs in either, by device)"
+            if calibration.get("bfloat16_scores") else ""
+        ),
     )
