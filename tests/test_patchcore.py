@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import ResNetBackbone, ResNetConfig, ViTImageProcessor
 
 from conftest import RecordedOps
@@ -156,6 +157,35 @@ def test_nearest_neighbors_match_brute_force(k):
     expected_distances, expected_indices = reference.sort(dim=1)
     assert torch.equal(indices, expected_indices[:, :k])
     torch.testing.assert_close(distances.double(), expected_distances[:, :k])
+
+
+class _LargestTensor(TorchDispatchMode):
+    """The most elements of any tensor an op returns inside the `with` block."""
+
+    def __init__(self):
+        super().__init__()
+        self.elements = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        output = func(*args, **(kwargs or {}))
+        for tensor in output if isinstance(output, (tuple, list)) else (output,):
+            if isinstance(tensor, torch.Tensor):
+                self.elements = max(self.elements, tensor.numel())
+        return output
+
+
+@pytest.mark.parametrize("bank_size", [4, 16, 300])
+def test_nearest_neighbors_hold_at_most_max_chunk_elements(bank_size):
+    # A 1-shot bank is small and its features wide: each chunk's differences to its k + margin candidates, not its
+    # distances to the bank, are then the largest tensor (a 32-image batch once took 1.4 GB against a 128-entry bank).
+    generator = torch.Generator().manual_seed(0)
+    queries, bank = torch.randn(500, 64, generator=generator), torch.randn(bank_size, 64, generator=generator)
+    largest = _LargestTensor()
+    with largest:
+        distances, indices = nearest_neighbors(queries, bank, k=3, max_chunk_elements=20_000)
+    assert largest.elements <= 20_000
+    reference = torch.linalg.vector_norm(queries.double()[:, None] - bank.double()[None], dim=-1)
+    assert torch.equal(indices, reference.sort(dim=1).indices[:, :3])
 
 
 def test_nearest_neighbors_stay_exact_when_the_features_share_a_large_offset():

@@ -173,7 +173,9 @@ def nearest_neighbors(
         queries (`torch.Tensor` of shape `(num_queries, dim)`).
         memory_bank (`torch.Tensor` of shape `(bank_size, dim)`), on the same device.
         k (`int`): neighbours per query, `1 <= k <= bank_size`.
-        max_chunk_elements (`int`): bound on the distances held at once (`chunk_rows · bank_size`).
+        max_chunk_elements (`int`): bound on the elements of each chunk's largest tensors: its distances to the bank
+            (`chunk_rows · bank_size`) and its differences to the candidates (`chunk_rows · (k + margin) · dim`,
+            the larger one for a small bank, as a 1-shot PatchCore's).
 
     Returns:
         `distances` `(num_queries, k)` ascending and `indices` `(num_queries, k)` into `memory_bank`.
@@ -188,8 +190,8 @@ def nearest_neighbors(
     if dtype not in (torch.float32, torch.float64):
         dtype = torch.float32  # distances in bf16/fp16 are too coarse to rank
     queries, memory_bank = queries.to(dtype), memory_bank.to(dtype)
-    rows = max(1, max_chunk_elements // bank_size)
     num_candidates = min(bank_size, k + NEIGHBOR_CANDIDATE_MARGIN)
+    rows = max(1, max_chunk_elements // max(bank_size, num_candidates * dim))
     center = memory_bank.mean(dim=0)
     centred_bank = memory_bank - center
     all_distances, all_indices = [], []
