@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import shutil
@@ -435,6 +436,46 @@ def test_a_damaged_mask_fails_the_protocol_before_anything_runs(tmp_path, tiny_c
     with pytest.raises(ValueError, match=f"Cannot read the ground-truth mask '{mask}'"):
         prepare_protocol(config)
     assert not (tmp_path / "out").exists()
+
+
+def test_blank_masks_are_found_before_anything_runs(tmp_path, tiny_checkpoint, caplog):
+    # All black: the pixel metrics would fail only after every unit was fine-tuned and scored, and again on a rerun.
+    from maeday_hf.protocol import ProtocolConfig, prepare_protocol
+    from maeday_hf.synthetic import write_synthetic_mvtec
+
+    root = write_synthetic_mvtec(tmp_path / "data", categories=("disc",), num_train=2, num_test_good=1,
+                                 num_test_per_defect=1, image_size=32)
+    masks = sorted((root / "disc" / "ground_truth").rglob("*_mask.png"))
+    assert len(masks) > 1
+    Image.new("L", (32, 32), 0).save(masks[0])
+    config = ProtocolConfig(tiny_checkpoint, str(root), str(tmp_path / "out"), shots=(0,), repetitions=(), plots=False,
+                            device="cpu")
+    with caplog.at_level("WARNING", logger="maeday_hf.protocol"):
+        prepare_protocol(config)  # one blank mask among others: the metrics are defined, but it is said
+    assert f"1 of {len(masks)} anomalous test images have a ground-truth mask with no anomalous pixel" in caplog.text
+    assert masks[0].name in caplog.text
+    for mask in masks:
+        Image.new("L", (32, 32), 0).save(mask)
+    config = dataclasses.replace(config, output_dir=str(tmp_path / "out2"))
+    with pytest.raises(ValueError, match="none of the ground-truth masks of its .* marks an anomalous pixel"):
+        prepare_protocol(config)
+    assert not (tmp_path / "out2").exists()
+    prepare_protocol(dataclasses.replace(config, pixel_metrics=False))  # image metrics need no masks
+
+
+def test_shot_seeds_that_must_select_the_same_shots_are_reported(tmp_path, tiny_checkpoint, caplog):
+    from maeday_hf.protocol import ProtocolConfig, prepare_protocol
+    from maeday_hf.synthetic import write_synthetic_mvtec
+
+    root = write_synthetic_mvtec(tmp_path / "data", categories=("disc",), num_train=2, num_test_good=1,
+                                 num_test_per_defect=1, image_size=32)
+    for shots, expected in (((1,), False), ((1, 2), True)):
+        config = ProtocolConfig(tiny_checkpoint, str(root), str(tmp_path / f"out{len(shots)}"), shots=shots,
+                                num_shot_seeds=3, repetitions=(), plots=False, device="cpu")
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="maeday_hf.protocol"):
+            prepare_protocol(config)
+        assert ("its 3 shot seeds select the same shots" in caplog.text) is expected
 
 
 def test_a_mask_with_more_than_two_grey_levels_is_reported(tmp_path, tiny_checkpoint, caplog):

@@ -245,6 +245,18 @@ def test_a_device_that_is_not_here_is_refused_before_anything_is_written(
         assert not (tmp_path / "out").exists()
 
 
+def test_patchcore_options_without_the_ensemble_are_refused(tiny_checkpoint, synthetic_root, tmp_path, capsys):
+    for option in (["--patchcore-backbone", "no/such-backbone"], ["--patchcore-image-size", "5"]):
+        err = _run_error(capsys, _argv(tiny_checkpoint, synthetic_root, tmp_path / "out", *option))
+        assert "need --ensemble patchcore" in err
+    assert not (tmp_path / "out").exists()
+    from maeday_hf.patchcore import PatchCoreConfig
+
+    with pytest.raises(ValueError, match="needs ensemble='patchcore'"):
+        ProtocolConfig(tiny_checkpoint, str(synthetic_root), str(tmp_path / "out"), patchcore=PatchCoreConfig(),
+                       device="cpu")
+
+
 def test_folder_that_is_not_mvtec_shaped(tiny_checkpoint, tmp_path, capsys):
     (tmp_path / "data" / "photos").mkdir(parents=True)
     argv = ["--model", tiny_checkpoint, "--dataset", str(tmp_path / "data"), "--output-dir", str(tmp_path / "out")]

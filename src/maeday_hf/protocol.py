@@ -270,6 +270,8 @@ class ProtocolConfig:
             raise ValueError(f"ensemble_normalization={self.ensemble_normalization!r} needs ensemble='patchcore'.")
         if self.ensemble is not None and not any(k > 0 for k in self.shots):
             raise ValueError("ensemble='patchcore' needs shots > 0 (PatchCore builds its memory bank from the shots).")
+        if self.patchcore is not None and self.ensemble is None:
+            raise ValueError("patchcore (PatchCore's settings) needs ensemble='patchcore'; without it none runs.")
         if self.patchcore is None and self.ensemble is not None:
             from .patchcore import PatchCoreConfig
 
@@ -474,6 +476,12 @@ def _check_category_splits(name: str, splits: datasets.DatasetDict, config: Prot
                 f"Category {name!r} has {num_train} training images but --shots asks for k={max_shots}; "
                 f"{'use --shots 0 (this dataset has no train split)' if num_train == 0 else 'lower the shots'}."
             )
+        if max_shots == num_train and config.num_shot_seeds > 1:
+            logger.warning(
+                "Category %r has %d training images and k=%d takes them all: its %d shot seeds select the same shots, "
+                "so their std shows only the fine-tune's and PatchCore's randomness, not the choice of shots.",
+                name, num_train, max_shots, config.num_shot_seeds,
+            )
     if config.pixel_metrics:
         masks = test.cast_column("mask", datasets.Image(decode=False))["mask"]
         unmasked = sum(1 for label, mask in zip(labels, masks) if label == 1 and mask is None)
@@ -482,8 +490,24 @@ def _check_category_splits(name: str, splits: datasets.DatasetDict, config: Prot
                 f"Category {name!r}: {unmasked} of {num_anomalous} anomalous test images have no ground-truth mask, "
                 f"so pixel metrics cannot be computed; pass --no-pixel-metrics for image metrics only."
             )
-        # Decoded once now: a damaged mask must not fail after the scoring.
-        not_binary = [index for index, mask in enumerate(masks) if not check_mask(mask, f"{name} test example {index}")]
+        # Decoded once now: a damaged or empty mask must not fail after the scoring.
+        checks = [check_mask(mask, f"{name} test example {index}") for index, mask in enumerate(masks)]
+        blank = [index for index, (label, check) in enumerate(zip(labels, checks))
+                 if label == 1 and check.num_anomalous_pixels == 0]
+        if len(blank) == num_anomalous:
+            raise ValueError(
+                f"Category {name!r}: none of the ground-truth masks of its {num_anomalous} anomalous test images marks "
+                f"an anomalous pixel (all black?), so pixel metrics cannot be computed; pass --no-pixel-metrics for "
+                f"image metrics only."
+            )
+        if blank:
+            first = masks[blank[0]]
+            logger.warning(
+                "Category %r: %d of %d anomalous test images have a ground-truth mask with no anomalous pixel (e.g. "
+                "%s): they add only normal pixels to the pixel metrics.", name, len(blank), num_anomalous,
+                first.get("path") or f"test example {blank[0]}",
+            )
+        not_binary = [index for index, check in enumerate(checks) if not check.binary]
         if not_binary:
             first = masks[not_binary[0]]
             logger.warning(

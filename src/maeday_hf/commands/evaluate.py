@@ -99,6 +99,9 @@ def config_from_args(args: argparse.Namespace) -> ProtocolConfig:
     if args.trainer_loop:
         recipe["cuda_graph"] = False
     patchcore = None
+    if not args.ensemble and (args.patchcore_backbone is not None or args.patchcore_image_size is not None):
+        raise ValueError("--patchcore-backbone and --patchcore-image-size need --ensemble patchcore (without it no "
+                         "PatchCore runs).")
     if args.ensemble:
         from maeday_hf.patchcore import PatchCoreConfig
 

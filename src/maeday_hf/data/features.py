@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from typing import NamedTuple
 
 import datasets
 import numpy as np
@@ -58,25 +59,33 @@ def mask_array(mask: Image.Image) -> np.ndarray:
     return grey
 
 
-def check_mask(mask: dict | None, name: str) -> bool:
+class MaskCheck(NamedTuple):
+    """What `check_mask` found in a decoded mask."""
+
+    binary: bool
+    """At most two grey levels (a lossy JPEG mask is not, and every one of its pixels above 0 counts as anomalous)."""
+    num_anomalous_pixels: int
+    """Pixels that count as anomalous (above 0, as `mask_array` reads them)."""
+
+
+def check_mask(mask: dict | None, name: str) -> MaskCheck:
     """Decode a mask column entry as `datasets.Image(decode=False)` gives it (`{"path", "bytes"}`), so that a damaged
     file fails here, named, and not after the category was scored.
 
     Returns:
-        Whether the mask is binary (at most two grey levels; a lossy JPEG mask is not, and every one of its pixels
-        above 0 counts as anomalous).
+        `MaskCheck`: whether it is binary, and how many of its pixels are anomalous (a missing mask: none).
 
     Raises:
         ValueError: the mask cannot be decoded.
     """
     if mask is None:
-        return True
+        return MaskCheck(binary=True, num_anomalous_pixels=0)
     source = io.BytesIO(mask["bytes"]) if mask.get("bytes") is not None else mask.get("path")
     where = mask.get("path") or name
     try:
         with Image.open(source) as image:
             image.load()
             levels = np.bincount(mask_array(image).ravel(), minlength=256)  # (linear: no sort of a whole image)
-            return np.count_nonzero(levels) <= 2
+            return MaskCheck(binary=np.count_nonzero(levels) <= 2, num_anomalous_pixels=int(levels[1:].sum()))
     except (OSError, SyntaxError, ValueError) as error:
         raise ValueError(f"Cannot read the ground-truth mask {where!r}: {error}") from None
