@@ -227,8 +227,8 @@ def test_adapter_folder_layout_card_and_unchanged_config(trained, tiny_checkpoin
     assert config["mask_ratio"] == 0.75  # trained at 0.5, saved config untouched
     assert config["anomaly_threshold"] == trained.calibration.threshold
     calibration = json.loads((out / "calibration.json").read_text())
-    scores = np.array(calibration["scores"])  # the threshold: mean + 3 sample standard deviations, at least the max
-    assert calibration["threshold"] == pytest.approx(max(scores.mean() + 3 * scores.std(ddof=1), scores.max()))
+    scores = np.array(calibration["scores"])  # the threshold: mean + 3 sample standard deviations, at least 1.01 x max
+    assert calibration["threshold"] == pytest.approx(max(scores.mean() + 3 * scores.std(ddof=1), scores.max() * 1.01))
     card = (out / "README.md").read_text()
     assert f"- `{shot_path.name}`" in card and str(shot_path) not in card  # named, not by its local path
     assert f"{trained.losses[-1][1]:.6g}" in card
@@ -274,8 +274,7 @@ def test_calibration_scores_are_the_loaded_detectors_scores_of_the_shots(tiny_ch
     # scores as calibrated, whatever the seed (and none lies above the threshold).
     result, scores = _two_shot_run_and_detector_scores(tiny_checkpoint, shot_path, tmp_path, phase=2.0,
                                                        calibration_views_per_shot=1, seed=seed)
-    assert scores[False] == pytest.approx(result.calibration.scores, rel=1e-5)
-    assert scores[True] == pytest.approx(result.calibration.bfloat16_scores, rel=1e-5)
+    assert scores[result.calibration.precision == "bfloat16"] == pytest.approx(result.calibration.scores, rel=1e-5)
     assert max(scores[False] + scores[True]) < result.calibration.threshold
 
 
@@ -441,8 +440,7 @@ def test_without_augmentation_the_calibration_scores_the_shots_as_they_are(tiny_
     result, scores = _two_shot_run_and_detector_scores(tiny_checkpoint, shot_path, tmp_path, phase=1.0,
                                                        calibration_views_per_shot=4, augment=False)
     # One view per shot: no crop, no rotation.
-    assert scores[False] == pytest.approx(result.calibration.scores, rel=1e-5)
-    assert scores[True] == pytest.approx(result.calibration.bfloat16_scores, rel=1e-5)
+    assert scores[result.calibration.precision == "bfloat16"] == pytest.approx(result.calibration.scores, rel=1e-5)
     recorded = json.loads((result.output_dir / "calibration.json").read_text())
     assert recorded["augmented"] is False and recorded["num_views_per_shot"] == 1
     assert "each shot as is: the fine-tune used no augmentation" in (result.output_dir / "README.md").read_text()

@@ -394,7 +394,7 @@ def test_a_half_precision_base_trains_in_float32_and_its_result_loads(shot_files
     # Loaded in float32, as trained and calibrated (not merged into fp16 weights): the shot scores as calibrated.
     detector = load_detector(result.output_dir, device="cpu")
     assert next(detector.model.parameters()).dtype == torch.float32
-    score = detector(str(shot_files[0]), num_masks=TINY["calibration_num_masks"], bf16=False)["score"]
+    score = detector(str(shot_files[0]), num_masks=TINY["calibration_num_masks"])["score"]
     assert score == pytest.approx(result.calibration.scores[0], rel=1e-5)
 
 

@@ -7,15 +7,14 @@ then the score the detector gives it. The image scores of these normal views giv
 
     threshold = mean + num_std * std      (num_std = 3 by default),
 
-or their maximum when that is larger (raised by `TOP_SCORE_MARGIN`, so that rounding cannot put the view that set
-it above it): none of the normal views is then labelled anomalous, and since the image score is the maximum of the
-anomaly map, none of their pixels is either. The pipeline uses one threshold for the score and
-the map, so this one number serves both.
+or their top score when that is larger, raised by `TOP_SCORE_MARGIN` (1 %): none of the normal views is then labelled
+anomalous, and since the image score is the maximum of the anomaly map, none of their pixels is either. The pipeline
+uses one threshold for the score and the map, so this one number serves both.
 
-The pipeline runs a float32 model in bfloat16 where the device multiplies bf16 in hardware and in float32 elsewhere,
-and the two precisions' scores differ by a few tenths of a percent: enough to lift the normal view that set the
-maximum above it. A float32 model's views are therefore scored in both precisions, and the maximum is taken over both,
-so the threshold holds wherever the detector runs (mean and std are the float32 scores').
+The margin is there because the detector reaches a view's score again by another path: its own preprocessing and
+batches, perhaps another device, and another precision (it runs a float32 model in bf16 where the device multiplies
+bf16 in hardware, in float32 elsewhere). Without it the view that set the threshold sits exactly on it, and rounding
+alone lifts it above.
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ import math
 import torch
 
 from .masking import make_mask_noise, validate_positive_int
-from .reconstruction import count_patches
+from .reconstruction import count_patches, runs_bfloat16_natively
 from .scoring import maeday_anomaly_maps
 from .shot_views import random_crop_rotate, view_generator
 
@@ -35,11 +34,11 @@ logger = logging.getLogger(__name__)
 
 # Calibration views draw from seeds far from the training views' (seed, index) stream.
 _CALIBRATION_SEED_OFFSET = 1_000_003
-TOP_SCORE_MARGIN = 1e-3
-"""Relative margin above the top normal score, when that sets the threshold. The pipeline reaches the same score by
-another path (preprocessing on the device, other batches of images and masks), which moves it by rounding: up to
-3.5e-7 of the score on the CPU, in float32 and bf16 alike (measured with a tiny model over batch and chunk sizes);
-the margin leaves GPU kernels' different summation orders 1000x room and is far below the spread of normal scores."""
+TOP_SCORE_MARGIN = 1e-2
+"""Relative margin above the top normal score, when that sets the threshold. Measured differences of the same image
+score: another batch and chunk size or the pipeline's preprocessing, up to 3.5e-7 (tiny model, CPU); bf16 against
+float32, up to 0.16 % on a CPU and 0.29 % on an H200 (ViT-B, N = 32, README Speed); bf16 through another matrix kernel
+(oneDNN on and off), up to 0.29 % with 1 mask and 0.16 % with 4 (ViT-B size). 1 % leaves more than 3x room."""
 PIPELINE_MASK_SEED = 0
 """`AnomalyDetectionPipeline`'s default `seed` of the masks (with the default `"random"` schedule)."""
 
@@ -58,9 +57,9 @@ class Calibration:
     mask_ratio: float
     seed: int
     mask_seed: int
-    bfloat16_scores: list[float] | None = None
-    """The same views' scores in bfloat16 (None for a model not in float32, which the pipeline runs in its own dtype
-    only); `threshold` is at least their maximum too."""
+    precision: str = "float32"
+    """The precision the views were scored in: `"bfloat16"` for a float32 model on a device that multiplies bf16 in
+    hardware (as the pipeline would there), else the model's dtype."""
     augmented: bool = True
     """Whether the views beyond each shot itself were augmented (False: the fine-tune trained without augmentation,
     so each shot is scored once, as it is)."""
@@ -98,9 +97,9 @@ def calibrate_threshold(
             with the same masks, would score the same).
 
     The threshold is `max(mean + num_std * std, max score * (1 + TOP_SCORE_MARGIN))` over the views' scores, `std`
-    the sample standard deviation (n - 1 in the denominator: a handful of views underestimates the spread less). A float32 model's views
-    are scored in float32 and in bfloat16 (the two precisions the pipeline may run it in); mean and std are the
-    float32 scores', the max is over both.
+    the sample standard deviation (n - 1 in the denominator: a handful of views underestimates the spread less); NaN
+    if any score is not finite (a diverged fine-tune). The views are scored in the precision the pipeline picks on
+    the model's device (`Calibration.precision`).
 
     Returns:
         `Calibration`.
@@ -121,16 +120,12 @@ def calibrate_threshold(
     device = next(model.parameters()).device
     num_patches = count_patches(model, views)
     noise = make_mask_noise(num_masks, num_patches, mask_ratio, "random", mask_seed)
-    views = views.to(device)
-
-    def score_views(bf16: bool | None) -> list[float]:
-        outputs = maeday_anomaly_maps(model, views, noise, mask_ratio, mask_batch_size=mask_batch_size, bf16=bf16)
-        return outputs["pred_score"].cpu().tolist()
-
-    if next(model.parameters()).dtype == torch.float32:
-        scores, bfloat16_scores = score_views(False), score_views(True)
-    else:
-        scores, bfloat16_scores = score_views(None), None
+    model_dtype = next(model.parameters()).dtype
+    bf16 = model_dtype == torch.bfloat16 or (model_dtype == torch.float32 and runs_bfloat16_natively(device))
+    outputs = maeday_anomaly_maps(
+        model, views.to(device), noise, mask_ratio, mask_batch_size=mask_batch_size, bf16=bf16
+    )
+    scores = outputs["pred_score"].cpu().tolist()
     if len(scores) < 8:
         logger.warning(
             "Calibrating the threshold from only %d normal views: their spread is a poor estimate, so expect "
@@ -139,11 +134,12 @@ def calibrate_threshold(
         )
     mean = sum(scores) / len(scores)
     std = math.sqrt(sum((s - mean) ** 2 for s in scores) / max(1, len(scores) - 1))
-    top = max(max(scores), max(bfloat16_scores or scores))
+    top = max(scores)
     threshold = max(mean + num_std * std, top + abs(top) * TOP_SCORE_MARGIN)
-    logger.info("Calibrated threshold %.6g from %d normal views (mean %.6g, std %.6g, max %.6g%s)", threshold,
-                len(scores), mean, std, max(scores),
-                "" if bfloat16_scores is None else f", in bf16 {max(bfloat16_scores):.6g}")
+    if not all(math.isfinite(score) for score in scores):
+        threshold = math.nan  # (Python's max skips a NaN that is not its first argument)
+    logger.info("Calibrated threshold %.6g from %d normal views (mean %.6g, std %.6g, max %.6g)", threshold,
+                len(scores), mean, std, top)
     return Calibration(
         threshold=threshold,
         scores=scores,
@@ -155,6 +151,6 @@ def calibrate_threshold(
         mask_ratio=mask_ratio,
         seed=seed,
         mask_seed=mask_seed,
-        bfloat16_scores=bfloat16_scores,
+        precision="bfloat16" if bf16 else str(model_dtype).removeprefix("torch."),
         augmented=augment,
     )

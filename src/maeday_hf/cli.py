@@ -472,7 +472,7 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calibration-masks", type=int, default=32, help="masks per calibration view")
     parser.add_argument("--calibration-std", type=float, default=None,
                         help="threshold = mean + this many standard deviations of the scores of the shots and their "
-                             "calibration views, or their maximum if higher (default 3)")
+                             "calibration views, or 1.01 x their maximum if higher (default 3)")
     parser.add_argument("--min-crop-scale", type=float, default=None,
                         help="smallest share of the image's area a view's random crop covers (default 0.75)")
     parser.add_argument("--max-rotation", type=float, default=None,

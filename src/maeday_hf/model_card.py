@@ -59,10 +59,10 @@ shipped here (`pipeline.py` and the modules it imports{remote_note}).
 
 ## Threshold (from the normal shots only)
 
-`{threshold:.6g}` = max(mean + {num_std} x std, {top_factor:g} x max) of the image scores of {num_calibration_views} normal views
-({calibration_views}), scored with {calibration_masks} masks at mask ratio {calibration_mask_ratio}{precisions}. The
-pipeline uses it as the default `threshold` (adds `label` and `mask`); pass `threshold=` to override. All scores are in
-`calibration.json`.
+`{threshold:.6g}` = max(mean + {num_std} x std, {top_factor:g} x max) of the image scores of {num_calibration_views}
+normal views ({calibration_views}), scored with {calibration_masks} masks at mask ratio {calibration_mask_ratio} in
+{calibration_precision}. The pipeline uses it as the default `threshold` (adds `label` and `mask`); pass `threshold=` to
+override. All scores are in `calibration.json`.
 """
 
 
@@ -135,8 +135,5 @@ def render_model_card(
         calibration_masks=calibration["num_masks"],
         calibration_mask_ratio=calibration["mask_ratio"],
         top_factor=1 + TOP_SCORE_MARGIN,
-        precisions=(
-            "; the max is over their float32 and bfloat16 scores (the pipeline runs in either, by device)"
-            if calibration.get("bfloat16_scores") else ""
-        ),
+        calibration_precision=calibration.get("precision", "float32"),
     )
