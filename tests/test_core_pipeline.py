@@ -174,6 +174,18 @@ def test_bad_parameters_raise_one_clear_error(detector, images, kwargs, error, f
         detector(images[0], **kwargs)
 
 
+def test_a_broken_link_in_an_image_folder_is_an_error_not_a_missing_image(tmp_path):
+    from maeday_hf.images import list_images
+
+    Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
+    (tmp_path / "b.png").symlink_to(tmp_path / "a.png")
+    (tmp_path / "notes.txt").symlink_to(tmp_path / "gone.txt")  # not an image: ignored as before
+    assert [path.name for path in list_images(tmp_path)] == ["a.png", "b.png"]
+    (tmp_path / "c.png").symlink_to(tmp_path / "synced-later.png")
+    with pytest.raises(FileNotFoundError, match="c.png is a broken symbolic link"):
+        list_images(tmp_path)
+
+
 def test_bad_image_inputs(detector, tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.png"):
         detector(str(tmp_path / "missing.png"))
@@ -200,6 +212,34 @@ def test_more_image_inputs_read_as_expected(tmp_path, monkeypatch):
     assert np.array_equal(np.asarray(load_rgb_image(la)), np.repeat(grey[..., None], 3, axis=-1))
     with pytest.raises(ValueError, match="NaN or infinite"):
         load_rgb_image(np.full((4, 4, 3), np.nan, dtype=np.float32))
+    # Floats are [0, 1]: 0..255 floats (np.asarray(image, dtype=np.float32)) are refused, not read as white.
+    eight_bit = rng.integers(0, 256, (6, 7, 3), dtype=np.uint8)
+    with pytest.raises(ValueError, match=r"values in \[0, 1\], got values from 0 to 25[0-9]; .* uint8"):
+        load_rgb_image(eight_bit.astype(np.float32))
+    for outside in (-0.01, 1.01):
+        with pytest.raises(ValueError, match=r"values in \[0, 1\]"):
+            load_rgb_image(np.full((4, 4), outside, dtype=np.float32))
+    nudged = eight_bit / 255.0 + 0.5 / 255 * rng.uniform(-0.99, 0.99, eight_bit.shape)  # within half a step: as is
+    assert np.array_equal(np.asarray(load_rgb_image(nudged)), eight_bit)
+    # Mode F is on Pillow's 0..255 scale (its convert("L") reads it so); values beyond it are refused.
+    grey_image = Image.fromarray(grey)
+    assert np.array_equal(np.asarray(load_rgb_image(grey_image.convert("F"))), np.asarray(load_rgb_image(grey_image)))
+    with pytest.raises(ValueError, match=r"mode F .*\[0, 255\]"):
+        load_rgb_image(Image.fromarray(np.full((4, 4), 300.0, dtype=np.float32)))
+    # Mode I is 16-bit, whatever it holds: one bright pixel does not rescale the rest of the image.
+    sixteen = rng.integers(0, 65536, (6, 7), dtype=np.uint16)
+    path = tmp_path / "sixteen.png"
+    Image.fromarray(sixteen).save(path)
+    from_mode_i = np.asarray(load_rgb_image(Image.open(path).convert("I")))
+    assert np.array_equal(from_mode_i, np.asarray(load_rgb_image(sixteen)))
+    dim = np.full((4, 4), 200, dtype=np.int32)
+    bright = dim.copy()
+    bright[0, 0] = 256
+    dim_rgb, bright_rgb = (np.asarray(load_rgb_image(Image.fromarray(values))) for values in (dim, bright))
+    assert np.array_equal(dim_rgb[1:], bright_rgb[1:])
+    assert np.array_equal(dim_rgb, np.asarray(load_rgb_image(dim.astype(np.uint16))))
+    with pytest.raises(ValueError, match=r"mode I .*\[0, 65535\]"):
+        load_rgb_image(Image.fromarray(np.full((4, 4), 70_000, dtype=np.int32)))
     # An image over Pillow's decompression-bomb limit: one ValueError naming the file and the setting.
     path = tmp_path / "huge.png"
     Image.new("L", (64, 64)).save(path)

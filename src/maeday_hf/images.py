@@ -21,6 +21,7 @@ IMAGE_SUFFIXES: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".t
 """File suffixes treated as images when a folder is searched (CLI, shots, dataset builders)."""
 
 _HIGH_BIT_DEPTH_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+_HALF_STEP = 0.5 / 255  # float pixel values within half an 8-bit step of [0, 1] round as the clipped value would
 
 
 def is_url(text: str) -> bool:
@@ -128,7 +129,8 @@ def array_to_rgb_image(array: np.ndarray) -> Image.Image:
     """`(H, W)`, `(H, W, 1)`, `(H, W, 3)` or `(H, W, 4)` array -> RGB PIL image.
 
     uint8 is used as is, uint16 is rescaled from [0, 65535] (either byte order), bool to {0, 255}, floats are taken
-    as [0, 1] (clipped; NaN or infinite values are refused).
+    as [0, 1]: values beyond it by more than half an 8-bit step, NaN or infinite ones are refused (a float array of
+    0..255 values would otherwise turn white).
     """
     if not array.dtype.isnative:  # e.g. big-endian 16-bit, as NumPy reads Pillow's "I;16B"
         array = array.astype(array.dtype.newbyteorder("="))
@@ -150,12 +152,29 @@ def array_to_rgb_image(array: np.ndarray) -> Image.Image:
                 f"Expected finite values in a float image array, got {np.count_nonzero(~np.isfinite(array))} NaN or "
                 f"infinite value(s) in an array of shape {array.shape}."
             )
-        array = np.round(np.clip(array, 0.0, 1.0) * 255.0).astype(np.uint8)
+        low, high = float(array.min(initial=0.0)), float(array.max(initial=0.0))
+        if low < -_HALF_STEP or high > 1.0 + _HALF_STEP:
+            raise ValueError(
+                f"Expected float image values in [0, 1], got values from {low:g} to {high:g}"
+                f"{'; for 0..255 values pass a uint8 array (array.astype(np.uint8))' if high <= 255.5 else ''}."
+            )
+        array = np.round(np.clip(array, 0.0, 1.0) * 255.0).astype(np.uint8)  # (clipping moves no value a step)
     else:
         raise ValueError(f"Expected a uint8, uint16, bool or float image array, got dtype {array.dtype}.")
     if array.ndim == 3 and array.shape[-1] == 4:
         array = array[..., :3]
     return Image.fromarray(np.ascontiguousarray(array)).convert("RGB")
+
+
+def _scaled_to_rgb(image: Image.Image, full_scale: float, scale_name: str) -> Image.Image:
+    values = np.asarray(image, dtype=np.float64)
+    low, high = float(values.min(initial=0.0)), float(values.max(initial=0.0))
+    if low < -_HALF_STEP * full_scale or high > full_scale * (1.0 + _HALF_STEP):
+        raise ValueError(
+            f"Expected a mode {image.mode} image with values in [0, {full_scale:g}] ({scale_name}), got values from "
+            f"{low:g} to {high:g}."
+        )
+    return array_to_rgb_image((values / full_scale).astype(np.float32))
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -167,11 +186,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:
         image = ImageOps.exif_transpose(image)
     if image.mode in _HIGH_BIT_DEPTH_MODES:
-        values = np.asarray(image, dtype=np.float64)
-        full_scale = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
-        return array_to_rgb_image((values / full_scale).astype(np.float32))
+        # 16-bit: "I;16*" as Pillow opens 16-bit PNG and TIFF files, and "I" as `.convert("I")` of one holds it (one
+        # scale for every image: a scale chosen from the content would read a bright pixel as a darker image).
+        return _scaled_to_rgb(image, 65535.0, "16-bit values")
     if image.mode == "F":
-        return array_to_rgb_image(np.asarray(image, dtype=np.float32))
+        return _scaled_to_rgb(image, 255.0, "0..255, Pillow's scale for mode F, as its convert('L') reads it")
     if image.mode == "RGB":
         return image
     if image.mode == "P" and "transparency" in image.info:
@@ -226,8 +245,12 @@ def is_hidden(path: Path) -> bool:
 
 def list_images(folder: Path) -> list[Path]:
     """Image files directly in `folder`, sorted by name (so example order, and thus shot selection, is reproducible),
-    hidden files left out."""
-    return sorted(
+    hidden files left out; a broken symbolic link with an image suffix raises FileNotFoundError."""
+    images = sorted(
         path for path in folder.iterdir()
-        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not is_hidden(path)
+        if path.suffix.lower() in IMAGE_SUFFIXES and not is_hidden(path) and (path.is_file() or path.is_symlink())
     )
+    for path in images:
+        if not path.exists():  # a link to nothing (a partly synced folder): the image must not drop out unnoticed
+            raise FileNotFoundError(f"{path} is a broken symbolic link: {os.readlink(path)!r} does not exist.")
+    return [path for path in images if path.is_file()]
