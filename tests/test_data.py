@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import re
 import shutil
 from pathlib import Path
 from unittest import mock
@@ -245,6 +246,73 @@ def test_dry_run_folder_loads_back_without_the_source_files(mvtec_root, tmp_path
         assert len(loaded["train"]) == 3 and len(loaded["test"]) == 5
         example = next(e for e in loaded["test"] if e["label"] == 1)
         assert example["image"].mode == mode and example["mask"].size == SIZE
+
+
+def test_dry_run_shards_large_splits_and_swaps_each_config_whole(mvtec_root, tmp_path, monkeypatch):
+    import maeday_hf.data.publish as publish
+
+    out = tmp_path / "hub"
+    cache = tmp_path / "cache"
+    bottle = load_mvtec(mvtec_root, "bottle")
+    write_hub_folder({"bottle": bottle}, out)
+    before = {path.name: path.read_bytes() for path in (out / "bottle").iterdir()}
+    # Shards as push_to_hub cuts them (every split here is under a KB or two: a 300-byte bound makes several).
+    monkeypatch.setattr(publish, "MAX_SHARD_BYTES", 300)
+    grid = load_mvtec(mvtec_root, "grid")
+    write_hub_folder({"grid": grid}, out)
+    shards = sorted(path.name for path in (out / "grid").iterdir())
+    num_shards = {split: min(len(grid[split]), publish._estimated_nbytes(grid[split]) // 300 + 1)  # (a row at least)
+                  for split in ("train", "test")}
+    assert min(num_shards.values()) > 1
+    assert shards == sorted(f"{split}-{index:05d}-of-{count:05d}.parquet"
+                            for split, count in num_shards.items() for index in range(count))
+    loaded = datasets.load_dataset(str(out), "grid", cache_dir=str(cache / "1"))
+    for split in ("train", "test"):  # every row, in order
+        assert loaded[split]["label"] == grid[split]["label"]
+        assert [np.asarray(image).tolist() for image in loaded[split]["image"]] == [
+            np.asarray(image).tolist() for image in grid[split]["image"]]
+    # A run that fails while writing a config leaves it as it was (no new train split beside the old test split),
+    # and leaves no partial folder.
+    real = publish._embedded
+    calls = []
+
+    def fail_on_the_second_split(dataset):
+        calls.append(len(dataset))
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return real(dataset)
+
+    monkeypatch.setattr(publish, "MAX_SHARD_BYTES", 10**9)
+    monkeypatch.setattr(publish, "_embedded", fail_on_the_second_split)
+    with pytest.raises(KeyboardInterrupt):
+        write_hub_folder({"bottle": datasets.DatasetDict({split: data.select(range(2)) for split, data in bottle.items()})},
+                         out)
+    assert {path.name: path.read_bytes() for path in (out / "bottle").iterdir()} == before
+    assert sorted(path.name for path in out.iterdir()) == ["README.md", "bottle", "grid"]
+    # Written again with one shard per split, the config holds no stale shard of the earlier run.
+    monkeypatch.setattr(publish, "_embedded", real)
+    write_hub_folder({"grid": grid}, out)
+    assert sorted(path.name for path in (out / "grid").iterdir()) == [
+        "test-00000-of-00001.parquet", "train-00000-of-00001.parquet"]
+
+
+def test_dry_run_into_a_file_is_refused_before_any_work(mvtec_root, tmp_path):
+    target = tmp_path / "afile"
+    target.write_text("notes")
+    with pytest.raises(NotADirectoryError, match="afile is a file"):
+        write_hub_folder({"bottle": load_mvtec(mvtec_root, "bottle")}, target)
+    assert target.read_text() == "notes"
+
+
+@pytest.mark.parametrize("where", ["train/good/003.png", "test/scratch/001.png", "ground_truth/scratch/000_mask.png"])
+def test_a_file_that_is_no_image_is_named_when_the_category_is_listed(mvtec_root, tmp_path, where):
+    source = _copy_category(mvtec_root, tmp_path / "src")
+    bad = source / "bottle" / where
+    if where.startswith("test/"):  # an extra test image needs its mask
+        _save(source / "bottle" / "ground_truth" / "scratch" / "001_mask.png", _mask(1))
+    bad.write_bytes(b"")  # e.g. a failed download; listed by its suffix
+    with pytest.raises(ValueError, match=re.escape(str(bad))):
+        load_mvtec(source, "bottle")
 
 
 @pytest.mark.parametrize("configs", ["foo", "[{data_files: x}]", "[{config_name: 3}]"])

@@ -56,6 +56,15 @@ def test_user_errors_are_one_line_and_exit_status_2(fod_root, tmp_path, capsys, 
     assert not (tmp_path / "hub").exists() and not (fod_root / "stripes").exists()
 
 
+def test_a_dry_run_into_a_file_stops_before_anything_is_loaded(tmp_path, capsys):
+    (tmp_path / "afile").write_text("notes")
+    argv = ["synthetic", "--root", str(tmp_path / "synthetic"), "--dry-run", str(tmp_path / "afile")]
+    assert publish_script.main(argv) == 2
+    assert capsys.readouterr().err == (f"maeday-publish-dataset: error: {tmp_path / 'afile'} is a file; the dataset "
+                                       f"repo is written as a folder there (give a folder, new or written before).\n")
+    assert not (tmp_path / "synthetic").exists() and (tmp_path / "afile").read_text() == "notes"
+
+
 def test_missing_root_is_named(tmp_path, capsys):
     assert publish_script.main(["mvtec", "--root", str(tmp_path / "nowhere"), "--dry-run", str(tmp_path / "hub")]) == 2
     assert capsys.readouterr().err == f"maeday-publish-dataset: error: The mvtec root {tmp_path / 'nowhere'} is not a folder.\n"

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from maeday_hf.cli import configure_logging, how_stopped, interrupted_status, terminate_as_interrupt
 from maeday_hf.data import push_configs_to_hub, write_hub_folder
-from maeday_hf.data.publish import BUILDERS, load_configs
+from maeday_hf.data.publish import BUILDERS, check_hub_folder, load_configs
 
 PROG = "maeday-publish-dataset"
 USER_ERRORS = (ValueError, OSError)
@@ -41,6 +41,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(logging.INFO, "%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         with terminate_as_interrupt():
+            if args.dry_run:
+                check_hub_folder(args.dry_run)  # before the configs are loaded (the synthetic set is written then)
             configs = load_configs(args.dataset, args.root, args.categories)
             if args.dry_run:
                 write_hub_folder(configs, args.dry_run)

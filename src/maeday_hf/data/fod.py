@@ -30,7 +30,7 @@ from pathlib import Path
 import datasets
 
 from .features import GOOD, anomaly_features
-from .layout import list_images, pair_masks, require_dir
+from .layout import list_checked_images, pair_masks, require_dir
 from .shots import shot_indices
 
 logger = logging.getLogger(__name__)
@@ -94,8 +94,8 @@ def fod_examples(root: str | os.PathLike, config: str) -> dict[str, list]:
         raise ValueError(f"Unknown FOD config {config!r}; expected one of {FOD_CONFIGS}.")
     config_dir = require_dir(Path(root) / config, f"the FOD layout <root>/{config}/{{{NORMAL_DIR},{OBJECT_DIR}}}")
     expectation = f"frames in <root>/{config}/{NORMAL_DIR} and <root>/{config}/{OBJECT_DIR}"
-    normal = list_images(require_dir(config_dir / NORMAL_DIR, expectation))
-    objects = list_images(require_dir(config_dir / OBJECT_DIR, expectation))
+    normal = list_checked_images(require_dir(config_dir / NORMAL_DIR, expectation))
+    objects = list_checked_images(require_dir(config_dir / OBJECT_DIR, expectation))
     masks = pair_masks(objects, config_dir / MASK_DIR, required=False)
     boxes = _read_boxes(config_dir / BOXES_FILE, {p.name for p in objects})
     frames = normal + objects

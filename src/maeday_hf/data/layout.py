@@ -8,7 +8,7 @@ from pathlib import Path
 
 from PIL import ExifTags, Image
 
-from ..images import IMAGE_SUFFIXES, is_hidden, list_images  # noqa: F401 - part of this module's API
+from ..images import IMAGE_SUFFIXES, check_image_file, is_hidden, list_images  # noqa: F401 - part of this module's API
 
 MASK_SUFFIX = "_mask"
 """MVTec AD names the mask of `<stem>.png` `<stem>_mask.png`; FOD follows it."""
@@ -71,6 +71,15 @@ def upright_size(image: Image.Image) -> tuple[int, int]:
     return (height, width) if exif_orientation(image) in _TRANSPOSING_ORIENTATIONS else (width, height)
 
 
+def list_checked_images(folder: Path) -> list[Path]:
+    """`list_images`, with each file's header read: a file with an image suffix that holds no image (empty, another
+    format, an HTML page saved as .png) is named now, not when a published row is decoded."""
+    images = list_images(folder)
+    for image in images:
+        check_image_file(image)
+    return images
+
+
 def _check_mask_size(image: Path, mask: Path) -> None:
     with Image.open(image) as opened_image, Image.open(mask) as opened_mask:
         image_size, mask_size = upright_size(opened_image), upright_size(opened_mask)
@@ -116,7 +125,7 @@ def pair_masks(images: list[Path], mask_dir: Path, *, required: bool = True) -> 
             size differs from its image's as shown (EXIF orientation applied, as `datasets.Image` decodes it).
     """
     stems = _by_stem(images, lambda image: image.stem)
-    mask_files = list_images(mask_dir) if mask_dir.is_dir() else []
+    mask_files = list_checked_images(mask_dir) if mask_dir.is_dir() else []
     extra = [mask for mask in mask_files if not mask.stem.endswith(MASK_SUFFIX) or
              mask.stem.removesuffix(MASK_SUFFIX) not in stems]
     if extra:

@@ -22,7 +22,7 @@ from pathlib import Path
 import datasets
 
 from .features import GOOD, anomaly_features
-from .layout import is_hidden, list_images, pair_masks, require_dir
+from .layout import is_hidden, list_checked_images, pair_masks, require_dir
 
 logger = logging.getLogger(__name__)
 
@@ -93,10 +93,10 @@ def mvtec_examples(root: str | os.PathLike, category: str) -> dict[str, dict[str
 
     test_parts = []
     for defect_type in defect_types:  # "good" sorts among the defects; keep folder order, it is reproducible
-        images = list_images(test_dir / defect_type)
+        images = list_checked_images(test_dir / defect_type)
         masks = {} if defect_type == GOOD else pair_masks(images, truth_dir / defect_type)
         test_parts.append(_examples(images, masks, defect_type, category))
-    train = _examples(list_images(train_dir), {}, GOOD, category)
+    train = _examples(list_checked_images(train_dir), {}, GOOD, category)
     if not train["image"]:
         raise FileNotFoundError(f"No training images in {train_dir}; expected *.png files.")
     test = _merge(test_parts)

@@ -10,15 +10,17 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import datasets
 import yaml
 from datasets.table import embed_table_storage
+from datasets.utils.py_utils import convert_file_size_to_int
 from huggingface_hub import RepoCard
 
-from ..atomic_io import write_atomically
+from ..atomic_io import make_partial_dir, replace_folder, write_atomically
 from .fod import FOD_CONFIGS, load_fod_with_references
 from .layout import is_hidden
 from .mvtec import load_mvtec
@@ -34,6 +36,10 @@ BUILDERS: dict[str, Callable[[str | os.PathLike, str], datasets.DatasetDict]] = 
     "synthetic": load_synthetic_dataset,
 }
 """`builder(root, config) -> DatasetDict` of each dataset a folder can hold."""
+
+MAX_SHARD_BYTES = convert_file_size_to_int(datasets.config.MAX_SHARD_SIZE)
+"""Largest Parquet file `write_hub_folder` writes before it splits a split into shards, as `push_to_hub` does (and
+each shard is embedded in memory alone: a whole MVTec category at once would take several GB)."""
 
 _LAYOUTS = {"mvtec": "<root>/<category>/train or test", "fod": f"<root>/<{'|'.join(FOD_CONFIGS)}>"}
 
@@ -114,6 +120,17 @@ def push_configs_to_hub(
         )
 
 
+def _estimated_nbytes(dataset: datasets.Dataset) -> int:
+    """Bytes of `dataset` once its image files are embedded: its table plus the files its image columns point to."""
+    total = dataset.data.nbytes
+    for name, feature in dataset.features.items():
+        if isinstance(feature, datasets.Image):
+            for value in dataset.cast_column(name, datasets.Image(decode=False))[name]:
+                if value and value.get("bytes") is None and value.get("path"):
+                    total += os.path.getsize(value["path"])
+    return total
+
+
 def _embedded(dataset: datasets.Dataset) -> datasets.Dataset:
     """Image files read into the table, as `push_to_hub` does, so the Parquet file stands alone."""
     return dataset.with_format("arrow").map(embed_table_storage, batched=True, keep_in_memory=True).with_format(None)
@@ -144,6 +161,20 @@ def read_card(readme: Path) -> tuple[dict, str]:
     return card.data.to_dict(), card.text
 
 
+def check_hub_folder(folder: str | os.PathLike) -> Path:
+    """`folder` as a `Path`, if `write_hub_folder` can write there (a folder, or nothing yet).
+
+    Raises:
+        NotADirectoryError: `folder` is a file.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(
+            f"{folder} is a file; the dataset repo is written as a folder there (give a folder, new or written before)."
+        )
+    return folder
+
+
 def write_hub_folder(
     configs: Mapping[str, datasets.DatasetDict], folder: str | os.PathLike, card_body: str | None = None
 ) -> Path:
@@ -157,7 +188,10 @@ def write_hub_folder(
         card_body (`str`, *optional*): Markdown below the YAML header; keeps the existing body when `None`.
 
     Returns:
-        `Path` of `folder`. Files: `<config>/<split>-00000-of-00001.parquet` and `README.md`.
+        `Path` of `folder`. Files: `<config>/<split>-<index>-of-<num_shards>.parquet` (shards of at most
+        `MAX_SHARD_BYTES`, as `push_to_hub` names them) and `README.md`. Each config is written whole into a hidden
+        partial folder, then swapped in (`atomic_io.replace_folder`): an interrupted run leaves every config as it
+        was, never one split new and another old; the card is written last.
 
     Example:
 
@@ -169,7 +203,7 @@ def write_hub_folder(
     """
     if not configs:
         raise ValueError("No configs to write: got an empty mapping.")
-    folder = Path(folder)
+    folder = check_hub_folder(folder)
     try:
         header, body = read_card(folder / README)
     except yaml.YAMLError as error:
@@ -184,11 +218,21 @@ def write_hub_folder(
             f"config_name (as the Hub's dataset cards have). Fix or remove it, then run again."
         )
     entries = {entry["config_name"]: entry for entry in existing}
+    folder.mkdir(parents=True, exist_ok=True)
     for name, dataset_dict in configs.items():
-        for split, dataset in dataset_dict.items():
-            path = folder / name / f"{split}-00000-of-00001.parquet"
-            write_atomically(path, _embedded(dataset).to_parquet)
-            logger.info("Wrote %s (%d rows)", path, len(dataset))
+        partial = make_partial_dir(folder, f".{name}.partial-")
+        try:
+            for split, dataset in dataset_dict.items():
+                num_shards = max(1, min(len(dataset), _estimated_nbytes(dataset) // MAX_SHARD_BYTES + 1))
+                for index in range(num_shards):
+                    shard = dataset.shard(num_shards=num_shards, index=index, contiguous=True)
+                    path = partial / f"{split}-{index:05d}-of-{num_shards:05d}.parquet"
+                    _embedded(shard).to_parquet(str(path))
+                    logger.info("Wrote %s/%s (%d rows)", name, path.name, len(shard))
+            replace_folder(partial, folder / name)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
         entries[name] = {
             "config_name": name,
             "data_files": [{"split": split, "path": f"{name}/{split}-*"} for split in dataset_dict],
