@@ -407,9 +407,12 @@ class AnomalyDetectionPipeline(Pipeline):
 
         def preprocess(item):
             if isinstance(item, Image.Image):
-                # The same lazily opened image may come several times: let one thread decode it at a time.
+                # The same lazily opened image may come several times: let one thread decode it, and parse its EXIF,
+                # at a time (Pillow marks the EXIF loaded before it has parsed it: another thread would read no
+                # orientation, and score that copy on its side).
                 with load_locks.setdefault(id(item), threading.Lock()):
                     item.load()
+                    item.getexif()
             return self.preprocess(item, **preprocess_params)
 
         batches = batched(prefetch(items, preprocess, num_threads, lookahead=2 * batch_size), batch_size)
