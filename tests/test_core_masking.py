@@ -55,6 +55,13 @@ def test_same_seed_same_noise_other_seed_other_noise(schedule):
     assert not torch.equal(kept_patch_mask(first, 0.75), kept_patch_mask(other, 0.75))
 
 
+def test_a_seed_beyond_32_bits_is_refused_not_aliased():
+    # torch's CPU generator keeps a seed's lower 32 bits: 2**32 + 11 would draw seed 11's masks.
+    make_mask_noise(2, 16, 0.75, seed=2**32 - 1)
+    with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*32\)"):
+        make_mask_noise(2, 16, 0.75, seed=2**32 + 11)
+
+
 def test_noise_does_not_touch_global_rng():
     torch.manual_seed(123)
     expected = torch.rand(3)

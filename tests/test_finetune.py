@@ -28,7 +28,7 @@ from maeday_hf.model_card import render_model_card
 from maeday_hf.modeling import load_detector
 from maeday_hf.reconstruction import mask_ratio_set_to, reconstruction_targets
 from maeday_hf.scoring import maeday_anomaly_maps
-from maeday_hf.shot_views import ShotViews, random_crop_rotate, view_generator
+from maeday_hf.shot_views import ShotViews, crop_rotate_transform, random_crop_rotate, view_generator
 
 from conftest import TINY_IMAGE_SIZE, make_tiny_model
 
@@ -140,6 +140,45 @@ def test_views_repeat_the_shots_with_their_own_masks_and_augmentations():
     plain = ShotViews(shots, num_views=8, num_patches=16, seed=5, augment=False)
     assert torch.equal(plain.render(plain.batch([3, 4]))[0], shots[0])
     assert torch.equal(plain.render(plain.batch([3, 4]))[1], shots[1])
+
+
+@pytest.mark.parametrize("other_seed", [1, 2**32 - 1])
+def test_every_seed_draws_its_own_views_and_masks(other_seed):
+    # torch's CPU generator keeps 32 bits of a seed: views seeded seed * 2**32 + index were the same for every seed.
+    shots = torch.randn(2, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)
+    first, other = (ShotViews(shots, num_views=6, num_patches=16, seed=seed) for seed in (0, other_seed))
+    for index in range(6):
+        assert not torch.equal(first[index]["transform"], other[index]["transform"])
+        assert not torch.equal(first[index]["noise"], other[index]["noise"])
+    # Within a run, every view its own draw.
+    transforms = torch.stack([first[index]["transform"] for index in range(6)])
+    assert len(torch.unique(transforms.flatten(1), dim=0)) == 6
+
+
+def test_calibration_views_are_not_the_training_views(monkeypatch):
+    # The threshold comes from views the model was not trained on: with one shot, calibration views 1..3 used to be
+    # training views 1..3 exactly.
+    import maeday_hf.calibration
+    from conftest import make_tiny_model
+
+    drawn = []
+    real = maeday_hf.calibration.random_crop_rotate
+
+    def recording(image, generator, *args, **kwargs):
+        drawn.append(generator.initial_seed())
+        return real(image, generator, *args, **kwargs)
+
+    monkeypatch.setattr(maeday_hf.calibration, "random_crop_rotate", recording)
+    for seed in (0, 3):
+        drawn.clear()
+        maeday_hf.calibration.calibrate_threshold(make_tiny_model(), torch.randn(1, 3, 32, 32), num_views_per_shot=4,
+                                                  num_masks=2, seed=seed)
+        trained = ShotViews(torch.randn(1, 3, 32, 32), num_views=4, num_patches=16, seed=seed)
+        assert len(drawn) == 3
+        for index, calibration_seed in zip(range(1, 4), drawn):
+            assert calibration_seed != view_generator(seed, index).initial_seed()
+            assert not torch.equal(trained[index]["transform"], crop_rotate_transform(
+                torch.Generator().manual_seed(calibration_seed), 32, 32, 0.75, 15.0))
 
 
 def test_crop_rotate_keeps_shape_and_is_identity_without_crop_or_rotation():

@@ -58,7 +58,7 @@ def no_training(monkeypatch):
         (dict(min_crop_scale=0.0), ValueError, "min_crop_scale"),
         (dict(bf16="yes"), TypeError, "bf16"),
         (dict(seed=2**32), ValueError, "seed"),  # refused here, not by the Trainer after the model has loaded
-        (dict(seed=2**31), ValueError, r"seed must be in \[0, 2\*\*31\)"),  # would repeat seed 0's views
+        (dict(seed=2**32 + 5), ValueError, r"seed must be in \[0, 2\*\*32\)"),  # would repeat seed 5's draws
         (dict(seed=-1), ValueError, "seed"),
         (dict(seed=1.5), TypeError, "seed"),
         (dict(momentum=1.0), ValueError, "momentum must be < 1"),

@@ -28,12 +28,10 @@ import torch
 from .masking import make_mask_noise, validate_positive_int
 from .reconstruction import count_patches, runs_bfloat16_natively
 from .scoring import maeday_anomaly_maps
-from .shot_views import random_crop_rotate, view_generator
+from .shot_views import CALIBRATION_VIEWS, random_crop_rotate, view_generator
 
 logger = logging.getLogger(__name__)
 
-# Calibration views draw from seeds far from the training views' (seed, index) stream.
-_CALIBRATION_SEED_OFFSET = 1_000_003
 TOP_SCORE_MARGIN = 1e-2
 """Relative margin above the top normal score, when that sets the threshold. Measured differences of the same image
 score: another batch and chunk size or the pipeline's preprocessing, up to 3.5e-7 (tiny model, CPU); bf16 against
@@ -114,7 +112,7 @@ def calibrate_threshold(
     for shot_index in range(num_shots):
         views.append(pixel_values[shot_index])
         for view_index in range(1, num_views_per_shot):
-            generator = view_generator(seed + _CALIBRATION_SEED_OFFSET, shot_index * num_views_per_shot + view_index)
+            generator = view_generator(seed, shot_index * num_views_per_shot + view_index, CALIBRATION_VIEWS)
             views.append(random_crop_rotate(pixel_values[shot_index], generator, min_crop_scale, max_rotation_degrees))
     views = torch.stack(views)
     device = next(model.parameters()).device

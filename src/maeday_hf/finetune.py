@@ -105,7 +105,7 @@ class FinetuneConfig:
         mask_ratio (`float`, defaults to 0.75): share of patches masked in each training view.
         augment (`bool`, defaults to `True`): random crop + rotation of each view (`min_crop_scale`,
             `max_rotation_degrees`).
-        seed (`int`, defaults to 0): in [0, 2**31); seeds the views, their masks, the LoRA init and the Trainer.
+        seed (`int`, defaults to 0): in [0, 2**32); seeds the views, their masks, the LoRA init and the Trainer.
             (The calibration scores with the masks the pipeline draws by default, whatever the seed.)
         calibration_views_per_shot, calibration_num_masks, calibration_num_std: see `calibration.py`.
         use_cpu (`bool`): train on the CPU even when a GPU is there.
@@ -181,11 +181,6 @@ class FinetuneConfig:
         if self.resolved_learning_rate == 0:
             raise ValueError("learning_rate must be > 0 (0 would train nothing).")
         validate_seed(self.seed)
-        if self.seed >= 2**31:
-            # View i of a run is seeded seed * 2**32 + i in a 63-bit generator seed: a larger seed would repeat the
-            # views of seed - 2**31.
-            raise ValueError(f"seed must be in [0, 2**31) (it seeds each view as seed * 2**32 + view index in 63 "
-                             f"bits), got {self.seed}.")
         self.mask_ratio = validate_mask_ratio(self.mask_ratio)
         if self.bf16 is not None and not isinstance(self.bf16, bool):
             raise TypeError(f"bf16 must be True, False or None (the device decides), got {self.bf16!r}.")

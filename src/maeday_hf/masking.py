@@ -74,8 +74,10 @@ def validate_mask_schedule(schedule: str) -> str:
 def validate_seed(seed: int) -> int:
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"seed must be an integer, got {seed!r} ({type(seed).__name__}).")
-    if not 0 <= seed < 2**63:
-        raise ValueError(f"seed must be in [0, 2**63), got {seed}.")
+    if not 0 <= seed < 2**32:
+        # torch's CPU generator keeps a seed's lower 32 bits (numpy's legacy seeding, which the Trainer also sets,
+        # takes no more): a larger seed would silently repeat a smaller one's draws.
+        raise ValueError(f"seed must be in [0, 2**32) (random generators keep 32 bits of a seed), got {seed}.")
     return int(seed)
 
 
