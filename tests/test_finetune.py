@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -518,6 +519,86 @@ def test_an_adapter_whose_named_base_holds_other_weights_is_refused(trained, tmp
     caplog.clear()
     assert load_detector(older, device="cpu")
     assert "holds other weights" not in caplog.text
+
+
+def _encoder_only_checkpoint(folder, tiny_checkpoint, **save_kwargs):
+    """What ViTMAEModel.save_pretrained writes (model_type 'vit_mae' too, no decoder), with the tiny processor."""
+    from transformers import ViTMAEModel
+
+    ViTMAEModel.from_pretrained(tiny_checkpoint).save_pretrained(folder, **save_kwargs)
+    shutil.copy(os.path.join(tiny_checkpoint, "preprocessor_config.json"), folder)
+    return str(folder)
+
+
+def test_a_base_without_its_decoder_is_refused_before_training(tiny_checkpoint, shot_path, tmp_path):
+    # It loaded with a random decoder (transformers only logs that), trained, and its adapter then never loaded.
+    from safetensors.torch import load_file, save_file
+
+    encoder_only = _encoder_only_checkpoint(tmp_path / "encoder-only", tiny_checkpoint)
+    with pytest.raises(ValueError, match="has no decoder weights .* ViTMAEForPreTraining checkpoint with its decoder"):
+        finetune(encoder_only, [shot_path], tmp_path / "out", FinetuneConfig(**{**FAST, "num_steps": 1}))
+    # Part of the weights missing (a damaged conversion, a partial copy): named too.
+    partial = tmp_path / "partial"
+    shutil.copytree(tiny_checkpoint, partial)
+    weights = load_file(partial / "model.safetensors")
+    save_file({key: value for key, value in weights.items() if "decoder_pred" not in key}, partial / "model.safetensors",
+              metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"lacks 2 of the model's weights: decoder\.decoder_pred\.bias"):
+        finetune(str(partial), [shot_path], tmp_path / "out", FinetuneConfig(**{**FAST, "num_steps": 1}))
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_adapter_on_a_base_without_its_decoder_is_refused(trained, tiny_checkpoint, tmp_path):
+    encoder_only = _encoder_only_checkpoint(tmp_path / "encoder-only", tiny_checkpoint)
+    with pytest.raises(ValueError, match="has no decoder weights"):
+        load_detector(trained.output_dir, device="cpu", base_model=encoder_only)
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_a_checkpoint_without_its_decoder_is_refused_by_the_pipeline_and_the_cli(tiny_checkpoint, shot_path, tmp_path,
+                                                                                 capsys, sharded):
+    from transformers import pipeline
+
+    from maeday_hf.cli import main
+
+    encoder_only = _encoder_only_checkpoint(tmp_path / "encoder-only", tiny_checkpoint,
+                                            **({"max_shard_size": "10KB"} if sharded else {}))
+    assert os.path.isfile(os.path.join(encoder_only, "model.safetensors.index.json")) == sharded
+    with pytest.raises(ValueError, match="has no decoder weights"):
+        pipeline("anomaly-detection", model=encoder_only)
+    with pytest.raises(ValueError, match="has no decoder weights"):
+        load_detector(encoder_only, device="cpu")
+    capsys.readouterr()
+    assert main(["detect", str(shot_path), "--model", encoder_only, "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "has no decoder weights" in err
+    assert pipeline("anomaly-detection", model=tiny_checkpoint)  # (a whole checkpoint passes, of course)
+
+
+def test_a_checkpoint_in_transformers_4_naming_loads_whole(tiny_checkpoint, shot_path, tmp_path):
+    # facebook/vit-mae-base is stored with transformers 4's names (vit.encoder.layer.N.attention.attention.query ...),
+    # which transformers 5 renames at load: the weight checks must see every weight loaded, not refuse the default.
+    import re
+
+    from safetensors.torch import load_file, save_file
+
+    def old_name(name):
+        name = name.replace("vit.layers.", "vit.encoder.layer.").replace("attention.o_proj", "attention.output.dense")
+        name = re.sub(r"attention\.([qkv])_proj",
+                      lambda found: "attention.attention." + {"q": "query", "k": "key", "v": "value"}[found[1]], name)
+        return name.replace("mlp.fc1", "intermediate.dense").replace("mlp.fc2", "output.dense")
+
+    legacy = tmp_path / "legacy"
+    shutil.copytree(tiny_checkpoint, legacy)
+    weights = load_file(legacy / "model.safetensors")
+    renamed = {old_name(name): tensor for name, tensor in weights.items()}
+    assert "vit.encoder.layer.0.attention.attention.query.weight" in renamed and len(renamed) == len(weights)
+    save_file(renamed, legacy / "model.safetensors", metadata={"format": "pt"})
+    image = Image.open(shot_path)
+    assert load_detector(legacy, device="cpu")(image, num_masks=2)["score"] == (
+        load_detector(tiny_checkpoint, device="cpu")(image, num_masks=2)["score"])
+    finetune(str(legacy), [shot_path], tmp_path / "out", FinetuneConfig(**{**FAST, "num_steps": 1}))
+    assert load_detector(tmp_path / "out", device="cpu")(image, num_masks=2)["score"] > 0
 
 
 def test_a_half_precision_copy_of_the_base_given_explicitly_loads_with_a_warning(trained, tiny_checkpoint, shot_path,

@@ -35,6 +35,7 @@ from transformers import AutoConfig, PretrainedConfig, ViTMAEForPreTraining
 from transformers.utils import cached_file
 
 from .pipeline import THRESHOLD_CONFIG_KEY, THRESHOLD_SETTINGS_CONFIG_KEY
+from .reconstruction import require_loaded_weights
 
 logger = logging.getLogger(__name__)
 
@@ -267,12 +268,15 @@ def load_merged_model(
         # The adapter folder's own (float32 for every folder `finetune` writes), not the one the base was saved in.
         dtype = getattr(config, "dtype", None) or torch.float32
     try:
-        base = ViTMAEForPreTraining.from_pretrained(base_name, dtype=dtype, **load_kwargs)
+        base, loading_info = ViTMAEForPreTraining.from_pretrained(
+            base_name, dtype=dtype, output_loading_info=True, **load_kwargs
+        )
     except OSError as error:
         raise BaseModelNotFoundError(
             f"Cannot load the weights of the base model {base_name!r} of the adapter {adapter!r}: "
             f"{str(error).splitlines()[0]}"
         ) from error
+    require_loaded_weights(base, loading_info, base_name)
     check_base_weights(base, config, base_name, adapter, chosen=base_model is not None)
     silence_peft_deprecation_warning()
     peft_model = PeftModel.from_pretrained(base, peft_folder)

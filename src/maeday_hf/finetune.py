@@ -71,6 +71,7 @@ from .reconstruction import (
     count_patches,
     is_vit_mae_for_pretraining,
     mask_ratio_set_to,
+    require_loaded_weights,
     require_vit_mae_config,
     runs_bfloat16_natively,
 )
@@ -729,11 +730,14 @@ def finetune(
     require_whole_image_processor(image_processor)  # before training, not when the result fails to load
     # float32 whatever dtype the base was saved in: the optimizer, the rendered views and the calibration are float32.
     try:
-        model = ViTMAEForPreTraining.from_pretrained(base_model, config=base_config, dtype=torch.float32)
+        model, loading_info = ViTMAEForPreTraining.from_pretrained(
+            base_model, config=base_config, dtype=torch.float32, output_loading_info=True
+        )
     except SafetensorError as error:
         raise OSError(
             f"Cannot load the base {base_model!r}: a weights file in it is damaged or incomplete ({error})."
         ) from error
+    require_loaded_weights(model, loading_info, base_model)  # (a random decoder would train, and never load back)
     if not is_vit_mae_for_pretraining(model):
         raise ValueError(f"{base_model!r} did not load as a ViTMAEForPreTraining with its decoder.")
     base_fingerprint = base_weights_fingerprint(model)  # (before LoRA wraps its layers)

@@ -17,12 +17,15 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import json
 import threading
 import weakref
 from collections.abc import Iterator
 from copy import deepcopy
 
 import torch
+from safetensors import safe_open
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cached_file
 
 
 def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
@@ -47,6 +50,72 @@ def require_vit_mae_config(config, name: str) -> None:
         raise ValueError(
             f"{name!r} is a {type(config).__name__} (model_type {model_type!r}); MAEDAY needs a ViTMAEForPreTraining "
             f"checkpoint (model_type 'vit_mae', e.g. facebook/vit-mae-base)."
+        )
+
+
+_NEEDS_THE_DECODER = (
+    "MAEDAY scores an image by the MAE decoder's reconstructions, so it needs a ViTMAEForPreTraining checkpoint with "
+    "its decoder (e.g. facebook/vit-mae-base)."
+)
+
+
+def require_loaded_weights(model: torch.nn.Module, loading_info: dict, name: str) -> None:
+    """Raise a `ValueError` naming `name` if loading it as `model` left weights randomly initialised.
+
+    Args:
+        model (`ViTMAEForPreTraining`): the model `from_pretrained(name, ..., output_loading_info=True)` returned,
+        loading_info (`dict`): with what it returned with it.
+        name (`str`): the checkpoint, for the message.
+
+    An encoder-only checkpoint (what `ViTMAEModel.save_pretrained` writes, also model_type 'vit_mae') loads as a
+    ViTMAEForPreTraining with a random decoder, and transformers only logs it: its maps, or a fine-tune of it, would be
+    noise.
+    """
+    missing = sorted(loading_info.get("missing_keys") or ())
+    if not missing:
+        return
+    decoder_keys = {key for key in model.state_dict() if key.startswith("decoder.")}
+    if decoder_keys and decoder_keys <= set(missing) and all(key.startswith("decoder.") for key in missing):
+        what = "has no decoder weights (an encoder-only checkpoint, such as ViTMAEModel saves)"
+    else:
+        what = f"lacks {len(missing)} of the model's weights"
+    raise ValueError(
+        f"{name!r} {what}: {', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''} would be random. "
+        f"{_NEEDS_THE_DECODER}"
+    )
+
+
+def checkpoint_weight_names(name_or_path: str) -> set[str] | None:
+    """Names of the tensors in the safetensors weights of a checkpoint on disk (a folder, or a Hub id in the local
+    cache), from the index or the file's header (no tensor is read); None if none is found there (nothing is
+    downloaded)."""
+    found = {
+        file: cached_file(name_or_path, file, local_files_only=True, _raise_exceptions_for_missing_entries=False,
+                          _raise_exceptions_for_connection_errors=False)
+        for file in (SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME)
+    }
+    if found[SAFE_WEIGHTS_INDEX_NAME]:
+        with open(found[SAFE_WEIGHTS_INDEX_NAME], encoding="utf-8") as index:
+            return set(json.load(index)["weight_map"])
+    if found[SAFE_WEIGHTS_NAME]:
+        with safe_open(found[SAFE_WEIGHTS_NAME], framework="pt") as weights:
+            return set(weights.keys())
+    return None
+
+
+def require_decoder_in_checkpoint(model: torch.nn.Module) -> None:
+    """Raise a `ValueError` if the checkpoint `model` was loaded from (`model.name_or_path`, where it is on disk) holds
+    no decoder weights: transformers loaded it with a random decoder, and only logged it (see
+    `require_loaded_weights`)."""
+    name = getattr(model, "name_or_path", "") or ""
+    try:
+        weight_names = checkpoint_weight_names(name) if name else None
+    except (OSError, ValueError):  # not a checkpoint on disk (a model built in memory, a moved folder)
+        return
+    if weight_names is not None and not any(key.startswith("decoder.") for key in weight_names):
+        raise ValueError(
+            f"{name!r} has no decoder weights (an encoder-only checkpoint, such as ViTMAEModel saves). "
+            f"{_NEEDS_THE_DECODER}"
         )
 
 
