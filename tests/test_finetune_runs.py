@@ -547,7 +547,9 @@ def test_full_finetune_writes_a_plain_checkpoint_that_loads(tiny_checkpoint, sho
     assert "label" in detector(str(shot_files[1]), num_masks=2)
 
 
-def _launch(num_processes: int, checkpoint: str, shot: Path, out: Path, tmp_path: Path) -> list[float]:
+def _launch(
+    num_processes: int, checkpoint: str, shot: Path, out: Path, tmp_path: Path, quiet: bool = True
+) -> list[float]:
     # (`accelerate launch --cpu` starts one process whatever --num_processes says; --multi_gpu starts them, and on a
     # machine without a GPU they run on the CPU over gloo.)
     import socket
@@ -561,11 +563,16 @@ def _launch(num_processes: int, checkpoint: str, shot: Path, out: Path, tmp_path
         "--mixed_precision", "no", "--dynamo_backend", "no",
         str(REPO_ROOT / "scripts" / "finetune.py"), "--model", checkpoint, "--shots", str(shot), "--output-dir",
         str(out), "--steps", "2", "--batch-size", "4", "--learning-rate", "0.2", "--calibration-views", "1",
-        "--calibration-masks", "2", "--quiet",
+        "--calibration-masks", "2", *(["--quiet"] if quiet else []),
     ]
     env = dict(os.environ, HF_HUB_OFFLINE="1", ACCELERATE_CONFIG_FILE=str(tmp_path / "no-accelerate-config.yaml"))
+    if not quiet:
+        env["TRANSFORMERS_VERBOSITY"] = "warning"  # (the tests' default is "error")
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert completed.returncode == 0, completed.stderr[-3000:]
+    # (The probe for the training device is made before `use_cpu` is known: transformers' warning that it is not a
+    # distributed run was about the probe alone, printed by every process.)
+    assert quiet or "parallel_mode != ParallelMode.DISTRIBUTED" not in completed.stderr
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     log = json.loads((out / "training_log.json").read_text())
     assert log["num_processes"] == num_processes  # one distributed run, not num_processes runs of their own
@@ -587,7 +594,7 @@ def test_accelerate_launch_of_the_script_writes_an_adapter(tiny_checkpoint, shot
 def test_two_process_ddp_keeps_the_effective_batch(tiny_checkpoint, shot_files, tmp_path):
     """2 CPU processes (gloo) with per-process batch 2 train exactly like 1 process with batch 4."""
     one = _launch(1, tiny_checkpoint, shot_files[0], tmp_path / "one", tmp_path)
-    two = _launch(2, tiny_checkpoint, shot_files[0], tmp_path / "two", tmp_path)
+    two = _launch(2, tiny_checkpoint, shot_files[0], tmp_path / "two", tmp_path, quiet=False)
     assert two == pytest.approx(one, rel=1e-5)
 
 

@@ -29,6 +29,7 @@ Example:
 from __future__ import annotations
 
 import collections.abc
+import contextlib
 import dataclasses
 import json
 import logging
@@ -38,6 +39,7 @@ import shutil
 import stat
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -291,11 +293,32 @@ def _training_arguments(
     )
 
 
+_TRAINING_ARGUMENTS_LOGGER = "transformers.training_args"
+_NOT_DISTRIBUTED_WARNING = "torch.distributed process group is initialized, but parallel_mode != "
+
+
+@contextlib.contextmanager
+def _without_warning(logger_name: str, start: str) -> Iterator[None]:
+    """Inside, `logger_name` drops records whose message starts with `start`."""
+
+    class Drop(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not record.getMessage().startswith(start)
+
+    target, drop = logging.getLogger(logger_name), Drop()
+    target.addFilter(drop)
+    try:
+        yield
+    finally:
+        target.removeFilter(drop)
+
+
 def _precision_resolved_arguments(config: FinetuneConfig, output_dir: str | os.PathLike) -> TrainingArguments:
     """The recipe's `TrainingArguments`, with the mixed precision decided in this order: `config.bf16` if given; else
     the launcher's (`accelerate launch --mixed_precision ...` sets ACCELERATE_MIXED_PRECISION, "no" by default);
     else bf16 where the training device multiplies it in hardware."""
-    probe = _training_arguments(config, output_dir, bf16=False, use_cpu=config.use_cpu)
+    with _without_warning(_TRAINING_ARGUMENTS_LOGGER, _NOT_DISTRIBUTED_WARNING):  # (true of the probe alone)
+        probe = _training_arguments(config, output_dir, bf16=False, use_cpu=config.use_cpu)
     # On a CPU the Trainer runs several processes as one distributed run (gloo), and accepts bf16, only with use_cpu,
     # also where there is no GPU to keep away from: without it each process would train alone on the whole batch.
     use_cpu = config.use_cpu or probe.device.type == "cpu"
