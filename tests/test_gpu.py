@@ -95,6 +95,9 @@ def test_cuda_graph_steps_equal_eager_steps(bf16, warmup_steps, tmp_path):
 def test_gpu_bf16_detection_agrees_with_torch():
     from maeday_hf.reconstruction import runs_bfloat16_natively
 
+    if torch.version.hip:  # torch says True for every AMD architecture; the package names the ones with bf16 units
+        pytest.skip("torch.cuda.is_bf16_supported does not tell AMD architectures apart")
+
     for index in range(torch.cuda.device_count()):
         with torch.cuda.device(index):
             assert runs_bfloat16_natively(f"cuda:{index}") is torch.cuda.is_bf16_supported(including_emulation=False)
