@@ -269,11 +269,14 @@ class AnomalyDetectionPipeline(Pipeline):
                 about 3x faster than float32 (maps within 0.23 % of the float32 ones' maximum on a CPU, 0.38 % on
                 an H200, measured with ViT-B). Errors, filtering and averaging stay float32; `bf16=False` gives
                 float32 maps.
-            threshold (`float`, *optional*): add `label` and `mask` by thresholding the score and the map. A
-                fine-tune's calibrated threshold is the default; `threshold=None` turns labelling off.
+            threshold (`float`, *optional*): add `label` (the score above it or not) and `mask` (the returned map
+                above it). The map's bilinear resize to the image's size lowers its peak a little (about 0.5 %, a
+                few % for images smaller than the model's input), so a score just above the threshold can come with
+                an empty mask. A fine-tune's calibrated threshold is the default; `threshold=None` turns labelling
+                off.
             batch_size (`int`, *optional*): images per forward pass (their masked copies are batched too); default 1
                 on a CPU; on a GPU, enough images for 1,024 (image, mask) pairs (32 at N = 32). Results do not depend
-                on it.
+                on it, beyond float rounding (about 1e-6 of the map).
             timeout (`float`, *optional*): seconds an image URL may take to download, whole (default: no limit).
             num_workers (`int`, *optional*): on a CPU, DataLoader processes that preprocess (default 0); on a GPU,
                 threads that decode and resize ahead while the GPU computes (default up to 8; 0 preprocesses in the
