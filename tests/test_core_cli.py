@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 
 import numpy as np
 import pytest
@@ -266,6 +267,78 @@ def test_names_too_long_for_a_file_are_shortened_and_stay_unique(tmp_path, tiny_
     assert main(["detect", str(tmp_path / "data"), "--model", tiny_checkpoint, "--out", str(out), "--num-masks", "2",
                  "--quiet", "--device", "cpu"]) == 0
     assert len(list((out / "heatmaps").iterdir())) == 3
+
+
+def test_folders_are_followed_through_links_once_and_a_broken_link_is_named(tmp_path, tiny_checkpoint, capsys):
+    import os
+
+    from maeday_hf.cli import CommandError, collect_images
+
+    data = tmp_path / "data"
+    (data / "real").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    Image.new("RGB", (32, 32)).save(data / "real" / "a.png")
+    Image.new("RGB", (32, 32)).save(tmp_path / "elsewhere" / "b.png")
+    (data / "real" / "ext").symlink_to(tmp_path / "elsewhere", target_is_directory=True)  # images kept elsewhere
+    (data / "real" / "loop").symlink_to(data, target_is_directory=True)  # a link back up: walked once
+    (data / "zalias").symlink_to(data / "real", target_is_directory=True)  # the same folder again
+    names = sorted(name for _, name in collect_images([str(data)]))
+    assert names == ["real__a", "real__ext__b"]
+    (data / "real" / "c.png").symlink_to(tmp_path / "synced-later.png")
+    with pytest.raises(CommandError, match=r"c.png' is a broken link"):
+        collect_images([str(data)])
+    os.mkfifo(tmp_path / "pipe.png")
+    with pytest.raises(CommandError, match="neither a file nor a folder"):
+        collect_images([str(tmp_path / "pipe.png")])
+
+
+def test_heatmap_names_are_file_names_everywhere(tmp_path, tiny_checkpoint):
+    # --out may be a shared (SMB/NTFS/FAT) folder: no character Windows refuses, no device name, no newline.
+    from maeday_hf.cli import collect_images
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ('a:b*c?.png', "CON.png", "new\nline.png", 'say "hi", twice.png', "a_b_c_.png"):
+        Image.new("RGB", (32, 32)).save(data / name)
+    names = [name for _, name in collect_images([str(data)])]
+    assert sorted(name[6:] for name in names) == sorted(  # (a:b*c? and a_b_c_ meet: both get an index)
+        ["a_b_c_", "a_b_c_", "_CON", "new_line", 'say _hi_, twice'])
+    assert all(name[:5].isdigit() for name in names)
+    out = tmp_path / "out"
+    assert main(["detect", str(data), "--model", tiny_checkpoint, "--out", str(out), "--num-masks", "2", "--quiet",
+                 "--device", "cpu"]) == 0
+    assert len(list((out / "heatmaps").iterdir())) == 5
+    scores = (out / "scores.csv").read_bytes()
+    assert scores.count(b"\r\n") == 6 and b"\r\r" not in scores  # the csv module's line ends, nothing added
+    rows = list(csv.reader(io.StringIO(scores.decode("utf-8"), newline="")))
+    assert sorted(row[0].rsplit("/", 1)[-1] for row in rows[1:]) == sorted(
+        ['a:b*c?.png', "CON.png", "new\nline.png", 'say "hi", twice.png', "a_b_c_.png"])
+
+
+def test_maps_wait_beside_the_heatmaps_not_in_the_temporary_folder(synthetic_root, tiny_checkpoint, tmp_path,
+                                                                   monkeypatch):
+    import tempfile
+
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    seen = []
+    real_save = np.save
+    monkeypatch.setattr(np, "save", lambda file, array, *args, **kwargs: (seen.append(file), real_save(file, array)))
+    out = tmp_path / "out"
+    assert main(["detect", str(synthetic_root / "stripes" / "test" / "good"), "--model", tiny_checkpoint, "--out",
+                 str(out), "--num-masks", "2", "--quiet", "--device", "cpu"]) == 0
+    assert len(seen) == 2 and all(str(file).startswith(str(out)) for file in seen)
+    assert not list(temporary.iterdir()) and not [p for p in out.rglob(".*")]
+    assert sorted(p.name for p in (out / "heatmaps").iterdir()) == ["000.png", "001.png"]
+
+
+def test_the_heatmaps_folder_given_as_input_is_named_as_such(tmp_path, tiny_checkpoint, capsys):
+    out = tmp_path / "out"
+    (out / "heatmaps").mkdir(parents=True)
+    Image.new("RGB", (32, 32)).save(out / "heatmaps" / "x.png")
+    assert main(["detect", str(out / "heatmaps"), "--model", tiny_checkpoint, "--out", str(out), "--quiet"]) == 2
+    assert "is the heatmaps folder this run replaces" in capsys.readouterr().err
 
 
 def test_the_installed_commands_run_as_modules_too():

@@ -186,6 +186,17 @@ def test_a_broken_link_in_an_image_folder_is_an_error_not_a_missing_image(tmp_pa
         list_images(tmp_path)
 
 
+def test_thresholds_beyond_float32_label_without_a_warning(detector, images):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        high = detector(images[0], num_masks=2, threshold=1e308)
+        low = detector(images[0], num_masks=2, threshold=-1e308)
+    assert high["label"] == "normal" and not np.asarray(high["mask"]).any()
+    assert low["label"] == "anomalous" and np.asarray(low["mask"]).all()
+
+
 def test_bad_image_inputs(detector, tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.png"):
         detector(str(tmp_path / "missing.png"))

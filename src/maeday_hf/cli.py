@@ -89,12 +89,8 @@ def collect_images(inputs: Sequence[str], exclude: str | os.PathLike | None = No
     """
     excluded = Path(os.path.realpath(exclude)) if exclude is not None else None
 
-    def wanted(path: Path, folder: Path) -> bool:
-        if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
-            return False
-        if any(part.startswith(".") for part in path.relative_to(folder).parts):
-            return False
-        return excluded is None or not Path(os.path.realpath(path)).is_relative_to(excluded)
+    def is_excluded(path: Path) -> bool:
+        return excluded is not None and Path(os.path.realpath(path)).is_relative_to(excluded)
 
     found: list[Path | str] = []
     roots: list[Path] = []
@@ -103,14 +99,19 @@ def collect_images(inputs: Sequence[str], exclude: str | os.PathLike | None = No
         if is_url(entry):
             found.append(entry)
         elif path.is_dir():
-            images = sorted(p for p in path.rglob("*") if wanted(p, path))
+            images = _folder_images(path, is_excluded)
             if not images:
+                if is_excluded(path):
+                    raise CommandError(f"folder {entry!r} is the heatmaps folder this run replaces, not images to "
+                                       f"score; give the images' folder, or choose another --out")
                 raise CommandError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in folder {entry!r}")
             found.extend(images)
             roots.append(path)
         elif path.is_file():
             found.append(path)
             roots.append(path.parent)
+        elif path.exists():
+            raise CommandError(f"input {entry!r} is neither a file nor a folder (a pipe or a device?)")
         else:
             raise CommandError(f"input {entry!r} does not exist (expected an image file or a folder of images)")
     common = Path(os.path.commonpath([os.path.abspath(root) for root in roots])) if roots else None
@@ -118,7 +119,8 @@ def collect_images(inputs: Sequence[str], exclude: str | os.PathLike | None = No
     def name_of(path: Path | str) -> str:
         if isinstance(path, str):
             return _url_name(path)
-        return _fitting_name("__".join(Path(os.path.abspath(path)).relative_to(common).with_suffix("").parts))
+        parts = Path(os.path.abspath(path)).relative_to(common).with_suffix("").parts
+        return _fitting_name(_portable_name("__".join(parts)))
 
     images = [(path, name_of(path)) for path in found]
     names = [name.casefold() for _, name in images]  # (A.png and a.png are one file on macOS and Windows)
@@ -126,6 +128,44 @@ def collect_images(inputs: Sequence[str], exclude: str | os.PathLike | None = No
         # The same file given twice, or a.png next to a.jpg: a running index keeps names unique.
         images = [(path, f"{index:05d}_{name}") for index, (path, name) in enumerate(images)]
     return images
+
+
+def _folder_images(folder: Path, is_excluded) -> list[Path]:
+    """Image files under `folder`, sorted, following links to folders (each real folder once: a link loop ends),
+    leaving out hidden files and folders and what `is_excluded`; a broken link with an image suffix is an error (the
+    image must not drop out unnoticed)."""
+    images = []
+    visited = set()
+    for directory, subfolders, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(directory)
+        if real in visited or is_excluded(Path(directory)):
+            subfolders[:] = []
+            continue
+        visited.add(real)
+        subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
+        for name in files:
+            path = Path(directory) / name
+            if name.startswith(".") or path.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            if not path.exists():
+                raise CommandError(f"{os.fspath(path)!r} is a broken link: {os.readlink(path)!r} does not exist")
+            if path.is_file() and not is_excluded(path):
+                images.append(path)
+    return sorted(images)
+
+
+_NOT_IN_FILE_NAMES = re.compile(r'[<>:"/\\|?*\x00-\x1f\x7f]')
+"""What a file name may not hold on Windows (and so on a shared or FAT/NTFS/SMB --out): `<>:"/\|?*` and control
+characters (a newline included)."""
+_RESERVED_NAMES = re.compile(r"(CON|PRN|AUX|NUL|COM[0-9]|LPT[0-9])(\..*)?", flags=re.IGNORECASE)
+
+
+def _portable_name(name: str) -> str:
+    """`name` with what a Windows file name cannot hold replaced by `_`: those characters, a trailing dot or space,
+    and the device names (`CON`, `NUL`, `COM1`, ...)."""
+    name = _NOT_IN_FILE_NAMES.sub("_", name)
+    name = re.sub(r"[. ]+$", lambda found: "_" * len(found[0]), name)
+    return f"_{name}" if _RESERVED_NAMES.fullmatch(name) else name
 
 
 def _url_name(url: str) -> str:
@@ -295,19 +335,28 @@ def _detect(args, call_kwargs, out_dir: Path, images: list[tuple[Path | str, str
         held.append(handle)
         pending_scores, handle = make_held_partial_file(out_dir, ".scores.csv.partial-")
         held.append(handle)
-        with tempfile.TemporaryDirectory(prefix="maeday-maps-") as maps_dir:
-            # Maps wait on disk, not in memory, until the common colour scale is known.
-            vmax = 0.0
-            progress = tqdm(zip(images, results), total=len(images), desc="maeday detect", disable=args.quiet)
-            for index, ((path, _), result) in enumerate(progress):
-                rows.append((redact_url(path) if isinstance(path, str) else str(path), result["score"],
-                             result.get("label")))
-                np.save(Path(maps_dir) / f"{index}.npy", result["anomaly_map"])
-                vmax = max(vmax, finite_max(result["anomaly_map"]))
-            for index, ((_, name), source) in enumerate(zip(images, sources)):
-                anomaly_map = np.load(Path(maps_dir) / f"{index}.npy")
-                overlay = overlay_heatmap(load_rgb_image(source), anomaly_map, vmin=0.0, vmax=vmax)
-                overlay.save(partial / f"{name}.png", format="PNG")
+        # Maps wait on disk, not in memory, until the common colour scale is known: beside the heatmaps, on the
+        # --out disk the user chose (a full-size float32 map per image: 4 GB for 1,000 MVTec images, which a tmpfs
+        # /tmp would hold in memory).
+        maps_dir = partial / ".maps"
+        maps_dir.mkdir()
+        vmax = 0.0
+        progress = tqdm(zip(images, results), total=len(images), desc="maeday detect", disable=args.quiet)
+        for index, ((path, _), result) in enumerate(progress):
+            rows.append((redact_url(path) if isinstance(path, str) else str(path), result["score"],
+                         result.get("label")))
+            try:
+                np.save(maps_dir / f"{index}.npy", result["anomaly_map"])
+            except OSError as error:
+                raise CommandError(f"cannot keep the anomaly maps for the heatmaps in {os.fspath(out_dir)!r} until "
+                                   f"every image is scored ({error}); free space there or choose another --out")
+            vmax = max(vmax, finite_max(result["anomaly_map"]))
+        for index, ((_, name), source) in enumerate(zip(images, sources)):
+            anomaly_map = np.load(maps_dir / f"{index}.npy")
+            (maps_dir / f"{index}.npy").unlink()
+            overlay = overlay_heatmap(load_rgb_image(source), anomaly_map, vmin=0.0, vmax=vmax)
+            overlay.save(partial / f"{name}.png", format="PNG")
+        maps_dir.rmdir()
         # A label column when labels exist: from --threshold or from a fine-tune's calibrated threshold.
         with_labels = any(label is not None for _, _, label in rows)
         buffer = io.StringIO()
@@ -315,7 +364,8 @@ def _detect(args, call_kwargs, out_dir: Path, images: list[tuple[Path | str, str
         writer.writerow(["path", "score"] + (["label"] if with_labels else []))
         for path, score, label in rows:
             writer.writerow([path, f"{score:.6g}"] + ([label] if with_labels else []))
-        pending_scores.write_text(buffer.getvalue(), errors="surrogateescape")  # (paths as the file system has them)
+        # UTF-8 everywhere, the csv module's line ends kept as they are; paths as the file system has them.
+        pending_scores.write_text(buffer.getvalue(), encoding="utf-8", errors="surrogateescape", newline="")
         replace_folder(partial, out_dir / "heatmaps")
         os.replace(pending_scores, scores_file)  # (a rename: it cannot half-happen)
     finally:

@@ -150,7 +150,9 @@ def split_call_parameters(
 def _threshold_outputs(score: float, anomaly_map: np.ndarray, threshold: float) -> dict[str, Any]:
     return {
         "label": "anomalous" if score > threshold else "normal",
-        "mask": Image.fromarray(np.where(anomaly_map > threshold, 255, 0).astype(np.uint8)),
+        # (compared in float64, as the score is: a threshold beyond float32's range is no overflow, and the mask agrees
+        # with the label about a map value that only float64 tells from the threshold)
+        "mask": Image.fromarray(np.where(anomaly_map > np.float64(threshold), 255, 0).astype(np.uint8)),
     }
 
 
