@@ -541,8 +541,8 @@ def test_a_base_without_its_decoder_is_refused_before_training(tiny_checkpoint, 
     partial = tmp_path / "partial"
     shutil.copytree(tiny_checkpoint, partial)
     weights = load_file(partial / "model.safetensors")
-    save_file({key: value for key, value in weights.items() if "decoder_pred" not in key}, partial / "model.safetensors",
-              metadata={"format": "pt"})
+    kept = {key: value for key, value in weights.items() if "decoder_pred" not in key}
+    save_file(kept, partial / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"lacks 2 of the model's weights: decoder\.decoder_pred\.bias"):
         finetune(str(partial), [shot_path], tmp_path / "out", FinetuneConfig(**{**FAST, "num_steps": 1}))
     assert not (tmp_path / "out").exists()
@@ -573,6 +573,23 @@ def test_a_checkpoint_without_its_decoder_is_refused_by_the_pipeline_and_the_cli
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "has no decoder weights" in err
     assert pipeline("anomaly-detection", model=tiny_checkpoint)  # (a whole checkpoint passes, of course)
+
+
+def test_the_decoder_is_checked_at_the_revision_and_in_the_cache_that_are_loaded(tiny_checkpoint, shot_path, tmp_path):
+    from pathlib import Path
+
+    encoder_only = Path(_encoder_only_checkpoint(tmp_path / "encoder-only", tiny_checkpoint))
+    cache = tmp_path / "cache"
+    _lay_into_hub_cache(encoder_only, cache, "org/fixed-in-v1", "a" * 40)
+    _lay_into_hub_cache(Path(tiny_checkpoint), cache, "org/fixed-in-v1", "b" * 40, ref="v1")
+    _lay_into_hub_cache(Path(tiny_checkpoint), cache, "org/broken-in-v1", "c" * 40)
+    _lay_into_hub_cache(encoder_only, cache, "org/broken-in-v1", "d" * 40, ref="v1")
+    hub = dict(device="cpu", model_kwargs={"cache_dir": str(cache)})
+    assert load_detector("org/fixed-in-v1", revision="v1", **hub)(str(shot_path), num_masks=2)["score"] > 0
+    assert load_detector("org/broken-in-v1", **hub)(str(shot_path), num_masks=2)["score"] > 0
+    for repo_id, revision in (("org/fixed-in-v1", None), ("org/broken-in-v1", "v1")):
+        with pytest.raises(ValueError, match=f"'{repo_id}' has no decoder weights"):
+            load_detector(repo_id, revision=revision, **hub)
 
 
 def test_a_checkpoint_in_transformers_4_naming_loads_whole(tiny_checkpoint, shot_path, tmp_path):

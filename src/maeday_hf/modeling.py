@@ -17,7 +17,7 @@ from transformers import AutoConfig, AutoImageProcessor, pipeline
 from .adapter_model import BaseModelNotFoundError, adapter_subfolder, load_merged_model, looks_like_local_path
 from .devices import resolve_device
 from .pipeline import DEFAULT_CHECKPOINT, AnomalyDetectionPipeline
-from .reconstruction import require_vit_mae_config
+from .reconstruction import checkpoint_weight_names, require_decoder_in_checkpoint, require_vit_mae_config
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +73,9 @@ def load_detector(
         if base_model is not None:
             raise ValueError(f"base_model={os.fspath(base_model)!r} applies only to adapter folders; {model!r} is a "
                              f"full checkpoint.")
+        # transformers would load a checkpoint without its decoder with a random one, and only log it (checked at
+        # the revision and in the cache the pipeline loads from).
+        require_decoder_in_checkpoint(checkpoint_weight_names(path, revision, **hub_kwargs), model)
         # pipeline_class: use this package's pipeline even when the folder also ships it as remote code.
         return pipeline(
             "anomaly-detection",

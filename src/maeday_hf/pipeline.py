@@ -32,7 +32,7 @@ from .masking import (
 )
 from .overlap import batched, copy_to_host_async, default_num_threads, prefetch
 from .preprocessing import DeviceNormalization, ProcessorShortcuts
-from .reconstruction import count_patches, is_vit_mae_for_pretraining, require_decoder_in_checkpoint
+from .reconstruction import count_patches, is_vit_mae_for_pretraining, require_decoder_in_model_folder
 from .scoring import maeday_anomaly_maps
 
 logger = logging.getLogger(__name__)
@@ -206,7 +206,7 @@ class AnomalyDetectionPipeline(Pipeline):
                 f"The anomaly-detection pipeline needs a ViTMAEForPreTraining checkpoint (model_type 'vit_mae' with its "
                 f"decoder), got {type(self.model).__name__} (model_type {model_type!r})."
             )
-        require_decoder_in_checkpoint(self.model)
+        require_decoder_in_model_folder(self.model)
         if self.image_processor is None:
             raise ValueError(
                 "No image processor was found with this checkpoint: save one next to it (e.g. ViTImageProcessor with "

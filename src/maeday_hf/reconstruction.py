@@ -18,6 +18,7 @@ import contextlib
 import functools
 import itertools
 import json
+import os
 import threading
 import weakref
 from collections.abc import Iterator
@@ -85,13 +86,14 @@ def require_loaded_weights(model: torch.nn.Module, loading_info: dict, name: str
     )
 
 
-def checkpoint_weight_names(name_or_path: str) -> set[str] | None:
-    """Names of the tensors in the safetensors weights of a checkpoint on disk (a folder, or a Hub id in the local
-    cache), from the index or the file's header (no tensor is read); None if none is found there (nothing is
-    downloaded)."""
+def checkpoint_weight_names(name_or_path: str, revision: str | None = None, **hub_kwargs) -> set[str] | None:
+    """Names of the tensors in a checkpoint's safetensors weights, from the index or the file's header (no tensor is
+    read), found as `from_pretrained` finds them (a folder, or a Hub id at `revision` with `hub_kwargs` such as
+    `cache_dir`, `token`, `local_files_only`); None if it has none (e.g. only a pytorch_model.bin) or they cannot be
+    had now (the load that follows then says why)."""
     found = {
-        file: cached_file(name_or_path, file, local_files_only=True, _raise_exceptions_for_missing_entries=False,
-                          _raise_exceptions_for_connection_errors=False)
+        file: cached_file(name_or_path, file, revision=revision, _raise_exceptions_for_missing_entries=False,
+                          _raise_exceptions_for_connection_errors=False, **hub_kwargs)
         for file in (SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME)
     }
     if found[SAFE_WEIGHTS_INDEX_NAME]:
@@ -103,20 +105,29 @@ def checkpoint_weight_names(name_or_path: str) -> set[str] | None:
     return None
 
 
-def require_decoder_in_checkpoint(model: torch.nn.Module) -> None:
-    """Raise a `ValueError` if the checkpoint `model` was loaded from (`model.name_or_path`, where it is on disk) holds
-    no decoder weights: transformers loaded it with a random decoder, and only logged it (see
+def require_decoder_in_checkpoint(weight_names: set[str] | None, name: str) -> None:
+    """Raise a `ValueError` naming `name` if a checkpoint's tensor names (`checkpoint_weight_names`; None: unknown)
+    hold no decoder weights: transformers would load it with a random decoder, and only log it (see
     `require_loaded_weights`)."""
-    name = getattr(model, "name_or_path", "") or ""
-    try:
-        weight_names = checkpoint_weight_names(name) if name else None
-    except (OSError, ValueError):  # not a checkpoint on disk (a model built in memory, a moved folder)
-        return
     if weight_names is not None and not any(key.startswith("decoder.") for key in weight_names):
         raise ValueError(
             f"{name!r} has no decoder weights (an encoder-only checkpoint, such as ViTMAEModel saves). "
             f"{_NEEDS_THE_DECODER}"
         )
+
+
+def require_decoder_in_model_folder(model: torch.nn.Module) -> None:
+    """`require_decoder_in_checkpoint` for the local folder `model` was loaded from (`model.name_or_path`), if it
+    was. A Hub id is not looked up here: its revision and cache are not known to the model (`load_detector` checks
+    those before loading)."""
+    name = getattr(model, "name_or_path", "") or ""
+    if not name or not os.path.isdir(name):
+        return
+    try:
+        weight_names = checkpoint_weight_names(name)
+    except (OSError, ValueError):  # (a folder that changed since it was loaded)
+        return
+    require_decoder_in_checkpoint(weight_names, name)
 
 
 def count_patches(model: torch.nn.Module, pixel_values: torch.Tensor) -> int:
