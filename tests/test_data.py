@@ -285,8 +285,8 @@ def test_dry_run_shards_large_splits_and_swaps_each_config_whole(mvtec_root, tmp
     monkeypatch.setattr(publish, "MAX_SHARD_BYTES", 10**9)
     monkeypatch.setattr(publish, "_embedded", fail_on_the_second_split)
     with pytest.raises(KeyboardInterrupt):
-        write_hub_folder({"bottle": datasets.DatasetDict({split: data.select(range(2)) for split, data in bottle.items()})},
-                         out)
+        smaller = datasets.DatasetDict({split: data.select(range(2)) for split, data in bottle.items()})
+        write_hub_folder({"bottle": smaller}, out)
     assert {path.name: path.read_bytes() for path in (out / "bottle").iterdir()} == before
     assert sorted(path.name for path in out.iterdir()) == ["README.md", "bottle", "grid"]
     # Written again with one shard per split, the config holds no stale shard of the earlier run.
@@ -343,10 +343,19 @@ def test_an_unclosed_or_non_utf8_card_is_one_error_and_a_bom_is_read(mvtec_root,
     assert [entry["config_name"] for entry in read_card(readme)[0]["configs"]] == ["bottle", "other"]
 
 
+def _hub_api(existing_private: bool | None):
+    """A mocked `HfApi` class whose repo exists with that visibility (None: created by the push, as asked)."""
+    api = mock.MagicMock()
+    api.repo_info.return_value.private = existing_private
+    return mock.patch("huggingface_hub.HfApi", return_value=api), api
+
+
 def test_push_calls_one_config_per_category(mvtec_root):
     configs = {name: load_mvtec(mvtec_root, name) for name in ("bottle", "grid")}
-    with mock.patch.object(datasets.DatasetDict, "push_to_hub", autospec=True) as push:
+    patched, api = _hub_api(existing_private=True)
+    with patched, mock.patch.object(datasets.DatasetDict, "push_to_hub", autospec=True) as push:
         push_configs_to_hub(configs, "ORG/mvtec-ad", private=True)
+    api.create_repo.assert_called_once_with("ORG/mvtec-ad", repo_type="dataset", private=True, exist_ok=True)
     assert [(c.args[1], c.kwargs["config_name"], c.kwargs["private"]) for c in push.call_args_list] == [
         ("ORG/mvtec-ad", "bottle", True),
         ("ORG/mvtec-ad", "grid", True),
@@ -354,6 +363,33 @@ def test_push_calls_one_config_per_category(mvtec_root):
     assert [c.args[0] for c in push.call_args_list] == [configs["bottle"], configs["grid"]]
     with pytest.raises(ValueError, match="empty"):
         push_configs_to_hub({}, "ORG/mvtec-ad")
+
+
+def test_a_private_push_into_a_public_repo_pushes_nothing(mvtec_root):
+    # push_to_hub sets the visibility only of a repo it creates: the data would have gone out public.
+    configs = {"bottle": load_mvtec(mvtec_root, "bottle")}
+    patched, _ = _hub_api(existing_private=False)
+    with patched, mock.patch.object(datasets.DatasetDict, "push_to_hub", autospec=True) as push:
+        with pytest.raises(ValueError, match="already exists as a public dataset"):
+            push_configs_to_hub(configs, "ORG/mvtec-ad", private=True)
+        push_configs_to_hub(configs, "ORG/mvtec-ad")  # (a public push into it is what was asked)
+    assert push.call_count == 1
+
+
+def test_a_failed_push_is_one_oserror_naming_what_was_pushed(mvtec_root):
+    class ConnectError(Exception):  # as huggingface_hub's HTTP client raises it: no OSError
+        pass
+
+    configs = {name: load_mvtec(mvtec_root, name) for name in ("bottle", "grid")}
+    patched, _ = _hub_api(existing_private=None)
+
+    def second_fails(dataset_dict, repo_id, config_name, **kwargs):
+        if config_name == "grid":
+            raise ConnectError("[Errno -2] Name or service not known")
+
+    with patched, mock.patch.object(datasets.DatasetDict, "push_to_hub", autospec=True, side_effect=second_fails):
+        with pytest.raises(OSError, match=r"ConnectError: \[Errno -2\] .*; configs already pushed: \['bottle'\]"):
+            push_configs_to_hub(configs, "ORG/mvtec-ad")
 
 
 def test_synthetic_set_has_the_same_features(tmp_path):

@@ -108,16 +108,43 @@ def push_configs_to_hub(
     Args:
         configs (`Mapping[str, datasets.DatasetDict]`): Config name (e.g. `"bottle"`) → its splits.
         repo_id (`str`): `"ORG/name"` of the dataset repo; created if missing.
-        private (`bool`, *optional*): Visibility when the repo is created.
+        private (`bool`, *optional*): Visibility when the repo is created; a private push into an existing public
+            repo is refused before anything is pushed.
         token (`str`, *optional*): Hub token; defaults to the logged-in one.
+
+    Raises:
+        ValueError: a private push into an existing public repo.
+        OSError: the Hub refused or could not be reached (the message names the configs already pushed).
     """
     if not configs:
         raise ValueError("No configs to push: got an empty mapping.")
-    for name, dataset_dict in configs.items():
-        logger.info("Pushing config %s (%s) to %s", name, dict(dataset_dict.num_rows), repo_id)
-        dataset_dict.push_to_hub(
-            repo_id, config_name=name, private=private, token=token, commit_message=f"Add config {name}"
-        )
+    from huggingface_hub import HfApi
+
+    pushed: list[str] = []
+    try:
+        # `push_to_hub` sets the visibility only of a repo it creates: a private push into an existing public repo
+        # would be public (MVTec AD's licence is non-commercial).
+        api = HfApi(token=token)
+        api.create_repo(repo_id, repo_type="dataset", private=bool(private), exist_ok=True)
+        if private and not api.repo_info(repo_id, repo_type="dataset").private:
+            raise ValueError(
+                f"{repo_id!r} already exists as a public dataset, and a private push was asked for; nothing was "
+                f"pushed. Make it private on the Hub, or push without --private."
+            )
+        for name, dataset_dict in configs.items():
+            logger.info("Pushing config %s (%s) to %s", name, dict(dataset_dict.num_rows), repo_id)
+            dataset_dict.push_to_hub(
+                repo_id, config_name=name, private=private, token=token, commit_message=f"Add config {name}"
+            )
+            pushed.append(name)
+    except ValueError:
+        raise
+    except Exception as error:  # huggingface_hub's HTTP errors, and httpx's connection errors, which are no OSError
+        done = f"configs already pushed: {pushed}" if pushed else "nothing was pushed"
+        raise OSError(
+            f"Pushing to the Hub dataset {repo_id!r} failed ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else 'no message'}); {done}."
+        ) from error
 
 
 def _estimated_nbytes(dataset: datasets.Dataset) -> int:
