@@ -77,6 +77,9 @@ def _table_rows(tables: str, title: str) -> dict[str, dict[str, str]]:
 
 def test_end_to_end_writes_units_results_tables_and_figures(protocol_run):
     results = json.loads((protocol_run / "results.json").read_text())
+    # The tables say what they cover (a rerun with fewer seeds would otherwise look the same).
+    assert f"Percent; {len(CATEGORIES)} categories; k-shot cells: mean ± std over 2 shot seeds (0, 1)." in (
+        protocol_run / "tables.md").read_text()
     # Per category: one 0-shot unit, two 1-shot seeds, 2 repetition counts x 2 schedules.
     assert len(results["units"]) == len(CATEGORIES) * (1 + 2 + 4)
     assert len(list((protocol_run / "units").rglob("*.json"))) == len(results["units"])
@@ -170,6 +173,31 @@ class _ThreadState:
 
     def wait_for_everyone(self) -> None:
         self.barrier.wait(timeout=120)
+
+
+def test_two_runs_with_other_settings_into_one_folder_do_not_mix(tiny_checkpoint, synthetic_root, tmp_path):
+    # Both were prepared before either wrote settings.json: the second to start its units is refused, and units of
+    # other settings are never gathered under this run's.
+    output_dir = tmp_path / "results"
+    common = dict(categories=CATEGORIES[:1], shots=(0,), num_masks=2, repetitions=(), plots=False, show_progress=False,
+                  device="cpu")
+    first = prepare_protocol(ProtocolConfig(tiny_checkpoint, f"synthetic:{synthetic_root}", str(output_dir),
+                                            mask_seed=0, **common))
+    second = prepare_protocol(ProtocolConfig(tiny_checkpoint, f"synthetic:{synthetic_root}", str(output_dir),
+                                             mask_seed=1, **common))
+    single = _ThreadState(0, 1, threading.Barrier(1))
+    assert execute_protocol(second, single).is_file()
+    with pytest.raises(ValueError, match=r"other settings \(mask_seed differ"):
+        execute_protocol(first, single)
+    assert json.loads((output_dir / "settings.json").read_text())["mask_seed"] == 1
+    assert not list(output_dir.glob(".settings.json.partial-*"))
+    # A unit written by a run of other settings (one that got past the settings before this fix, say) is refused.
+    unit_path = next((output_dir / "units").rglob("*.json"))
+    unit = json.loads(unit_path.read_text())
+    unit["settings"]["mask_seed"] = 0
+    unit_path.write_text(json.dumps(unit))
+    with pytest.raises(ValueError, match=f"{unit_path.name} was computed with other settings \\(mask_seed differ\\)"):
+        protocol.gather_results(second)
 
 
 def test_units_are_split_round_robin_across_processes_and_gathered_once(tiny_checkpoint, synthetic_root, tmp_path,

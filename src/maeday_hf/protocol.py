@@ -62,6 +62,7 @@ from .data import (
 )
 from .data.features import LABEL_NAMES, check_mask, mask_array
 from .data.fod import REFERENCE_FRAMES
+from .atomic_io import make_partial_file
 from .data.publish import available_configs, read_card
 from .masking import (
     MASK_SCHEDULES,
@@ -533,11 +534,8 @@ def _settings_to_record(config: ProtocolConfig) -> dict[str, Any]:
     return settings
 
 
-def _check_settings(config: ProtocolConfig) -> None:
-    recorded = _recorded_settings(config.output_dir)
-    if recorded is None:
-        return
-    current = _jsonable(config.settings())
+def _differing_settings(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Keys whose values differ between `recorded` settings (of a run, or of a unit) and `current` ones."""
     # Runs recorded before locations were made absolute hold them as typed (relative to where they ran, taken to be
     # here).
     recorded = {**recorded, **{key: _as_location(recorded[key]) for key in ("model", "dataset") if key in recorded}}
@@ -550,15 +548,40 @@ def _check_settings(config: ProtocolConfig) -> None:
         if recorded.get("patchcore") is None or current.get("patchcore") is None
         else set()
     )
-    different = sorted(
-        key for key in (set(recorded) | set(current)) - optional if recorded.get(key) != current.get(key)
-    )
+    return sorted(key for key in (set(recorded) | set(current)) - optional if recorded.get(key) != current.get(key))
+
+
+def _check_settings(config: ProtocolConfig, recorded: dict[str, Any] | None = None) -> None:
+    recorded = _recorded_settings(config.output_dir) if recorded is None else recorded
+    if recorded is None:
+        return
+    different = _differing_settings(recorded, _jsonable(config.settings()))
     if different:
         raise ValueError(
             f"{config.output_dir!r} holds results of a run with other settings ({', '.join(different)} differ: "
             f"{ {k: recorded.get(k) for k in different} } there); resume with the same settings or use another "
             f"--output-dir."
         )
+
+
+def _record_settings(config: ProtocolConfig) -> None:
+    """Write `settings.json`; where there was none, only if no run started meanwhile wrote one (then it must match:
+    two runs with other settings into one --output-dir would mix their units)."""
+    path = Path(config.output_dir) / SETTINGS_FILE
+    if path.is_file():
+        _check_settings(config)  # (again: a run may have started in the folder since this one was prepared)
+        write_json(path, _settings_to_record(config))
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = make_partial_file(path.parent, f".{SETTINGS_FILE}.partial-")
+    try:
+        write_json(temporary, _settings_to_record(config))
+        try:
+            os.link(temporary, path)  # fails if the file appeared: no run overwrites another's settings
+        except FileExistsError:
+            _check_settings(config)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def _check_model(config: ProtocolConfig) -> None:
@@ -792,6 +815,7 @@ def gather_results(prepared: PreparedProtocol) -> Path:
 
     Raises:
         `RuntimeError`: a planned unit has no file (a process failed).
+        `ValueError`: a unit was computed with other settings than this run's (another run into the same folder).
     """
     config = prepared.config
     units = [unit for task in prepared.tasks for unit in task.units]
@@ -799,6 +823,15 @@ def gather_results(prepared: PreparedProtocol) -> Path:
     if missing:
         raise RuntimeError(f"{len(missing)} unit(s) did not finish, e.g. {missing[:3]}; rerun to complete them.")
     records = [json.loads(unit.path(config.output_dir).read_text(encoding="utf-8")) for unit in units]
+    current = _jsonable(config.settings())
+    for unit, record in zip(units, records):
+        different = _differing_settings(record["settings"], current) if "settings" in record else []
+        if different:  # (another run into this folder, with other settings)
+            raise ValueError(
+                f"{unit.path(config.output_dir)} was computed with other settings ({', '.join(different)} differ) than "
+                f"this run's; another run shares {config.output_dir!r}? Remove the units of the other settings, or use "
+                f"another --output-dir."
+            )
     output_dir = Path(config.output_dir)
     summary = {}
     for metric in ("image_roc_auc", "pixel_roc_auc", "aupro", "image_f1_max", "pixel_f1_max"):
@@ -855,7 +888,7 @@ def execute_protocol(prepared: PreparedProtocol, state: ProcessState | None = No
     logger.info("%d of %d units left (%d tasks)", num_pending_units, sum(len(t.units) for t in prepared.tasks),
                 len(pending))
     if state.is_main_process:
-        write_json(output_dir / SETTINGS_FILE, _settings_to_record(config))
+        _record_settings(config)
     state.wait_for_everyone()  # every process listed the same pending tasks before anyone writes a unit
     _finetune_missing(prepared, pending, device)
     runner = _Runner(prepared, device)

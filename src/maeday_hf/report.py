@@ -176,7 +176,12 @@ def render_method_table(records: Sequence[Record], metric: str, categories: Sequ
 def render_tables(records: Sequence[Record], categories: Sequence[str]) -> str:
     """All tables as one Markdown document: image and pixel ROC-AUC first (the paper's), then AUPRO and F1-max."""
     render = render_method_table if is_fod(categories) else render_category_table
-    sections = ["# MAEDAY protocol results", "", "Percent; k-shot cells: mean ± std over shot seeds."]
+    seeds = sorted({record["shot_seed"] for record in records if record.get("shots", 0) > 0})
+    covered = f"{len(categories)} categor{'y' if len(categories) == 1 else 'ies'}"
+    if seeds:
+        covered += (f"; k-shot cells: mean ± std over {len(seeds)} shot seed{'s' if len(seeds) > 1 else ''} "
+                    f"({', '.join(map(str, seeds))})")
+    sections = ["# MAEDAY protocol results", "", f"Percent; {covered}."]
     for metric, title in METRIC_TITLES.items():
         if is_fod(categories) and metric == "image_roc_auc":
             title = "Table 3. Foreign Object Detection, image-level ROC-AUC"
