@@ -175,7 +175,8 @@ class _ThreadState:
         self.barrier.wait(timeout=120)
 
 
-def test_two_runs_with_other_settings_into_one_folder_do_not_mix(tiny_checkpoint, synthetic_root, tmp_path):
+def test_two_runs_with_other_settings_into_one_folder_do_not_mix(tiny_checkpoint, synthetic_root, tmp_path,
+                                                                   monkeypatch):
     # Both were prepared before either wrote settings.json: the second to start its units is refused, and units of
     # other settings are never gathered under this run's.
     output_dir = tmp_path / "results"
@@ -191,6 +192,19 @@ def test_two_runs_with_other_settings_into_one_folder_do_not_mix(tiny_checkpoint
         execute_protocol(first, single)
     assert json.loads((output_dir / "settings.json").read_text())["mask_seed"] == 1
     assert not list(output_dir.glob(".settings.json.partial-*"))
+    # Where the file system has no hard links, the settings are created exclusively all the same.
+    elsewhere = tmp_path / "no-links"
+    prepared = prepare_protocol(ProtocolConfig(tiny_checkpoint, f"synthetic:{synthetic_root}", str(elsewhere),
+                                               mask_seed=1, **common))
+    other = ProtocolConfig(tiny_checkpoint, f"synthetic:{synthetic_root}", str(elsewhere), mask_seed=0, **common)
+    with monkeypatch.context() as patch:
+        patch.setattr(protocol.os, "link", lambda *args: (_ for _ in ()).throw(PermissionError(1, "no links")))
+        protocol._record_settings(prepared.config)
+        assert json.loads((elsewhere / "settings.json").read_text())["mask_seed"] == 1
+        with pytest.raises(ValueError, match=r"other settings \(mask_seed differ"):
+            protocol._record_settings(other)
+        protocol._record_settings(prepared.config)  # (a resume)
+    assert json.loads((elsewhere / "settings.json").read_text())["mask_seed"] == 1
     # A unit written by a run of other settings (one that got past the settings before this fix, say) is refused.
     unit_path = next((output_dir / "units").rglob("*.json"))
     unit = json.loads(unit_path.read_text())

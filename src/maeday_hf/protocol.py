@@ -565,23 +565,32 @@ def _check_settings(config: ProtocolConfig, recorded: dict[str, Any] | None = No
 
 
 def _record_settings(config: ProtocolConfig) -> None:
-    """Write `settings.json`; where there was none, only if no run started meanwhile wrote one (then it must match:
-    two runs with other settings into one --output-dir would mix their units)."""
+    """Write `settings.json`: created exclusively where there is none, else (a resume, or a run started in the folder
+    since this one was prepared) checked against this run's first: two runs with other settings into one folder would
+    mix their units."""
     path = Path(config.output_dir) / SETTINGS_FILE
-    if path.is_file():
-        _check_settings(config)  # (again: a run may have started in the folder since this one was prepared)
-        write_json(path, _settings_to_record(config))
-        return
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = make_partial_file(path.parent, f".{SETTINGS_FILE}.partial-")
     try:
         write_json(temporary, _settings_to_record(config))
         try:
-            os.link(temporary, path)  # fails if the file appeared: no run overwrites another's settings
+            _create_exclusively(temporary, path)
         except FileExistsError:
             _check_settings(config)
+            write_json(path, _settings_to_record(config))
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def _create_exclusively(source: Path, path: Path) -> None:
+    """`path` with `source`'s content, whole at once; `FileExistsError` if `path` exists."""
+    try:
+        os.link(source, path)
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links on this file system (FAT, some network mounts): created exclusively, then filled
+        with open(path, "x", encoding="utf-8") as handle:
+            handle.write(source.read_text(encoding="utf-8"))
 
 
 def _check_model(config: ProtocolConfig) -> None:
