@@ -22,6 +22,7 @@ IMAGE_SUFFIXES: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".t
 
 _HIGH_BIT_DEPTH_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 _HALF_STEP = 0.5 / 255  # float pixel values within half an 8-bit step of [0, 1] round as the clipped value would
+_FLOAT_OVERSHOOT = 1.0  # a float array beyond [0, 1] by more than this is not a [0, 1] image (a resize overshoots less)
 
 
 def is_url(text: str) -> bool:
@@ -129,8 +130,8 @@ def array_to_rgb_image(array: np.ndarray) -> Image.Image:
     """`(H, W)`, `(H, W, 1)`, `(H, W, 3)` or `(H, W, 4)` array -> RGB PIL image.
 
     uint8 is used as is, uint16 is rescaled from [0, 65535] (either byte order), bool to {0, 255}, floats are taken
-    as [0, 1]: values beyond it by more than half an 8-bit step, NaN or infinite ones are refused (a float array of
-    0..255 values would otherwise turn white).
+    as [0, 1] and clipped to it (a resize's overshoot), but values more than 1 beyond it (0..255 values, which would
+    turn white), NaN or infinite ones are refused.
     """
     if not array.dtype.isnative:  # e.g. big-endian 16-bit, as NumPy reads Pillow's "I;16B"
         array = array.astype(array.dtype.newbyteorder("="))
@@ -153,12 +154,12 @@ def array_to_rgb_image(array: np.ndarray) -> Image.Image:
                 f"infinite value(s) in an array of shape {array.shape}."
             )
         low, high = float(array.min(initial=0.0)), float(array.max(initial=0.0))
-        if low < -_HALF_STEP or high > 1.0 + _HALF_STEP:
+        if low < -_FLOAT_OVERSHOOT or high > 1.0 + _FLOAT_OVERSHOOT:
             raise ValueError(
                 f"Expected float image values in [0, 1], got values from {low:g} to {high:g}"
                 f"{'; for 0..255 values pass a uint8 array (array.astype(np.uint8))' if high <= 255.5 else ''}."
             )
-        array = np.round(np.clip(array, 0.0, 1.0) * 255.0).astype(np.uint8)  # (clipping moves no value a step)
+        array = np.round(np.clip(array, 0.0, 1.0) * 255.0).astype(np.uint8)
     else:
         raise ValueError(f"Expected a uint8, uint16, bool or float image array, got dtype {array.dtype}.")
     if array.ndim == 3 and array.shape[-1] == 4:
@@ -166,13 +167,11 @@ def array_to_rgb_image(array: np.ndarray) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(array)).convert("RGB")
 
 
-def _scaled_to_rgb(image: Image.Image, full_scale: float, scale_name: str) -> Image.Image:
-    values = np.asarray(image, dtype=np.float64)
+def _scaled_to_rgb(values: np.ndarray, full_scale: float, mode: str) -> Image.Image:
     low, high = float(values.min(initial=0.0)), float(values.max(initial=0.0))
-    if low < -_HALF_STEP * full_scale or high > full_scale * (1.0 + _HALF_STEP):
+    if low < -_FLOAT_OVERSHOOT * full_scale or high > full_scale * (1.0 + _FLOAT_OVERSHOOT):
         raise ValueError(
-            f"Expected a mode {image.mode} image with values in [0, {full_scale:g}] ({scale_name}), got values from "
-            f"{low:g} to {high:g}."
+            f"Expected a mode {mode} image with values in [0, {full_scale:g}], got values from {low:g} to {high:g}."
         )
     return array_to_rgb_image((values / full_scale).astype(np.float32))
 
@@ -186,11 +185,17 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:
         image = ImageOps.exif_transpose(image)
     if image.mode in _HIGH_BIT_DEPTH_MODES:
-        # 16-bit: "I;16*" as Pillow opens 16-bit PNG and TIFF files, and "I" as `.convert("I")` of one holds it (one
-        # scale for every image: a scale chosen from the content would read a bright pixel as a darker image).
-        return _scaled_to_rgb(image, 65535.0, "16-bit values")
+        # "I;16*" is 16-bit (16-bit PNG and TIFF files). "I" holds either: 16-bit values (`.convert("I")` of such a
+        # file) or 8-bit ones (`Image.fromarray` of int32, `.convert("I")` of an "L" image); it is read as 16-bit if
+        # a value exceeds 255 (so a 16-bit image with no value above 255, nearly black, reads as 8-bit).
+        values = np.asarray(image, dtype=np.float64)
+        sixteen_bit = image.mode.startswith("I;16") or float(values.max(initial=0.0)) > 255
+        return _scaled_to_rgb(values, 65535.0 if sixteen_bit else 255.0, image.mode)
     if image.mode == "F":
-        return _scaled_to_rgb(image, 255.0, "0..255, Pillow's scale for mode F, as its convert('L') reads it")
+        # Floats in [0, 1] (`Image.fromarray` of a float array, as `datasets` stores one), or 0..255 (Pillow's scale
+        # for F, as its `convert("F")` gives and its `convert("L")` reads).
+        values = np.asarray(image, dtype=np.float64)
+        return _scaled_to_rgb(values, 1.0 if float(values.max(initial=0.0)) <= 1.0 + _HALF_STEP else 255.0, "F")
     if image.mode == "RGB":
         return image
     if image.mode == "P" and "transparency" in image.info:
