@@ -281,9 +281,9 @@ def test_folders_are_followed_through_links_once_and_a_broken_link_is_named(tmp_
     Image.new("RGB", (32, 32)).save(tmp_path / "elsewhere" / "b.png")
     (data / "real" / "ext").symlink_to(tmp_path / "elsewhere", target_is_directory=True)  # images kept elsewhere
     (data / "real" / "loop").symlink_to(data, target_is_directory=True)  # a link back up: walked once
-    (data / "zalias").symlink_to(data / "real", target_is_directory=True)  # the same folder again
+    (data / "alias").symlink_to(data / "real", target_is_directory=True)  # the same folder again, sorted first
     names = sorted(name for _, name in collect_images([str(data)]))
-    assert names == ["real__a", "real__ext__b"]
+    assert names == ["real__a", "real__ext__b"]  # (named by the real path)
     (data / "real" / "c.png").symlink_to(tmp_path / "synced-later.png")
     with pytest.raises(CommandError, match=r"c.png' is a broken link"):
         collect_images([str(data)])

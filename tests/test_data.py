@@ -368,12 +368,13 @@ def test_push_calls_one_config_per_category(mvtec_root):
 def test_a_private_push_into_a_public_repo_pushes_nothing(mvtec_root):
     # push_to_hub sets the visibility only of a repo it creates: the data would have gone out public.
     configs = {"bottle": load_mvtec(mvtec_root, "bottle")}
-    patched, _ = _hub_api(existing_private=False)
+    patched, api = _hub_api(existing_private=False)
     with patched, mock.patch.object(datasets.DatasetDict, "push_to_hub", autospec=True) as push:
         with pytest.raises(ValueError, match="already exists as a public dataset"):
             push_configs_to_hub(configs, "ORG/mvtec-ad", private=True)
-        push_configs_to_hub(configs, "ORG/mvtec-ad")  # (a public push into it is what was asked)
+        push_configs_to_hub(configs, "ORG/mvtec-ad")  # (no visibility asked: the repo's own)
     assert push.call_count == 1
+    assert api.create_repo.call_args.kwargs["private"] is None  # (an organisation's private default stays)
 
 
 def test_a_failed_push_is_one_oserror_naming_what_was_pushed(mvtec_root):

@@ -142,7 +142,10 @@ def _folder_images(folder: Path, is_excluded) -> list[Path]:
             subfolders[:] = []
             continue
         visited.add(real)
-        subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
+        # Real folders before links to folders: a folder reached both ways is named by its real path.
+        shown = sorted(name for name in subfolders if not name.startswith("."))
+        subfolders[:] = [name for name in shown if not os.path.islink(os.path.join(directory, name))] + [
+            name for name in shown if os.path.islink(os.path.join(directory, name))]
         for name in files:
             path = Path(directory) / name
             if name.startswith(".") or path.suffix.lower() not in IMAGE_SUFFIXES:
@@ -400,7 +403,7 @@ def add_detect_parser(subparsers) -> None:
     parser.add_argument("--num-masks", type=int, default=DEFAULT_NUM_MASKS, help="masked reconstructions per image (N)")
     parser.add_argument("--mask-ratio", type=float, default=DEFAULT_MASK_RATIO, help="share of patches masked, in [0, 1) (a patch must stay visible)")
     parser.add_argument("--mask-schedule", choices=MASK_SCHEDULES, default="random")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the masks")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the masks, in [0, 2**32)")
     parser.add_argument("--threshold", type=float, default=None, help="adds a normal/anomalous label per image")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     parser.add_argument("--batch-size", type=int, default=None,
@@ -517,7 +520,7 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora-dropout", type=float, default=None, help="default 0")
     parser.add_argument("--mask-ratio", type=float, default=0.75, help="share of patches masked per view")
     parser.add_argument("--no-augment", action="store_true", help="no random crop/rotation (masks still differ)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of views, masks and the Trainer")
+    parser.add_argument("--seed", type=int, default=0, help="seed of views, masks and the Trainer, in [0, 2**32)")
     parser.add_argument("--calibration-views", type=int, default=4, help="views per shot scored for the threshold (the shot and augmented views; with --no-augment the shot only)")
     parser.add_argument("--calibration-masks", type=int, default=32, help="masks per calibration view")
     parser.add_argument("--calibration-std", type=float, default=None,

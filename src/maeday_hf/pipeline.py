@@ -260,7 +260,8 @@ class AnomalyDetectionPipeline(Pipeline):
             num_masks (`int`, *optional*, defaults to 32): masked reconstructions per image (N).
             mask_ratio (`float`, *optional*, defaults to 0.75): share of patches masked in each, in [0, 1), leaving a patch visible; the
                 checkpoint's own `config.mask_ratio` is ignored and left unchanged.
-            seed (`int`, *optional*, defaults to 0): seeds the masks; every image of a call gets the same N masks.
+            seed (`int`, *optional*, defaults to 0): seeds the masks, in [0, 2**32); every image of a call gets the
+                same N masks.
             mask_schedule (`"random"` or `"balanced"`, *optional*, defaults to `"random"`): the paper's i.i.d.
                 masks, or masks that keep every patch equally often.
             mask_batch_size (`int`, *optional*): most (image, mask) pairs per forward pass (default 1024 on a GPU, 128

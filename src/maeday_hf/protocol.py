@@ -520,7 +520,15 @@ def _check_category_splits(name: str, splits: datasets.DatasetDict, config: Prot
 
 def _recorded_settings(output_dir: str | os.PathLike) -> dict[str, Any] | None:
     path = Path(output_dir) / SETTINGS_FILE
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(
+            f"{os.fspath(path)!r} is empty or damaged ({error}; a run stopped while writing it, on a file system "
+            f"without hard links?): remove it if the units beside it are this run's, or use another --output-dir."
+        ) from None
 
 
 def _settings_to_record(config: ProtocolConfig) -> dict[str, Any]:
@@ -583,7 +591,8 @@ def _record_settings(config: ProtocolConfig) -> None:
 
 
 def _create_exclusively(source: Path, path: Path) -> None:
-    """`path` with `source`'s content, whole at once; `FileExistsError` if `path` exists."""
+    """`path` with `source`'s content, whole at once where the file system has hard links (created, then filled,
+    where it has not); `FileExistsError` if `path` exists."""
     try:
         os.link(source, path)
     except FileExistsError:

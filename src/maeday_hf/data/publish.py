@@ -125,7 +125,7 @@ def push_configs_to_hub(
         # `push_to_hub` sets the visibility only of a repo it creates: a private push into an existing public repo
         # would be public (MVTec AD's licence is non-commercial).
         api = HfApi(token=token)
-        api.create_repo(repo_id, repo_type="dataset", private=bool(private), exist_ok=True)
+        api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)  # (None: the owner's default)
         if private and not api.repo_info(repo_id, repo_type="dataset").private:
             raise ValueError(
                 f"{repo_id!r} already exists as a public dataset, and a private push was asked for; nothing was "
