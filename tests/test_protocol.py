@@ -214,6 +214,13 @@ def test_two_runs_with_other_settings_into_one_folder_do_not_mix(tiny_checkpoint
         protocol.gather_results(second)
 
 
+def test_an_empty_settings_file_is_one_clear_error(tiny_checkpoint, synthetic_root, tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "settings.json").write_text("")  # (a run stopped while creating it, without hard links)
+    assert "settings.json' is empty or damaged" in _run_error(capsys, _argv(tiny_checkpoint, synthetic_root,
+                                                                            tmp_path / "out"))
+
+
 def test_units_are_split_round_robin_across_processes_and_gathered_once(tiny_checkpoint, synthetic_root, tmp_path,
                                                                         monkeypatch):
     config = ProtocolConfig(tiny_checkpoint, f"synthetic:{synthetic_root}", str(tmp_path / "results"),
