@@ -26,7 +26,7 @@ import math
 import torch
 
 from .masking import make_mask_noise, validate_positive_int
-from .reconstruction import count_patches, runs_bfloat16_natively
+from .reconstruction import count_patches, runs_in_bfloat16_by_default
 from .scoring import maeday_anomaly_maps
 from .shot_views import CALIBRATION_VIEWS, random_crop_rotate, view_generator
 
@@ -118,8 +118,7 @@ def calibrate_threshold(
     device = next(model.parameters()).device
     num_patches = count_patches(model, views)
     noise = make_mask_noise(num_masks, num_patches, mask_ratio, "random", mask_seed)
-    model_dtype = next(model.parameters()).dtype
-    bf16 = model_dtype == torch.bfloat16 or (model_dtype == torch.float32 and runs_bfloat16_natively(device))
+    bf16 = runs_in_bfloat16_by_default(model, device)
     outputs = maeday_anomaly_maps(
         model, views.to(device), noise, mask_ratio, mask_batch_size=mask_batch_size, bf16=bf16
     )
@@ -149,6 +148,6 @@ def calibrate_threshold(
         mask_ratio=mask_ratio,
         seed=seed,
         mask_seed=mask_seed,
-        precision="bfloat16" if bf16 else str(model_dtype).removeprefix("torch."),
+        precision="bfloat16" if bf16 else str(next(model.parameters()).dtype).removeprefix("torch."),
         augmented=augment,
     )

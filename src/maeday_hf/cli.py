@@ -142,10 +142,12 @@ def _folder_images(folder: Path, is_excluded) -> list[Path]:
             subfolders[:] = []
             continue
         visited.add(real)
-        # Real folders before links to folders: a folder reached both ways is named by its real path.
-        shown = sorted(name for name in subfolders if not name.startswith("."))
-        subfolders[:] = [name for name in shown if not os.path.islink(os.path.join(directory, name))] + [
-            name for name in shown if os.path.islink(os.path.join(directory, name))]
+        # Real folders before links to folders (a stable sort: each group in name order), so a folder reached both
+        # ways is named by its real path.
+        subfolders[:] = sorted(
+            sorted(name for name in subfolders if not name.startswith(".")),
+            key=lambda name: os.path.islink(os.path.join(directory, name)),
+        )
         for name in files:
             path = Path(directory) / name
             if name.startswith(".") or path.suffix.lower() not in IMAGE_SUFFIXES:

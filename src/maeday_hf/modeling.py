@@ -73,9 +73,10 @@ def load_detector(
         if base_model is not None:
             raise ValueError(f"base_model={os.fspath(base_model)!r} applies only to adapter folders; {model!r} is a "
                              f"full checkpoint.")
-        # transformers would load a checkpoint without its decoder with a random one, and only log it (checked at
-        # the revision and in the cache the pipeline loads from).
-        require_decoder_in_checkpoint(checkpoint_weight_names(path, revision, **hub_kwargs), model)
+        if not os.path.isdir(path):
+            # transformers would load a Hub checkpoint without its decoder with a random one, and only log it:
+            # checked at the revision and in the cache the pipeline loads from (the pipeline checks a local folder).
+            require_decoder_in_checkpoint(checkpoint_weight_names(path, revision, **hub_kwargs), model)
         # pipeline_class: use this package's pipeline even when the folder also ships it as remote code.
         return pipeline(
             "anomaly-detection",

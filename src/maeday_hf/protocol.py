@@ -52,6 +52,7 @@ import numpy as np
 import yaml
 from tqdm.auto import tqdm
 
+from .atomic_io import make_partial_file
 from .data import (
     SYNTHETIC_CATEGORIES,
     load_fod_with_references,
@@ -62,7 +63,6 @@ from .data import (
 )
 from .data.features import LABEL_NAMES, check_mask, mask_array
 from .data.fod import REFERENCE_FRAMES
-from .atomic_io import make_partial_file
 from .data.publish import available_configs, read_card
 from .masking import (
     MASK_SCHEDULES,
@@ -559,8 +559,8 @@ def _differing_settings(recorded: dict[str, Any], current: dict[str, Any]) -> li
     return sorted(key for key in (set(recorded) | set(current)) - optional if recorded.get(key) != current.get(key))
 
 
-def _check_settings(config: ProtocolConfig, recorded: dict[str, Any] | None = None) -> None:
-    recorded = _recorded_settings(config.output_dir) if recorded is None else recorded
+def _check_settings(config: ProtocolConfig) -> None:
+    recorded = _recorded_settings(config.output_dir)
     if recorded is None:
         return
     different = _differing_settings(recorded, _jsonable(config.settings()))

@@ -313,6 +313,13 @@ def patches_embedded_once_per_image(
             spread_output.remove()
 
 
+def runs_in_bfloat16_by_default(model: torch.nn.Module, device: torch.device | str) -> bool:
+    """Whether `model` runs in bfloat16 on `device` when no precision is asked for: a bf16 model always does, a
+    float32 one where the device multiplies bf16 in hardware (`runs_bfloat16_natively`), any other in its own dtype."""
+    dtype = next(model.parameters()).dtype
+    return dtype == torch.bfloat16 or (dtype == torch.float32 and runs_bfloat16_natively(device))
+
+
 def predict_patches(
     model: torch.nn.Module,
     pixel_values: torch.Tensor,
@@ -340,7 +347,7 @@ def predict_patches(
         for *all* patches.
     """
     if bf16 is None:
-        bf16 = next(model.parameters()).dtype == torch.float32 and runs_bfloat16_natively(pixel_values.device)
+        bf16 = runs_in_bfloat16_by_default(model, pixel_values.device)
     forward_model = bfloat16_copy(model) if bf16 else model
     images = pixel_values.to(next(forward_model.parameters()).dtype)
     if image_index is None:
