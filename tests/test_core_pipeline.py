@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -389,7 +390,7 @@ def test_remote_code_pipeline_runs_without_the_package(detector, images, tmp_pat
     # The bundle is the pipeline and what it imports (as the README lists it), not the loading or training code.
     assert {path.name for path in saved.glob("*.py")} == {
         "pipeline.py", "masking.py", "reconstruction.py", "scoring.py", "images.py", "overlap.py", "preprocessing.py",
-        "ensemble.py", "patchcore.py", "feature_extraction.py", "devices.py",
+        "ensemble.py", "patchcore.py", "feature_extraction.py", "devices.py", "detector_card.py",
     }
     images[0].save(tmp_path / "query.png")
     expected = detector(str(tmp_path / "query.png"), num_masks=3)["score"]
@@ -446,31 +447,140 @@ def test_float64_model_gives_float32_maps(tiny_checkpoint, images):
     assert result["anomaly_map"].dtype == np.float32
 
 
-def test_push_to_hub_uploads_the_remote_code_bundle(detector):
-    from unittest import mock
+def _push_with_mocked_hub(detector, remote_card: str | None = None, **push_kwargs) -> tuple[mock.MagicMock, dict]:
+    """`detector.push_to_hub` against a mocked `HfApi` (and a repo whose README.md is `remote_card`, or none);
+    returns the mock and the uploaded files by name."""
+    from huggingface_hub import ModelCard
+    from huggingface_hub.errors import EntryNotFoundError
 
     api = mock.MagicMock()
     api.create_repo.return_value.repo_id = "maeday-test/detector"
     uploaded = {}
 
-    def create_commit(**kwargs):
-        for operation in kwargs["operations"]:
-            with open(operation.path_or_fileobj, "rb") as handle:
-                uploaded[operation.path_in_repo] = handle.read()
+    def upload_folder(**kwargs):
+        for root, _, files in os.walk(kwargs["folder_path"]):
+            for name in files:
+                path = os.path.join(root, name)
+                with open(path, "rb") as handle:
+                    uploaded[os.path.relpath(path, kwargs["folder_path"])] = handle.read()
+        return "commit-info"
 
-    api.create_commit.side_effect = create_commit
-    with mock.patch("transformers.utils.hub.hf_api", return_value=api):
-        detector.push_to_hub("maeday-test/detector")
-    api.create_repo.assert_called_once()
+    def load_card(repo_id, **kwargs):
+        assert repo_id == "maeday-test/detector"
+        if remote_card is None:
+            raise EntryNotFoundError("no README.md")
+        return ModelCard(remote_card)
+
+    api.upload_folder.side_effect = upload_folder
+    with mock.patch("huggingface_hub.HfApi", return_value=api), mock.patch.object(ModelCard, "load", load_card):
+        assert detector.push_to_hub("detector", **push_kwargs) == "commit-info"
+    return api, uploaded
+
+
+def test_push_to_hub_uploads_the_remote_code_bundle_and_a_card(detector):
+    api, uploaded = _push_with_mocked_hub(detector, private=True, tags=["carpets"])
+    api.create_repo.assert_called_once_with("detector", private=True, exist_ok=True)
+    api.upload_folder.assert_called_once()
+    assert api.upload_folder.call_args.kwargs["repo_id"] == "maeday-test/detector"
     assert {"config.json", "model.safetensors", "preprocessor_config.json", "pipeline.py", "masking.py",
-            "reconstruction.py", "scoring.py", "images.py", "overlap.py", "preprocessing.py"} <= set(uploaded)
+            "reconstruction.py", "scoring.py", "images.py", "overlap.py", "preprocessing.py", "detector_card.py",
+            "README.md"} <= set(uploaded)
     config = json.loads(uploaded["config.json"])
     assert config["custom_pipelines"]["anomaly-detection"]["impl"] == "pipeline.AnomalyDetectionPipeline"
-    import re
-
     for name, content in uploaded.items():
         if name.endswith(".py"):
             assert not re.search(rb"^\s*(from|import)\s+maeday_hf", content, re.MULTILINE), f"{name} imports maeday_hf"
+    from huggingface_hub import ModelCard
+
+    card = ModelCard(uploaded["README.md"].decode())
+    assert "This model card has been automatically generated" not in card.content  # not transformers' placeholder
+    assert card.data.library_name == "transformers"
+    assert {"anomaly-detection", "maeday", "zero-shot", "carpets"} <= set(card.data.tags)
+    assert card.data.base_model is None  # loaded from a local folder: nothing on the Hub to name
+    assert "load_detector('maeday-test/detector')" in card.content
+    assert "trust_remote_code=True" in card.content
+    assert "32 times" in card.content and "kernel 7, sigma 1.4" in card.content
+
+
+def test_push_to_hub_keeps_the_repos_own_card_and_replaces_a_generated_one(detector):
+    own = "---\nlicense: mit\ntags:\n- mine\n---\n\n# My detector\n\nHand-written.\n"
+    _, uploaded = _push_with_mocked_hub(detector, remote_card=own, tags=["carpets"])
+    from huggingface_hub import ModelCard
+
+    card = ModelCard(uploaded["README.md"].decode())
+    assert "Hand-written." in card.content and card.data.license == "mit"
+    assert card.data.tags == ["mine", "carpets"]
+    _, first = _push_with_mocked_hub(detector)
+    _, again = _push_with_mocked_hub(detector, remote_card=first["README.md"].decode(), tags=["new"])
+    assert "new" in ModelCard(again["README.md"].decode()).data.tags  # rewritten, not kept
+
+
+def test_save_pretrained_writes_a_card_keeps_the_owners_and_rewrites_its_own(tiny_checkpoint, tmp_path, monkeypatch):
+    from huggingface_hub import ModelCard
+    from transformers import ViTMAEForPreTraining
+
+    from maeday_hf.detector_card import GENERATED_MARKER
+
+    detector = load_detector(tiny_checkpoint, device="cpu")
+    detector.save_pretrained(tmp_path / "saved")
+    card = ModelCard.load(tmp_path / "saved" / "README.md")
+    assert GENERATED_MARKER in card.content and "zero-shot" in card.data.tags
+    assert "load_detector('saved')" in card.content  # the folder's name, not the local path
+    assert str(tmp_path) not in card.content
+    snippet = card.content.split("```python\n", 1)[1].split("```", 1)[0]
+    Image.new("RGB", (20, 30), "gray").save(tmp_path / "query.png")
+    monkeypatch.chdir(tmp_path)  # where the folder would be cloned
+    namespace = {}
+    exec(snippet, namespace)
+    assert namespace["result"]["anomaly_map"].shape == (30, 20)
+    # The same folder saved again with a calibrated (fine-tuned) model: its own card is rewritten for it.
+    model = ViTMAEForPreTraining.from_pretrained(tiny_checkpoint)
+    model.config.anomaly_threshold = 0.125
+    model.config.anomaly_threshold_settings = {"num_masks": 32, "mask_ratio": 0.75, "mask_schedule": "random"}
+    calibrated = AnomalyDetectionPipeline(model=model, image_processor=detector.image_processor)
+    calibrated.save_pretrained(tmp_path / "saved")
+    card = ModelCard.load(tmp_path / "saved" / "README.md")
+    assert "few-shot" in card.data.tags and "`0.125`" in card.content and "num_masks 32" in card.content
+    # An owner's README.md is never overwritten.
+    (tmp_path / "saved" / "README.md").write_text("# Notes on our line-3 detector\n")
+    detector.save_pretrained(tmp_path / "saved")
+    assert (tmp_path / "saved" / "README.md").read_text() == "# Notes on our line-3 detector\n"
+    assert [name for name in os.listdir(tmp_path / "saved") if name.endswith(".tmp")] == []
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ValueError, match="a-file.*is a file; expected a folder"):
+        detector.save_pretrained(tmp_path / "a-file")
+
+
+def test_the_example_card_in_model_cards_is_what_the_code_writes():
+    """model_cards/maeday-zero-shot.md shows the card a detector of facebook/vit-mae-base gets; it must not drift."""
+    from transformers import ViTMAEConfig
+
+    from maeday_hf.detector_card import render_detector_card
+
+    example = os.path.join(os.path.dirname(__file__), os.pardir, "model_cards", "maeday-zero-shot.md")
+    with open(example, encoding="utf-8") as handle:
+        shipped = handle.read()
+    rendered = render_detector_card(
+        "ORG/maeday-vit-mae-base", ViTMAEConfig(), source="facebook/vit-mae-base", license="apache-2.0"
+    )
+    assert shipped == rendered, "model_cards/maeday-zero-shot.md is stale: render it again with render_detector_card"
+
+
+def test_detector_card_names_a_hub_base_and_its_geometry(tiny_checkpoint):
+    from huggingface_hub import ModelCard
+    from transformers import ViTMAEConfig
+
+    from maeday_hf.detector_card import render_detector_card
+
+    config = ViTMAEConfig(norm_pix_loss=True)
+    card = ModelCard(render_detector_card("org/detector", config, source="facebook/vit-mae-base", mask_ratio=0.5))
+    assert card.data.base_model == "facebook/vit-mae-base"
+    assert "[`facebook/vit-mae-base`](https://huggingface.co/facebook/vit-mae-base)" in card.content
+    assert "random\n50 % of its patches (mask ratio 0.5;" in card.content
+    assert "| image size | 224 px |" in card.content and "| encoder | 12 layers, width 768, 12 heads |" in card.content
+    assert "norm_pix_loss" in card.content
+    # A card naming itself as its base (saved again under its own repo id) has no base_model.
+    assert ModelCard(render_detector_card("org/detector", config, source="org/detector")).data.base_model is None
 
 
 def test_bf16_autocast_stays_close_to_float32(detector, images):

@@ -275,6 +275,7 @@ def test_adapter_folder_layout_card_and_unchanged_config(trained, tiny_checkpoin
     # A local base is named, but is no Hub metadata (the Hub rejects a path there) and no huggingface.co link.
     metadata = card.split("---")[1]
     assert "library_name: transformers" in metadata and "- peft" in metadata and "base_model:" not in metadata
+    assert "- custom_code" in metadata  # the Hub's tag for a repo loaded with trust_remote_code=True
     assert os.path.abspath(tiny_checkpoint) in card and "huggingface.co//" not in card
 
 

@@ -4,21 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from typing import Any
 
 from huggingface_hub import ModelCardData
 
 from .calibration import TOP_SCORE_MARGIN
+from .detector_card import is_hub_id
 from .pipeline import DEFAULT_MASK_RATIO, DEFAULT_NUM_MASKS
-
-_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
-
-
-def is_hub_id(name: str) -> bool:
-    """Whether `name` reads as a Hub model id ("name" or "org/name"), not a local path."""
-    return not os.path.isabs(name) and _HUB_ID.fullmatch(name) is not None and ".." not in name
-
 
 CARD_TEMPLATE = """---
 {metadata}
@@ -87,7 +79,9 @@ def render_model_card(
         # AutoModelForPreTraining (auto_map, trust_remote_code), which PEFT's own loader would not find there.
         library_name="transformers",
         base_model=base_model if on_hub else None,
-        tags=["anomaly-detection", "maeday", "vit_mae", "few-shot"] + ([] if full_finetune else ["lora", "peft"]),
+        # custom_code: the folder ships the pipeline (and the adapter loader) as remote code.
+        tags=["anomaly-detection", "maeday", "vit_mae", "few-shot", "custom_code"]
+        + ([] if full_finetune else ["lora", "peft"]),
         pipeline_tag=None,
     ).to_yaml()
     base_reference = (

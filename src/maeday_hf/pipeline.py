@@ -1,7 +1,7 @@
 """`AnomalyDetectionPipeline`: zero-shot MAEDAY as a `transformers` pipeline.
 
 This module and the ones it imports relatively (`masking`, `reconstruction`, `scoring`, `images`, `overlap`,
-`preprocessing`) depend only on torch, numpy, PIL and transformers, so `pipeline.save_pretrained(folder)` /
+`preprocessing`, `detector_card`, ...) depend only on torch, numpy, PIL and transformers (with its huggingface_hub), so `pipeline.save_pretrained(folder)` /
 `push_to_hub` can ship them as remote code and the pipeline loads with `trust_remote_code=True` where `maeday_hf` is
 not installed.
 """
@@ -13,6 +13,8 @@ import functools
 import logging
 import math
 import numbers
+import os
+import tempfile
 import threading
 from typing import Any
 
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import AutoModelForPreTraining, Pipeline
 
+from .detector_card import GENERATED_MARKER, is_generated_card, render_detector_card, write_card
 from .images import as_image_list, is_single_image, load_rgb_image
 from .masking import (
     make_mask_noise,
@@ -33,7 +36,7 @@ from .masking import (
 from .overlap import batched, copy_to_host_async, default_num_threads, prefetch
 from .preprocessing import DeviceNormalization, ProcessorShortcuts
 from .reconstruction import count_patches, is_vit_mae_for_pretraining, require_decoder_in_model_folder
-from .scoring import maeday_anomaly_maps
+from .scoring import GAUSSIAN_KERNEL_SIZE, GAUSSIAN_SIGMA, maeday_anomaly_maps
 
 logger = logging.getLogger(__name__)
 
@@ -529,6 +532,76 @@ class AnomalyDetectionPipeline(Pipeline):
         if threshold is not None:
             result.update(_threshold_outputs(result["score"], result["anomaly_map"], threshold))
         return result
+
+    def _model_card(self, name: str, tags: list[str] | None = None) -> str:
+        return render_detector_card(
+            name,
+            self.model.config,
+            source=getattr(self.model, "name_or_path", None),
+            tags=tags,
+            num_masks=DEFAULT_NUM_MASKS,
+            mask_ratio=DEFAULT_MASK_RATIO,
+            kernel_size=GAUSSIAN_KERNEL_SIZE,
+            sigma=GAUSSIAN_SIGMA,
+            threshold=calibrated_threshold(self.model.config),
+            threshold_settings=getattr(self.model.config, THRESHOLD_SETTINGS_CONFIG_KEY, None),
+        )
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """Save the model, its image processor and the pipeline code (`trust_remote_code=True` loads the folder
+        without maeday-hf), and a model card (README.md) describing the detector. A README.md the folder already has
+        is kept, unless this method wrote it (then it is rewritten for the model saved now)."""
+        if os.path.isfile(save_directory):  # (transformers only logs this, and saves nothing)
+            raise ValueError(f"save_directory {os.fspath(save_directory)!r} is a file; expected a folder to save into.")
+        super().save_pretrained(save_directory, **kwargs)
+        card_path = os.path.join(save_directory, "README.md")
+        if is_generated_card(card_path):
+            write_card(card_path, self._model_card(os.path.basename(os.path.abspath(save_directory))))
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        commit_description: str | None = None,
+        private: bool | None = None,
+        token: bool | str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        max_shard_size: int | str | None = "50GB",
+        tags: list[str] | None = None,
+    ):
+        """Upload what `save_pretrained` writes to `repo_id` (created if needed; `private` applies only then), in one
+        commit; returns the commit info. The repo's own README.md, if it has one that maeday_hf did not write, is kept
+        (with `tags` added), as transformers' `push_to_hub` keeps it; otherwise the detector's card is uploaded, not
+        transformers' placeholder."""
+        from huggingface_hub import HfApi, ModelCard
+        from huggingface_hub.errors import EntryNotFoundError
+
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        try:
+            existing = ModelCard.load(repo_id, token=token)
+        except EntryNotFoundError:
+            existing = None
+        if existing is not None and GENERATED_MARKER in existing.content:
+            existing = None
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, max_shard_size=max_shard_size)
+            if existing is None:
+                card = self._model_card(repo_id, tags)
+            else:
+                existing.data.tags = list(dict.fromkeys([*(existing.data.tags or []), *(tags or [])]))
+                card = str(existing)
+            write_card(os.path.join(folder, "README.md"), card)
+            return api.upload_folder(
+                repo_id=repo_id,
+                folder_path=folder,
+                commit_message=commit_message or "Upload anomaly-detection pipeline",
+                commit_description=commit_description,
+                revision=revision,
+                create_pr=create_pr,
+            )
 
 
 # What `PIPELINE_REGISTRY.register_pipeline` records on the class (`maeday_hf.register_pipeline` registers the task
