@@ -455,10 +455,14 @@ def test_interrupted_run_leaves_no_folder(tiny_checkpoint, shot_files, tmp_path,
 
 def test_push_uploads_the_finished_folder(tiny_checkpoint, shot_files, tmp_path):
     uploaded = {}
+    pushed_logs = []
 
     def upload_folder(repo_id, folder_path, **kwargs):
         uploaded[repo_id] = sorted(p.relative_to(folder_path).as_posix() for p in Path(folder_path).rglob("*")
                                    if p.is_file())
+        pushed_logs.append(json.loads((Path(folder_path) / "training_log.json").read_text()))
+        assert Path(folder_path, "adapter", "adapter_model.safetensors").read_bytes() == (
+            tmp_path / "out" / "adapter" / "adapter_model.safetensors").read_bytes()
         return mock.Mock(commit_url=f"https://huggingface.co/{repo_id}/commit/0")
 
     with mock.patch("huggingface_hub.HfApi") as api_class:
@@ -471,6 +475,14 @@ def test_push_uploads_the_finished_folder(tiny_checkpoint, shot_files, tmp_path)
         uploaded["my-org/tiny-1shot"])
     card = (tmp_path / "out" / "README.md").read_text()
     assert "# MAEDAY few-shot LoRA adapter: my-org/tiny-1shot" in card
+    # The pushed log names the shot as the card does; the local one keeps where it lies; nothing is left beside it.
+    (pushed_log,) = pushed_logs
+    local_log = json.loads((tmp_path / "out" / "training_log.json").read_text())
+    assert local_log["shots"] == [str(shot_files[0])] and pushed_log["shots"] == [shot_files[0].name]
+    assert {key: value for key, value in pushed_log.items() if key != "shots"} == {
+        key: value for key, value in local_log.items() if key != "shots"}
+    assert str(tmp_path) not in json.dumps(pushed_log["shots"])
+    assert not list(tmp_path.glob(".out.push-*"))
     # The base is a local folder: no path as Hub metadata (the Hub rejects it), no link to huggingface.co/<path>.
     assert "base_model:" not in card.split("---")[1] and "huggingface.co//" not in card
 

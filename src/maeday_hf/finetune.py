@@ -61,7 +61,7 @@ from .atomic_io import let_go, make_held_partial_dir, make_partial_dir, remove_a
 from .calibration import Calibration, calibrate_threshold
 from .lora import add_lora, make_lora_config
 from .masking import require_visible_patches, validate_mask_ratio, validate_positive_int, validate_seed
-from .model_card import render_model_card
+from .model_card import render_model_card, shareable_shot_name
 from .pipeline import (
     TASK,
     THRESHOLD_CONFIG_KEY,
@@ -682,13 +682,51 @@ def push_folder_to_hub(folder: str | os.PathLike, repo_id: str, private: bool = 
             f"{repo_id!r} already exists as a public repository, and a private push was asked for; nothing was "
             f"uploaded. Make it private on the Hub (or push without --hub-private); the run is in {os.fspath(folder)!r}."
         )
-    commit = api.upload_folder(
-        repo_id=repo_id,
-        folder_path=os.fspath(folder),
-        delete_patterns="*",  # every remote file not in `folder` (the Hub keeps .gitattributes)
-        commit_message="MAEDAY few-shot fine-tune (maeday_hf)",
-    )
+    with _shareable_copy(Path(folder)) as shared:
+        commit = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=os.fspath(shared),
+            delete_patterns="*",  # every remote file not in `folder` (the Hub keeps .gitattributes)
+            commit_message="MAEDAY few-shot fine-tune (maeday_hf)",
+        )
     return str(getattr(commit, "commit_url", commit))
+
+
+@contextlib.contextmanager
+def _shareable_copy(folder: Path) -> Iterator[Path]:
+    """`folder` as it is pushed: its `training_log.json` names the shots as the card does (`shareable_shot_name`: a
+    file's name for an absolute local path), so a push does not publish where the images lie on this machine.
+
+    Yields `folder` itself if there is nothing to change; else a copy beside it (the files hard-linked where the
+    file system allows, so no weights are copied), removed afterwards.
+    """
+    log_path = folder / TRAINING_LOG_FILE
+    try:
+        log = json.loads(log_path.read_text(encoding="utf-8"))
+        shots = list(log["shots"])
+    except (OSError, ValueError, KeyError, TypeError):  # (no log, or not this package's: pushed as it is)
+        yield folder
+        return
+    shared_shots = [shareable_shot_name(shot) if isinstance(shot, str) else shot for shot in shots]
+    if shared_shots == shots:
+        yield folder
+        return
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.push-", dir=folder.parent))
+    try:
+        copy = staging / folder.name
+
+        def link_or_copy(source, destination):
+            try:
+                os.link(source, destination)
+            except OSError:
+                shutil.copy2(source, destination)
+
+        shutil.copytree(folder, copy, copy_function=link_or_copy)
+        (copy / TRAINING_LOG_FILE).unlink()  # (a link to the local log: written anew, not through it)
+        (copy / TRAINING_LOG_FILE).write_text(json.dumps({**log, "shots": shared_shots}, indent=2) + "\n")
+        yield copy
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def finetune(

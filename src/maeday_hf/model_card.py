@@ -12,6 +12,13 @@ from .calibration import TOP_SCORE_MARGIN
 from .detector_card import is_hub_id
 from .pipeline import DEFAULT_MASK_RATIO, DEFAULT_NUM_MASKS
 
+def shareable_shot_name(shot: str) -> str:
+    """A shot's name as a card or a push shows it: an absolute local path becomes the file's name (it says nothing
+    to readers elsewhere, and can tell them a user name or a customer's); anything else stays as it was given. The
+    local training_log.json keeps the shots as they were given."""
+    return os.path.basename(shot) if os.path.isabs(shot) else shot
+
+
 CARD_TEMPLATE = """---
 {metadata}
 ---
@@ -113,9 +120,7 @@ def render_model_card(
         num_masks_hint=calibration.get("num_masks", 32),
         usage=usage,
         remote_note="" if full_finetune else ", plus `adapter_model.py`, which merges the adapter with `peft`",
-        # File names only: a card is for sharing, and a local path says nothing to its readers (training_log.json
-        # keeps the shots as they were given).
-        shots="\n".join(f"- `{os.path.basename(shot) if os.path.isabs(shot) else shot}`" for shot in shot_names),
+        shots="\n".join(f"- `{shareable_shot_name(shot)}`" for shot in shot_names),
         recipe="\n".join(f"| {key} | `{json.dumps(value)}` |" for key, value in recipe.items()),
         losses="\n".join(f"| {step} | {loss:.6g} |" for step, loss in losses) or "| - | - |",
         threshold=calibration["threshold"],
