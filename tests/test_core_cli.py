@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import warnings
 
 import numpy as np
 import pytest
@@ -552,3 +553,21 @@ def test_a_sigterm_to_the_whole_process_group_stops_decoding_workers_quietly(syn
     assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr
     assert not list(temporary.glob("pymp-*")) and not list(temporary.glob("maeday-*"))
     assert not out.exists() or not list(out.iterdir())
+
+
+def test_max_image_pixels_lets_larger_images_in_and_no_more(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow refuses above 2,000 pixels (restored after)
+    Image.new("RGB", (100, 50), "gray").save(tmp_path / "line-scan.png")  # 5,000 pixels
+    common = [str(tmp_path / "line-scan.png"), "--model", tiny_checkpoint, "--num-masks", "2", "--quiet"]
+    assert main(["detect", *common, "--out", str(tmp_path / "a")]) == 2
+    error = capsys.readouterr().err
+    assert "line-scan.png" in error and "--max-image-pixels" in error and "Traceback" not in error
+    assert main(["detect", *common, "--out", str(tmp_path / "b"), "--max-image-pixels", "4999"]) == 2
+    assert "line-scan.png" in capsys.readouterr().err
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no decompression-bomb warning either: the user chose the bound
+        assert main(["detect", *common, "--out", str(tmp_path / "c"), "--max-image-pixels", "5_000"]) == 0
+    with pytest.raises(SystemExit) as exit_status:
+        main(["detect", *common, "--out", str(tmp_path / "d"), "--max-image-pixels", "0"])
+    assert exit_status.value.code == 2
+    assert "--max-image-pixels: expected a number of pixels >= 1 (e.g. 400000000), got '0'" in capsys.readouterr().err

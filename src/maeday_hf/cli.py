@@ -20,6 +20,7 @@ import sys
 import tempfile
 import threading
 import urllib.parse
+import warnings
 from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path, PurePosixPath
@@ -384,6 +385,33 @@ def _detect(args, call_kwargs, out_dir: Path, images: list[tuple[Path | str, str
     return 0
 
 
+def _positive_pixel_count(text: str) -> int:
+    try:
+        value = int(text.replace("_", ""))
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of pixels >= 1 (e.g. 400000000), got {text!r}")
+    return value
+
+
+def add_max_image_pixels_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-image-pixels", type=_positive_pixel_count, default=None, metavar="N",
+        help="read images of up to N pixels (Pillow refuses more than 178,956,970 by default, as a guard against "
+             "decompression bombs); e.g. 400000000 for 20,000 x 20,000 line-scan images",
+    )
+
+
+def allow_images_up_to(num_pixels: int) -> None:
+    """Let Pillow decode images of up to `num_pixels` pixels, and no more, without its decompression-bomb warning
+    (the user chose the bound). Pillow refuses an image above twice its `MAX_IMAGE_PIXELS` and warns above it."""
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = num_pixels / 2
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
 def run_synthetic(args: argparse.Namespace) -> int:
     from .synthetic import write_synthetic_mvtec
 
@@ -422,6 +450,7 @@ def add_detect_parser(subparsers) -> None:
     parser.add_argument("--timeout", type=float, default=60.0,
                         help="seconds each image URL's download may take, in all (default: 60)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_max_image_pixels_argument(parser)
     parser.set_defaults(handler=run_detect)
 
 
@@ -542,6 +571,7 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bf16", dest="precision", action="store_const", const="bf16",
                         help="same as --precision bf16")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_max_image_pixels_argument(parser)
 
 
 def add_finetune_parser(subparsers) -> None:
@@ -570,6 +600,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         transformers_logging.disable_progress_bar()
     configure_logging(logging.INFO if args.verbose else logging.WARNING)
+    if getattr(args, "max_image_pixels", None) is not None:
+        allow_images_up_to(args.max_image_pixels)
     try:
         with terminate_as_interrupt():
             return args.handler(args)

@@ -41,7 +41,8 @@ def _decode(source: str | os.PathLike | io.BytesIO, name: str, pixels: bool = Tr
             return image.copy()
     except Image.DecompressionBombError as error:
         raise ValueError(
-            f"Cannot read {name!r}: {error} To read larger images, raise PIL.Image.MAX_IMAGE_PIXELS."
+            f"Cannot read {name!r}: {error} To read larger images, raise PIL.Image.MAX_IMAGE_PIXELS (on the "
+            f"command line: --max-image-pixels)."
         ) from None
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
         # (PIL names an in-memory source by its repr, "<_io.BytesIO object at 0x...>": `name` says it already)
