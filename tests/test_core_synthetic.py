@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from maeday_hf.synthetic import CATEGORIES, DEFECT_TYPES, make_normal_image, make_sample, write_synthetic_mvtec
 
@@ -51,8 +52,63 @@ def test_mvtec_layout(tmp_path):
      (dict(num_test_per_defect=0), "num_test_per_defect"), (dict(num_train=0), "num_train")],
 )
 def test_settings_that_would_make_a_wrong_set_are_refused(tmp_path, kwargs, fragment):
-    # Below 16 px a defect can vanish from its mask; over 1,000 images a split repeats the next one's seeds; an empty
+    # Below 24 px a defect can vanish from its mask; over 1,000 images a split repeats the next one's seeds; an empty
     # split would write a category the MVTec loaders refuse.
     with pytest.raises(ValueError, match=fragment):
         write_synthetic_mvtec(tmp_path, categories=("disc",), **kwargs)
     assert not (tmp_path / "disc").exists()
+
+
+def test_a_folder_of_real_images_is_never_replaced(tmp_path):
+    # "wood" is an MVTec AD category too: a real dataset root must survive a mistaken `maeday synthetic` into it.
+    real = tmp_path / "mvtec" / "wood"
+    (real / "train" / "good").mkdir(parents=True)
+    (real / "train" / "good" / "real_0001.png").write_bytes(b"real")
+    (real / "notes.txt").write_text("line 3")
+    with pytest.raises(ValueError, match=r"mvtec/wood' exists and is not a synthetic category written by maeday-hf"):
+        write_synthetic_mvtec(tmp_path / "mvtec", categories=("disc", "wood"), num_train=1, num_test_good=1,
+                              num_test_per_defect=1, image_size=24)
+    assert (real / "train" / "good" / "real_0001.png").read_bytes() == b"real"
+    assert (real / "notes.txt").read_text() == "line 3"
+    assert sorted(p.name for p in (tmp_path / "mvtec").iterdir()) == ["wood"]  # refused before anything was written
+
+
+def test_a_synthetic_category_or_an_empty_folder_is_rewritten(tmp_path):
+    from maeday_hf.synthetic import SYNTHETIC_MARKER, written_settings
+
+    (tmp_path / "disc").mkdir()
+    small = dict(num_train=1, num_test_good=1, num_test_per_defect=1)
+    write_synthetic_mvtec(tmp_path, categories=("disc",), image_size=24, **small)
+    assert written_settings(tmp_path / "disc") == {"category": "disc", "image_size": 24, "seed": 0, **small}
+    write_synthetic_mvtec(tmp_path, categories=("disc",), image_size=32, **small)
+    assert Image.open(tmp_path / "disc" / "train" / "good" / "000.png").size == (32, 32)
+    assert (tmp_path / "disc" / SYNTHETIC_MARKER).is_file()
+
+
+def test_a_failed_write_leaves_no_folder_it_created(tmp_path, monkeypatch):
+    import maeday_hf.synthetic as synthetic
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(synthetic, "_write_category", fail)
+    with pytest.raises(OSError, match="disk full"):
+        write_synthetic_mvtec(tmp_path / "a" / "b", categories=("disc",), image_size=24)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match=r"image_size must be an integer in \[24, 4096\].*got 100000"):
+        write_synthetic_mvtec(tmp_path / "c", categories=("disc",), image_size=100_000)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_synthetic_dataset_is_written_again_for_other_settings(tmp_path):
+    from maeday_hf.data import load_synthetic_dataset
+
+    first = load_synthetic_dataset(tmp_path, "disc", num_train=1, num_test_good=1, num_test_per_defect=1,
+                                   image_size=24)
+    assert first["train"].num_rows == 1
+    again = load_synthetic_dataset(tmp_path, "disc", num_train=2, num_test_good=1, num_test_per_defect=1,
+                                   image_size=24)
+    assert again["train"].num_rows == 2  # not the folder written for one train image
+    stamp = (tmp_path / "disc" / "train" / "good" / "000.png").stat().st_mtime_ns
+    load_synthetic_dataset(tmp_path, "disc", num_train=2, num_test_good=1, num_test_per_defect=1, image_size=24)
+    assert (tmp_path / "disc" / "train" / "good" / "000.png").stat().st_mtime_ns == stamp  # same settings: kept

@@ -8,6 +8,9 @@ CLI and protocol run on it.
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+import json
 import os
 import shutil
 from pathlib import Path
@@ -130,7 +133,14 @@ def _save_png(image: Image.Image, path: Path) -> None:
 MIN_IMAGE_SIZE = 24
 """Smallest side for which every defect changes at least one pixel (its mask is never empty): the smallest hole,
 radius 0.03 x side, then still covers a pixel centre (radius > sqrt(2) / 2)."""
+MAX_IMAGE_SIZE = 4096
+"""Largest side written: generating one image takes ~72 bytes per pixel (1.2 GB at 4096), and Pillow refuses to read
+back images over 178,956,970 pixels (13,378 px square) by default."""
 _SEEDS_PER_SPLIT = 1_000
+
+SYNTHETIC_MARKER = ".maeday-synthetic.json"
+"""Written into every category folder with the settings it was written with. Only a folder holding it (or an empty
+one) is ever replaced: a category name such as `wood` may well name a folder of real images."""
 
 
 def write_synthetic_mvtec(
@@ -159,27 +169,75 @@ def write_synthetic_mvtec(
         # least one of each: the MVTec loaders refuse a category without train/good, test/good or a defect's images.
         if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= _SEEDS_PER_SPLIT:
             raise ValueError(f"{name} must be an integer in [1, {_SEEDS_PER_SPLIT}], got {count!r}.")
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < MIN_IMAGE_SIZE:
+    if (isinstance(image_size, bool) or not isinstance(image_size, int)
+            or not MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE):
         raise ValueError(
-            f"image_size must be an integer >= {MIN_IMAGE_SIZE} (smaller defects can vanish from their mask), "
-            f"got {image_size!r}."
+            f"image_size must be an integer in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}] (smaller defects can vanish from "
+            f"their mask; larger images take over a GB each to generate), got {image_size!r}."
         )
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}.")
     for category in categories:
-        # Each category is written whole into a folder of its own, then renamed into place: a reader (or a concurrent
-        # writer, e.g. another process of an `accelerate launch`) never sees half a category.
-        partial = make_partial_dir(root, prefix=f".{category}.partial-")
-        try:
-            _write_category(partial, category, num_train, num_test_good, num_test_per_defect, image_size, seed)
+        _require_replaceable(root / category)
+    created = [folder for folder in (root, *root.parents) if not folder.exists()]  # deepest first
+    try:
+        for category in categories:
+            settings = synthetic_settings(category, num_train=num_train, num_test_good=num_test_good,
+                                          num_test_per_defect=num_test_per_defect, image_size=image_size, seed=seed)
+            # Each category is written whole into a folder of its own, then renamed into place: a reader (or a
+            # concurrent writer, e.g. another process of an `accelerate launch`) never sees half a category.
+            partial = make_partial_dir(root, prefix=f".{category}.partial-")
             try:
-                replace_folder(partial, root / category)
-            except OSError:
-                if not (root / category / "test").is_dir():  # not a concurrent writer that finished first
-                    raise
-        finally:
-            shutil.rmtree(partial, ignore_errors=True)
+                _write_category(partial, category, num_train, num_test_good, num_test_per_defect, image_size, seed)
+                (partial / SYNTHETIC_MARKER).write_text(json.dumps(settings, indent=2) + "\n")
+                _require_replaceable(root / category)  # (again: it may have appeared while this one was written)
+                try:
+                    replace_folder(partial, root / category)
+                except OSError:
+                    if written_settings(root / category) != settings:  # not a concurrent writer that finished first
+                        raise
+            finally:
+                shutil.rmtree(partial, ignore_errors=True)
+    except BaseException:
+        for folder in created:  # a failed run leaves none of the folders it created (rmdir removes only empty ones)
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
     return root
+
+
+def synthetic_settings(category: str, **settings: int) -> dict:
+    """What `SYNTHETIC_MARKER` records: the category and the settings that fix its files (`num_train`,
+    `num_test_good`, `num_test_per_defect`, `image_size`, `seed`; the defaults of `write_synthetic_mvtec` for those
+    not given)."""
+    defaults = {name: parameter.default for name, parameter in inspect.signature(write_synthetic_mvtec).parameters.items()
+                if name not in ("root", "categories")}
+    unknown = set(settings) - set(defaults)
+    if unknown:
+        raise TypeError(f"Unknown synthetic set settings {sorted(unknown)}; expected some of {sorted(defaults)}.")
+    return {"category": category, **defaults, **settings}
+
+
+def written_settings(category_dir: str | os.PathLike) -> dict | None:
+    """The settings a category folder was written with (its `SYNTHETIC_MARKER`), or None if it has none."""
+    try:
+        return json.loads((Path(category_dir) / SYNTHETIC_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _require_replaceable(category_dir: Path) -> None:
+    """Refuse to replace anything but a synthetic category folder (`SYNTHETIC_MARKER` in it) or an empty folder."""
+    if not (category_dir.exists() or category_dir.is_symlink()):
+        return
+    if category_dir.is_dir() and not category_dir.is_symlink():
+        if (category_dir / SYNTHETIC_MARKER).is_file() or not any(category_dir.iterdir()):
+            return
+    raise ValueError(
+        f"{os.fspath(category_dir)!r} exists and is not a synthetic category written by maeday-hf (it has no "
+        f"{SYNTHETIC_MARKER}); writing the synthetic set there would replace it. Choose another folder, or remove "
+        f"it first."
+    )
 
 
 def _write_category(

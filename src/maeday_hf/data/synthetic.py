@@ -8,7 +8,7 @@ from pathlib import Path
 import datasets
 
 from ..synthetic import CATEGORIES as SYNTHETIC_CATEGORIES
-from ..synthetic import write_synthetic_mvtec
+from ..synthetic import synthetic_settings, write_synthetic_mvtec, written_settings
 from .mvtec import load_mvtec
 
 
@@ -21,13 +21,18 @@ def load_synthetic_dataset(
         root (`str` or `os.PathLike`): Folder for the synthetic MVTec-layout tree.
         category (`str`, *optional*): One of `maeday_hf.synthetic.CATEGORIES` (textures and simple objects).
         write_kwargs: Passed to `write_synthetic_mvtec` (`num_train`, `num_test_good`, `num_test_per_defect`,
-            `image_size`, `seed`) when the category has to be written.
+            `image_size`, `seed`) when the category has to be written: when it is not there, or was written with
+            other settings (a category folder written before 2026-11-29 records none, and is loaded as it is).
 
     Returns:
         `datasets.DatasetDict` with `train` and `test`, as [`load_mvtec`] returns.
     """
     if category not in SYNTHETIC_CATEGORIES:
         raise ValueError(f"Unknown synthetic category {category!r}; expected one of {SYNTHETIC_CATEGORIES}.")
-    if not (Path(root) / category / "train").is_dir():
+    category_dir = Path(root) / category
+    written = written_settings(category_dir)
+    if not (category_dir / "train").is_dir() or (
+        written is not None and written != synthetic_settings(category, **write_kwargs)
+    ):
         write_synthetic_mvtec(root, categories=[category], **write_kwargs)
     return load_mvtec(root, category)
