@@ -59,3 +59,44 @@ def test_the_colour_scale_is_checked_and_keeps_the_contrast_of_tiny_maps():
     assert tuple(constant[0, 0]) == tuple(constant[0, 1]) == (0, 0, 76)  # at vmin, on a scale of zero width
     above = np.asarray(overlay_heatmap(image, np.array([[0.0, 2.0]]), vmin=0.0, vmax=0.0, alpha=1.0))
     assert tuple(above[0, 1]) == (204, 0, 0)
+
+
+def _reference_overlay(image, anomaly_map, vmin, vmax, alpha):
+    """The blend written plainly on the whole image at once, in float64."""
+    span = max(vmax - vmin, np.finfo(np.float64).tiny)
+    heat = colorize((np.asarray(anomaly_map, dtype=np.float64) - vmin) / span).astype(np.float64)
+    return np.round((1 - alpha) * np.asarray(image, dtype=np.float64) + alpha * heat).astype(np.uint8)
+
+
+def test_overlays_in_bands_of_rows_equal_the_whole_image_blend(monkeypatch):
+    import maeday_hf.visualize as visualize
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (37, 23, 3), dtype=np.uint8))
+    anomaly_map = rng.random((37, 23)).astype(np.float32) * 3
+    expected = _reference_overlay(image, anomaly_map, 0.0, float(anomaly_map.max()), 0.4)
+    for pixels_per_band in (1, 50, 23 * 37, 1 << 20):  # one row per band (and fewer pixels than a row) to one band
+        monkeypatch.setattr(visualize, "_PIXELS_PER_BAND", pixels_per_band)
+        assert np.array_equal(np.asarray(overlay_heatmap(image, anomaly_map, alpha=0.4)), expected)
+
+
+def test_a_large_overlay_takes_a_bounded_amount_of_memory():
+    import tracemalloc
+
+    side = 1500
+    image = Image.new("RGB", (side, side), "gray")
+    anomaly_map = np.linspace(0, 1, side * side, dtype=np.float32).reshape(side, side)
+    tracemalloc.start()
+    try:
+        overlay_heatmap(image, anomaly_map)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # The image's own uint8 copies (~6 bytes a pixel) and bands of at most 2**20 pixels; the whole-image float64
+    # blend took ~100 bytes a pixel (225 MB here).
+    assert peak < 8 * side * side + 150 * (1 << 20), peak
+
+
+def test_a_map_wholly_below_vmin_gets_the_bottom_colour_without_a_vmax():
+    overlay = np.asarray(overlay_heatmap(Image.new("RGB", (3, 1)), np.array([[-3.0, -2.0, -1.0]]), alpha=1.0))
+    assert [tuple(pixel) for pixel in overlay[0]] == [(0, 0, 76)] * 3

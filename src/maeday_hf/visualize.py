@@ -7,7 +7,9 @@ from PIL import Image
 
 from .images import to_rgb
 
-# Anchor colours of a perceptually ordered dark-blue -> cyan -> yellow -> red map.
+# Anchor colours of a jet-like dark-blue -> cyan -> yellow -> red map, as anomaly-detection papers draw their maps. Not
+# perceptually ordered: its brightness peaks at yellow (0.6) and falls towards the dark red top, so a greyscale print
+# loses the order; read the hue.
 _COLORMAP_ANCHORS = np.array(
     [[0.0, 0.0, 0.3], [0.0, 0.3, 0.9], [0.0, 0.8, 0.8], [0.9, 0.9, 0.0], [1.0, 0.4, 0.0], [0.8, 0.0, 0.0]]
 )
@@ -47,14 +49,25 @@ def overlay_heatmap(
             f"anomaly_map has shape {anomaly_map.shape}, expected the upright image's (H, W) = "
             f"{(image.height, image.width)}."
         )
-    vmax = finite_max(anomaly_map, default=vmin) if vmax is None else vmax
+    if vmax is None:  # (a map wholly below vmin gets a scale of zero width at vmin, not vmax < vmin)
+        vmax = max(finite_max(anomaly_map, default=vmin), vmin) if np.isfinite(vmin) else vmin
     if not (np.isfinite(vmin) and np.isfinite(vmax) and vmin <= vmax):
         raise ValueError(f"The colour scale needs finite vmin <= vmax, got vmin={vmin}, vmax={vmax}.")
     # A scale of zero width (a constant map) shows values above vmin at the top, without dividing by zero; any
     # positive width is used as it is, however small (maps of tiny values keep their contrast).
     span = max(float(vmax) - float(vmin), np.finfo(np.float64).tiny)
-    with np.errstate(over="ignore"):
-        scaled = (np.asarray(anomaly_map, dtype=np.float64) - vmin) / span
-    heat = colorize(scaled).astype(np.float32)
-    base = np.asarray(image, dtype=np.float32)
-    return Image.fromarray(np.round((1 - alpha) * base + alpha * heat).astype(np.uint8))
+    base = np.asarray(image)
+    blended = np.empty_like(base)
+    # In bands of rows: the float64 work takes ~100 bytes per pixel, which for a whole 20,000 x 20,000 image would be
+    # 40 GB; a band holds at most _PIXELS_PER_BAND pixels. Each pixel's result is the same either way.
+    rows_per_band = max(1, _PIXELS_PER_BAND // max(1, image.width))
+    for top in range(0, image.height, rows_per_band):
+        band = slice(top, top + rows_per_band)
+        with np.errstate(over="ignore"):
+            scaled = (np.asarray(anomaly_map[band], dtype=np.float64) - vmin) / span
+        heat = colorize(scaled).astype(np.float32)
+        blended[band] = np.round((1 - alpha) * base[band].astype(np.float32) + alpha * heat).astype(np.uint8)
+    return Image.fromarray(blended)
+
+
+_PIXELS_PER_BAND = 1 << 20
