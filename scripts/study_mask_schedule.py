@@ -36,15 +36,19 @@ from transformers.models.vit_mae.modeling_vit_mae import build_2d_sinusoidal_pos
 from transformers.trainer_callback import PrinterCallback
 
 from maeday_hf.schedule_study import compare_mask_schedules, summarize
-from maeday_hf.synthetic import CATEGORIES, DEFECT_TYPES, make_normal_image, make_sample
+from maeday_hf.synthetic import CATEGORIES, DEFECT_TYPES, MIN_IMAGE_SIZE, make_normal_image, make_sample
 
 
-def small_mae(image_size: int) -> ViTMAEForPreTraining:
-    config = ViTMAEConfig(
+def small_mae_config(image_size: int) -> ViTMAEConfig:
+    return ViTMAEConfig(
         image_size=image_size, patch_size=8, hidden_size=192, num_hidden_layers=6, num_attention_heads=3,
         intermediate_size=768, decoder_hidden_size=128, decoder_num_hidden_layers=2, decoder_num_attention_heads=4,
         decoder_intermediate_size=512,
     )
+
+
+def small_mae(image_size: int) -> ViTMAEForPreTraining:
+    config = small_mae_config(image_size)
     model = ViTMAEForPreTraining(config)
     grid = image_size // config.patch_size
     with torch.no_grad():  # MAE's fixed sin-cos position embeddings (a random init leaves them at zero)
@@ -52,6 +56,25 @@ def small_mae(image_size: int) -> ViTMAEForPreTraining:
             table = build_2d_sinusoidal_position_embedding(grid, grid, parameter.shape[-1], cls_token=True)
             parameter.copy_(table.reshape(parameter.shape))
     return model
+
+
+def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    patch_size = small_mae_config(MIN_IMAGE_SIZE).patch_size
+    if args.image_size < MIN_IMAGE_SIZE or args.image_size % patch_size:
+        parser.error(f"--image-size must be a multiple of {patch_size} (the patch size) >= {MIN_IMAGE_SIZE}, got "
+                     f"{args.image_size}")
+    for name, value, least in (("--num-train", args.num_train, 1), ("--steps", args.steps, 1),
+                               ("--reference-num-masks", args.reference_num_masks, 1),
+                               ("--num-test", args.num_test, 2)):  # (2: a good and a defective image)
+        if value < least:
+            parser.error(f"{name} must be >= {least}, got {value}")
+    for name, values in (("--num-masks", args.num_masks), ("--seeds", args.seeds)):
+        if len(set(values)) != len(values):
+            parser.error(f"{name} repeats a value ({' '.join(map(str, values))}): each once")
+    if min(args.num_masks) < 1:
+        parser.error(f"--num-masks must be >= 1, got {min(args.num_masks)}")
+    if not all(0 <= seed < 2**32 for seed in args.seeds):
+        parser.error(f"--seeds must be in [0, 2**32), got {' '.join(map(str, args.seeds))}")
 
 
 def main(argv=None) -> int:
@@ -65,6 +88,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--reference-num-masks", type=int, default=512)
     args = parser.parse_args(argv)
+    _check_arguments(parser, args)  # before the pretraining's minutes, not after
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
 
@@ -87,7 +111,9 @@ def main(argv=None) -> int:
         trainer.remove_callback(PrinterCallback)
         start = time.perf_counter()
         trainer.train()
-        print(json.dumps({"pretrained": "small ViTMAE (6+2 layers, 64 patches), masked-patch loss", "steps": args.steps,
+        num_patches = (args.image_size // model.config.patch_size) ** 2
+        print(json.dumps({"pretrained": f"small ViTMAE (6+2 layers, {num_patches} patches), masked-patch loss",
+                          "steps": args.steps,
                           "seconds": round(time.perf_counter() - start, 1),
                           "losses": [[entry["step"], entry["loss"]] for entry in trainer.state.log_history
                                      if "loss" in entry]}), flush=True)

@@ -40,3 +40,31 @@ def test_study_scores_each_schedule_against_the_converged_map_and_the_labels():
     rows = summarize(results)
     assert [(row["schedule"], row["num_seeds"]) for row in rows] == [("random", 2), ("balanced", 2)]
     assert rows[1]["map_deviation_mean"] == pytest.approx(np.mean([r.map_deviation for r in results[2:]]))
+
+
+@pytest.mark.parametrize("grid, seeds, name", [((4, 4), (0, 1), "num_masks_grid"), ((4,), (0, 0), "seeds")])
+def test_a_repeated_n_or_seed_is_refused_not_counted_twice(grid, seeds, name):
+    pixel_values = torch.zeros(2, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)
+    masks = [np.zeros((TINY_IMAGE_SIZE,) * 2, bool)] * 2
+    with pytest.raises(ValueError, match=f"{name} repeats \\[{grid[0] if name == 'num_masks_grid' else 0}\\]"):
+        compare_mask_schedules(make_tiny_model(), pixel_values, masks, [0, 1], num_masks_grid=grid, seeds=seeds)
+
+
+@pytest.mark.parametrize("arguments, fragment", [
+    (["--num-masks", "0"], "--num-masks must be >= 1"), (["--reference-num-masks", "0"], "--reference-num-masks"),
+    (["--seeds", "-1"], "--seeds must be in [0, 2**32)"), (["--seeds", "1", "1"], "--seeds repeats a value"),
+    (["--num-test", "1"], "--num-test must be >= 2"), (["--image-size", "60"], "multiple of 8"),
+    (["--num-train", "0"], "--num-train must be >= 1"), (["--steps", "0"], "--steps must be >= 1"),
+])
+def test_the_study_script_refuses_bad_arguments_before_pretraining(arguments, fragment, capsys, monkeypatch):
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "scripts", "study_mask_schedule.py")
+    spec = importlib.util.spec_from_file_location("study_mask_schedule", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    monkeypatch.setattr(script, "small_mae", lambda *args: pytest.fail("pretraining started"))
+    with pytest.raises(SystemExit) as status:
+        script.main(arguments)
+    assert status.value.code == 2 and fragment in capsys.readouterr().err

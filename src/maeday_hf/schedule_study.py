@@ -64,7 +64,12 @@ def compare_mask_schedules(
         pixel_values (`torch.Tensor` of shape `(num_images, 3, height, width)`): processed test images.
         gt_masks: one boolean `(height, width)` defect mask per image (all False for good images).
         labels: 1 for a defective image, 0 for a good one.
+        num_masks_grid, seeds: each value once (a repeat would be scored again and counted as another seed).
     """
+    for name, values in (("num_masks_grid", num_masks_grid), ("seeds", seeds)):
+        repeated = sorted({value for value in values if list(values).count(value) > 1})
+        if repeated:
+            raise ValueError(f"{name} repeats {repeated}: each value once (a repeat would count as another seed).")
     num_patches = count_patches(model, pixel_values)
 
     def maps_for(noise: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -88,7 +93,8 @@ def compare_mask_schedules(
 
 
 def summarize(results: Sequence[ScheduleResult]) -> list[dict[str, float | int | str]]:
-    """Mean and standard deviation over seeds, per schedule and N."""
+    """Mean and standard deviation over seeds, per schedule and N (the population standard deviation, `ddof=0`, as
+    the protocol's tables use; the sample one is sqrt(n / (n - 1)) times larger: 1.12x for 5 seeds)."""
     rows = []
     for schedule in MASK_SCHEDULES:
         for num_masks in sorted({result.num_masks for result in results}):
