@@ -40,7 +40,7 @@ from maeday_hf.flops import image_flops
 from maeday_hf.masking import make_mask_noise
 from maeday_hf.modeling import load_detector
 from maeday_hf.pipeline import default_gpu_batch_size
-from maeday_hf.reconstruction import count_patches
+from maeday_hf.reconstruction import bfloat16_copy, count_patches, runs_in_bfloat16_by_default
 from maeday_hf.scoring import maeday_anomaly_maps
 
 GEOMETRIES = {
@@ -55,7 +55,7 @@ def paper_procedure(model, processor, images, num_masks, mask_ratio, device):
     taps = torch.exp(-((torch.arange(7, dtype=torch.float32) - 3) ** 2) / (2 * 1.4**2))
     kernel = (torch.outer(taps, taps) / torch.outer(taps, taps).sum()).to(device)[None, None]
     model.config.mask_ratio = mask_ratio
-    scores = []
+    anomaly_maps = []
     for image in images:
         pixel_values = processor(images=image, return_tensors="pt")["pixel_values"].to(device)
         batch = pixel_values.expand(num_masks, -1, -1, -1)
@@ -67,14 +67,18 @@ def paper_procedure(model, processor, images, num_masks, mask_ratio, device):
                 [F.conv2d(F.pad(squared_error[:, c : c + 1], (3, 3, 3, 3), mode="reflect"), kernel) for c in range(3)],
                 dim=1,
             )
-            anomaly_map = filtered.sum(dim=1).mean(dim=0)
-            scores.append(anomaly_map.max().item())
-    return scores
+            anomaly_maps.append(filtered.sum(dim=1).mean(dim=0))
+    # Copied to the host once at the end, not per image: a sync per image would keep the CPU from preparing the next
+    # image while the GPU works on this one, and slow the baseline down for no reason of the method's.
+    anomaly_maps = torch.stack(anomaly_maps).cpu()
+    return anomaly_maps, anomaly_maps.amax(dim=(1, 2))
 
 
-def timed(function, device, repeats):
-    """Median wall time of `repeats` calls after one warm-up call, with device synchronisation."""
-    function()
+def timed(function, device, repeats, warm_up=True):
+    """Median wall time of `repeats` calls (after one warm-up call, unless `warm_up=False`), with device
+    synchronisation."""
+    if warm_up:
+        function()
     times = []
     for _ in range(repeats):
         if device.type == "cuda":
@@ -87,15 +91,33 @@ def timed(function, device, repeats):
     return statistics.median(times)
 
 
-def peak_memory_mb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS, KiB on Linux
+def timed_with_memory(function, device, repeats, models):
+    """`(seconds, memory)`: `timed`'s median, and on a GPU the method's own peak memory in MB: the weights of `models`
+    (the modules it runs: their parameters and buffers) plus the most it allocated above what was allocated before
+    it ran (everything else resident then, such as another method's model, is left out). On a CPU, the process's
+    peak resident memory so far (it only rises within a process: a figure for the process, not for the method)."""
+    function()  # warm-up: state built on first use (the bf16 copy, cached masks, kernels) is counted in its models
+    if device.type != "cuda":
+        seconds = timed(function, device, repeats, warm_up=False)
+        return seconds, {"process_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    torch.cuda.synchronize(device)
+    resident = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    seconds = timed(function, device, repeats, warm_up=False)
+    working = torch.cuda.max_memory_allocated(device) - resident
+    weights = sum(tensor.numel() * tensor.element_size() for model in models
+                  for tensor in (*model.parameters(), *model.buffers()) if tensor.device.type == "cuda")
+    return seconds, {"peak_memory_mb": round((weights + working) / 2**20, 1),
+                     "weights_mb": round(weights / 2**20, 1), "working_memory_mb": round(working / 2**20, 1)}
 
 
 def benchmark_geometry(name, args, device):
     config = ViTMAEConfig(**GEOMETRIES[name], image_size=224)
-    folder = tempfile.mkdtemp(prefix=f"maeday-bench-{name}-")
+    with tempfile.TemporaryDirectory(prefix=f"maeday-bench-{name}-") as folder:  # (ViT-H's is 2.6 GB)
+        _benchmark_geometry(name, config, folder, args, device)
+
+
+def _benchmark_geometry(name, config, folder, args, device):
     torch.manual_seed(0)
     ViTMAEForPreTraining(config).save_pretrained(folder)
     ViTImageProcessor(size={"height": 224, "width": 224}).save_pretrained(folder)
@@ -139,6 +161,14 @@ def benchmark_geometry(name, args, device):
         "maeday_hf": lambda: detector(images, **call),
         "maeday_hf_scoring_only": scoring_path,
     }
+    if args.compare_precision:
+        # The pipeline in float32 too: the ratio to the baseline without bf16's share.
+        runs["maeday_hf_fp32"] = lambda: detector(images, bf16=False, **call)
+        flops_per_image["maeday_hf_fp32"] = flops_per_image["maeday_hf"]
+    # The bf16 copy the package runs its forwards in (cached with the model; a bf16 model runs as it is).
+    bf16_copy = ([bfloat16_copy(detector.model)] if detector.model.dtype == torch.float32
+                 and runs_in_bfloat16_by_default(detector.model, device) else [])
+    models_of = {"paper_baseline": [baseline_model], "maeday_hf_fp32": [detector.model]}
     # Preprocessing alone, per image, called from one Python thread (PIL works on one core): the paper baseline's
     # processor call against the pipeline's (which hands uint8 pixels to the device); on a GPU the pipeline runs it
     # in threads beside the model.
@@ -157,9 +187,9 @@ def benchmark_geometry(name, args, device):
         baseline_over_maeday_hf=round(preprocessing["paper_baseline"] / preprocessing["maeday_hf"], 3),
     )), flush=True)
     for method, run in runs.items():
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        seconds = timed(run, device, args.repeats)
+        seconds, memory = timed_with_memory(
+            run, device, args.repeats, models_of.get(method, [detector.model, *bf16_copy])
+        )
         results[method] = seconds
         print(json.dumps(common | dict(
             method=method,
@@ -167,12 +197,14 @@ def benchmark_geometry(name, args, device):
             images_per_s=round(args.num_images / seconds, 3),
             achieved_tflops=round(flops_per_image[method] * args.num_images / seconds / 1e12, 3),
             gflop_per_image=round(flops_per_image[method] / 1e9, 1),
-            peak_memory_mb=round(peak_memory_mb(device), 1),
+            **memory,
         )), flush=True)
     print(json.dumps(common | dict(
         method="ratio",
         baseline_over_maeday_hf=round(results["paper_baseline"] / results["maeday_hf"], 3),
         scoring_only_over_maeday_hf=round(results["maeday_hf_scoring_only"] / results["maeday_hf"], 3),
+        **({"baseline_over_maeday_hf_fp32": round(results["paper_baseline"] / results["maeday_hf_fp32"], 3)}
+           if "maeday_hf_fp32" in results else {}),
     )), flush=True)
     if args.compare_precision:
         exact = detector(images, bf16=False, **call)
@@ -204,10 +236,13 @@ def main(argv=None):
     parser.add_argument("--mask-batch-size", type=int, default=None, help="default: the pipeline's")
     parser.add_argument("--num-workers", type=int, default=None,
                         help="preprocessing threads on a GPU / DataLoader workers on a CPU (default: the pipeline's)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per method, after a warm-up (>= 1)")
     parser.add_argument("--compare-precision", action="store_true",
                         help="also report how far bf16-weight maps are from float32 maps")
     args = parser.parse_args(argv)
+    for name in ("num_images", "num_masks", "repeats", "image_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     logging.basicConfig(level=logging.WARNING)
     transformers.utils.logging.disable_progress_bar()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else

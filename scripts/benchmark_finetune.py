@@ -87,8 +87,8 @@ def main() -> None:
                 "run_in_process": run,
                 "geometry": "ViT-B/16 224px (ViTMAEConfig defaults, random weights)",
                 "method": "full" if args.full_finetune else "lora-r32",
-                "loop": "trainer" if args.trainer_loop or args.device == "cpu" else "cuda-graph",
-                "graph_warmup_steps": args.graph_warmup_steps,
+                "loop": training_log["step_loop"],  # what ran
+                **({"graph_warmup_steps": args.graph_warmup_steps} if training_log["step_loop"] == "cuda_graph" else {}),
                 "precision": args.precision,
                 "mixed_precision": training_log["mixed_precision"],
                 "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(0),

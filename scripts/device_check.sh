@@ -30,13 +30,14 @@ fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
 # The whole log in the file (tracebacks included), its end on screen.
-# Every step has its own time limit, and none starts after 8 minutes: one that hangs must not take the lease's
-# remaining minutes with it, and the run stays within one 10-minute command.
+# Every step has its own time limit (150 s, or what is left of 585 s, the whole run's budget): one that hangs must not
+# take the lease's remaining minutes with it, and the run ends within one 10-minute command with its results out.
 run() {
-    if (( SECONDS > 480 )); then echo "SKIPPED (no time left): $*" >&2; return; fi
-    timeout 150 "$@" || echo "FAILED rc=$?: $*" >&2
+    local left=$(( 585 - SECONDS ))
+    if (( left < 30 )); then echo "SKIPPED (no time left): $*" >&2; return; fi
+    timeout $(( left < 150 ? left : 150 )) "$@" || echo "FAILED rc=$?: $*" >&2
 }
-timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py > "$out/gpu_tests.txt" 2>&1
+run python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py > "$out/gpu_tests.txt" 2>&1
 echo "gpu tests: rc=$?"; tail -15 "$out/gpu_tests.txt"
 # JSON lines on stdout; each command's errors, and its exit status if it failed, in benchmark_stderr.txt.
 {
@@ -46,13 +47,13 @@ echo "gpu tests: rc=$?"; tail -15 "$out/gpu_tests.txt"
     # The balanced schedule's 4 masks (README "Fewer masks"), 256 images per forward to keep 1,024 pairs per forward.
     run python3 scripts/benchmark.py --device cuda --geometries base --num-images 256 --repeats 3 --num-masks 4 \
         --mask-schedule balanced --batch-size 256
-} 2> "$out/benchmark_stderr.txt" | grep '^{' | tee "$out/benchmark.jsonl"
+} 2> "$out/benchmark_stderr.txt" | grep --line-buffered '^{' | tee "$out/benchmark.jsonl"
 grep -E "FAILED|SKIPPED" "$out/benchmark_stderr.txt"
 {
     run python3 scripts/benchmark_finetune.py --device cuda --steps 50 --precision bf16 --runs 2
     run python3 scripts/benchmark_finetune.py --device cuda --steps 50 --precision bf16 --runs 2 --graph-warmup-steps 1
     run python3 scripts/benchmark_finetune.py --device cuda --steps 50 --precision bf16 --trainer-loop --runs 2
-} 2> "$out/finetune_stderr.txt" | grep '^{' | tee "$out/finetune.jsonl"
+} 2> "$out/finetune_stderr.txt" | grep --line-buffered '^{' | tee "$out/finetune.jsonl"
 grep -E "FAILED|SKIPPED" "$out/finetune_stderr.txt"
 # The graph loop's own split of its time (its first, eager steps + the capture, then the replays):
 grep 'eager steps' "$out/finetune_stderr.txt" | tee "$out/finetune_split.txt"

@@ -134,6 +134,7 @@ def test_precision_defaults_to_bf16_where_native_and_the_log_records_what_ran(
         assert ran_in[-1] == ("bf16" if expected else "no")
         log = json.loads((out / "training_log.json").read_text())
         assert log["recipe"]["bf16"] is expected and log["mixed_precision"] == ran_in[-1]
+        assert log["step_loop"] == "trainer"  # (CUDA graph replays need a GPU)
 
 
 @pytest.mark.parametrize(

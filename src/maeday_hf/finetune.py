@@ -603,9 +603,11 @@ def _write_folder(
     mixed_precision: str,
     num_processes: int = 1,
     base_fingerprint: str | None = None,
+    step_loop: str = "trainer",
 ) -> None:
     """Everything but the weights/adapter (written before merging): config, processor, remote code, card, logs.
-    `base_fingerprint`: `base_weights_fingerprint` of the base, recorded for an adapter (checked when it is loaded)."""
+    `base_fingerprint`: `base_weights_fingerprint` of the base, recorded for an adapter (checked when it is loaded).
+    `step_loop`: what ran the steps, "cuda_graph" (`step_loop` replays) or "trainer" (recorded in the log)."""
     if config.full_finetune:
         folder_config = model.config
     else:
@@ -638,6 +640,7 @@ def _write_folder(
         "recipe": config.recipe(),
         "mixed_precision": mixed_precision,
         "num_processes": num_processes,
+        "step_loop": step_loop,
         "losses": [{"step": step, "loss": loss} for step, loss in losses],
         "train_seconds": train_seconds,
     }
@@ -897,6 +900,7 @@ def finetune(
                 partial, merged, image_processor, recorded_base, recorded_config, calibration, shot_names, losses,
                 train_seconds, name=hub_model_id or output_dir.name, mixed_precision=trainer.args.mixed_precision,
                 num_processes=trainer.args.world_size, base_fingerprint=base_fingerprint,
+                step_loop="cuda_graph" if _runs_as_graph_replays(trainer.args, config) else "trainer",
             )
             if overwrite and not _holds_foreign_files(output_dir):  # (checked again: it may be new since the start)
                 replace_folder(partial, output_dir)
