@@ -112,3 +112,12 @@ def test_the_synthetic_dataset_is_written_again_for_other_settings(tmp_path):
     stamp = (tmp_path / "disc" / "train" / "good" / "000.png").stat().st_mtime_ns
     load_synthetic_dataset(tmp_path, "disc", num_train=2, num_test_good=1, num_test_per_defect=1, image_size=24)
     assert (tmp_path / "disc" / "train" / "good" / "000.png").stat().st_mtime_ns == stamp  # same settings: kept
+
+
+def test_the_synthetic_dataset_as_written_is_loaded_when_no_setting_is_asked_for(tmp_path):
+    from maeday_hf.data import load_synthetic_dataset
+
+    write_synthetic_mvtec(tmp_path, categories=("disc",), num_train=3, num_test_good=1, num_test_per_defect=1,
+                          image_size=24)
+    assert load_synthetic_dataset(tmp_path, "disc")["train"].num_rows == 3  # not rewritten at the defaults (8)
+    assert load_synthetic_dataset(tmp_path, "disc", image_size=24)["train"].num_rows == 3

@@ -22,7 +22,8 @@ def load_synthetic_dataset(
         category (`str`, *optional*): One of `maeday_hf.synthetic.CATEGORIES` (textures and simple objects).
         write_kwargs: Passed to `write_synthetic_mvtec` (`num_train`, `num_test_good`, `num_test_per_defect`,
             `image_size`, `seed`) when the category has to be written: when it is not there, or was written with
-            other settings (a category folder written before 2026-11-29 records none, and is loaded as it is).
+            other values of the settings given here (a category folder written before 2026-11-29 records none, and
+            is loaded as it is).
 
     Returns:
         `datasets.DatasetDict` with `train` and `test`, as [`load_mvtec`] returns.
@@ -31,8 +32,10 @@ def load_synthetic_dataset(
         raise ValueError(f"Unknown synthetic category {category!r}; expected one of {SYNTHETIC_CATEGORIES}.")
     category_dir = Path(root) / category
     written = written_settings(category_dir)
+    asked = synthetic_settings(category, **write_kwargs)
     if not (category_dir / "train").is_dir() or (
-        written is not None and written != synthetic_settings(category, **write_kwargs)
+        # (only the settings asked for: with none, the category there is loaded as it was written)
+        written is not None and any(written.get(key) != asked[key] for key in write_kwargs)
     ):
         write_synthetic_mvtec(root, categories=[category], **write_kwargs)
     return load_mvtec(root, category)
