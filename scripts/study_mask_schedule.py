@@ -18,50 +18,20 @@ import logging
 import os
 import sys
 import tempfile
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
-import torch
-from transformers import (
-    AutoImageProcessor,
-    Trainer,
-    TrainingArguments,
-    ViTImageProcessor,
-    ViTMAEConfig,
-    ViTMAEForPreTraining,
-)
-from transformers.models.vit_mae.modeling_vit_mae import build_2d_sinusoidal_position_embedding
-from transformers.trainer_callback import PrinterCallback
+from transformers import AutoImageProcessor, ViTMAEForPreTraining
 
 from maeday_hf.schedule_study import compare_mask_schedules, summarize
-from maeday_hf.synthetic import CATEGORIES, DEFECT_TYPES, MIN_IMAGE_SIZE, make_normal_image, make_sample
-
-
-def small_mae_config(image_size: int) -> ViTMAEConfig:
-    return ViTMAEConfig(
-        image_size=image_size, patch_size=8, hidden_size=192, num_hidden_layers=6, num_attention_heads=3,
-        intermediate_size=768, decoder_hidden_size=128, decoder_num_hidden_layers=2, decoder_num_attention_heads=4,
-        decoder_intermediate_size=512,
-    )
-
-
-def small_mae(image_size: int) -> ViTMAEForPreTraining:
-    config = small_mae_config(image_size)
-    model = ViTMAEForPreTraining(config)
-    grid = image_size // config.patch_size
-    with torch.no_grad():  # MAE's fixed sin-cos position embeddings (a random init leaves them at zero)
-        for parameter in (model.vit.embeddings.position_embeddings, model.decoder.decoder_pos_embed):
-            table = build_2d_sinusoidal_position_embedding(grid, grid, parameter.shape[-1], cls_token=True)
-            parameter.copy_(table.reshape(parameter.shape))
-    return model
+from maeday_hf.small_mae import PATCH_SIZE, pretrain_small_mae
+from maeday_hf.synthetic import CATEGORIES, DEFECT_TYPES, MIN_IMAGE_SIZE, make_sample
 
 
 def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    patch_size = small_mae_config(MIN_IMAGE_SIZE).patch_size
-    if args.image_size < MIN_IMAGE_SIZE or args.image_size % patch_size:
-        parser.error(f"--image-size must be a multiple of {patch_size} (the patch size) >= {MIN_IMAGE_SIZE}, got "
+    if args.image_size < MIN_IMAGE_SIZE or args.image_size % PATCH_SIZE:
+        parser.error(f"--image-size must be a multiple of {PATCH_SIZE} (the patch size) >= {MIN_IMAGE_SIZE}, got "
                      f"{args.image_size}")
     for name, value, least in (("--num-train", args.num_train, 1), ("--steps", args.steps, 1),
                                ("--reference-num-masks", args.reference_num_masks, 1),
@@ -90,34 +60,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     _check_arguments(parser, args)  # before the pretraining's minutes, not after
     logging.basicConfig(level=logging.WARNING)
-    torch.manual_seed(0)
 
     with tempfile.TemporaryDirectory() as work:
         base = os.path.join(work, "small-mae")
-        small_mae(args.image_size).save_pretrained(base)
-        ViTImageProcessor(size={"height": args.image_size, "width": args.image_size}).save_pretrained(base)
-        model = ViTMAEForPreTraining.from_pretrained(base)
+        record = pretrain_small_mae(base, CATEGORIES, args.image_size, args.num_train, args.steps, args.learning_rate)
+        print(json.dumps(record), flush=True)
+        model = ViTMAEForPreTraining.from_pretrained(base).eval()
         processor = AutoImageProcessor.from_pretrained(base)
-        normals = [make_normal_image(category, args.image_size, seed) for category in CATEGORIES
-                   for seed in range(args.num_train)]
-        train_set = [{"pixel_values": pixel_values}
-                     for pixel_values in processor(images=normals, return_tensors="pt")["pixel_values"]]
-        trainer = Trainer(model=model, train_dataset=train_set, args=TrainingArguments(
-            output_dir=os.path.join(work, "trainer"), max_steps=args.steps, per_device_train_batch_size=32,
-            learning_rate=args.learning_rate, weight_decay=0.05, warmup_steps=args.steps // 10,
-            lr_scheduler_type="cosine", optim="adamw_torch", use_cpu=True, report_to="none", save_strategy="no",
-            logging_steps=max(1, args.steps // 10), disable_tqdm=True, seed=0,
-        ))
-        trainer.remove_callback(PrinterCallback)
-        start = time.perf_counter()
-        trainer.train()
-        num_patches = (args.image_size // model.config.patch_size) ** 2
-        print(json.dumps({"pretrained": f"small ViTMAE (6+2 layers, {num_patches} patches), masked-patch loss",
-                          "steps": args.steps,
-                          "seconds": round(time.perf_counter() - start, 1),
-                          "losses": [[entry["step"], entry["loss"]] for entry in trainer.state.log_history
-                                     if "loss" in entry]}), flush=True)
-        model.eval()
 
     images, masks, labels = [], [], []
     for category in CATEGORIES:

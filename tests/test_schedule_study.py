@@ -64,7 +64,48 @@ def test_the_study_script_refuses_bad_arguments_before_pretraining(arguments, fr
     spec = importlib.util.spec_from_file_location("study_mask_schedule", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    monkeypatch.setattr(script, "small_mae", lambda *args: pytest.fail("pretraining started"))
+    monkeypatch.setattr(script, "pretrain_small_mae", lambda *args: pytest.fail("pretraining started"))
     with pytest.raises(SystemExit) as status:
         script.main(arguments)
     assert status.value.code == 2 and fragment in capsys.readouterr().err
+
+
+def test_the_small_mae_pretrains_saves_and_loads_as_a_detector(tmp_path):
+    from maeday_hf.modeling import load_detector
+    from maeday_hf.small_mae import pretrain_small_mae, small_mae
+
+    record = pretrain_small_mae(tmp_path / "small", ["stripes"], image_size=24, num_train=2, steps=2)
+    assert record["categories"] == ["stripes"] and record["steps"] == 2 and record["losses"]
+    assert "9 patches" in record["pretrained"]
+    assert not [path for path in tmp_path.iterdir() if path.name != "small"]  # nothing left beside it
+    detector = load_detector(str(tmp_path / "small"), device="cpu")
+    result = detector(np.zeros((30, 20, 3), np.uint8), num_masks=2)
+    assert result["anomaly_map"].shape == (30, 20)
+    # Its fixed sin-cos position embeddings are set (a random init leaves them at zero) and stay as trained.
+    assert detector.model.vit.embeddings.position_embeddings.abs().sum() > 0
+    assert torch.equal(small_mae(24).vit.embeddings.position_embeddings,
+                       detector.model.vit.embeddings.position_embeddings)
+    with pytest.raises(ValueError, match=r"categories must be some of .*got \['carpet'\]"):
+        pretrain_small_mae(tmp_path / "x", ["carpet"], steps=1)
+    with pytest.raises(ValueError, match="multiple of the patch size 8, got 30"):
+        pretrain_small_mae(tmp_path / "x", ["stripes"], image_size=30, steps=1)
+
+
+@pytest.mark.parametrize("arguments, fragment", [
+    (["--image-size", "60"], "multiple of 8"), (["--pretrain-steps", "0"], "--pretrain-steps must be >= 1"),
+    (["--shots", "0", "9"], "--shots must be in [0, --num-train = 8]"), (["--shot-seeds", "0"], "--shot-seeds"),
+])
+def test_the_few_shot_study_refuses_bad_arguments_before_pretraining(arguments, fragment, capsys, monkeypatch,
+                                                                      tmp_path):
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "scripts", "study_few_shot.py")
+    spec = importlib.util.spec_from_file_location("study_few_shot", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    monkeypatch.setattr(script, "pretrain_small_mae", lambda *args, **kwargs: pytest.fail("pretraining started"))
+    with pytest.raises(SystemExit) as status:
+        script.main(["--output-dir", str(tmp_path / "out"), *arguments])
+    assert status.value.code == 2 and fragment in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
