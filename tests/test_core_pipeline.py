@@ -447,41 +447,50 @@ def test_float64_model_gives_float32_maps(tiny_checkpoint, images):
     assert result["anomaly_map"].dtype == np.float32
 
 
-def _push_with_mocked_hub(detector, remote_card: str | None = None, **push_kwargs) -> tuple[mock.MagicMock, dict]:
-    """`detector.push_to_hub` against a mocked `HfApi` (and a repo whose README.md is `remote_card`, or none);
-    returns the mock and the uploaded files by name."""
-    from huggingface_hub import ModelCard
-    from huggingface_hub.errors import EntryNotFoundError
+def _push_with_mocked_hub(detector, remote_card: str | None = None, tmp_path=None, branches=("main",),
+                          **push_kwargs) -> tuple[mock.MagicMock, dict]:
+    """`detector.push_to_hub` against a mocked `HfApi` (a repo whose README.md is `remote_card` on every branch of
+    `branches`, or none); returns the mock and the committed files by name."""
+    import tempfile
+
+    from huggingface_hub.errors import EntryNotFoundError, RevisionNotFoundError
 
     api = mock.MagicMock()
     api.create_repo.return_value.repo_id = "maeday-test/detector"
     uploaded = {}
 
-    def upload_folder(**kwargs):
-        for root, _, files in os.walk(kwargs["folder_path"]):
-            for name in files:
-                path = os.path.join(root, name)
-                with open(path, "rb") as handle:
-                    uploaded[os.path.relpath(path, kwargs["folder_path"])] = handle.read()
+    def create_commit(**kwargs):
+        for operation in kwargs["operations"]:
+            with open(operation.path_or_fileobj, "rb") as handle:
+                uploaded[operation.path_in_repo] = handle.read()
         return "commit-info"
 
-    def load_card(repo_id, **kwargs):
-        assert repo_id == "maeday-test/detector"
+    def hf_hub_download(repo_id, filename, revision=None):
+        assert (repo_id, filename) == ("maeday-test/detector", "README.md")
+        if (revision or "main") not in branches:
+            raise RevisionNotFoundError(f"no branch {revision}", response=mock.MagicMock())
         if remote_card is None:
             raise EntryNotFoundError("no README.md")
-        return ModelCard(remote_card)
+        path = os.path.join(tempfile.mkdtemp(dir=tmp_path), "README.md")
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(remote_card)
+        return path
 
-    api.upload_folder.side_effect = upload_folder
-    with mock.patch("huggingface_hub.HfApi", return_value=api), mock.patch.object(ModelCard, "load", load_card):
+    api.create_commit.side_effect = create_commit
+    api.hf_hub_download.side_effect = hf_hub_download
+    with mock.patch("huggingface_hub.HfApi", return_value=api) as api_class:
         assert detector.push_to_hub("detector", **push_kwargs) == "commit-info"
+    api_class.assert_called_once_with(token=push_kwargs.get("token"))
     return api, uploaded
 
 
 def test_push_to_hub_uploads_the_remote_code_bundle_and_a_card(detector):
-    api, uploaded = _push_with_mocked_hub(detector, private=True, tags=["carpets"])
+    api, uploaded = _push_with_mocked_hub(detector, private=True, tags=["carpets"], token="hf_x")
     api.create_repo.assert_called_once_with("detector", private=True, exist_ok=True)
-    api.upload_folder.assert_called_once()
-    assert api.upload_folder.call_args.kwargs["repo_id"] == "maeday-test/detector"
+    api.create_commit.assert_called_once()
+    commit = api.create_commit.call_args.kwargs
+    assert commit["repo_id"] == "maeday-test/detector" and commit["revision"] is None and commit["create_pr"] is False
+    api.create_branch.assert_not_called()
     assert {"config.json", "model.safetensors", "preprocessor_config.json", "pipeline.py", "masking.py",
             "reconstruction.py", "scoring.py", "images.py", "overlap.py", "preprocessing.py", "detector_card.py",
             "README.md"} <= set(uploaded)
@@ -502,29 +511,60 @@ def test_push_to_hub_uploads_the_remote_code_bundle_and_a_card(detector):
     assert "32 times" in card.content and "kernel 7, sigma 1.4" in card.content
 
 
-def test_push_to_hub_keeps_the_repos_own_card_and_replaces_a_generated_one(detector):
-    own = "---\nlicense: mit\ntags:\n- mine\n---\n\n# My detector\n\nHand-written.\n"
-    _, uploaded = _push_with_mocked_hub(detector, remote_card=own, tags=["carpets"])
+def test_push_to_hub_keeps_the_repos_own_card_and_replaces_a_generated_one(detector, tmp_path):
     from huggingface_hub import ModelCard
 
+    own = "---\nlicense: mit\ntags:\n- mine\n---\n\n# My detector\n\nHand-written.\n"
+    _, uploaded = _push_with_mocked_hub(detector, remote_card=own, tmp_path=tmp_path, tags=["carpets"])
     card = ModelCard(uploaded["README.md"].decode())
     assert "Hand-written." in card.content and card.data.license == "mit"
     assert card.data.tags == ["mine", "carpets"]
-    _, first = _push_with_mocked_hub(detector)
-    _, again = _push_with_mocked_hub(detector, remote_card=first["README.md"].decode(), tags=["new"])
-    assert "new" in ModelCard(again["README.md"].decode()).data.tags  # rewritten, not kept
+    # Without tags the repo's own card is not uploaded at all: it stays exactly as it is (no `tags: []` added).
+    _, uploaded = _push_with_mocked_hub(detector, remote_card=own, tmp_path=tmp_path)
+    assert "README.md" not in uploaded and "config.json" in uploaded
+    # Nor is one whose metadata cannot be read, tags or not.
+    _, uploaded = _push_with_mocked_hub(detector, remote_card="---\n[unclosed\n---\n# x\n", tmp_path=tmp_path,
+                                        tags=["carpets"])
+    assert "README.md" not in uploaded
+    # A card maeday_hf wrote is rewritten; once someone edited it, it is theirs.
+    _, first = _push_with_mocked_hub(detector, tmp_path=tmp_path)
+    generated = first["README.md"].decode()
+    _, again = _push_with_mocked_hub(detector, remote_card=generated, tmp_path=tmp_path, tags=["new"])
+    assert "new" in ModelCard(again["README.md"].decode()).data.tags and "maeday_hf (" in again["README.md"].decode()
+    edited = generated.replace("## Intended use and limits", "Line 3 only.\n\n## Intended use and limits")
+    _, kept = _push_with_mocked_hub(detector, remote_card=edited, tmp_path=tmp_path)
+    assert "README.md" not in kept
+
+
+def test_push_to_hub_to_a_branch_or_a_pull_request(detector, tmp_path):
+    from huggingface_hub import ModelCard
+
+    own = "---\nlicense: mit\n---\n\n# On dev\n"
+    # A new branch: made (from main, whose card it then holds), then committed to.
+    api, uploaded = _push_with_mocked_hub(detector, remote_card=own, tmp_path=tmp_path, revision="dev",
+                                          commit_message="m", commit_description="d", tags=["x"])
+    api.create_branch.assert_called_once_with(repo_id="maeday-test/detector", branch="dev", exist_ok=True)
+    commit = api.create_commit.call_args.kwargs
+    assert (commit["revision"], commit["create_pr"], commit["commit_message"], commit["commit_description"]) == (
+        "dev", False, "m", "d")
+    assert "# On dev" in ModelCard(uploaded["README.md"].decode()).content
+    api, _ = _push_with_mocked_hub(detector, tmp_path=tmp_path, revision="dev", create_pr=True,
+                                   branches=("main", "dev"))
+    assert api.create_commit.call_args.kwargs["create_pr"] is True
+    api, _ = _push_with_mocked_hub(detector, tmp_path=tmp_path, revision="refs/pr/3", branches=("main", "refs/pr/3"))
+    api.create_branch.assert_not_called()  # a pull request's ref is no branch to make
 
 
 def test_save_pretrained_writes_a_card_keeps_the_owners_and_rewrites_its_own(tiny_checkpoint, tmp_path, monkeypatch):
     from huggingface_hub import ModelCard
     from transformers import ViTMAEForPreTraining
 
-    from maeday_hf.detector_card import GENERATED_MARKER
+    from maeday_hf.detector_card import is_generated_card
 
     detector = load_detector(tiny_checkpoint, device="cpu")
     detector.save_pretrained(tmp_path / "saved")
     card = ModelCard.load(tmp_path / "saved" / "README.md")
-    assert GENERATED_MARKER in card.content and "zero-shot" in card.data.tags
+    assert is_generated_card(tmp_path / "saved" / "README.md") and "zero-shot" in card.data.tags
     assert "load_detector('saved')" in card.content  # the folder's name, not the local path
     assert str(tmp_path) not in card.content
     snippet = card.content.split("```python\n", 1)[1].split("```", 1)[0]
@@ -541,6 +581,11 @@ def test_save_pretrained_writes_a_card_keeps_the_owners_and_rewrites_its_own(tin
     calibrated.save_pretrained(tmp_path / "saved")
     card = ModelCard.load(tmp_path / "saved" / "README.md")
     assert "few-shot" in card.data.tags and "`0.125`" in card.content and "num_masks 32" in card.content
+    # A generated card someone edited is theirs from then on.
+    edited = (tmp_path / "saved" / "README.md").read_text().replace("## Citation", "Checked on line 3.\n\n## Citation")
+    (tmp_path / "saved" / "README.md").write_text(edited)
+    detector.save_pretrained(tmp_path / "saved")
+    assert (tmp_path / "saved" / "README.md").read_text() == edited
     # An owner's README.md is never overwritten.
     (tmp_path / "saved" / "README.md").write_text("# Notes on our line-3 detector\n")
     detector.save_pretrained(tmp_path / "saved")
@@ -560,9 +605,8 @@ def test_the_example_card_in_model_cards_is_what_the_code_writes():
     example = os.path.join(os.path.dirname(__file__), os.pardir, "model_cards", "maeday-zero-shot.md")
     with open(example, encoding="utf-8") as handle:
         shipped = handle.read()
-    rendered = render_detector_card(
-        "ORG/maeday-vit-mae-base", ViTMAEConfig(), source="facebook/vit-mae-base", license="apache-2.0"
-    )
+    # As a pushed detector of facebook/vit-mae-base gets it: `_model_card` with its defaults (no license).
+    rendered = render_detector_card("ORG/maeday-vit-mae-base", ViTMAEConfig(), source="facebook/vit-mae-base")
     assert shipped == rendered, "model_cards/maeday-zero-shot.md is stale: render it again with render_detector_card"
 
 

@@ -1,4 +1,5 @@
-"""The README.md (model card) that `AnomalyDetectionPipeline.save_pretrained` / `push_to_hub` write with a detector.
+"""The README.md (model card) that `AnomalyDetectionPipeline.save_pretrained` / `push_to_hub` write with a detector,
+and the push's commit.
 
 Shipped as remote code with `pipeline.py`: it imports only the standard library and `huggingface_hub` (a dependency
 of transformers). A fine-tune folder has its own, fuller card (`maeday_hf.model_card`); this one describes what a
@@ -7,6 +8,8 @@ saved detector holds: the weights, the scoring defaults, and the calibrated thre
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import re
 import secrets
@@ -14,8 +17,12 @@ from typing import Any
 
 from huggingface_hub import ModelCardData
 
-GENERATED_MARKER = "<!-- written by maeday_hf: saving the detector again rewrites this card -->"
-"""A card holding this line is rewritten by the next `save_pretrained`; any other README.md is the owner's, kept."""
+logger = logging.getLogger(__name__)
+
+_MARKER = "<!-- written by maeday_hf ({digest}): saving the detector again rewrites this card unless it is edited -->"
+_MARKER_LINE = re.compile(r"<!-- written by maeday_hf \(([0-9a-f]{16})\): [^\n]*-->\n")
+"""A card whose marker line holds the digest of the rest of its text is maeday_hf's, unedited, and may be rewritten;
+any other README.md (the owner's, or a generated card someone edited) is kept."""
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
 
@@ -131,9 +138,9 @@ def render_detector_card(
             "None: a zero-shot detector has no normal images to calibrate on. Pass `threshold=` to get `label` and "
             "`mask` (for example from the scores of a few known-normal images)."
         )
-    return CARD_TEMPLATE.format(
+    card = CARD_TEMPLATE.format(
         metadata=metadata,
-        marker=GENERATED_MARKER,
+        marker="{marker}",
         name=name,
         summary=summary,
         num_masks=num_masks,
@@ -159,13 +166,25 @@ def render_detector_card(
                       if getattr(config, "norm_pix_loss", False) else "the normalised pixels the model sees"),
         threshold_text=threshold_text,
     )
+    return card.replace("{marker}", _MARKER.format(digest=_digest(card.replace("{marker}\n", "", 1))), 1)
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def is_generated_text(card: str) -> bool:
+    """Whether `card` is a card this module wrote, as it wrote it (its marker's digest matches the rest of it)."""
+    match = _MARKER_LINE.search(card)
+    return match is not None and match.group(1) == _digest(card[: match.start()] + card[match.end():])
 
 
 def is_generated_card(path: str | os.PathLike) -> bool:
-    """Whether the README.md at `path` is missing or one this module wrote (so it may be rewritten)."""
+    """Whether the README.md at `path` is missing, or a card this module wrote and nobody edited since (so it may
+    be rewritten)."""
     try:
-        with open(path, encoding="utf-8", errors="replace") as card:
-            return GENERATED_MARKER in card.read()
+        with open(path, encoding="utf-8", errors="replace", newline="") as card:
+            return is_generated_text(card.read())
     except FileNotFoundError:
         return True
 
@@ -175,7 +194,7 @@ def write_card(path: str | os.PathLike, card: str) -> None:
     renamed over it: never half-written."""
     temporary = os.path.join(os.path.dirname(os.path.abspath(path)), f".README.{secrets.token_hex(6)}.tmp")
     try:
-        with open(temporary, "x", encoding="utf-8") as out:
+        with open(temporary, "x", encoding="utf-8", newline="\n") as out:
             out.write(card)
         os.replace(temporary, path)
     except BaseException:
@@ -184,3 +203,64 @@ def write_card(path: str | os.PathLike, card: str) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def read_remote_card(api, repo_id: str, revision: str | None = None) -> str | None:
+    """The text of `repo_id`'s README.md at `revision` (at `main` while that branch does not exist yet: it will be
+    made from there), or None if it has none."""
+    from huggingface_hub.errors import EntryNotFoundError, RevisionNotFoundError
+
+    for ref in dict.fromkeys((revision, None)):
+        try:
+            path = api.hf_hub_download(repo_id, "README.md", revision=ref)
+        except RevisionNotFoundError:
+            continue
+        except EntryNotFoundError:
+            return None
+        with open(path, encoding="utf-8", errors="replace", newline="") as card:
+            return card.read()
+    return None
+
+
+def card_for_push(remote: str | None, render, tags: list[str] | None) -> str | None:
+    """The README.md to upload: `render()` (the detector's card) where the repo has none or an unedited generated one;
+    else the repo's own with `tags` added, or None (upload none: it stays as it is) when no tags are given or its
+    metadata cannot be read."""
+    if remote is None or is_generated_text(remote):
+        return render()
+    if not tags:
+        return None
+    import yaml
+    from huggingface_hub import ModelCard
+
+    try:
+        card = ModelCard(remote)
+    except (ValueError, yaml.YAMLError) as error:
+        logger.warning("The repo's README.md is kept as it is: its metadata could not be read to add tags %s (%s).",
+                       tags, str(error).splitlines()[0] if str(error) else type(error).__name__)
+        return None
+    card.data.tags = list(dict.fromkeys([*(card.data.tags or []), *tags]))
+    return str(card)
+
+
+def commit_folder(api, folder: str, repo_id: str, commit_message: str, commit_description: str | None,
+                  revision: str | None, create_pr: bool):
+    """Every file of `folder` in one commit to `revision` (a branch, created if missing, as transformers' push does)
+    or in a pull request against it."""
+    from huggingface_hub import CommitOperationAdd
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if revision is not None and not revision.startswith("refs/pr"):
+        try:
+            api.create_branch(repo_id=repo_id, branch=revision, exist_ok=True)
+        except HfHubHTTPError as error:
+            # (a pull request into a repo one cannot write to: the branch must exist already; the commit says if not)
+            if not (create_pr and getattr(error.response, "status_code", None) == 403):
+                raise
+    operations = [
+        CommitOperationAdd(path_in_repo=os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/"),
+                           path_or_fileobj=os.path.join(root, name))
+        for root, _, names in os.walk(folder) for name in sorted(names)
+    ]
+    return api.create_commit(repo_id=repo_id, operations=operations, commit_message=commit_message,
+                             commit_description=commit_description, revision=revision, create_pr=create_pr)

@@ -24,7 +24,14 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import AutoModelForPreTraining, Pipeline
 
-from .detector_card import GENERATED_MARKER, is_generated_card, render_detector_card, write_card
+from .detector_card import (
+    card_for_push,
+    commit_folder,
+    is_generated_card,
+    read_remote_card,
+    render_detector_card,
+    write_card,
+)
 from .images import as_image_list, is_single_image, load_rgb_image
 from .masking import (
     make_mask_noise,
@@ -572,36 +579,23 @@ class AnomalyDetectionPipeline(Pipeline):
         tags: list[str] | None = None,
     ):
         """Upload what `save_pretrained` writes to `repo_id` (created if needed; `private` applies only then), in one
-        commit; returns the commit info. The repo's own README.md, if it has one that maeday_hf did not write, is kept
-        (with `tags` added), as transformers' `push_to_hub` keeps it; otherwise the detector's card is uploaded, not
-        transformers' placeholder."""
-        from huggingface_hub import HfApi, ModelCard
-        from huggingface_hub.errors import EntryNotFoundError
+        commit to `revision` (a branch, created if needed) or a pull request; returns the commit info, as
+        transformers' `push_to_hub` does. The card: the detector's, not transformers' placeholder, unless the repo
+        has a README.md of its own (not written by maeday_hf, or edited since), which is kept, with `tags` added."""
+        from huggingface_hub import HfApi
 
         api = HfApi(token=token)
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-        try:
-            existing = ModelCard.load(repo_id, token=token)
-        except EntryNotFoundError:
-            existing = None
-        if existing is not None and GENERATED_MARKER in existing.content:
-            existing = None
         with tempfile.TemporaryDirectory() as folder:
             self.save_pretrained(folder, max_shard_size=max_shard_size)
-            if existing is None:
-                card = self._model_card(repo_id, tags)
+            card_path = os.path.join(folder, "README.md")
+            card = card_for_push(read_remote_card(api, repo_id, revision), lambda: self._model_card(repo_id, tags), tags)
+            if card is None:
+                os.unlink(card_path)  # the repo's own README.md stays as it is
             else:
-                existing.data.tags = list(dict.fromkeys([*(existing.data.tags or []), *(tags or [])]))
-                card = str(existing)
-            write_card(os.path.join(folder, "README.md"), card)
-            return api.upload_folder(
-                repo_id=repo_id,
-                folder_path=folder,
-                commit_message=commit_message or "Upload anomaly-detection pipeline",
-                commit_description=commit_description,
-                revision=revision,
-                create_pr=create_pr,
-            )
+                write_card(card_path, card)
+            return commit_folder(api, folder, repo_id, commit_message or "Upload anomaly-detection pipeline",
+                                 commit_description, revision, create_pr)
 
 
 # What `PIPELINE_REGISTRY.register_pipeline` records on the class (`maeday_hf.register_pipeline` registers the task
