@@ -306,6 +306,18 @@ def test_card_of_a_hub_base_names_and_links_it():
     assert "- `a.png`" in local and "- `b/c.png`" in local and "/home/me" not in local  # no local paths shared
 
 
+def test_shots_are_named_without_credentials_and_shared_without_the_way_out_of_their_folder():
+    from maeday_hf.model_card import shareable_shot_name
+    from maeday_hf.shot_views import _shot_name
+
+    assert _shot_name("https://alice:s3cret@host/a/b.png?token=x#y", 0) == "https://host/a/b.png"
+    assert _shot_name("data/a.png", 0) == "data/a.png" and _shot_name(np.zeros((2, 2)), 3) == "<image 3>"
+    for given, shared in (("/home/alice/acme/a.png", "a.png"), ("../../home/alice/acme/a.png", "a.png"),
+                          ("data/../../acme/a.png", "a.png"), ("data/good/a.png", "data/good/a.png"),
+                          ("https://host/a/b.png", "https://host/a/b.png"), ("train[3] (shot seed 1)", "train[3] (shot seed 1)")):
+        assert shareable_shot_name(given) == shared, given
+
+
 # --- loading back -------------------------------------------------------------------------------------------------
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 import os
 import shutil
 import subprocess
@@ -462,8 +463,10 @@ def test_push_uploads_the_finished_folder(tiny_checkpoint, shot_files, tmp_path)
         uploaded[repo_id] = sorted(p.relative_to(folder_path).as_posix() for p in Path(folder_path).rglob("*")
                                    if p.is_file())
         pushed_logs.append(json.loads((Path(folder_path) / "training_log.json").read_text()))
-        assert Path(folder_path, "adapter", "adapter_model.safetensors").read_bytes() == (
-            tmp_path / "out" / "adapter" / "adapter_model.safetensors").read_bytes()
+        pushed, local = (Path(root, "adapter", "adapter_model.safetensors") for root in (folder_path, tmp_path / "out"))
+        assert pushed.read_bytes() == local.read_bytes()
+        assert os.stat(pushed).st_ino == os.stat(local).st_ino  # hard-linked beside the run, not copied
+        assert Path(folder_path).parent.parent == tmp_path
         return mock.Mock(commit_url=f"https://huggingface.co/{repo_id}/commit/0")
 
     with mock.patch("huggingface_hub.HfApi") as api_class:
@@ -486,6 +489,21 @@ def test_push_uploads_the_finished_folder(tiny_checkpoint, shot_files, tmp_path)
     assert not list(tmp_path.glob(".out.push-*"))
     # The base is a local folder: no path as Hub metadata (the Hub rejects it), no link to huggingface.co/<path>.
     assert "base_model:" not in card.split("---")[1] and "huggingface.co//" not in card
+
+
+def test_a_killed_pushs_copy_is_removed_by_the_next_push(tiny_checkpoint, shot_files, tmp_path):
+    from maeday_hf.atomic_io import let_go, make_held_partial_dir
+
+    finetune(tiny_checkpoint, shot_files[:1], tmp_path / "out", FinetuneConfig(**TINY))
+    abandoned, held = make_held_partial_dir(tmp_path, ".out.push-")  # as a push killed outright leaves it
+    let_go(held)
+    os.utime(abandoned, (time.time() - 3600, time.time() - 3600))
+    from maeday_hf.finetune import push_folder_to_hub
+
+    with mock.patch("huggingface_hub.HfApi") as api_class:
+        api_class.return_value.upload_folder.return_value = mock.Mock(commit_url="u")
+        push_folder_to_hub(tmp_path / "out", "my-org/x")
+    assert not abandoned.exists() and not list(tmp_path.glob(".out.push-*"))
 
 
 def test_a_push_leaves_the_repo_holding_exactly_the_folder(tiny_checkpoint, shot_files, tmp_path):
@@ -518,10 +536,20 @@ def test_a_failed_push_says_where_the_run_is(tiny_checkpoint, shot_files, tmp_pa
     assert failure == "connection" or isinstance(error, ValueError)  # (the Hub's 400 is a ValueError too)
     with mock.patch("huggingface_hub.HfApi") as api_class:
         api_class.return_value.upload_folder.side_effect = error
-        with pytest.raises(OSError, match=r"written to '.*out', but pushing it to 'my-org/x' failed"):
+        with pytest.raises(OSError, match=r"written to '.*out', but pushing it to 'my-org/x' failed") as failed:
             finetune(tiny_checkpoint, shot_files[:1], tmp_path / "out", FinetuneConfig(**TINY), push_to_hub=True,
                      hub_model_id="my-org/x")
     assert (tmp_path / "out" / "training_log.json").is_file()
+    # The command it suggests pushes the same folder, shots named as the card names them.
+    command = str(failed.value).split('python -c "', 1)[1].split('"`', 1)[0]
+    with mock.patch("huggingface_hub.HfApi") as api_class:
+        def upload_folder(repo_id, folder_path, **kwargs):
+            assert json.loads((Path(folder_path) / "training_log.json").read_text())["shots"] == [shot_files[0].name]
+            return mock.Mock(commit_url="https://huggingface.co/my-org/x/commit/1")
+
+        api_class.return_value.upload_folder.side_effect = upload_folder
+        exec(command, {})
+    assert api_class.return_value.upload_folder.call_args.kwargs["repo_id"] == "my-org/x"
 
 
 def test_a_private_push_into_an_existing_public_repo_uploads_nothing(tiny_checkpoint, shot_files, tmp_path):

@@ -451,7 +451,8 @@ def _push_failed(output_dir: Path, hub_model_id: str, error: BaseException) -> O
     cause = str(error).splitlines()[0] if str(error) else type(error).__name__
     return OSError(
         f"The fine-tune is written to {os.fspath(output_dir)!r}, but pushing it to {hub_model_id!r} failed ({cause}); "
-        f"push the folder later (e.g. `hf upload {hub_model_id} {os.fspath(output_dir)}`)."
+        f"push the folder later with `python -c \"from maeday_hf.finetune import push_folder_to_hub; "
+        f"push_folder_to_hub({os.fspath(output_dir)!r}, {hub_model_id!r})\"` (which names the shots as the card does)."
     )
 
 
@@ -698,7 +699,7 @@ def push_folder_to_hub(folder: str | os.PathLike, repo_id: str, private: bool = 
 @contextlib.contextmanager
 def _shareable_copy(folder: Path) -> Iterator[Path]:
     """`folder` as it is pushed: its `training_log.json` names the shots as the card does (`shareable_shot_name`: a
-    file's name for an absolute local path), so a push does not publish where the images lie on this machine.
+    file's name for a path that leads out of its folder), so a push does not publish where the images lie here.
 
     Yields `folder` itself if there is nothing to change; else a copy beside it (the files hard-linked where the
     file system allows, so no weights are copied), removed afterwards.
@@ -714,7 +715,13 @@ def _shareable_copy(folder: Path) -> Iterator[Path]:
     if shared_shots == shots:
         yield folder
         return
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.push-", dir=folder.parent))
+    # Held while it lives, under a name a later push removes if this process is killed (`remove_abandoned`).
+    prefix = f".{folder.name}.push-"
+    remove_abandoned(folder.parent, prefix)
+    try:
+        staging, held = make_held_partial_dir(folder.parent, prefix)
+    except OSError:  # (a folder one may not write beside: a copy in the temporary folder, the weights copied)
+        staging, held = Path(tempfile.mkdtemp(prefix=prefix)), None
     try:
         copy = staging / folder.name
 
@@ -730,6 +737,7 @@ def _shareable_copy(folder: Path) -> Iterator[Path]:
         yield copy
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        let_go(held)
 
 
 def finetune(

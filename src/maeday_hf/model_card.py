@@ -10,13 +10,18 @@ from huggingface_hub import ModelCardData
 
 from .calibration import TOP_SCORE_MARGIN
 from .detector_card import is_hub_id
+from .images import is_url
 from .pipeline import DEFAULT_MASK_RATIO, DEFAULT_NUM_MASKS
 
 def shareable_shot_name(shot: str) -> str:
-    """A shot's name as a card or a push shows it: an absolute local path becomes the file's name (it says nothing
-    to readers elsewhere, and can tell them a user name or a customer's); anything else stays as it was given. The
-    local training_log.json keeps the shots as they were given."""
-    return os.path.basename(shot) if os.path.isabs(shot) else shot
+    """A shot's name as a card or a push shows it: a local path that leads outside the folder it was given from (an
+    absolute one, or one through `..`) becomes the file's name (it says nothing to readers elsewhere, and can tell them
+    a user name or a customer's); anything else (a relative path inside, a URL as `shot_views` records it, without
+    credentials or query) stays as it was given. The local training_log.json keeps the shots as they were given."""
+    if is_url(shot):
+        return shot
+    leaves = os.path.isabs(shot) or ".." in shot.replace("\\", "/").split("/")
+    return os.path.basename(shot) if leaves else shot
 
 
 CARD_TEMPLATE = """---

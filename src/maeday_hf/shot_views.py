@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .images import IMAGE_SUFFIXES, is_single_image, is_url, list_images, load_rgb_image
+from .images import IMAGE_SUFFIXES, is_single_image, is_url, list_images, load_rgb_image, redact_url
 from .masking import random_mask_noise
 
 TRAINING_VIEWS = 0
@@ -105,10 +105,10 @@ def load_shot_images(shots: Sequence[Any]) -> tuple[list[Image.Image], list[str]
 
 
 def _shot_name(entry: Any, index: int) -> str:
-    """How a shot is recorded (training log, model card): its path, or its URL without query and fragment (where
-    access tokens travel), or its position."""
+    """How a shot is recorded (training log, model card): its path, or its URL without `user:password@`, query and
+    fragment (where access tokens travel), or its position."""
     if isinstance(entry, str) and is_url(entry):
-        return entry.split("?", 1)[0].split("#", 1)[0]
+        return redact_url(entry).split("?", 1)[0].split("#", 1)[0]
     return os.fspath(entry) if isinstance(entry, (Path, str)) else f"<image {index}>"
 
 
