@@ -65,7 +65,7 @@ def test_a_folder_of_real_images_is_never_replaced(tmp_path):
     (real / "train" / "good").mkdir(parents=True)
     (real / "train" / "good" / "real_0001.png").write_bytes(b"real")
     (real / "notes.txt").write_text("line 3")
-    with pytest.raises(ValueError, match=r"mvtec/wood' exists and is not a synthetic category written by maeday-hf"):
+    with pytest.raises(ValueError, match=r"mvtec/wood' exists and holds no .maeday-synthetic.json"):
         write_synthetic_mvtec(tmp_path / "mvtec", categories=("disc", "wood"), num_train=1, num_test_good=1,
                               num_test_per_defect=1, image_size=24)
     assert (real / "train" / "good" / "real_0001.png").read_bytes() == b"real"
@@ -121,3 +121,33 @@ def test_the_synthetic_dataset_as_written_is_loaded_when_no_setting_is_asked_for
                           image_size=24)
     assert load_synthetic_dataset(tmp_path, "disc")["train"].num_rows == 3  # not rewritten at the defaults (8)
     assert load_synthetic_dataset(tmp_path, "disc", image_size=24)["train"].num_rows == 3
+
+
+def test_a_real_folder_that_appears_while_the_set_is_written_survives(tmp_path, monkeypatch):
+    import maeday_hf.synthetic as synthetic
+
+    original = synthetic._write_category
+
+    def write_while_someone_copies_data_in(category_dir, category, *args):
+        original(category_dir, category, *args)
+        (tmp_path / category / "train").mkdir(parents=True)  # after the first check, before the swap
+        (tmp_path / category / "train" / "real.png").write_bytes(b"real")
+
+    monkeypatch.setattr(synthetic, "_write_category", write_while_someone_copies_data_in)
+    with pytest.raises(ValueError, match="holds no .maeday-synthetic.json"):
+        write_synthetic_mvtec(tmp_path, categories=("disc",), num_train=1, num_test_good=1, num_test_per_defect=1,
+                              image_size=24)
+    assert (tmp_path / "disc" / "train" / "real.png").read_bytes() == b"real"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["disc"]  # put back; nothing else left
+
+
+def test_a_synthetic_category_without_its_settings_is_loaded_as_it_is_and_said(tmp_path, caplog):
+    from maeday_hf.data import load_synthetic_dataset
+    from maeday_hf.synthetic import SYNTHETIC_MARKER
+
+    write_synthetic_mvtec(tmp_path, categories=("disc",), num_train=3, num_test_good=1, num_test_per_defect=1,
+                          image_size=24)
+    (tmp_path / "disc" / SYNTHETIC_MARKER).unlink()  # as an older maeday-hf wrote it
+    with caplog.at_level("WARNING", logger="maeday_hf.data.synthetic"):
+        assert load_synthetic_dataset(tmp_path, "disc", num_train=1)["train"].num_rows == 3
+    assert "records no settings" in caplog.text and "'num_train': 1" in caplog.text

@@ -69,13 +69,18 @@ def write_atomically(path: str | os.PathLike, write: Callable[[str], None]) -> P
     return path
 
 
-def replace_folder(finished: str | os.PathLike, target: str | os.PathLike) -> Path:
+def replace_folder(
+    finished: str | os.PathLike, target: str | os.PathLike, check_replaced: Callable[[Path], None] | None = None
+) -> Path:
     """Move the complete folder `finished` to `target`, replacing what is there.
 
     An existing `target` is renamed aside first and deleted only after the swap, so `target` is at every moment either
     the old folder or the new one, never a mix. If the swap fails, the old folder is put back. If another process put a
     folder at `target` in the meantime (e.g. a concurrent writer of the same deterministic content), the rename fails,
     that folder stays, and the `OSError` is raised.
+
+    `check_replaced`, if given, is called with what was at `target` once it is renamed aside (so whatever it checks
+    cannot change before the swap); if it raises, that is put back and the error raised.
     """
     finished, target = Path(finished), Path(target)
     previous = target.with_name(f".{target.name}.replaced-{os.getpid()}")
@@ -84,6 +89,8 @@ def replace_folder(finished: str | os.PathLike, target: str | os.PathLike) -> Pa
     if moved_aside:
         os.replace(target, previous)
     try:
+        if moved_aside and check_replaced is not None:
+            check_replaced(previous)
         os.replace(finished, target)
     except BaseException:
         if moved_aside and not target.exists():

@@ -190,9 +190,10 @@ def write_synthetic_mvtec(
             try:
                 _write_category(partial, category, num_train, num_test_good, num_test_per_defect, image_size, seed)
                 (partial / SYNTHETIC_MARKER).write_text(json.dumps(settings, indent=2) + "\n")
-                _require_replaceable(root / category)  # (again: it may have appeared while this one was written)
                 try:
-                    replace_folder(partial, root / category)
+                    # (checked again once renamed aside: a folder may have appeared there while this one was written)
+                    replace_folder(partial, root / category,
+                                   check_replaced=lambda previous: _require_replaceable(previous, root / category))
                 except OSError:
                     if written_settings(root / category) != settings:  # not a concurrent writer that finished first
                         raise
@@ -226,17 +227,18 @@ def written_settings(category_dir: str | os.PathLike) -> dict | None:
         return None
 
 
-def _require_replaceable(category_dir: Path) -> None:
-    """Refuse to replace anything but a synthetic category folder (`SYNTHETIC_MARKER` in it) or an empty folder."""
+def _require_replaceable(category_dir: Path, name: Path | None = None) -> None:
+    """Refuse to replace anything but a synthetic category folder (`SYNTHETIC_MARKER` in it) or an empty folder.
+    `name`: the path to name in the error (`category_dir` itself by default)."""
     if not (category_dir.exists() or category_dir.is_symlink()):
         return
     if category_dir.is_dir() and not category_dir.is_symlink():
         if (category_dir / SYNTHETIC_MARKER).is_file() or not any(category_dir.iterdir()):
             return
     raise ValueError(
-        f"{os.fspath(category_dir)!r} exists and is not a synthetic category written by maeday-hf (it has no "
-        f"{SYNTHETIC_MARKER}); writing the synthetic set there would replace it. Choose another folder, or remove "
-        f"it first."
+        f"{os.fspath(name or category_dir)!r} exists and holds no {SYNTHETIC_MARKER} (which maeday-hf writes into "
+        f"every synthetic category since 2026-11-29); writing the synthetic set there would replace it. Choose "
+        f"another folder, or remove it first if it is an older synthetic set."
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -10,6 +11,8 @@ import datasets
 from ..synthetic import CATEGORIES as SYNTHETIC_CATEGORIES
 from ..synthetic import synthetic_settings, write_synthetic_mvtec, written_settings
 from .mvtec import load_mvtec
+
+logger = logging.getLogger(__name__)
 
 
 def load_synthetic_dataset(
@@ -38,4 +41,9 @@ def load_synthetic_dataset(
         written is not None and any(written.get(key) != asked[key] for key in write_kwargs)
     ):
         write_synthetic_mvtec(root, categories=[category], **write_kwargs)
+    elif written is None and write_kwargs:
+        logger.warning(
+            "%s records no settings (written before 2026-11-29, or not by maeday-hf): loaded as it is, not checked "
+            "against %s; remove it to have it written with them.", category_dir, write_kwargs,
+        )
     return load_mvtec(root, category)
