@@ -34,8 +34,11 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out
 # take the lease's remaining minutes with it, and the run ends within one 10-minute command with its results out.
 run() {
     local left=$(( 585 - SECONDS ))
-    if (( left < 30 )); then echo "SKIPPED (no time left): $*" >&2; return; fi
-    timeout $(( left < 150 ? left : 150 )) "$@" || echo "FAILED rc=$?: $*" >&2
+    if (( left < 30 )); then echo "SKIPPED (no time left): $*" >&2; return 124; fi
+    timeout $(( left < 150 ? left : 150 )) "$@"
+    local status=$?
+    (( status == 0 )) || echo "FAILED rc=$status: $*" >&2
+    return $status
 }
 run python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py > "$out/gpu_tests.txt" 2>&1
 echo "gpu tests: rc=$?"; tail -15 "$out/gpu_tests.txt"

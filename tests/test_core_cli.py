@@ -567,6 +567,9 @@ def test_max_image_pixels_lets_larger_images_in_and_no_more(tiny_checkpoint, tmp
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no decompression-bomb warning either: the user chose the bound
         assert main(["detect", *common, "--out", str(tmp_path / "c"), "--max-image-pixels", "5_000"]) == 0
+    assert Image.MAX_IMAGE_PIXELS == 1000  # restored after the run
+    assert main(["detect", *common, "--out", str(tmp_path / "e"), "--max-image-pixels", "4998"]) == 2
+    assert "exceeds limit of 4998 pixels" in capsys.readouterr().err  # (an int, as Pillow's own limits are)
     with pytest.raises(SystemExit) as exit_status:
         main(["detect", *common, "--out", str(tmp_path / "d"), "--max-image-pixels", "0"])
     assert exit_status.value.code == 2

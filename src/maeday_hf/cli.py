@@ -403,13 +403,21 @@ def add_max_image_pixels_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def allow_images_up_to(num_pixels: int) -> None:
-    """Let Pillow decode images of up to `num_pixels` pixels, and no more, without its decompression-bomb warning
-    (the user chose the bound). Pillow refuses an image above twice its `MAX_IMAGE_PIXELS` and warns above it."""
+@contextlib.contextmanager
+def images_allowed_up_to(num_pixels: int):
+    """Within the block, Pillow decodes images of up to `num_pixels` pixels, and no more, without its
+    decompression-bomb warning (the user chose the bound); its limit and warnings are restored afterwards. Pillow
+    refuses an image above twice its `MAX_IMAGE_PIXELS` and warns above it."""
     from PIL import Image
 
-    Image.MAX_IMAGE_PIXELS = num_pixels / 2
-    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+    original = Image.MAX_IMAGE_PIXELS
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+        Image.MAX_IMAGE_PIXELS = num_pixels // 2 if num_pixels % 2 == 0 else num_pixels / 2
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = original
 
 
 def run_synthetic(args: argparse.Namespace) -> int:
@@ -600,10 +608,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         transformers_logging.disable_progress_bar()
     configure_logging(logging.INFO if args.verbose else logging.WARNING)
-    if getattr(args, "max_image_pixels", None) is not None:
-        allow_images_up_to(args.max_image_pixels)
+    max_image_pixels = getattr(args, "max_image_pixels", None)
     try:
-        with terminate_as_interrupt():
+        with terminate_as_interrupt(), (
+            contextlib.nullcontext() if max_image_pixels is None else images_allowed_up_to(max_image_pixels)
+        ):
             return args.handler(args)
     except (CommandError, *USER_ERRORS) as error:
         print(f"maeday: error: {one_line_message(error)}", file=sys.stderr)

@@ -59,7 +59,8 @@ def overlay_heatmap(
     base = np.asarray(image)
     blended = np.empty_like(base)
     # In bands of rows: the float64 work takes ~100 bytes per pixel, which for a whole 20,000 x 20,000 image would be
-    # 40 GB; a band holds at most _PIXELS_PER_BAND pixels. Each pixel's result is the same either way.
+    # 40 GB; a band holds at most _PIXELS_PER_BAND pixels, or one row where a row is longer. Each pixel's result is
+    # the same either way.
     rows_per_band = max(1, _PIXELS_PER_BAND // max(1, image.width))
     for top in range(0, image.height, rows_per_band):
         band = slice(top, top + rows_per_band)
