@@ -43,11 +43,13 @@ def main(argv=None) -> int:
     parser.add_argument("--shots", type=int, nargs="+", default=[0, 1, 4])
     parser.add_argument("--shot-seeds", type=int, default=3)
     parser.add_argument("--num-masks", type=int, default=32)
+    parser.add_argument("--finetune-steps", type=int, default=50, help="the paper's 50 by default")
+    parser.add_argument("--finetune-learning-rate", type=float, default=1e-2, help="the paper's 1e-2 by default")
     args = parser.parse_args(argv)
     if args.image_size < MIN_IMAGE_SIZE or args.image_size % PATCH_SIZE:
         parser.error(f"--image-size must be a multiple of {PATCH_SIZE} (the patch size) >= {MIN_IMAGE_SIZE}, got "
                      f"{args.image_size}")
-    for name in ("pretrain_images", "pretrain_steps", "shot_seeds", "num_masks"):
+    for name in ("pretrain_images", "pretrain_steps", "shot_seeds", "num_masks", "finetune_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if min(args.shots) < 0 or max(args.shots) > args.num_train:
@@ -75,14 +77,18 @@ def main(argv=None) -> int:
     if missing:
         write_synthetic_mvtec(data, categories=missing, **wanted)
 
+    # One protocol folder per fine-tune recipe (maeday-evaluate resumes a folder only with its own settings).
+    recipe = (args.finetune_steps, args.finetune_learning_rate)
+    protocol = output_dir / ("protocol" if recipe == (50, 1e-2) else f"protocol-steps{recipe[0]}-lr{recipe[1]:g}")
     status = evaluate.main([
         "--model", str(model), "--dataset", f"synthetic:{data}", "--categories", *args.categories,
-        "--output-dir", str(output_dir / "protocol"), "--shots", *map(str, args.shots),
+        "--output-dir", str(protocol), "--shots", *map(str, args.shots),
         "--shot-seeds", str(args.shot_seeds), "--num-masks", str(args.num_masks), "--repetitions", "--no-plots",
+        "--finetune-steps", str(args.finetune_steps), "--finetune-learning-rate", str(args.finetune_learning_rate),
         "--quiet",
     ])
     if status == 0:
-        print((output_dir / "protocol" / "tables.md").read_text())
+        print((protocol / "tables.md").read_text())
     return status
 
 
