@@ -591,3 +591,51 @@ def test_a_second_gpu_is_refused_where_the_fine_tunes_would_train_on_the_first(t
     assert ProtocolConfig(tiny_checkpoint, "unused", "unused", shots=(0,), device="cuda:1", bf16=False).device == (
         "cuda:1"  # zero-shot only: nothing is fine-tuned
     )
+
+
+def test_a_resume_after_the_models_weights_changed_is_refused(synthetic_root, tmp_path, capsys):
+    from conftest import make_tiny_model, save_tiny_checkpoint
+
+    from maeday_hf.protocol import model_weights_digest
+
+    model = tmp_path / "model"
+    save_tiny_checkpoint(str(model))
+    first = model_weights_digest(str(model))
+    argv = _argv(model, synthetic_root, tmp_path / "out", "--shots", "0", "--repetitions")
+    assert evaluate_script.main(argv) == 0
+    assert json.loads((tmp_path / "out" / "settings.json").read_text())["model_weights"] == first
+    assert evaluate_script.main(argv) == 0  # the same checkpoint: resumes
+    # The same folder, other weights (retrained into it, say): its units would be mixed with the earlier ones.
+    make_tiny_model(seed=7).save_pretrained(model)
+    assert model_weights_digest(str(model)) != first
+    capsys.readouterr()  # (the save's progress bar)
+    assert "model_weights" in _run_error(capsys, argv)
+    # A run recorded before the digest was kept resumes as before.
+    settings_path = tmp_path / "out" / "settings.json"
+    settings = json.loads(settings_path.read_text())
+    del settings["model_weights"]
+    settings_path.write_text(json.dumps(settings))
+    for unit in (tmp_path / "out" / "units").rglob("*.json"):
+        record = json.loads(unit.read_text())
+        del record["settings"]["model_weights"]
+        unit.write_text(json.dumps(record))
+    assert evaluate_script.main(argv) == 0
+
+
+def test_the_weights_digest_follows_the_contents_of_every_shard(tmp_path):
+    from conftest import make_tiny_model
+
+    from maeday_hf.protocol import model_weights_digest
+
+    model = make_tiny_model(seed=3)
+    model.save_pretrained(tmp_path / "whole")
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
+    whole, sharded = model_weights_digest(str(tmp_path / "whole")), model_weights_digest(str(tmp_path / "sharded"))
+    assert whole is not None and sharded is not None
+    shard = sorted((tmp_path / "sharded").glob("*.safetensors"))[-1]
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1  # one bit of the last shard's last tensor
+    shard.write_bytes(bytes(data))
+    assert model_weights_digest(str(tmp_path / "sharded")) != sharded
+    assert model_weights_digest(str(tmp_path / "missing")) is None

@@ -23,7 +23,8 @@ has a single "seed". PatchCore, its 2×PatchCore ensemble (coreset seeds 0 and 1
 Layout of `RESULTS`:
 
 ```
-settings.json                         what the unit values depend on (a rerun with other settings is refused)
+settings.json                         what the unit values depend on, the model's weights digest included (a rerun
+                                      with other settings, or after the model's checkpoint changed, is refused)
 units/<category>/k1-seed0-maeday.json one file per finished unit: metrics (and the pixel metrics' error bounds),
                                       config, timing, shot indices, image scores
 adapters/<category>/k1-seed0/         fine-tuned MAEDAY adapters
@@ -36,6 +37,8 @@ fig2_shots.png, fig3_repetitions.png  Figs. 2 and 3
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import json
 import logging
 import os
@@ -304,6 +307,7 @@ class ProtocolConfig:
         """What the value of a unit depends on (categories, shots and seeds only add units)."""
         return {
             "model": _as_location(self.model),
+            "model_weights": model_weights_digest(self.model),
             "dataset": _as_location(self.dataset),
             "mask_ratio": self.mask_ratio,
             "mask_seed": self.mask_seed,
@@ -340,6 +344,63 @@ def _as_location(spec: str) -> str:
 
 def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
+
+
+def model_weights_digest(model: str) -> str | None:
+    """A digest of the model's weights: SHA-256 (its first 16 hex digits) over the contents of the checkpoint's
+    weight files, as `from_pretrained` finds them (a folder, or a Hub id in the cache); None where there are none to
+    find (e.g. an adapter folder, whose weights sit in `adapter/`; or a Hub id not cached, which then fails to load).
+
+    Recorded with the run's settings, so a resume after the folder's checkpoint was replaced (retrained, say) is
+    refused instead of mixing two models' units. Computed once per state of the files (~1 s for ViT-B)."""
+    try:
+        return _model_weights_digest(os.path.expanduser(model))
+    except (OSError, ValueError, KeyError):  # (nothing to find: the model check names the problem)
+        return None
+
+
+def _model_weights_digest(location: str) -> str | None:
+    from transformers.utils import (
+        SAFE_WEIGHTS_INDEX_NAME,
+        SAFE_WEIGHTS_NAME,
+        WEIGHTS_INDEX_NAME,
+        WEIGHTS_NAME,
+        cached_file,
+    )
+
+    for single, index in ((SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME), (WEIGHTS_NAME, WEIGHTS_INDEX_NAME)):
+        found = {
+            name: cached_file(location, name, _raise_exceptions_for_missing_entries=False,
+                              _raise_exceptions_for_connection_errors=False)
+            for name in (index, single)
+        }
+        if found[index]:
+            with open(found[index], encoding="utf-8") as handle:
+                shards = sorted(set(json.load(handle)["weight_map"].values()))
+            files = [cached_file(location, shard, _raise_exceptions_for_missing_entries=False,
+                                 _raise_exceptions_for_connection_errors=False) for shard in shards]
+            if all(files):
+                return _files_digest(tuple((path, *_file_state(path)) for path in files))
+        elif found[single]:
+            return _files_digest(((found[single], *_file_state(found[single])),))
+    return None
+
+
+def _file_state(path: str) -> tuple[int, int, int]:
+    status = os.stat(path)
+    return status.st_size, status.st_mtime_ns, status.st_ino
+
+
+@functools.lru_cache(maxsize=8)
+def _files_digest(files: tuple[tuple[str, int, int, int], ...]) -> str:
+    """SHA-256 over the files' contents in order; cached by (path, size, modification time, inode), so an unchanged
+    checkpoint is read once per process."""
+    digest = hashlib.sha256()
+    for path, *_ in files:
+        with open(path, "rb") as handle:
+            while chunk := handle.read(1 << 23):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
 
 
 # ------------------------------------------------------------------------------------------------------------- units
@@ -555,7 +616,7 @@ def _differing_settings(recorded: dict[str, Any], current: dict[str, Any]) -> li
         {"patchcore", "ensemble_normalization"}
         if recorded.get("patchcore") is None or current.get("patchcore") is None
         else set()
-    )
+    ) | ({"model_weights"} if "model_weights" not in recorded else set())  # (not recorded before 2026-11-29)
     return sorted(key for key in (set(recorded) | set(current)) - optional if recorded.get(key) != current.get(key))
 
 
