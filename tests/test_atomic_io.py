@@ -164,3 +164,12 @@ def test_only_partials_of_killed_runs_are_removed(tmp_path):
         holder.wait()
     assert remove_abandoned(tmp_path, ".out.partial-") == [running]  # its process is gone
     assert remove_abandoned(tmp_path / "missing", ".out.partial-") == []
+
+
+def test_a_saved_detectors_weights_get_the_permissions_of_its_config(tmp_path, umask_027, tiny_checkpoint):
+    from maeday_hf.modeling import load_detector
+
+    load_detector(tiny_checkpoint, device="cpu").save_pretrained(tmp_path / "saved")
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in (tmp_path / "saved").iterdir()}
+    assert modes["config.json"] == 0o640 and modes["README.md"] == 0o640
+    assert modes["model.safetensors"] == 0o640  # safetensors alone writes 0o600

@@ -36,7 +36,6 @@ import logging
 import math
 import os
 import shutil
-import stat
 import tempfile
 import time
 from collections.abc import Iterator
@@ -67,6 +66,7 @@ from .pipeline import (
     THRESHOLD_CONFIG_KEY,
     THRESHOLD_SETTINGS_CONFIG_KEY,
     AnomalyDetectionPipeline,
+    give_weights_the_permissions_of,
     require_whole_image_processor,
 )
 from .reconstruction import (
@@ -656,15 +656,7 @@ def _write_folder(
         full_finetune=config.full_finetune,
     )
     (folder / "README.md").write_text(card)
-    # safetensors (0.8) writes its files owner-only (0o600) whatever the umask: give the weights the permissions of
-    # the files written here with open() (the umask's), so whoever may read the run's config may read its weights
-    # (a shared folder, a model server running as another user).
-    like = stat.S_IMODE(os.stat(folder / TRAINING_LOG_FILE).st_mode)
-    for weights in folder.rglob("*.safetensors"):
-        try:
-            os.chmod(weights, like)
-        except OSError as error:  # (some mounts refuse chmod: the run is kept, owner-only)
-            logger.warning("Could not give %s the permissions of the run's other files: %s", weights, error)
+    give_weights_the_permissions_of(folder, folder / TRAINING_LOG_FILE)  # (not owner-only, as safetensors writes them)
 
 
 def push_folder_to_hub(folder: str | os.PathLike, repo_id: str, private: bool = False, token: str | None = None) -> str:

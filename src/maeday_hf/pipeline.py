@@ -14,6 +14,7 @@ import logging
 import math
 import numbers
 import os
+import stat
 import tempfile
 import threading
 from typing import Any
@@ -174,6 +175,20 @@ THRESHOLD_CONFIG_KEY = "anomaly_threshold"
 THRESHOLD_SETTINGS_CONFIG_KEY = "anomaly_threshold_settings"
 """Config key of the scoring settings the threshold was calibrated with: `{"num_masks": N, "mask_ratio": r,
 "mask_schedule": "random"}`."""
+
+
+def give_weights_the_permissions_of(folder: str | os.PathLike, like: str | os.PathLike) -> None:
+    """safetensors writes its files owner-only (0o600) whatever the umask: give the `*.safetensors` files under
+    `folder` the permissions of `like`, a file written there with `open()` (the umask's), so whoever may read the
+    folder's config may read its weights (a shared folder, a model server running as another user)."""
+    mode = stat.S_IMODE(os.stat(like).st_mode)
+    for root, _, names in os.walk(folder):
+        for name in names:
+            if name.endswith(".safetensors"):
+                try:
+                    os.chmod(os.path.join(root, name), mode)
+                except OSError as error:  # (some mounts refuse chmod: the weights stay owner-only)
+                    logger.warning("Could not give %s the permissions of %s: %s", name, like, error)
 
 
 def calibrated_threshold(config: Any) -> float | None:
@@ -561,6 +576,7 @@ class AnomalyDetectionPipeline(Pipeline):
         if os.path.isfile(save_directory):  # (transformers only logs this, and saves nothing)
             raise ValueError(f"save_directory {os.fspath(save_directory)!r} is a file; expected a folder to save into.")
         super().save_pretrained(save_directory, **kwargs)
+        give_weights_the_permissions_of(save_directory, os.path.join(save_directory, "config.json"))
         card_path = os.path.join(save_directory, "README.md")
         if is_generated_card(card_path):
             write_card(card_path, self._model_card(os.path.basename(os.path.abspath(save_directory))))
