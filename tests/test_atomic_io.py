@@ -173,3 +173,17 @@ def test_a_saved_detectors_weights_get_the_permissions_of_its_config(tmp_path, u
     modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in (tmp_path / "saved").iterdir()}
     assert modes["config.json"] == 0o640 and modes["README.md"] == 0o640
     assert modes["model.safetensors"] == 0o640  # safetensors alone writes 0o600
+    load_detector(tiny_checkpoint, device="cpu").save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    shards = sorted((tmp_path / "sharded").glob("*.safetensors"))
+    assert len(shards) > 1 and {stat.S_IMODE(shard.stat().st_mode) for shard in shards} == {0o640}
+
+
+def test_saving_a_detector_into_a_folder_leaves_other_weights_there_alone(tmp_path, tiny_checkpoint):
+    from maeday_hf.modeling import load_detector
+
+    private = tmp_path / "here" / "private_models" / "secret.safetensors"
+    private.parent.mkdir(parents=True)
+    private.write_bytes(b"x")
+    os.chmod(private, 0o600)
+    load_detector(tiny_checkpoint, device="cpu").save_pretrained(tmp_path / "here")
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600

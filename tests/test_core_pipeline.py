@@ -657,3 +657,15 @@ def test_folder_listing_leaves_out_hidden_files(tmp_path):
         (tmp_path / name).write_bytes(b"")
     (tmp_path / "sub.png").mkdir()
     assert [path.name for path in list_images(tmp_path)] == ["a.JPG", "b.png"]
+
+
+def test_a_card_of_the_first_generated_kind_is_rewritten(tiny_checkpoint, tmp_path):
+    from maeday_hf.detector_card import is_generated_card
+
+    (tmp_path / "saved").mkdir()
+    (tmp_path / "saved" / "README.md").write_text(
+        "---\ntags:\n- maeday\n---\n\n<!-- written by maeday_hf: saving the detector again rewrites this card -->\n\n"
+        "# MAEDAY anomaly detector: saved\n")
+    load_detector(tiny_checkpoint, device="cpu").save_pretrained(tmp_path / "saved")
+    assert is_generated_card(tmp_path / "saved" / "README.md")
+    assert "| image size |" in (tmp_path / "saved" / "README.md").read_text()

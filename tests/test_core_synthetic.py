@@ -126,14 +126,15 @@ def test_the_synthetic_dataset_as_written_is_loaded_when_no_setting_is_asked_for
 def test_a_real_folder_that_appears_while_the_set_is_written_survives(tmp_path, monkeypatch):
     import maeday_hf.synthetic as synthetic
 
-    original = synthetic._write_category
+    original = synthetic.replace_folder
 
-    def write_while_someone_copies_data_in(category_dir, category, *args):
-        original(category_dir, category, *args)
-        (tmp_path / category / "train").mkdir(parents=True)  # after the first check, before the swap
-        (tmp_path / category / "train" / "real.png").write_bytes(b"real")
+    def someone_copies_data_in_first(finished, target, **kwargs):
+        # After every check before the swap: only a check of what the swap moves aside can see it.
+        (tmp_path / "disc" / "train").mkdir(parents=True)
+        (tmp_path / "disc" / "train" / "real.png").write_bytes(b"real")
+        return original(finished, target, **kwargs)
 
-    monkeypatch.setattr(synthetic, "_write_category", write_while_someone_copies_data_in)
+    monkeypatch.setattr(synthetic, "replace_folder", someone_copies_data_in_first)
     with pytest.raises(ValueError, match="holds no .maeday-synthetic.json"):
         write_synthetic_mvtec(tmp_path, categories=("disc",), num_train=1, num_test_good=1, num_test_per_defect=1,
                               image_size=24)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import load_script
@@ -609,7 +610,7 @@ def test_a_resume_after_the_models_weights_changed_is_refused(synthetic_root, tm
     make_tiny_model(seed=7).save_pretrained(model)
     assert model_weights_digest(str(model)) != first
     capsys.readouterr()  # (the save's progress bar)
-    assert "model_weights" in _run_error(capsys, argv)
+    assert "the model's weight files changed since" in _run_error(capsys, argv)
     # A run recorded before the digest was kept resumes as before.
     settings_path = tmp_path / "out" / "settings.json"
     settings = json.loads(settings_path.read_text())
@@ -639,3 +640,17 @@ def test_the_weights_digest_follows_the_contents_of_every_shard(tmp_path):
     shard.write_bytes(bytes(data))
     assert model_weights_digest(str(tmp_path / "sharded")) != sharded
     assert model_weights_digest(str(tmp_path / "missing")) is None
+    # A few-shot adapter folder: its LoRA weights and its base's.
+    from safetensors.torch import save_file
+
+    adapter = tmp_path / "adapter-run" / "adapter"
+    adapter.mkdir(parents=True)
+    save_file({"lora_A": torch.ones(2, 2)}, str(adapter / "adapter_model.safetensors"))
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(tmp_path / "whole")}))
+    first = model_weights_digest(str(tmp_path / "adapter-run"))
+    assert first is not None and first != whole
+    make_tiny_model(seed=4).save_pretrained(tmp_path / "whole")  # the base replaced
+    assert model_weights_digest(str(tmp_path / "adapter-run")) != first
+    second = model_weights_digest(str(tmp_path / "adapter-run"))
+    save_file({"lora_A": torch.zeros(2, 2)}, str(adapter / "adapter_model.safetensors"))  # the adapter retrained
+    assert model_weights_digest(str(tmp_path / "adapter-run")) not in (first, second)

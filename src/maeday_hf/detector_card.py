@@ -173,10 +173,16 @@ def _digest(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
+_FIRST_MARKER = "<!-- written by maeday_hf: saving the detector again rewrites this card -->"
+"""The marker of the first generated cards (2026-11-29, before the digest): rewritten as the card's own."""
+
+
 def is_generated_text(card: str) -> bool:
     """Whether `card` is a card this module wrote, as it wrote it (its marker's digest matches the rest of it)."""
     match = _MARKER_LINE.search(card)
-    return match is not None and match.group(1) == _digest(card[: match.start()] + card[match.end():])
+    if match is None:
+        return _FIRST_MARKER in card
+    return match.group(1) == _digest(card[: match.start()] + card[match.end():])
 
 
 def is_generated_card(path: str | os.PathLike) -> bool:

@@ -656,7 +656,8 @@ def _write_folder(
         full_finetune=config.full_finetune,
     )
     (folder / "README.md").write_text(card)
-    give_weights_the_permissions_of(folder, folder / TRAINING_LOG_FILE)  # (not owner-only, as safetensors writes them)
+    # (the run's own folder, all of it written here: not owner-only, as safetensors writes them)
+    give_weights_the_permissions_of(folder.rglob("*.safetensors"), folder / TRAINING_LOG_FILE)
 
 
 def push_folder_to_hub(folder: str | os.PathLike, repo_id: str, private: bool = False, token: str | None = None) -> str:

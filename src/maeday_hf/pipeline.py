@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections.abc
 import functools
+import json
 import logging
 import math
 import numbers
@@ -177,18 +178,30 @@ THRESHOLD_SETTINGS_CONFIG_KEY = "anomaly_threshold_settings"
 "mask_schedule": "random"}`."""
 
 
-def give_weights_the_permissions_of(folder: str | os.PathLike, like: str | os.PathLike) -> None:
-    """safetensors writes its files owner-only (0o600) whatever the umask: give the `*.safetensors` files under
-    `folder` the permissions of `like`, a file written there with `open()` (the umask's), so whoever may read the
-    folder's config may read its weights (a shared folder, a model server running as another user)."""
+def give_weights_the_permissions_of(weights: collections.abc.Iterable[str | os.PathLike], like: str | os.PathLike) -> None:
+    """safetensors writes its files owner-only (0o600) whatever the umask: give the `weights` files just written the
+    permissions of `like`, a file written beside them with `open()` (the umask's), so whoever may read the config may
+    read the weights (a shared folder, a model server running as another user)."""
     mode = stat.S_IMODE(os.stat(like).st_mode)
-    for root, _, names in os.walk(folder):
-        for name in names:
-            if name.endswith(".safetensors"):
-                try:
-                    os.chmod(os.path.join(root, name), mode)
-                except OSError as error:  # (some mounts refuse chmod: the weights stay owner-only)
-                    logger.warning("Could not give %s the permissions of %s: %s", name, like, error)
+    for path in weights:
+        try:
+            os.chmod(path, mode)
+        except OSError as error:  # (some mounts refuse chmod: the weights stay owner-only)
+            logger.warning("Could not give %s the permissions of %s: %s", os.fspath(path), os.fspath(like), error)
+
+
+def saved_weight_files(folder: str | os.PathLike) -> list[str]:
+    """The safetensors files `save_pretrained` writes at the top of `folder`: `model.safetensors`, or the shards its
+    index names (nothing else in the folder)."""
+    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+
+    index = os.path.join(folder, SAFE_WEIGHTS_INDEX_NAME)
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as handle:
+            names = sorted(set(json.load(handle)["weight_map"].values()))
+    else:
+        names = [SAFE_WEIGHTS_NAME]
+    return [os.path.join(folder, name) for name in names if os.path.isfile(os.path.join(folder, name))]
 
 
 def calibrated_threshold(config: Any) -> float | None:
@@ -576,7 +589,7 @@ class AnomalyDetectionPipeline(Pipeline):
         if os.path.isfile(save_directory):  # (transformers only logs this, and saves nothing)
             raise ValueError(f"save_directory {os.fspath(save_directory)!r} is a file; expected a folder to save into.")
         super().save_pretrained(save_directory, **kwargs)
-        give_weights_the_permissions_of(save_directory, os.path.join(save_directory, "config.json"))
+        give_weights_the_permissions_of(saved_weight_files(save_directory), os.path.join(save_directory, "config.json"))
         card_path = os.path.join(save_directory, "README.md")
         if is_generated_card(card_path):
             write_card(card_path, self._model_card(os.path.basename(os.path.abspath(save_directory))))

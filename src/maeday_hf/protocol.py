@@ -348,11 +348,12 @@ def _jsonable(value: Any) -> Any:
 
 def model_weights_digest(model: str) -> str | None:
     """A digest of the model's weights: SHA-256 (its first 16 hex digits) over the contents of the checkpoint's
-    weight files, as `from_pretrained` finds them (a folder, or a Hub id in the cache); None where there are none to
-    find (e.g. an adapter folder, whose weights sit in `adapter/`; or a Hub id not cached, which then fails to load).
+    weight files, as `from_pretrained` finds them (a folder, or a Hub id in the cache); for a few-shot adapter folder,
+    over its adapter's weights and its base's digest. None where there are none to find (a Hub id not cached, which
+    then fails to load).
 
     Recorded with the run's settings, so a resume after the folder's checkpoint was replaced (retrained, say) is
-    refused instead of mixing two models' units. Computed once per state of the files (~1 s for ViT-B)."""
+    refused instead of mixing two models' units. Computed once per state of the files (0.3 s for 500 MB here)."""
     try:
         return _model_weights_digest(os.path.expanduser(model))
     except (OSError, ValueError, KeyError):  # (nothing to find: the model check names the problem)
@@ -383,18 +384,37 @@ def _model_weights_digest(location: str) -> str | None:
                 return _files_digest(tuple((path, *_file_state(path)) for path in files))
         elif found[single]:
             return _files_digest(((found[single], *_file_state(found[single])),))
-    return None
+    return _adapter_weights_digest(location)
 
 
-def _file_state(path: str) -> tuple[int, int, int]:
+def _adapter_weights_digest(location: str) -> str | None:
+    """`maeday_hf.finetune`'s adapter folder: its LoRA weights, and the base they are merged into."""
+    from transformers.utils import cached_file
+
+    from .adapter_model import ADAPTER_SUBFOLDER
+
+    kwargs = dict(subfolder=ADAPTER_SUBFOLDER, _raise_exceptions_for_missing_entries=False,
+                  _raise_exceptions_for_connection_errors=False)
+    adapter = cached_file(location, "adapter_model.safetensors", **kwargs)
+    adapter_config = cached_file(location, "adapter_config.json", **kwargs)
+    if not (adapter and adapter_config):
+        return None
+    with open(adapter_config, encoding="utf-8") as handle:
+        base = json.load(handle).get("base_model_name_or_path")
+    base_digest = model_weights_digest(base) if base else None
+    adapter_digest = _files_digest(((adapter, *_file_state(adapter)),))
+    return hashlib.sha256(f"{adapter_digest} {base_digest}".encode()).hexdigest()[:16]
+
+
+def _file_state(path: str) -> tuple[int, int, int, int]:
     status = os.stat(path)
-    return status.st_size, status.st_mtime_ns, status.st_ino
+    return status.st_size, status.st_mtime_ns, status.st_ctime_ns, status.st_ino
 
 
 @functools.lru_cache(maxsize=8)
-def _files_digest(files: tuple[tuple[str, int, int, int], ...]) -> str:
-    """SHA-256 over the files' contents in order; cached by (path, size, modification time, inode), so an unchanged
-    checkpoint is read once per process."""
+def _files_digest(files: tuple[tuple[str, int, int, int, int], ...]) -> str:
+    """SHA-256 over the files' contents in order; cached by (path, size, modification and change times, inode), so
+    an unchanged checkpoint is read once per process."""
     digest = hashlib.sha256()
     for path, *_ in files:
         with open(path, "rb") as handle:
@@ -624,12 +644,17 @@ def _check_settings(config: ProtocolConfig) -> None:
     recorded = _recorded_settings(config.output_dir)
     if recorded is None:
         return
-    different = _differing_settings(recorded, _jsonable(config.settings()))
+    current = _jsonable(config.settings())
+    different = _differing_settings(recorded, current)
     if different:
+        changed = (
+            f"; the model's weight files changed since (digest {recorded.get('model_weights')} there, "
+            f"{current.get('model_weights')} now)" if "model_weights" in different else ""
+        )
         raise ValueError(
             f"{config.output_dir!r} holds results of a run with other settings ({', '.join(different)} differ: "
-            f"{ {k: recorded.get(k) for k in different} } there); resume with the same settings or use another "
-            f"--output-dir."
+            f"{ {k: recorded.get(k) for k in different} } there{changed}); resume with the same settings or use "
+            f"another --output-dir."
         )
 
 
