@@ -574,3 +574,31 @@ def test_max_image_pixels_lets_larger_images_in_and_no_more(tiny_checkpoint, tmp
         main(["detect", *common, "--out", str(tmp_path / "d"), "--max-image-pixels", "0"])
     assert exit_status.value.code == 2
     assert "--max-image-pixels: expected a number of pixels >= 1 (e.g. 400000000), got '0'" in capsys.readouterr().err
+
+
+def test_save_maps_keeps_each_map_and_mask_beside_the_heatmaps(synthetic_root, tiny_checkpoint, tmp_path, capsys):
+    from transformers import pipeline
+
+    test = synthetic_root / "stripes" / "test"
+    common = ["--model", tiny_checkpoint, "--num-masks", "3", "--device", "cpu", "--quiet", "--out", str(tmp_path / "o")]
+    assert main(["detect", str(test / "hole"), str(test / "good"), "--threshold", "1.2", "--save-maps", *common]) == 0
+    assert "(with maps/ and masks/)" in capsys.readouterr().out
+    heatmaps = tmp_path / "o" / "heatmaps"
+    names = sorted(path.stem for path in heatmaps.glob("*.png"))
+    assert sorted(path.stem for path in (heatmaps / "maps").iterdir()) == names
+    assert sorted(path.stem for path in (heatmaps / "masks").iterdir()) == names
+    detector = pipeline("anomaly-detection", model=tiny_checkpoint)
+    expected = detector(str(test / "hole" / "000.png"), num_masks=3, threshold=1.2)
+    anomaly_map = np.load(heatmaps / "maps" / "hole__000.npy")
+    assert anomaly_map.dtype == np.float32 and anomaly_map.shape == (48, 48)
+    np.testing.assert_allclose(anomaly_map, expected["anomaly_map"], rtol=1e-5, atol=1e-7)
+    mask = np.asarray(Image.open(heatmaps / "masks" / "hole__000.png"))
+    assert np.array_equal(mask, np.asarray(expected["mask"])) and set(np.unique(mask)) <= {0, 255}
+    # Without a threshold there are no masks; a run without the option leaves no maps of an earlier one behind.
+    assert main(["detect", str(test / "hole"), "--save-maps", *common]) == 0
+    assert (heatmaps / "maps").is_dir() and not (heatmaps / "masks").exists()
+    assert main(["detect", str(test / "hole"), *common]) == 0
+    assert not (heatmaps / "maps").exists() and not [p for p in (tmp_path / "o").rglob(".*")]
+    # A second run into the same --out does not score the first one's masks or maps as inputs.
+    assert main(["detect", str(tmp_path / "o"), "--save-maps", "--threshold", "1.2", *common]) == 2
+    assert "no images" in capsys.readouterr().err

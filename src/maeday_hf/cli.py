@@ -346,20 +346,28 @@ def _detect(args, call_kwargs, out_dir: Path, images: list[tuple[Path | str, str
         # /tmp would hold in memory).
         maps_dir = partial / ".maps"
         maps_dir.mkdir()
+        if args.save_maps:  # (subfolders: no heatmap's name has a separator, so none can collide with them)
+            (partial / "maps").mkdir()
         vmax = 0.0
         progress = tqdm(zip(images, results), total=len(images), desc="maeday detect", disable=args.quiet)
-        for index, ((path, _), result) in enumerate(progress):
+        for index, ((path, name), result) in enumerate(progress):
             rows.append((redact_url(path) if isinstance(path, str) else str(path), result["score"],
                          result.get("label")))
             try:
                 np.save(maps_dir / f"{index}.npy", result["anomaly_map"])
+                if args.save_maps and "mask" in result:
+                    (partial / "masks").mkdir(exist_ok=True)
+                    result["mask"].save(partial / "masks" / f"{name}.png", format="PNG")
             except OSError as error:
                 raise CommandError(f"cannot keep the anomaly maps for the heatmaps in {os.fspath(out_dir)!r} until "
                                    f"every image is scored ({error}); free space there or choose another --out")
             vmax = max(vmax, finite_max(result["anomaly_map"]))
         for index, ((_, name), source) in enumerate(zip(images, sources)):
             anomaly_map = np.load(maps_dir / f"{index}.npy")
-            (maps_dir / f"{index}.npy").unlink()
+            if args.save_maps:
+                os.replace(maps_dir / f"{index}.npy", partial / "maps" / f"{name}.npy")
+            else:
+                (maps_dir / f"{index}.npy").unlink()
             overlay = overlay_heatmap(load_rgb_image(source), anomaly_map, vmin=0.0, vmax=vmax)
             overlay.save(partial / f"{name}.png", format="PNG")
         maps_dir.rmdir()
@@ -381,7 +389,8 @@ def _detect(args, call_kwargs, out_dir: Path, images: list[tuple[Path | str, str
             pending_scores.unlink(missing_ok=True)
         for handle in held:
             let_go(handle)
-    print(f"Scored {len(rows)} images: {out_dir / 'scores.csv'}, heatmaps in {out_dir / 'heatmaps'}")
+    kept = (" (with maps/ and masks/)" if with_labels else " (with maps/)") if args.save_maps else ""
+    print(f"Scored {len(rows)} images: {out_dir / 'scores.csv'}, heatmaps in {out_dir / 'heatmaps'}{kept}")
     return 0
 
 
@@ -457,6 +466,9 @@ def add_detect_parser(subparsers) -> None:
                              "Ampere on, CPUs with AVX512-BF16/AMX), else fp32; maps stay fp32")
     parser.add_argument("--timeout", type=float, default=60.0,
                         help="seconds each image URL's download may take, in all (default: 60)")
+    parser.add_argument("--save-maps", action="store_true",
+                        help="also keep each anomaly map (heatmaps/maps/<name>.npy, float32 at the image's size) and, "
+                             "with labels, its mask (heatmaps/masks/<name>.png, 255 where the map exceeds the threshold)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_max_image_pixels_argument(parser)
     parser.set_defaults(handler=run_detect)
