@@ -654,3 +654,14 @@ def test_the_weights_digest_follows_the_contents_of_every_shard(tmp_path):
     second = model_weights_digest(str(tmp_path / "adapter-run"))
     save_file({"lora_A": torch.zeros(2, 2)}, str(adapter / "adapter_model.safetensors"))  # the adapter retrained
     assert model_weights_digest(str(tmp_path / "adapter-run")) not in (first, second)
+
+
+def test_the_weights_digest_is_found_once_per_run(tiny_checkpoint, monkeypatch):
+    import maeday_hf.protocol as protocol
+
+    calls = []
+    monkeypatch.setattr(protocol, "model_weights_digest", lambda model: calls.append(model) or "d1")
+    config = ProtocolConfig(tiny_checkpoint, "unused", "unused", device="cpu")
+    assert config.settings()["model_weights"] == config.settings()["model_weights"] == "d1"
+    monkeypatch.setattr(protocol, "model_weights_digest", lambda model: None)  # e.g. the Hub gone midway
+    assert config.settings()["model_weights"] == "d1" and calls == [tiny_checkpoint]

@@ -307,7 +307,7 @@ class ProtocolConfig:
         """What the value of a unit depends on (categories, shots and seeds only add units)."""
         return {
             "model": _as_location(self.model),
-            "model_weights": model_weights_digest(self.model),
+            "model_weights": self._model_weights(),
             "dataset": _as_location(self.dataset),
             "mask_ratio": self.mask_ratio,
             "mask_seed": self.mask_seed,
@@ -324,6 +324,14 @@ class ProtocolConfig:
         ) | (  # recorded when it is not the default, which every run before the option had
             {"ensemble_normalization": self.ensemble_normalization} if self.ensemble_normalization != "zscore" else {}
         )
+
+    def _model_weights(self) -> str | None:
+        """`model_weights_digest(self.model)`, found once per run (per config) and kept: every unit records it, and a
+        Hub lookup that fails midway (the network gone) must not give later units another value."""
+        cached = self.__dict__.get("_model_weights_digest")
+        if cached is None or cached[0] != self.model:
+            cached = self.__dict__["_model_weights_digest"] = (self.model, model_weights_digest(self.model))
+        return cached[1]
 
     def to_dict(self) -> dict[str, Any]:
         skip = ("finetune", "patchcore")  # their settings() form is JSON-friendly
