@@ -669,3 +669,22 @@ def test_a_card_of_the_first_generated_kind_is_rewritten(tiny_checkpoint, tmp_pa
     load_detector(tiny_checkpoint, device="cpu").save_pretrained(tmp_path / "saved")
     assert is_generated_card(tmp_path / "saved" / "README.md")
     assert "| image size |" in (tmp_path / "saved" / "README.md").read_text()
+
+
+def test_an_anomalous_label_never_comes_with_an_empty_mask(detector):
+    # A score just above the threshold: the map's bilinear resize to 45 x 45 lowered its interior peak below it.
+    image = np.full((45, 45, 3), 128, np.uint8)
+    image[18:27, 18:27] = np.random.RandomState(0).randint(0, 255, (9, 9, 3))
+    plain = detector(image, num_masks=4)
+    peak = float(plain["anomaly_map"].max())
+    assert peak < plain["score"]
+    threshold = (peak + plain["score"]) / 2
+    result = detector(image, num_masks=4, threshold=threshold)
+    mask = np.asarray(result["mask"])
+    assert result["label"] == "anomalous"
+    assert np.array_equal(mask > 0, plain["anomaly_map"] == plain["anomaly_map"].max())  # the peak, where it lies
+    # Elsewhere the mask is the map above the threshold, as before.
+    lower = detector(image, num_masks=4, threshold=peak * 0.9)
+    assert np.array_equal(np.asarray(lower["mask"]) > 0, plain["anomaly_map"] > peak * 0.9)
+    assert detector(image, num_masks=4, threshold=plain["score"] * 1.01)["label"] == "normal"
+    assert not np.asarray(detector(image, num_masks=4, threshold=plain["score"] * 1.01)["mask"]).any()

@@ -122,7 +122,8 @@ def render_detector_card(
             *(tags or []),
         ])),
     ).to_yaml()
-    origin = f"[`{base_model}`](https://huggingface.co/{base_model})" if base_model else "a ViTMAEForPreTraining checkpoint"
+    origin = (f"[`{base_model}`](https://huggingface.co/{base_model})" if base_model
+              else "a ViTMAEForPreTraining checkpoint")
     if fine_tuned:
         summary = (f"A few-shot MAEDAY detector: {origin} fine-tuned on normal images of one kind (its LoRA adapter, "
                    f"if it had one, merged into the weights), with the threshold calibrated on those images.")
@@ -160,8 +161,8 @@ def render_detector_card(
         encoder=(f"{getattr(config, 'num_hidden_layers', '?')} layers, width {getattr(config, 'hidden_size', '?')}, "
                  f"{getattr(config, 'num_attention_heads', '?')} heads"),
         decoder=(f"{getattr(config, 'decoder_num_hidden_layers', '?')} layers, width "
-                 f"{getattr(config, 'decoder_hidden_size', '?')}, {getattr(config, 'decoder_num_attention_heads', '?')} "
-                 f"heads"),
+                 f"{getattr(config, 'decoder_hidden_size', '?')}, "
+                 f"{getattr(config, 'decoder_num_attention_heads', '?')} heads"),
         target_space=("each patch normalised by its own mean and variance (norm_pix_loss)"
                       if getattr(config, "norm_pix_loss", False) else "the normalised pixels the model sees"),
         threshold_text=threshold_text,

@@ -1,8 +1,8 @@
 """`AnomalyDetectionPipeline`: zero-shot MAEDAY as a `transformers` pipeline.
 
 This module and the ones it imports relatively (`masking`, `reconstruction`, `scoring`, `images`, `overlap`,
-`preprocessing`, `detector_card`, ...) depend only on torch, numpy, PIL and transformers (with its huggingface_hub), so `pipeline.save_pretrained(folder)` /
-`push_to_hub` can ship them as remote code and the pipeline loads with `trust_remote_code=True` where `maeday_hf` is
+`preprocessing`, `detector_card`, ...) depend only on torch, numpy, PIL and transformers (with its huggingface_hub),
+so `pipeline.save_pretrained(folder)` / `push_to_hub` can ship them as remote code and the pipeline loads with `trust_remote_code=True` where `maeday_hf` is
 not installed.
 """
 
@@ -160,11 +160,19 @@ def split_call_parameters(
 
 
 def _threshold_outputs(score: float, anomaly_map: np.ndarray, threshold: float) -> dict[str, Any]:
+    # (compared in float64, as the score is: a threshold beyond float32's range is no overflow, and the mask agrees
+    # with the label about a map value that only float64 tells from the threshold)
+    above = anomaly_map > np.float64(threshold)
+    anomalous = score > threshold
+    if anomalous and not above.any():
+        # The map's resize to the image's size lowers its peak a little (~0.5 %), so a score just above the threshold
+        # can leave no pixel above it: the mask then marks the map's peak, where the score was taken, and an
+        # anomalous label never comes with an empty mask.
+        finite = np.where(np.isnan(anomaly_map), -np.inf, anomaly_map)
+        above = finite >= finite.max()
     return {
-        "label": "anomalous" if score > threshold else "normal",
-        # (compared in float64, as the score is: a threshold beyond float32's range is no overflow, and the mask agrees
-        # with the label about a map value that only float64 tells from the threshold)
-        "mask": Image.fromarray(np.where(anomaly_map > np.float64(threshold), 255, 0).astype(np.uint8)),
+        "label": "anomalous" if anomalous else "normal",
+        "mask": Image.fromarray(np.where(above, 255, 0).astype(np.uint8)),
     }
 
 
@@ -178,7 +186,9 @@ THRESHOLD_SETTINGS_CONFIG_KEY = "anomaly_threshold_settings"
 "mask_schedule": "random"}`."""
 
 
-def give_weights_the_permissions_of(weights: collections.abc.Iterable[str | os.PathLike], like: str | os.PathLike) -> None:
+def give_weights_the_permissions_of(
+    weights: collections.abc.Iterable[str | os.PathLike], like: str | os.PathLike
+) -> None:
     """safetensors writes its files owner-only (0o600) whatever the umask: give the `weights` files just written the
     permissions of `like`, a file written beside them with `open()` (the umask's), so whoever may read the config may
     read the weights (a shared folder, a model server running as another user)."""
@@ -312,9 +322,9 @@ class AnomalyDetectionPipeline(Pipeline):
                 float32 maps.
             threshold (`float`, *optional*): add `label` (the score above it or not) and `mask` (the returned map
                 above it). The map's bilinear resize to the image's size lowers its peak a little (about 0.5 %, a
-                few % for images smaller than the model's input), so a score just above the threshold can come with
-                an empty mask. A fine-tune's calibrated threshold is the default; `threshold=None` turns labelling
-                off.
+                few % for images smaller than the model's input): where a score just above the threshold leaves no
+                pixel above it, the mask marks the map's peak, so an anomalous label never comes with an empty mask.
+                A fine-tune's calibrated threshold is the default; `threshold=None` turns labelling off.
             batch_size (`int`, *optional*): images per forward pass (their masked copies are batched too); default 1
                 on a CPU; on a GPU, enough images for 1,024 (image, mask) pairs (32 at N = 32). Results do not depend
                 on it, beyond float rounding (about 1e-6 of the map).
@@ -618,7 +628,8 @@ class AnomalyDetectionPipeline(Pipeline):
         with tempfile.TemporaryDirectory() as folder:
             self.save_pretrained(folder, max_shard_size=max_shard_size)
             card_path = os.path.join(folder, "README.md")
-            card = card_for_push(read_remote_card(api, repo_id, revision), lambda: self._model_card(repo_id, tags), tags)
+            remote = read_remote_card(api, repo_id, revision)
+            card = card_for_push(remote, lambda: self._model_card(repo_id, tags), tags)
             if card is None:
                 os.unlink(card_path)  # the repo's own README.md stays as it is
             else:
