@@ -25,7 +25,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from maeday_hf.commands import evaluate
 from maeday_hf.small_mae import PATCH_SIZE, pretrain_small_mae
-from maeday_hf.synthetic import CATEGORIES, MIN_IMAGE_SIZE, TEXTURE_CATEGORIES, write_synthetic_mvtec, written_settings
+from maeday_hf.data import load_synthetic_dataset
+from maeday_hf.synthetic import CATEGORIES, MIN_IMAGE_SIZE, TEXTURE_CATEGORIES
 
 
 def main(argv=None) -> int:
@@ -69,13 +70,9 @@ def main(argv=None) -> int:
           flush=True)
 
     data = output_dir / "data"
-    written = {category: written_settings(data / category) for category in args.categories}
-    wanted = dict(num_train=args.num_train, num_test_good=args.num_test_good,
-                  num_test_per_defect=args.num_test_per_defect, image_size=args.image_size, seed=0)
-    missing = [category for category, settings in written.items()
-               if settings is None or any(settings.get(key) != value for key, value in wanted.items())]
-    if missing:
-        write_synthetic_mvtec(data, categories=missing, **wanted)
+    for category in args.categories:  # (written where missing or written with other settings)
+        load_synthetic_dataset(data, category, num_train=args.num_train, num_test_good=args.num_test_good,
+                               num_test_per_defect=args.num_test_per_defect, image_size=args.image_size, seed=0)
 
     # One protocol folder per fine-tune recipe (maeday-evaluate resumes a folder only with its own settings).
     recipe = (args.finetune_steps, args.finetune_learning_rate)

@@ -9,6 +9,7 @@ owner-only (`0o600` / `0o700`), and reading the umask to widen that afterwards c
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -16,7 +17,7 @@ import secrets
 import shutil
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 _MAX_NAME_TRIES = 100
@@ -49,6 +50,21 @@ def make_partial_file(parent: str | os.PathLike, prefix: str) -> Path:
     gives), to be written and renamed into place by the caller; `parent` is created."""
     Path(parent).mkdir(parents=True, exist_ok=True)
     return _create_fresh(Path(parent), prefix, "", _create_file)
+
+
+@contextlib.contextmanager
+def folders_removed_on_failure(path: str | os.PathLike) -> Iterator[None]:
+    """If the block fails, remove the folders of `path` (it and its parents) that did not exist when it began, where
+    they are empty: a failed run leaves none of the folders it created, and nothing anyone put in them."""
+    path = Path(path)
+    created = [folder for folder in (path, *path.parents) if not folder.exists()]  # deepest first
+    try:
+        yield
+    except BaseException:
+        for folder in created:
+            with contextlib.suppress(OSError):  # (rmdir removes only empty ones)
+                folder.rmdir()
+        raise
 
 
 def write_atomically(path: str | os.PathLike, write: Callable[[str], None]) -> Path:

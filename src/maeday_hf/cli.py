@@ -29,7 +29,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .atomic_io import let_go, make_held_partial_dir, make_held_partial_file, remove_abandoned, replace_folder
+from .atomic_io import (
+    folders_removed_on_failure,
+    let_go,
+    make_held_partial_dir,
+    make_held_partial_file,
+    remove_abandoned,
+    replace_folder,
+)
 from .images import IMAGE_SUFFIXES, is_url, redact_url
 from .masking import MASK_SCHEDULES
 from .pipeline import DEFAULT_CHECKPOINT, DEFAULT_MASK_RATIO, DEFAULT_NUM_MASKS
@@ -300,14 +307,8 @@ def run_detect(args: argparse.Namespace) -> int:
             else:
                 check_image_file(path)  # (its header: not an image at all fails now, not after hours of scoring)
                 sources.append(path)
-        created = [folder for folder in (out_dir, *out_dir.parents) if not folder.exists()]  # deepest first
-        try:
+        with folders_removed_on_failure(out_dir):
             return _detect(args, call_kwargs, out_dir, images, sources)
-        except BaseException:
-            for folder in created:  # a failed run leaves none of the folders it created; rmdir removes only empty ones
-                with contextlib.suppress(OSError):
-                    folder.rmdir()
-            raise
 
 
 def _detect(args, call_kwargs, out_dir: Path, images: list[tuple[Path | str, str]], sources: list[Path]) -> int:

@@ -307,7 +307,7 @@ class ProtocolConfig:
         """What the value of a unit depends on (categories, shots and seeds only add units)."""
         return {
             "model": _as_location(self.model),
-            "model_weights": self._model_weights(),
+            "model_weights": self._model_weights,
             "dataset": _as_location(self.dataset),
             "mask_ratio": self.mask_ratio,
             "mask_seed": self.mask_seed,
@@ -325,13 +325,11 @@ class ProtocolConfig:
             {"ensemble_normalization": self.ensemble_normalization} if self.ensemble_normalization != "zscore" else {}
         )
 
+    @functools.cached_property
     def _model_weights(self) -> str | None:
         """`model_weights_digest(self.model)`, found once per run (per config) and kept: every unit records it, and a
         Hub lookup that fails midway (the network gone) must not give later units another value."""
-        cached = self.__dict__.get("_model_weights_digest")
-        if cached is None or cached[0] != self.model:
-            cached = self.__dict__["_model_weights_digest"] = (self.model, model_weights_digest(self.model))
-        return cached[1]
+        return model_weights_digest(self.model)
 
     def to_dict(self) -> dict[str, Any]:
         skip = ("finetune", "patchcore")  # their settings() form is JSON-friendly
@@ -361,7 +359,7 @@ def model_weights_digest(model: str) -> str | None:
     then fails to load).
 
     Recorded with the run's settings, so a resume after the folder's checkpoint was replaced (retrained, say) is
-    refused instead of mixing two models' units. Computed once per state of the files (0.3 s for 500 MB here)."""
+    refused instead of mixing two models' units (0.3 s for 500 MB here; a run finds it once)."""
     try:
         return _model_weights_digest(os.path.expanduser(model))
     except (OSError, ValueError, KeyError):  # (nothing to find: the model check names the problem)
@@ -389,9 +387,9 @@ def _model_weights_digest(location: str) -> str | None:
             files = [cached_file(location, shard, _raise_exceptions_for_missing_entries=False,
                                  _raise_exceptions_for_connection_errors=False) for shard in shards]
             if all(files):
-                return _files_digest(tuple((path, *_file_state(path)) for path in files))
+                return _files_digest(files)
         elif found[single]:
-            return _files_digest(((found[single], *_file_state(found[single])),))
+            return _files_digest([found[single]])
     return _adapter_weights_digest(location)
 
 
@@ -410,21 +408,14 @@ def _adapter_weights_digest(location: str) -> str | None:
     with open(adapter_config, encoding="utf-8") as handle:
         base = json.load(handle).get("base_model_name_or_path")
     base_digest = model_weights_digest(base) if base else None
-    adapter_digest = _files_digest(((adapter, *_file_state(adapter)),))
+    adapter_digest = _files_digest([adapter])
     return hashlib.sha256(f"{adapter_digest} {base_digest}".encode()).hexdigest()[:16]
 
 
-def _file_state(path: str) -> tuple[int, int, int, int]:
-    status = os.stat(path)
-    return status.st_size, status.st_mtime_ns, status.st_ctime_ns, status.st_ino
-
-
-@functools.lru_cache(maxsize=8)
-def _files_digest(files: tuple[tuple[str, int, int, int, int], ...]) -> str:
-    """SHA-256 over the files' contents in order; cached by (path, size, modification and change times, inode), so
-    an unchanged checkpoint is read once per process."""
+def _files_digest(files: Sequence[str]) -> str:
+    """SHA-256 (its first 16 hex digits) over the files' contents, in order."""
     digest = hashlib.sha256()
-    for path, *_ in files:
+    for path in files:
         with open(path, "rb") as handle:
             while chunk := handle.read(1 << 23):
                 digest.update(chunk)

@@ -8,7 +8,6 @@ CLI and protocol run on it.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import json
 import os
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .atomic_io import make_partial_dir, replace_folder
+from .atomic_io import folders_removed_on_failure, make_partial_dir, replace_folder
 
 TEXTURE_CATEGORIES: tuple[str, ...] = ("stripes", "weave", "wood")
 OBJECT_CATEGORIES: tuple[str, ...] = ("disc", "plate")
@@ -179,8 +178,7 @@ def write_synthetic_mvtec(
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}.")
     for category in categories:
         _require_replaceable(root / category)
-    created = [folder for folder in (root, *root.parents) if not folder.exists()]  # deepest first
-    try:
+    with folders_removed_on_failure(root):
         for category in categories:
             settings = synthetic_settings(category, num_train=num_train, num_test_good=num_test_good,
                                           num_test_per_defect=num_test_per_defect, image_size=image_size, seed=seed)
@@ -199,11 +197,6 @@ def write_synthetic_mvtec(
                         raise
             finally:
                 shutil.rmtree(partial, ignore_errors=True)
-    except BaseException:
-        for folder in created:  # a failed run leaves none of the folders it created (rmdir removes only empty ones)
-            with contextlib.suppress(OSError):
-                folder.rmdir()
-        raise
     return root
 
 

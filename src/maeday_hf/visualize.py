@@ -50,7 +50,7 @@ def overlay_heatmap(
             f"{(image.height, image.width)}."
         )
     if vmax is None:  # (a map wholly below vmin gets a scale of zero width at vmin, not vmax < vmin)
-        vmax = max(finite_max(anomaly_map, default=vmin), vmin) if np.isfinite(vmin) else vmin
+        vmax = max(finite_max(anomaly_map, default=vmin), vmin)
     if not (np.isfinite(vmin) and np.isfinite(vmax) and vmin <= vmax):
         raise ValueError(f"The colour scale needs finite vmin <= vmax, got vmin={vmin}, vmax={vmax}.")
     # A scale of zero width (a constant map) shows values above vmin at the top, without dividing by zero; any
