@@ -598,3 +598,32 @@ def test_a_mask_with_more_than_two_grey_levels_is_reported(tmp_path, tiny_checkp
     with caplog.at_level("WARNING", logger="maeday_hf.protocol"):
         prepare_protocol(config)
     assert "1 ground-truth mask(s) have more than two grey levels" in caplog.text and mask.name in caplog.text
+
+
+def test_splits_digest_follows_the_bytes_and_examples_not_where_the_files_are(mvtec_root, tmp_path):
+    from maeday_hf.data.digest import splits_digest
+
+    source = _copy_category(mvtec_root, tmp_path / "src")
+    first = splits_digest(load_mvtec(source, "bottle"))
+    assert splits_digest(load_mvtec(_copy_category(mvtec_root, tmp_path / "moved"), "bottle")) == first
+    # Embedded in Parquet (the published dataset) rather than referenced by path: the same examples, the same digest.
+    write_hub_folder({"bottle": load_mvtec(source, "bottle")}, tmp_path / "hub")
+    published = datasets.load_dataset(str(tmp_path / "hub"), "bottle", cache_dir=str(tmp_path / "cache"))
+    assert splits_digest(published) == first
+    # One pixel of one mask, replaced in place: the paths (all `datasets` fingerprints a from_dict by) are the same.
+    mask_path = source / "bottle" / "ground_truth" / "scratch" / "000_mask.png"
+    mask = np.array(Image.open(mask_path))
+    mask[0, 0] = 255 - mask[0, 0]
+    Image.fromarray(mask).save(mask_path)
+    changed = load_mvtec(source, "bottle")
+    assert splits_digest(changed) != first
+    # The examples' order and their other columns count too.
+    test = changed["test"]
+    reordered = datasets.DatasetDict({"train": changed["train"], "test": test.select(range(len(test))[::-1])})
+    retyped = test.remove_columns("defect_type").add_column("defect_type", ["other"] * len(test))
+    relabelled = datasets.DatasetDict({"train": changed["train"], "test": retyped})
+    digests = {splits_digest(changed), splits_digest(reordered), splits_digest(relabelled)}
+    assert len(digests) == 3
+    mask_path.unlink()
+    with pytest.raises(FileNotFoundError, match=r"Category 'bottle' test example \d+ \(mask\): cannot read"):
+        splits_digest(changed, "Category 'bottle'")

@@ -665,3 +665,44 @@ def test_the_weights_digest_is_found_once_per_run(tiny_checkpoint, monkeypatch):
     assert config.settings()["model_weights"] == config.settings()["model_weights"] == "d1"
     monkeypatch.setattr(protocol, "model_weights_digest", lambda model: None)  # e.g. the Hub gone midway
     assert config.settings()["model_weights"] == "d1" and calls == [tiny_checkpoint]
+
+
+def test_a_resume_on_a_category_whose_files_changed_is_refused(tiny_checkpoint, tmp_path, capsys):
+    root = tmp_path / "data"
+    write_synthetic_mvtec(root, categories=CATEGORIES, num_train=3, num_test_good=2, num_test_per_defect=1,
+                          image_size=32)
+    out = tmp_path / "out"
+    argv = ["--model", str(tiny_checkpoint), "--dataset", str(root), "--output-dir", str(out), "--shots", "0",
+            "--repetitions", *FAST]
+    assert evaluate_script.main([*argv, "--categories", CATEGORIES[0]]) == 0
+    first = json.loads((out / "settings.json").read_text())["data_digests"]
+    assert list(first) == [CATEGORIES[0]]
+    results = json.loads((out / "results.json").read_text())
+    assert results["dataset"]["digests"] == first
+    assert all(unit["data_digest"] == first[CATEGORIES[0]] for unit in results["units"])
+    # Another category added: the first keeps its digest, the second gets its own.
+    assert evaluate_script.main([*argv, "--categories", *CATEGORIES]) == 0
+    both = json.loads((out / "settings.json").read_text())["data_digests"]
+    assert both[CATEGORIES[0]] == first[CATEGORIES[0]] and set(both) == set(CATEGORIES)
+    # One ground-truth mask of the second category fixed in place (same path): its units were computed on the old one.
+    mask_path = sorted((root / CATEGORIES[1] / "ground_truth").rglob("*.png"))[0]
+    mask = np.array(Image.open(mask_path))
+    mask[0, 0] = 255 - mask[0, 0]
+    Image.fromarray(mask).save(mask_path)
+    err = _run_error(capsys, [*argv, "--categories", *CATEGORIES])
+    assert f"The data of '{CATEGORIES[1]}' changed since" in err and str(out / "units" / CATEGORIES[1]) in err
+    # The unchanged category alone still resumes; the changed one is computed again once its units are removed.
+    assert evaluate_script.main([*argv, "--categories", CATEGORIES[0]]) == 0
+    import shutil
+
+    shutil.rmtree(out / "units" / CATEGORIES[1])
+    assert evaluate_script.main([*argv, "--categories", *CATEGORIES]) == 0
+    assert json.loads((out / "settings.json").read_text())["data_digests"][CATEGORIES[1]] != both[CATEGORIES[1]]
+    # A unit of other data that got into the folder all the same (copied from another run, say) is refused when the
+    # tables are made.
+    unit_path = next((out / "units" / CATEGORIES[0]).glob("*.json"))
+    record = json.loads(unit_path.read_text())
+    record["data_digest"] = "0" * 16
+    unit_path.write_text(json.dumps(record))
+    assert f"{unit_path.name} was computed on other data of '{CATEGORIES[0]}'" in _run_error(
+        capsys, [*argv, "--categories", *CATEGORIES])

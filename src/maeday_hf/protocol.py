@@ -23,8 +23,9 @@ has a single "seed". PatchCore, its 2×PatchCore ensemble (coreset seeds 0 and 1
 Layout of `RESULTS`:
 
 ```
-settings.json                         what the unit values depend on, the model's weights digest included (a rerun
-                                      with other settings, or after the model's checkpoint changed, is refused)
+settings.json                         what the unit values depend on, the model's weights digest and each
+                                      category's data digest included (a rerun with other settings, after the
+                                      model's checkpoint changed, or on a category whose files changed, is refused)
 units/<category>/k1-seed0-maeday.json one file per finished unit: metrics (and the pixel metrics' error bounds),
                                       config, timing, shot indices, image scores
 adapters/<category>/k1-seed0/         fine-tuned MAEDAY adapters
@@ -64,6 +65,7 @@ from .data import (
     select_shots,
     shot_indices,
 )
+from .data.digest import splits_digest
 from .data.features import LABEL_NAMES, check_mask, mask_array
 from .data.fod import REFERENCE_FRAMES
 from .data.publish import available_configs, read_card
@@ -101,6 +103,8 @@ DatasetKind = Literal["mvtec", "hub", "synthetic", "fod"]
 Study = Literal["main", "repetitions"]
 
 SETTINGS_FILE = "settings.json"
+DATA_DIGESTS_KEY = "data_digests"
+"""Key of `settings.json` holding, per category, the digest of the data its units were computed on."""
 UNITS_DIR = "units"
 ADAPTERS_DIR = "adapters"
 
@@ -502,6 +506,9 @@ class PreparedProtocol:
     categories: tuple[str, ...]
     splits: dict[str, datasets.DatasetDict]
     tasks: list[Task]
+    data_digests: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Per category, `maeday_hf.data.digest.splits_digest` of its splits: what its units and adapters were computed
+    on."""
 
 
 _NORMAL_NAMES = frozenset({"good", "normal", "ok", "pass", "nominal", "negative", "inlier", "undamaged", "clean"})
@@ -611,14 +618,16 @@ def _recorded_settings(output_dir: str | os.PathLike) -> dict[str, Any] | None:
         ) from None
 
 
-def _settings_to_record(config: ProtocolConfig) -> dict[str, Any]:
-    """Current settings; the PatchCore settings of an earlier run are kept when this run has no ensemble."""
+def _settings_to_record(config: ProtocolConfig, data_digests: dict[str, str]) -> dict[str, Any]:
+    """Current settings; the PatchCore settings of an earlier run are kept when this run has no ensemble, and the data
+    digests of the categories an earlier run had and this one has not."""
     settings = _jsonable(config.settings())
     recorded = _recorded_settings(config.output_dir) or {}
     if settings.get("patchcore") is None and recorded.get("patchcore") is not None:
         settings["patchcore"] = recorded["patchcore"]
         if "ensemble_normalization" in recorded:
             settings["ensemble_normalization"] = recorded["ensemble_normalization"]
+    settings[DATA_DIGESTS_KEY] = {**recorded.get(DATA_DIGESTS_KEY, {}), **data_digests}
     return settings
 
 
@@ -635,7 +644,9 @@ def _differing_settings(recorded: dict[str, Any], current: dict[str, Any]) -> li
         {"patchcore", "ensemble_normalization"}
         if recorded.get("patchcore") is None or current.get("patchcore") is None
         else set()
-    ) | ({"model_weights"} if "model_weights" not in recorded else set())  # (not recorded before 2026-11-29)
+    ) | ({"model_weights"} if "model_weights" not in recorded else set()) | {  # (not recorded before 2026-11-29)
+        DATA_DIGESTS_KEY  # per category: compared only for the categories both runs have (`_check_data_digests`)
+    }
     return sorted(key for key in (set(recorded) | set(current)) - optional if recorded.get(key) != current.get(key))
 
 
@@ -657,20 +668,51 @@ def _check_settings(config: ProtocolConfig) -> None:
         )
 
 
-def _record_settings(config: ProtocolConfig) -> None:
+def _check_data_digests(output_dir: str | os.PathLike, data_digests: dict[str, str]) -> None:
+    """Refuse a resume where a category's data changed since `output_dir`'s units and adapters were computed on it
+    (images or masks replaced in place, say): they would be mixed with units of the new data."""
+    recorded = (_recorded_settings(output_dir) or {}).get(DATA_DIGESTS_KEY, {})
+    changed = [
+        category for category, digest in data_digests.items()
+        if recorded.get(category, digest) != digest and _holds_results_of(output_dir, category)
+    ]
+    if changed:
+        folders = " and ".join(
+            os.fspath(Path(output_dir) / kind / category) for category in changed for kind in (UNITS_DIR, ADAPTERS_DIR)
+            if (Path(output_dir) / kind / category).is_dir()
+        )
+        raise ValueError(
+            f"The data of {', '.join(map(repr, changed))} changed since {os.fspath(output_dir)!r} was computed on it "
+            f"(digest {', '.join(recorded[c] for c in changed)} there, {', '.join(data_digests[c] for c in changed)} "
+            f"now): remove {folders} to compute them again on the new data, or use another --output-dir."
+        )
+
+
+def _holds_results_of(output_dir: str | os.PathLike, category: str) -> bool:
+    """Whether `output_dir` holds a unit or an adapter of `category` (once they are removed, its recorded data digest
+    describes nothing left, and the category is computed afresh)."""
+    return any(
+        any((Path(output_dir) / kind / category).iterdir()) for kind in (UNITS_DIR, ADAPTERS_DIR)
+        if (Path(output_dir) / kind / category).is_dir()
+    )
+
+
+def _record_settings(config: ProtocolConfig, data_digests: dict[str, str] | None = None) -> None:
     """Write `settings.json`: created exclusively where there is none, else (a resume, or a run started in the folder
-    since this one was prepared) checked against this run's first: two runs with other settings into one folder would
-    mix their units."""
+    since this one was prepared) checked against this run's first: two runs with other settings, or on other data,
+    into one folder would mix their units."""
+    data_digests = data_digests or {}
     path = Path(config.output_dir) / SETTINGS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = make_partial_file(path.parent, f".{SETTINGS_FILE}.partial-")
     try:
-        write_json(temporary, _settings_to_record(config))
+        write_json(temporary, _settings_to_record(config, data_digests))
         try:
             _create_exclusively(temporary, path)
         except FileExistsError:
             _check_settings(config)
-            write_json(path, _settings_to_record(config))
+            _check_data_digests(config.output_dir, data_digests)
+            write_json(path, _settings_to_record(config, data_digests))
     finally:
         temporary.unlink(missing_ok=True)
 
@@ -728,6 +770,10 @@ def prepare_protocol(config: ProtocolConfig) -> PreparedProtocol:
     for category in categories:
         splits[category] = source.load(category)
         _check_category_splits(category, splits[category], config)
+    started = time.perf_counter()
+    data_digests = {category: splits_digest(splits[category], f"Category {category!r}") for category in categories}
+    logger.info("Data digests of %d categories in %.1f s", len(categories), time.perf_counter() - started)
+    _check_data_digests(config.output_dir, data_digests)
     _check_model(config)
     if config.ensemble is not None:
         # Loaded now, so a backbone that cannot be had fails before hours of fine-tuning, not after (the runner loads
@@ -738,7 +784,7 @@ def prepare_protocol(config: ProtocolConfig) -> PreparedProtocol:
     tasks = plan_tasks(config, categories)
     logger.info("Planned %d units in %d tasks over %d categories", sum(len(t.units) for t in tasks), len(tasks),
                 len(categories))
-    return PreparedProtocol(config, source, tuple(categories), splits, tasks)
+    return PreparedProtocol(config, source, tuple(categories), splits, tasks, data_digests)
 
 
 # ---------------------------------------------------------------------------------------------------------- running
@@ -876,6 +922,7 @@ class _Runner:
                 "adapter": str(task.adapter_dir(output_dir)) if task.shots > 0 and "maeday" in unit.method else None,
                 "task_seconds": seconds,
                 "settings": _jsonable(self.config.settings()),
+                "data_digest": self.prepared.data_digests.get(task.category),
             }
             write_json(unit.path(output_dir), record)
             logger.info("%s/%s: %s", unit.category, unit.name, {k: v for k, v in metrics.items() if v is not None})
@@ -935,6 +982,12 @@ def gather_results(prepared: PreparedProtocol) -> Path:
                 f"this run's; another run shares {config.output_dir!r}? Remove the units of the other settings, or use "
                 f"another --output-dir."
             )
+        expected = prepared.data_digests.get(unit.category)
+        if record.get("data_digest") is not None and expected is not None and record["data_digest"] != expected:
+            raise ValueError(
+                f"{unit.path(config.output_dir)} was computed on other data of {unit.category!r} (digest "
+                f"{record['data_digest']}, {expected} now); remove it to compute it again on this data."
+            )
     output_dir = Path(config.output_dir)
     summary = {}
     for metric in ("image_roc_auc", "pixel_roc_auc", "aupro", "image_f1_max", "pixel_f1_max"):
@@ -948,7 +1001,9 @@ def gather_results(prepared: PreparedProtocol) -> Path:
             }
     results = {
         "config": config.to_dict(),
-        "dataset": {"kind": prepared.source.kind, "location": prepared.source.location},
+        "dataset": {
+            "kind": prepared.source.kind, "location": prepared.source.location, "digests": prepared.data_digests,
+        },
         "categories": list(prepared.categories),
         "versions": _versions(),
         "summary": summary,
@@ -991,7 +1046,7 @@ def execute_protocol(prepared: PreparedProtocol, state: ProcessState | None = No
     logger.info("%d of %d units left (%d tasks)", num_pending_units, sum(len(t.units) for t in prepared.tasks),
                 len(pending))
     if state.is_main_process:
-        _record_settings(config)
+        _record_settings(config, prepared.data_digests)
     state.wait_for_everyone()  # every process listed the same pending tasks before anyone writes a unit
     _finetune_missing(prepared, pending, device)
     runner = _Runner(prepared, device)
