@@ -126,3 +126,44 @@ def test_ensemble_uncertainty_is_the_spread_of_maedays_normalised_map(detector, 
     stats = compute_normalization_stats([r["score"] for r in maeday], [r["anomaly_map"] for r in maeday])
     for result, own in zip(results, maeday):
         np.testing.assert_allclose(result["uncertainty_map"], own["uncertainty_map"] / stats.map_scale, rtol=1e-5)
+
+
+def test_a_detector_loaded_as_remote_code_takes_the_packages_patchcore_and_stats(detector, fitted_patchcore, queries,
+                                                                                tmp_path):
+    # With maeday_hf installed, a detector loaded with trust_remote_code=True runs the shipped copy of the code, whose
+    # PatchCore and NormalizationStats are other classes than the ones a user builds with maeday_hf.
+    import json
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    from maeday_hf.ensemble import IDENTITY
+
+    saved = tmp_path / "saved"
+    detector.save_pretrained(saved)
+    for index, query in enumerate(queries):
+        query.save(tmp_path / f"query{index}.png")
+    paths = [str(tmp_path / f"query{index}.png") for index in range(len(queries))]
+    stats = [None, IDENTITY]
+    expected = detector(paths, ensemble=fitted_patchcore, ensemble_stats=stats, num_masks=3)
+    code = f"""
+        import json
+        import maeday_hf
+        from maeday_hf.ensemble import IDENTITY
+        from maeday_hf.synthetic import make_sample
+        from transformers import pipeline
+        remote = pipeline(model={str(saved)!r}, trust_remote_code=True, device="cpu")
+        assert "maeday_hf" not in type(remote).__module__, type(remote).__module__
+        shots = [make_sample("weave", None, 64, seed=seed)[0] for seed in range(2)]
+        config = maeday_hf.PatchCoreConfig(backbone={fitted_patchcore.config.backbone!r}, image_size=64, sigma=1.0)
+        patchcore = maeday_hf.PatchCore(config, device="cpu").fit(shots)
+        results = remote({paths!r}, ensemble=patchcore, ensemble_stats=[None, IDENTITY], num_masks=3)
+        print(json.dumps([result["score"] for result in results]))
+    """
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    completed = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
+                               timeout=180)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    scores = json.loads(completed.stdout.strip().splitlines()[-1])
+    np.testing.assert_allclose(scores, [result["score"] for result in expected], rtol=1e-5)

@@ -9,6 +9,7 @@ not installed.
 from __future__ import annotations
 
 import collections.abc
+import dataclasses
 import functools
 import json
 import logging
@@ -174,6 +175,16 @@ def _threshold_outputs(score: float, anomaly_map: np.ndarray, threshold: float) 
         "label": "anomalous" if anomalous else "normal",
         "mask": Image.fromarray(np.where(above, 255, 0).astype(np.uint8)),
     }
+
+
+def _of_class(value: Any, cls: type) -> bool:
+    """Whether `value` is a `cls`, or an instance of another copy of it: maeday_hf's own class given to a detector
+    loaded as remote code (whose `cls` is the shipped module's copy, another class), or the other way round."""
+    other = type(value)
+    return isinstance(value, cls) or (
+        other.__qualname__ == cls.__qualname__
+        and other.__module__.rpartition(".")[2] == cls.__module__.rpartition(".")[2]
+    )
 
 
 DEFAULT_NUM_MASKS = 32
@@ -392,7 +403,10 @@ class AnomalyDetectionPipeline(Pipeline):
 
         validate_normalization_method(normalization)
         images = as_image_list(inputs)
-        stats = [None, None] if ensemble_stats is None else list(ensemble_stats)
+        stats = [None, None] if ensemble_stats is None else [
+            NormalizationStats(**dataclasses.asdict(entry)) if _of_class(entry, NormalizationStats) else entry
+            for entry in ensemble_stats
+        ]
         if len(stats) != 2 or not all(entry is None or isinstance(entry, NormalizationStats) for entry in stats):
             raise ValueError(
                 f"ensemble_stats must hold 2 NormalizationStats or None (MAEDAY, PatchCore), got {ensemble_stats!r:.200}."
@@ -411,7 +425,7 @@ class AnomalyDetectionPipeline(Pipeline):
             if not shots:
                 raise ValueError("ensemble='patchcore' needs reference_images: a non-empty list of normal images.")
             patchcore = PatchCore(device=self.device).fit(shots)
-        elif isinstance(ensemble, PatchCore):
+        elif _of_class(ensemble, PatchCore):  # (the same code in another module: it is used as it is)
             patchcore = ensemble
         else:
             raise TypeError(f"ensemble must be 'patchcore' or a fitted PatchCore, got {type(ensemble).__name__}.")
