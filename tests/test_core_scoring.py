@@ -133,6 +133,28 @@ def test_noise_without_masks_is_refused():
         maeday_anomaly_maps(model, torch.zeros(1, 3, 32, 32), torch.zeros(0, 16), 0.75)
 
 
+@pytest.mark.parametrize(
+    "noise_shape, kwargs, error, fragment",
+    [
+        # A negative chunk size ran no forward at all and returned all-zero maps; 0 or 2.5 failed inside range().
+        ((2, 16), dict(mask_batch_size=-1), ValueError, "mask_batch_size must be >= 1, got -1"),
+        ((2, 16), dict(mask_batch_size=0), ValueError, "mask_batch_size must be >= 1"),
+        ((2, 16), dict(mask_batch_size=2.5), TypeError, "mask_batch_size must be a positive integer"),
+        # No patch visible (16 * 0 = 0 kept), or a ratio outside [0, 1): plausible-looking maps of nothing.
+        ((2, 16), dict(mask_ratio=1.0), ValueError, r"mask_ratio must be in \[0, 1\)"),
+        ((2, 16), dict(mask_ratio=0.95), ValueError, "keeps int"),
+        ((2, 16), dict(mask_ratio=-0.5), ValueError, r"mask_ratio must be in \[0, 1\)"),
+        ((2, 9), {}, ValueError, "noise has 9 columns, but the model cuts these images into 16 patches"),
+        ((16,), {}, ValueError, r"noise must have shape \(num_masks, num_patches\), got \(16,\)"),
+    ],
+)
+def test_bad_scoring_arguments_are_refused(noise_shape, kwargs, error, fragment):
+    model = make_tiny_model(seed=5)
+    kwargs = {"mask_ratio": 0.75, **kwargs}
+    with pytest.raises(error, match=fragment):
+        maeday_anomaly_maps(model, torch.zeros(1, 3, 32, 32), torch.rand(noise_shape), **kwargs)
+
+
 @pytest.mark.parametrize("mask_batch_size", [4, 5, 24])
 def test_errors_are_summed_per_image_without_scattered_adds(mask_batch_size):
     # On CUDA, index_add_ / scatter_add / accumulating index_put_ add through atomics in no fixed order: the same

@@ -222,6 +222,12 @@ def test_select_shots_deterministic_nested_and_validated(mvtec_root):
         select_shots(train, 0, seed=0)
     with pytest.raises(TypeError, match="datasets.Dataset"):
         select_shots(list(train), 1, seed=0)
+    # Not integers: refused, not read as 1 shot (True) or as some fixed seed of their own (None, 1.5).
+    for k, seed, message in ((2.0, 0, r"k must be an integer, got 2\.0"), (True, 0, "k must be an integer"),
+                             (1, None, "seed must be an integer, got None"), (1, 1.5, "seed must be an integer")):
+        with pytest.raises(TypeError, match=message):
+            select_shots(train, k, seed=seed)
+    assert shot_indices(100, np.int64(4), seed=np.int64(0)) == shot_indices(100, 4, seed=0)
 
 
 def test_dry_run_folder_loads_back_without_the_source_files(mvtec_root, tmp_path):

@@ -66,6 +66,14 @@ def no_training(monkeypatch):
         (dict(graph_warmup_steps=0), ValueError, "graph_warmup_steps"),
         (dict(calibration_num_std=float("nan")), ValueError, "calibration_num_std"),  # not "training diverged", later
         (dict(calibration_num_std=-1.0), ValueError, "calibration_num_std"),
+        # A flag given as a string: "False" is truthy, and would train all weights (or keep the augmentation).
+        (dict(full_finetune="False"), TypeError, "full_finetune must be True or False, got 'False'"),
+        (dict(augment="no"), TypeError, "augment must be True or False"),
+        (dict(use_cpu=1), TypeError, "use_cpu must be True or False"),
+        (dict(cuda_graph=None), TypeError, "cuda_graph must be True or False"),
+        (dict(disable_tqdm="yes"), TypeError, "disable_tqdm must be True or False"),
+        (dict(min_crop_scale="0.5"), TypeError, "min_crop_scale must be a number"),
+        (dict(max_rotation_degrees=float("nan")), ValueError, "max_rotation_degrees"),
     ],
 )
 def test_config_rejects_bad_values_and_conflicts(kwargs, error, fragment):
@@ -576,6 +584,21 @@ def test_shots_from_a_split_are_select_shots_choice(tiny_checkpoint, shot_files,
     assert names == [f"train[{index}] (shot seed 1)" for index in indices]  # enough to pick them again
     with_category = split.add_column("category", ["bottle"] * len(split))
     assert shots_from_split(with_category, 2, seed=1)[1] == [f"bottle {name}" for name in names]
+
+
+def test_a_whole_dataset_dict_or_a_streamed_split_is_refused_with_the_split_to_pass(tiny_checkpoint, shot_files,
+                                                                                     tmp_path, no_training):
+    split = datasets.Dataset.from_dict({"image": [str(p) for p in shot_files]}, features=datasets.Features(
+        {"image": datasets.Image()}))
+    # (a DatasetDict used to be iterated as its split names: "Shot image not found: 'train'")
+    for num_shots in (None, 2):
+        with pytest.raises(TypeError, match=r"shots is a DatasetDict \(splits \['train'\]\); pass its split .*"
+                                            r"shots=dataset\['train'\]"):
+            finetune(tiny_checkpoint, datasets.DatasetDict({"train": split}), tmp_path / "out", FinetuneConfig(**TINY),
+                     num_shots=num_shots)
+    with pytest.raises(TypeError, match="shots is an IterableDataset"):
+        finetune(tiny_checkpoint, split.to_iterable_dataset(), tmp_path / "out", FinetuneConfig(**TINY), num_shots=2)
+    assert not (tmp_path / "out").exists()
 
 
 def test_full_finetune_writes_a_plain_checkpoint_that_loads(tiny_checkpoint, shot_files, tmp_path):

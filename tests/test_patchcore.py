@@ -431,10 +431,35 @@ def test_no_shots_raises(feature_extractor):
         ({"num_reweight_neighbors": 0}, "num_reweight_neighbors"),
         ({"sigma": -1.0}, "sigma"),
         ({"batch_size": 0}, "batch_size"),
+        # Refused here rather than as a bare error at `fit` (or, for the seed, silently the same coreset as seed 0).
+        ({"seed": 2**32}, r"seed must be in \[0, 2\*\*32\)"),
+        ({"seed": -1}, "seed must be in"),
+        ({"image_size": 0}, "image_size must be >= 1"),
+        ({"projection_dim": 0}, "projection_dim must be >= 1"),
+        ({"coreset_ratio": float("nan")}, "`coreset_ratio` to be a finite number"),
+        ({"sigma": float("inf")}, "`sigma` to be a finite number"),
     ],
 )
 def test_config_rejects_bad_values(overrides, message):
     with pytest.raises(ValueError, match=message):
+        _config(**overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"seed": 1.5}, "seed must be an integer"),
+        ({"batch_size": 2.5}, "batch_size must be a positive integer"),
+        ({"num_reweight_neighbors": 2.5}, "num_reweight_neighbors must be a positive integer"),
+        ({"image_size": 64.0}, "image_size must be a positive integer"),
+        ({"sigma": "4"}, "`sigma` to be a number"),
+        ({"coreset_ratio": "0.1"}, "`coreset_ratio` to be a number"),
+        ({"out_indices": ()}, "`out_indices` to be one or more stage indices"),
+        ({"out_indices": ("2",)}, "`out_indices`"),
+    ],
+)
+def test_config_rejects_values_of_the_wrong_type(overrides, message):
+    with pytest.raises(TypeError, match=message):
         _config(**overrides)
 
 

@@ -157,6 +157,13 @@ class FinetuneConfig:
         for name in ("num_steps", "batch_size", "calibration_views_per_shot", "calibration_num_masks", "logging_steps",
                      "graph_warmup_steps"):
             validate_positive_int(getattr(self, name), name)
+        for name in ("full_finetune", "augment", "use_cpu", "cuda_graph", "disable_tqdm"):
+            if not isinstance(getattr(self, name), bool):  # ("False" is truthy: it would train all weights)
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}.")
+        for name in ("min_crop_scale", "max_rotation_degrees"):  # (their ranges are checked below; NaN fails those)
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a number, got {value!r}.")
         if self.full_finetune:
             given = [name for name in ("lora_rank", "lora_alpha", "lora_dropout") if getattr(self, name) is not None]
             if given:
@@ -565,7 +572,27 @@ def _is_datasets_split(shots: Any) -> bool:
     return isinstance(shots, datasets.Dataset)
 
 
+def _refuse_split_collections(shots: Any) -> None:
+    """A whole `DatasetDict` (or a streamed dataset) is not a split of shots: iterated, it would give its split names
+    as file names."""
+    try:
+        import datasets
+    except ImportError:
+        return
+    if isinstance(shots, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        raise TypeError(
+            f"shots is a {type(shots).__name__} (splits {list(shots)}); pass its split of normal images, e.g. "
+            f"shots=dataset[{'train'!r}]."
+        )
+    if isinstance(shots, datasets.IterableDataset):
+        raise TypeError(
+            "shots is an IterableDataset (a streamed dataset), which select_shots cannot index; load the split without "
+            "streaming=True, or take its first images into a list."
+        )
+
+
 def _load_shots(shots: Any, num_shots: int | None, shot_seed: int):
+    _refuse_split_collections(shots)
     if _is_datasets_split(shots):
         if num_shots is None:
             raise ValueError("Shots from a datasets split need num_shots (k) to pick them with select_shots.")

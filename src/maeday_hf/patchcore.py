@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .devices import as_torch_device
+from .masking import validate_positive_int, validate_seed
 from .feature_extraction import (
     DEFAULT_BACKBONE,
     DEFAULT_OUT_INDICES,
@@ -77,6 +79,23 @@ class PatchCoreConfig:
     def __post_init__(self) -> None:
         self.backbone = os.fspath(self.backbone)
         self.out_indices = tuple(self.out_indices)
+        if not self.out_indices or any(
+            isinstance(index, bool) or not isinstance(index, numbers.Integral) for index in self.out_indices
+        ):
+            raise TypeError(f"Expected `out_indices` to be one or more stage indices, got {self.out_indices!r}.")
+        for name in ("min_coreset_size", "num_reweight_neighbors", "batch_size", "neighbourhood_size"):
+            validate_positive_int(getattr(self, name), name)
+        for name in ("image_size", "projection_dim", "layer_embedding_dim"):
+            if getattr(self, name) is not None:
+                validate_positive_int(getattr(self, name), name)
+        for name in ("coreset_ratio", "sigma"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"Expected `{name}` to be a number, got {value!r}.")
+            if not math.isfinite(value):
+                raise ValueError(f"Expected `{name}` to be a finite number, got {value!r}.")
+        # (a seed of 2**32 or more would repeat a smaller one's coreset: "2xPatchCore" of two identical models)
+        validate_seed(self.seed)
         if not 0.0 < self.coreset_ratio <= 1.0:
             raise ValueError(f"Expected `coreset_ratio` in (0, 1], got {self.coreset_ratio}.")
         if self.min_coreset_size < 1:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .masking import require_visible_patches, validate_mask_ratio, validate_positive_int
 from .reconstruction import (
     mask_ratio_set_to,
     patches_to_image,
@@ -109,6 +110,11 @@ def maeday_anomaly_maps(
         `uncertainty_map` `(batch_size, height, width)`; float32, on the model's device.
     """
     batch_size, _, height, width = pixel_values.shape
+    mask_ratio = validate_mask_ratio(mask_ratio)
+    if mask_batch_size is not None:
+        validate_positive_int(mask_batch_size, "mask_batch_size")
+    if noise.ndim != 2:
+        raise ValueError(f"noise must have shape (num_masks, num_patches), got {tuple(noise.shape)}.")
     num_masks = noise.shape[0]
     if num_masks == 0:
         raise ValueError("noise holds no masks (0 rows): MAEDAY averages N >= 1 masked reconstructions.")
@@ -119,6 +125,12 @@ def maeday_anomaly_maps(
     error_dtype = torch.promote_types(torch.promote_types(pixel_values.dtype, model_dtype), torch.float32)
     target_patches = reconstruction_targets(model, pixel_values.to(error_dtype))
     num_patches = target_patches.shape[1]
+    if noise.shape[1] != num_patches:
+        raise ValueError(
+            f"noise has {noise.shape[1]} columns, but the model cuts these images into {num_patches} patches "
+            f"(one noise value per patch: masking.make_mask_noise(num_masks, {num_patches}, ...))."
+        )
+    require_visible_patches(num_patches, mask_ratio)
     patch_area = model.config.patch_size**2
 
     # Summed over masks (and channels) in patch layout; rearranged into an image once, at the end.

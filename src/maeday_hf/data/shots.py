@@ -9,6 +9,7 @@ contains the (k-1)-shot set, so a 0-4 shot curve adds one image at a time.
 from __future__ import annotations
 
 import hashlib
+import numbers
 
 import datasets
 
@@ -21,8 +22,13 @@ def shot_indices(num_examples: int, k: int, seed: int) -> list[int]:
     """Indices of the k shots among `num_examples`, in selection order (the first `k - 1` are the (k-1)-shot set).
 
     Raises:
+        `TypeError`: `k` or `seed` is no integer (`True`, `2.0` and `None` are refused, not read as some seed).
         `ValueError`: `k < 1` or `k > num_examples`.
     """
+    for name, value in (("k", k), ("seed", seed)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__}).")
+    k, seed = int(k), int(seed)  # (a NumPy integer ranks as the same int)
     if k < 1:
         raise ValueError(f"k must be >= 1 shot, got {k}; zero-shot runs use no training split at all.")
     if k > num_examples:
