@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import shutil
 import warnings
 
 import numpy as np
@@ -253,6 +254,69 @@ def test_inputs_in_the_heatmaps_folder_and_a_scores_folder_are_refused_before_sc
     assert "is not a file" in capsys.readouterr().err and not (other / "heatmaps").exists()
 
 
+def test_a_heatmaps_folder_holding_what_detect_does_not_write_is_not_replaced(tmp_path, tiny_checkpoint, capsys):
+    Image.new("RGB", (32, 32)).save(tmp_path / "query.png")
+    out = tmp_path / "out"
+    common = [str(tmp_path / "query.png"), "--model", tiny_checkpoint, "--out", str(out), "--num-masks", "2",
+              "--quiet", "--device", "cpu"]
+    # A previous run's folder (heatmaps, maps/, masks/, a Finder .DS_Store) is replaced, as before.
+    assert main(["detect", *common, "--save-maps", "--threshold", "0"]) == 0
+    (out / "heatmaps" / ".DS_Store").write_bytes(b"")
+    assert main(["detect", *common]) == 0
+    assert sorted(p.name for p in (out / "heatmaps").iterdir()) == ["query.png"]
+    # A file named heatmaps, a note beside the heatmaps, anything else in maps/: refused before the model loads, kept.
+    for where, what in (("heatmaps", "is not a folder"), ("heatmaps/notes.txt", "heatmaps/notes.txt' which maeday"),
+                        ("heatmaps/maps/readme.md", "heatmaps/maps/readme.md' which maeday")):
+        shutil.rmtree(out / "heatmaps", ignore_errors=True)
+        (out / "heatmaps").unlink(missing_ok=True)
+        (out / where).parent.mkdir(parents=True, exist_ok=True)
+        (out / where).write_text("mine")
+        capsys.readouterr()
+        assert main(["detect", *common]) == 2
+        err = capsys.readouterr().err
+        assert what.replace("' which", "', which") in err and err.count("\n") == 1, err
+        assert (out / where).read_text() == "mine"
+
+
+def test_an_out_folder_that_cannot_be_written_is_named_before_the_model_loads(tmp_path, tiny_checkpoint, capsys,
+                                                                              monkeypatch):
+    import os
+
+    from maeday_hf import cli
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "query.png")
+    out = tmp_path / "read-only" / "results"
+    (tmp_path / "read-only").mkdir()
+    common = [str(tmp_path / "query.png"), "--model", tiny_checkpoint, "--num-masks", "2", "--quiet", "--device", "cpu"]
+    import maeday_hf.modeling
+
+    loads, real_load = [], maeday_hf.modeling.load_detector
+    monkeypatch.setattr(maeday_hf.modeling, "load_detector", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    real_access = os.access
+    # (simulated: the tests may run as root, whom a read-only folder does not stop)
+    monkeypatch.setattr(os, "access", lambda path, mode, **k: os.fspath(path) != str(tmp_path / "read-only") and
+                        real_access(path, mode, **k))
+    assert main(["detect", *common, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out '{out}' is not writable: '{tmp_path / 'read-only'}' does not let this user" in err
+    assert err.count("\n") == 1 and not loads and not out.exists()
+    (tmp_path / "a-file").write_text("")
+    assert main(["detect", *common, "--out", str(tmp_path / "a-file" / "results")]) == 2
+    assert "cannot be created: " in capsys.readouterr().err
+    # Refused only when the temporary folder is made (a file system the access check cannot see through): --out is
+    # named, not the hidden temporary name.
+    monkeypatch.setattr(os, "access", real_access)
+
+    def refuse(parent, prefix):
+        raise PermissionError(13, "Permission denied", os.path.join(parent, prefix + "1234"))
+
+    monkeypatch.setattr(cli, "make_held_partial_dir", refuse)
+    assert main(["detect", *common, "--out", str(tmp_path / "elsewhere")]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write into --out '{tmp_path / 'elsewhere'}': Permission denied" in err and ".heatmaps" not in err
+    assert not (tmp_path / "elsewhere").exists()
+
+
 def test_names_too_long_for_a_file_are_shortened_and_stay_unique(tmp_path, tiny_checkpoint):
     from maeday_hf.cli import collect_images
 
@@ -291,6 +355,31 @@ def test_folders_are_followed_through_links_once_and_a_broken_link_is_named(tmp_
     os.mkfifo(tmp_path / "pipe.png")
     with pytest.raises(CommandError, match="neither a file nor a folder"):
         collect_images([str(tmp_path / "pipe.png")])
+
+
+def test_a_folder_that_cannot_be_read_is_named_not_skipped(tmp_path, monkeypatch):
+    # os.walk skips a folder it cannot list: its images would drop out of scores.csv without a word. (The refusal is
+    # simulated: the tests may run as root, whom chmod 000 does not stop.)
+    import os
+
+    from maeday_hf.cli import CommandError, collect_images
+
+    data = tmp_path / "data"
+    (data / "locked").mkdir(parents=True)
+    Image.new("RGB", (32, 32)).save(data / "a.png")
+    Image.new("RGB", (32, 32)).save(data / "locked" / "b.png")
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if os.fspath(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(CommandError, match=r"cannot read folder '.*locked': Permission denied"):
+        collect_images([str(data)])
+    with pytest.raises(CommandError, match=r"cannot read folder '.*locked': Permission denied"):
+        collect_images([str(data / "locked")])  # (not "no images found in folder")
 
 
 def test_heatmap_names_are_file_names_everywhere(tmp_path, tiny_checkpoint):
@@ -475,6 +564,41 @@ def test_sigterm_is_handled_like_ctrl_c():
             pass
     assert signal.getsignal(signal.SIGTERM) is before
     assert interrupted_status(Terminated()) == 143 and interrupted_status(KeyboardInterrupt()) == 130
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # (the Terminated the finaliser drops)
+def test_a_second_sigterm_spares_the_clean_up_and_one_lost_in_a_finaliser_is_raised_again():
+    import os
+    import signal
+
+    from maeday_hf.cli import Terminated, terminate_as_interrupt
+
+    def settle():
+        for _ in range(1000):  # (Python runs the handler between bytecodes)
+            pass
+
+    cleaned = []
+    with pytest.raises(Terminated), terminate_as_interrupt():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            settle()
+        finally:  # a scheduler repeating its SIGTERM while the first one's clean-up runs: the clean-up finishes
+            os.kill(os.getpid(), signal.SIGTERM)
+            settle()
+            cleaned.append(True)
+    assert cleaned == [True]
+
+    class RaisesInFinaliser:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+            settle()  # the Terminated raised here is dropped by Python ("Exception ignored in ...")
+
+    with pytest.raises(Terminated), terminate_as_interrupt():
+        RaisesInFinaliser()  # (collected at once)
+        settle()
+        # The process must still stop on SIGTERM (it used to ignore every later one).
+        os.kill(os.getpid(), signal.SIGTERM)
+        settle()
 
 
 def _sigterm_while_scoring(arguments: list[str], out, temporary, settle: float, whole_group: bool):

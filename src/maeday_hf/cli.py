@@ -64,15 +64,31 @@ def terminate_as_interrupt():
         return
 
     def raise_terminated(signum, frame):
-        # Once: a second SIGTERM (a scheduler repeating itself) does not cut the clean-up short; SIGKILL still would.
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise Terminated()
+        # A SIGTERM while the clean-up of an earlier one runs (a scheduler repeating itself) does not cut it short;
+        # SIGKILL still would. One that finds no Terminated on its way (the first was raised inside a finaliser,
+        # where Python drops exceptions) raises again: ignoring every later SIGTERM would leave a process no signal
+        # but SIGKILL stops.
+        if not _terminated_is_being_handled():
+            raise Terminated()
 
     previous = signal.signal(signal.SIGTERM, raise_terminated)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _terminated_is_being_handled() -> bool:
+    """Whether a `Terminated` is what the interrupted code is handling (a `finally`, an `except`, an `__exit__`),
+    or the context of what it is handling."""
+    error = sys.exc_info()[1]
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, Terminated):
+            return True
+        seen.add(id(error))
+        error = error.__context__
+    return False
 
 
 def interrupted_status(error: KeyboardInterrupt) -> int:
@@ -144,7 +160,11 @@ def _folder_images(folder: Path, is_excluded) -> list[Path]:
     image must not drop out unnoticed)."""
     images = []
     visited = set()
-    for directory, subfolders, files in os.walk(folder, followlinks=True):
+
+    def unreadable(error: OSError) -> None:  # (os.walk skips a folder it cannot list, and its images with it)
+        raise CommandError(f"cannot read folder {os.fspath(error.filename or folder)!r}: {error.strerror or error}")
+
+    for directory, subfolders, files in os.walk(folder, onerror=unreadable, followlinks=True):
         real = os.path.realpath(directory)
         if real in visited or is_excluded(Path(directory)):
             subfolders[:] = []
@@ -276,8 +296,15 @@ def run_detect(args: argparse.Namespace) -> int:
     out_dir = Path(args.out)
     if out_dir.exists() and not out_dir.is_dir():
         raise CommandError(f"--out {args.out!r} is a file; expected a folder (created if missing)")
+    writable = _nearest_existing(out_dir)
+    if not writable.is_dir():
+        raise CommandError(f"--out {args.out!r} cannot be created: {os.fspath(writable)!r} is a file")
+    if not os.access(writable, os.W_OK | os.X_OK):  # (found now, not once the model has loaded)
+        raise CommandError(f"--out {args.out!r} is not writable: {os.fspath(writable)!r} does not let this user "
+                           f"create files in it; choose another --out")
     if (out_dir / "scores.csv").exists() and not (out_dir / "scores.csv").is_file():
         raise CommandError(f"{os.fspath(out_dir / 'scores.csv')!r} is not a file; the scores would have nowhere to go")
+    _check_heatmaps_folder(out_dir / "heatmaps")  # (again when it is swapped out)
     images = collect_images(args.inputs, exclude=out_dir / "heatmaps")  # what a previous run wrote
     heatmaps_dir = Path(os.path.realpath(out_dir / "heatmaps"))  # (links resolved: the folder the swap replaces)
     inside = [
@@ -311,6 +338,44 @@ def run_detect(args: argparse.Namespace) -> int:
             return _detect(args, call_kwargs, out_dir, images, sources)
 
 
+def _nearest_existing(path: Path) -> Path:
+    """`path`, or its nearest ancestor that exists (where a missing `path` would be created)."""
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+_HEATMAPS_SUBFOLDERS = {"maps": ".npy", "masks": ".png"}
+"""What `--save-maps` adds to the heatmaps folder: subfolder -> the suffix of its files."""
+
+
+def _check_heatmaps_folder(folder: Path, shown: Path | None = None) -> None:
+    """Refuse to replace `folder` (shown to the user as `shown`) unless it is missing or looks like what `maeday detect`
+    writes there: PNG heatmaps, `maps/*.npy`, `masks/*.png` (and hidden files: `.DS_Store` and the like). This run
+    replaces the folder whole; a file of the user's must not go with it."""
+    shown = shown if shown is not None else folder
+    if not (folder.exists() or folder.is_symlink()):
+        return
+    if not folder.is_dir():
+        raise CommandError(f"{os.fspath(shown)!r} is not a folder; this run writes its heatmaps there: move it, or "
+                           f"choose another --out")
+    for entry in folder.iterdir():
+        if entry.name.startswith(".") and not entry.is_dir():
+            continue
+        suffix = _HEATMAPS_SUBFOLDERS.get(entry.name) if entry.is_dir() else None
+        if suffix is not None:
+            foreign = next((f for f in entry.iterdir() if not f.name.startswith(".") and f.suffix != suffix), None)
+        else:
+            foreign = None if entry.is_file() and entry.suffix == ".png" else entry
+        if foreign is not None:
+            raise CommandError(
+                f"{os.fspath(shown)!r} holds {os.fspath(Path(shown) / foreign.relative_to(folder))!r}, which maeday "
+                f"detect does not write there; a run replaces that folder whole: move what you keep there, or choose "
+                f"another --out"
+            )
+
+
 def _detect(args, call_kwargs, out_dir: Path, images: list[tuple[Path | str, str]], sources: list[Path]) -> int:
     """Score `sources` (local files; `images` holds what the user named, and the output names) into `out_dir`."""
     from .images import load_rgb_image
@@ -338,10 +403,13 @@ def _detect(args, call_kwargs, out_dir: Path, images: list[tuple[Path | str, str
         for prefix in (".heatmaps.partial-", ".scores.csv.partial-"):
             remove_abandoned(out_dir, prefix)  # (left by a run that was killed outright)
         # (held while this run writes them: no later run takes them for abandoned)
-        partial, handle = make_held_partial_dir(out_dir, ".heatmaps.partial-")
-        held.append(handle)
-        pending_scores, handle = make_held_partial_file(out_dir, ".scores.csv.partial-")
-        held.append(handle)
+        try:
+            partial, handle = make_held_partial_dir(out_dir, ".heatmaps.partial-")
+            held.append(handle)
+            pending_scores, handle = make_held_partial_file(out_dir, ".scores.csv.partial-")
+            held.append(handle)
+        except OSError as error:  # (the name of a hidden temporary file would tell the user nothing)
+            raise CommandError(f"cannot write into --out {os.fspath(out_dir)!r}: {error.strerror or error}") from None
         # Maps wait on disk, not in memory, until the common colour scale is known: beside the heatmaps, on the
         # --out disk the user chose (a full-size float32 map per image: 4 GB for 1,000 MVTec images, which a tmpfs
         # /tmp would hold in memory).
@@ -381,7 +449,9 @@ def _detect(args, call_kwargs, out_dir: Path, images: list[tuple[Path | str, str
             writer.writerow([path, f"{score:.6g}"] + ([label] if with_labels else []))
         # UTF-8 everywhere, the csv module's line ends kept as they are; paths as the file system has them.
         pending_scores.write_text(buffer.getvalue(), encoding="utf-8", errors="surrogateescape", newline="")
-        replace_folder(partial, out_dir / "heatmaps")
+        replace_folder(
+            partial, out_dir / "heatmaps", check_replaced=lambda old: _check_heatmaps_folder(old, out_dir / "heatmaps")
+        )
         os.replace(pending_scores, scores_file)  # (a rename: it cannot half-happen)
     finally:
         if partial is not None:
