@@ -368,8 +368,11 @@ def test_a_checkpoint_that_is_not_vit_mae_is_refused(tmp_path):
 
 
 def test_load_detector_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope"):
+    with pytest.raises(FileNotFoundError, match="Model folder not found: '.*nope'"):
         load_detector(str(tmp_path / "nope"))
+    (tmp_path / "query.png").write_bytes(b"")  # (an image given as --model by mistake: a file, not a missing folder)
+    with pytest.raises(FileNotFoundError, match="Model '.*query.png' is a file; expected a checkpoint folder"):
+        load_detector(str(tmp_path / "query.png"))
     with pytest.raises(OSError, match="org/not-cached"):
         load_detector("org/not-cached")
 

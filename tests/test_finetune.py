@@ -588,6 +588,23 @@ def test_a_checkpoint_without_its_decoder_is_refused_by_the_pipeline_and_the_cli
     assert pipeline("anomaly-detection", model=tiny_checkpoint)  # (a whole checkpoint passes, of course)
 
 
+def test_a_local_folder_without_its_decoder_is_refused_before_transformers_reports_its_load(tiny_checkpoint, shot_path,
+                                                                                             tmp_path):
+    # At transformers' default verbosity its load report lists every missing decoder weight (some 30 lines) before
+    # the one-line error; the folder is checked before it is loaded, as a Hub checkpoint is. (A process of its own:
+    # transformers' log handler writes past pytest's capture.)
+    encoder_only = _encoder_only_checkpoint(tmp_path / "encoder-only", tiny_checkpoint)
+    env = {key: value for key, value in os.environ.items() if key != "TRANSFORMERS_VERBOSITY"}
+    completed = subprocess.run(
+        [sys.executable, "-m", "maeday_hf", "detect", str(shot_path), "--model", encoder_only, "--out",
+         str(tmp_path / "o"), "--quiet"], env={**env, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
+        timeout=180,
+    )
+    assert completed.returncode == 2
+    assert len(completed.stderr.strip().splitlines()) == 1 and "has no decoder weights" in completed.stderr, (
+        completed.stderr[-2000:])
+
+
 def test_the_decoder_is_checked_at_the_revision_and_in_the_cache_that_are_loaded(tiny_checkpoint, shot_path, tmp_path):
     from pathlib import Path
 

@@ -51,6 +51,9 @@ def load_detector(
     device = resolve_device(device)  # a device that is not here fails before anything is loaded
     path = os.path.expanduser(model)  # what is loaded: `model` itself for a Hub id
     if looks_like_local_path(model) and not os.path.isdir(path):
+        if os.path.exists(path):
+            raise FileNotFoundError(f"Model {model!r} is a file; expected a checkpoint folder (with config.json) or a "
+                                    f"Hub id.")
         raise FileNotFoundError(f"Model folder not found: {model!r} (expected a folder with config.json).")
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(
@@ -73,10 +76,10 @@ def load_detector(
         if base_model is not None:
             raise ValueError(f"base_model={os.fspath(base_model)!r} applies only to adapter folders; {model!r} is a "
                              f"full checkpoint.")
-        if not os.path.isdir(path):
-            # transformers would load a Hub checkpoint without its decoder with a random one, and only log it:
-            # checked at the revision and in the cache the pipeline loads from (the pipeline checks a local folder).
-            require_decoder_in_checkpoint(checkpoint_weight_names(path, revision, **hub_kwargs), model)
+        # transformers would load a checkpoint without its decoder with a random one, and only log it (a report of
+        # some 30 lines): checked before loading, in the folder, or at the revision and in the cache the pipeline
+        # loads from.
+        require_decoder_in_checkpoint(checkpoint_weight_names(path, revision, **hub_kwargs), model)
         # pipeline_class: use this package's pipeline even when the folder also ships it as remote code.
         return pipeline(
             "anomaly-detection",
