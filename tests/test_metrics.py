@@ -253,6 +253,36 @@ def test_evaluate_modules_load_by_path_and_equal_functions():
     assert result["aupro"] == pytest.approx(expected.aupro, abs=1e-12)
 
 
+def test_evaluate_modules_keep_float64_maps_and_refuse_labels_they_would_have_truncated():
+    # A float64 map's close values stay apart (float32 merged them: num_bins=None was no longer exact), and a label
+    # of 0.7 reaches the metric's own check (an int32 feature truncated it to 0).
+    coordinates = np.stack(np.meshgrid(np.arange(64), np.arange(64)), axis=-1)
+    distance = np.linalg.norm(coordinates - 20.0, axis=-1)
+    maps = [np.exp(-60.0 * distance), np.exp(-60.0 * np.linalg.norm(coordinates - 40.0, axis=-1))]
+    masks = [(distance < 6).astype(np.uint8), np.zeros((64, 64), dtype=np.uint8)]
+    expected = compute_pixel_metrics(masks, maps, num_bins=None)
+    assert len(np.unique(np.concatenate(maps, axis=None).astype(np.float32))) < len(np.unique(np.concatenate(
+        maps, axis=None)))  # (the case float32 merges)
+    pixel_metric = evaluate.load(METRIC_PATHS["pixel_anomaly"], keep_in_memory=True)
+    assert pixel_metric.compute(predictions=maps, references=masks, num_bins=None) == pytest.approx(
+        dict(vars(expected)), abs=1e-12)
+    image_metric = evaluate.load(METRIC_PATHS["image_anomaly"], keep_in_memory=True)
+    with pytest.raises(ValueError, match="0 \\(good\\) or 1 \\(anomaly\\)"):
+        image_metric.compute(predictions=[0.1, 0.2, 0.3], references=[0, 0.7, 1])
+
+
+def test_a_score_range_the_histogram_cannot_divide_is_one_clear_error():
+    masks = [np.array([[0, 1]], dtype=np.uint8), np.array([[1, 0]], dtype=np.uint8)]
+    for maps in ([np.array([[-1e308, 1e308]]), np.array([[0.0, 1.0]])],  # (the range overflows)
+                 [np.array([[0.0, 1e-310]]), np.array([[1e-310, 0.0]])]):  # (bins narrower than float64 can hold)
+        with pytest.raises(ValueError, match="span a range the histogram cannot divide .* num_bins=None"):
+            compute_pixel_metrics(masks, maps)
+        scores, labels = np.concatenate(maps, axis=None), np.concatenate(masks, axis=None).astype(bool)
+        pairwise = ((scores[labels][:, None] > scores[~labels][None, :]).mean()
+                    + 0.5 * (scores[labels][:, None] == scores[~labels][None, :]).mean())
+        assert compute_pixel_metrics(masks, maps, num_bins=None).pixel_roc_auc == pairwise
+
+
 def test_pixel_evaluate_module_reads_sixteen_bit_masks():
     masks, maps = random_category(3)
     expected = compute_pixel_metrics(masks, maps, num_bins=None)

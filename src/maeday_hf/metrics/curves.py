@@ -107,6 +107,13 @@ class ScoreHistogram:
         self.high = float(high)
         # A constant score map gets one bin: every threshold then ties, which is what the data says.
         self.num_bins = int(num_bins) if high > low else 1
+        span = self.high - self.low
+        if self.num_bins > 1 and not (np.isfinite(span) and np.isfinite(self.num_bins / span)):
+            # (a range wider than float64 holds, or so narrow its bins would be narrower than the smallest float)
+            raise ValueError(
+                f"Scores in [{self.low!r}, {self.high!r}] span a range the histogram cannot divide into {self.num_bins} "
+                f"bins; pass num_bins=None for the exact computation."
+            )
         self.bins = np.zeros((num_channels, self.num_bins), dtype=np.float64)
 
     def bin_indices(self, scores: np.ndarray) -> np.ndarray:

@@ -44,7 +44,9 @@ class ImageAnomaly(evaluate.Metric):
             citation=_CITATION,
             inputs_description=_KWARGS_DESCRIPTION,
             features=datasets.Features(
-                {"predictions": datasets.Value("float64"), "references": datasets.Value("int32")}
+                # references as float64: an int32 feature would truncate a label of 0.7 to 0 before the metric's own
+                # check (labels 0 or 1) could refuse it.
+                {"predictions": datasets.Value("float64"), "references": datasets.Value("float64")}
             ),
         )
 

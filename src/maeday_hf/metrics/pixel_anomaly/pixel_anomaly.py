@@ -53,7 +53,9 @@ class PixelAnomaly(evaluate.Metric):
             inputs_description=_KWARGS_DESCRIPTION,
             features=datasets.Features(
                 {
-                    "predictions": datasets.Sequence(datasets.Sequence(datasets.Value("float32"))),
+                    # float64: a float64 map is kept as it is (float32 would merge close values: num_bins=None
+                    # would no longer be exact); a float32 map converts without loss.
+                    "predictions": datasets.Sequence(datasets.Sequence(datasets.Value("float64"))),
                     # uint16: 8- and 16-bit masks alike (a 16-bit mask's 256 or 65535 does not fit uint8).
                     "references": datasets.Sequence(datasets.Sequence(datasets.Value("uint16"))),
                 }
