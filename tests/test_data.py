@@ -630,6 +630,15 @@ def test_splits_digest_follows_the_bytes_and_examples_not_where_the_files_are(mv
     relabelled = datasets.DatasetDict({"train": changed["train"], "test": retyped})
     digests = {splits_digest(changed), splits_digest(reordered), splits_digest(relabelled)}
     assert len(digests) == 3
+    # Images nested in other columns are read by their bytes too, never by a decoded object's repr (which holds a
+    # memory address: each process would find another digest).
+    views = datasets.Features({"image": datasets.Image(), "views": datasets.List(datasets.Image())})
+    nested = datasets.Dataset.from_dict(
+        {"image": [str(mask_path)], "views": [[str(mask_path), str(mask_path)]]}, features=views)
+    first_nested = splits_digest(datasets.DatasetDict({"train": nested}))
+    assert first_nested == splits_digest(datasets.DatasetDict({"train": nested.select([0])}))
+    Image.fromarray(255 - mask).save(mask_path)
+    assert splits_digest(datasets.DatasetDict({"train": nested})) != first_nested
     mask_path.unlink()
-    with pytest.raises(FileNotFoundError, match=r"Category 'bottle' test example \d+ \(mask\): cannot read"):
+    with pytest.raises(FileNotFoundError, match=r"Category 'bottle' test example \d+: cannot read .*000_mask.png"):
         splits_digest(changed, "Category 'bottle'")

@@ -690,10 +690,12 @@ def _check_data_digests(output_dir: str | os.PathLike, data_digests: dict[str, s
 
 def _holds_results_of(output_dir: str | os.PathLike, category: str) -> bool:
     """Whether `output_dir` holds a unit or an adapter of `category` (once they are removed, its recorded data digest
-    describes nothing left, and the category is computed afresh)."""
+    describes nothing left, and the category is computed afresh). Hidden entries (the temporary files a killed run
+    left) are not results."""
     return any(
-        any((Path(output_dir) / kind / category).iterdir()) for kind in (UNITS_DIR, ADAPTERS_DIR)
-        if (Path(output_dir) / kind / category).is_dir()
+        not entry.name.startswith(".")
+        for kind in (UNITS_DIR, ADAPTERS_DIR) if (Path(output_dir) / kind / category).is_dir()
+        for entry in (Path(output_dir) / kind / category).iterdir()
     )
 
 

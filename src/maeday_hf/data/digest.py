@@ -9,48 +9,54 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 
 import datasets
 
 DIGEST_LENGTH = 16
 """Hex digits kept of the SHA-256 (as for the model's weights digest)."""
 _CHUNK = 1 << 20
+_ROWS_PER_BATCH = 256
 
 
-def _update_with_bytes(digest, content: bytes) -> None:
-    digest.update(len(content).to_bytes(8, "little"))
-    digest.update(content)
-
-
-def _update_with_file(digest, path: str) -> None:
-    digest.update(os.path.getsize(path).to_bytes(8, "little"))
+def _file_digest(path: str) -> str:
+    digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while chunk := handle.read(_CHUNK):
             digest.update(chunk)
+    return digest.hexdigest()
 
 
-def _update_with_image(digest, value: dict | None, where: str) -> None:
-    if value is None:
-        digest.update(b"\x00")
-    elif value.get("bytes") is not None:  # (the same content embedded or in a file: the same digest)
-        digest.update(b"\x01")
-        _update_with_bytes(digest, value["bytes"])
-    elif value.get("path") is not None:
-        digest.update(b"\x01")
-        try:
-            _update_with_file(digest, value["path"])
-        except OSError as error:
-            raise FileNotFoundError(f"{where}: cannot read {value['path']!r} ({error.strerror or error}).") from None
-    else:
-        raise ValueError(f"{where}: an image with neither bytes nor a path.")
+def _canonical(value, where: str):
+    """`value` as Arrow stores it, made JSON-serialisable and independent of where files are: an image (a
+    `{"bytes", "path"}` struct, at any depth) becomes the SHA-256 of its bytes, embedded or in its file."""
+    if isinstance(value, dict):
+        if set(value) == {"bytes", "path"}:
+            if value["bytes"] is not None:
+                return {"sha256": hashlib.sha256(value["bytes"]).hexdigest()}
+            if value["path"] is not None:
+                try:
+                    return {"sha256": _file_digest(value["path"])}
+                except OSError as error:
+                    raise FileNotFoundError(
+                        f"{where}: cannot read {value['path']!r} ({error.strerror or error})."
+                    ) from None
+            raise ValueError(f"{where}: an image with neither bytes nor a path.")
+        return {key: _canonical(item, where) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_canonical(item, where) for item in value]
+    if isinstance(value, bytes):
+        return {"sha256": hashlib.sha256(value).hexdigest()}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    # (dates, decimals, ...: refused rather than written by repr, which may hold a memory address)
+    raise TypeError(f"{where}: a value of type {type(value).__name__} the data digest cannot read.")
 
 
 def splits_digest(splits: datasets.DatasetDict, name: str = "dataset") -> str:
     """SHA-256 (first 16 hex digits) over every split of `splits`: its name, length and features, then every example
-    in order, image columns by the bytes of their files (or embedded bytes), the other columns by value. Two
-    `DatasetDict`s get the same digest exactly when they hold the same examples in the same order, wherever their
-    files are.
+    in order as Arrow stores it (nothing is decoded), images at any depth by the bytes of their files or their
+    embedded bytes. Two `DatasetDict`s get the same digest exactly when they hold the same examples in the same order,
+    wherever their files are, in every process.
 
     Raises:
         `FileNotFoundError`: an image file the split names cannot be read (`name` and the example are named).
@@ -58,17 +64,12 @@ def splits_digest(splits: datasets.DatasetDict, name: str = "dataset") -> str:
     digest = hashlib.sha256()
     for split_name in sorted(splits):
         split = splits[split_name]
-        features = split.features
-        header = {"split": split_name, "rows": len(split), "features": features.to_dict()}
-        _update_with_bytes(digest, json.dumps(header, sort_keys=True).encode())
-        image_columns = sorted(column for column, feature in features.items() if isinstance(feature, datasets.Image))
-        other_columns = sorted(column for column in features if column not in image_columns)
-        undecoded = split
-        for column in image_columns:
-            undecoded = undecoded.cast_column(column, datasets.Image(decode=False))
-        for index, example in enumerate(undecoded):
-            for column in image_columns:
-                _update_with_image(digest, example[column], f"{name} {split_name} example {index} ({column})")
-            values = {column: example[column] for column in other_columns}
-            _update_with_bytes(digest, json.dumps(values, sort_keys=True, default=repr).encode())
+        header = {"split": split_name, "rows": len(split), "features": split.features.to_dict()}
+        digest.update(json.dumps(header, sort_keys=True).encode() + b"\n")
+        index = 0
+        for table in split.with_format("arrow").iter(batch_size=_ROWS_PER_BATCH):
+            for row in table.to_pylist():
+                example = _canonical(row, f"{name} {split_name} example {index}")
+                digest.update(json.dumps(example, sort_keys=True).encode() + b"\n")
+                index += 1
     return digest.hexdigest()[:DIGEST_LENGTH]
