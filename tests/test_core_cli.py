@@ -259,11 +259,22 @@ def test_a_heatmaps_folder_holding_what_detect_does_not_write_is_not_replaced(tm
     out = tmp_path / "out"
     common = [str(tmp_path / "query.png"), "--model", tiny_checkpoint, "--out", str(out), "--num-masks", "2",
               "--quiet", "--device", "cpu"]
-    # A previous run's folder (heatmaps, maps/, masks/, a Finder .DS_Store) is replaced, as before.
+    # A previous run's folder (heatmaps, maps/, masks/, and what file browsers add there) is replaced, as before.
     assert main(["detect", *common, "--save-maps", "--threshold", "0"]) == 0
-    (out / "heatmaps" / ".DS_Store").write_bytes(b"")
+    for name in (".DS_Store", "Thumbs.db", "desktop.ini", "masks/Thumbs.db"):
+        (out / "heatmaps" / name).write_bytes(b"")
+    for name in (".AppleDouble", "@eaDir"):
+        (out / "heatmaps" / name).mkdir()
     assert main(["detect", *common]) == 0
     assert sorted(p.name for p in (out / "heatmaps").iterdir()) == ["query.png"]
+    # A link named heatmaps: only the link is replaced, what it points to stays as it is.
+    shutil.rmtree(out / "heatmaps")
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "notes.txt").write_text("mine")
+    (out / "heatmaps").symlink_to(tmp_path / "shared", target_is_directory=True)
+    assert main(["detect", *common]) == 0
+    assert (out / "heatmaps").is_dir() and not (out / "heatmaps").is_symlink()
+    assert (tmp_path / "shared" / "notes.txt").read_text() == "mine"
     # A file named heatmaps, a note beside the heatmaps, anything else in maps/: refused before the model loads, kept.
     for where, what in (("heatmaps", "is not a folder"), ("heatmaps/notes.txt", "heatmaps/notes.txt' which maeday"),
                         ("heatmaps/maps/readme.md", "heatmaps/maps/readme.md' which maeday")):
@@ -300,6 +311,13 @@ def test_an_out_folder_that_cannot_be_written_is_named_before_the_model_loads(tm
     err = capsys.readouterr().err
     assert f"--out '{out}' is not writable: '{tmp_path / 'read-only'}' does not let this user" in err
     assert err.count("\n") == 1 and not loads and not out.exists()
+    # `..` after a link is checked where it leads, not where the text would.
+    (tmp_path / "writable" / "deep").mkdir(parents=True)
+    (tmp_path / "read-only" / "link").symlink_to(tmp_path / "writable" / "deep", target_is_directory=True)
+    from maeday_hf.cli import _nearest_existing
+
+    assert os.path.samefile(_nearest_existing(tmp_path / "read-only" / "link" / ".." / "results"),
+                            tmp_path / "writable")
     (tmp_path / "a-file").write_text("")
     assert main(["detect", *common, "--out", str(tmp_path / "a-file" / "results")]) == 2
     assert "cannot be created: " in capsys.readouterr().err
@@ -357,9 +375,10 @@ def test_folders_are_followed_through_links_once_and_a_broken_link_is_named(tmp_
         collect_images([str(tmp_path / "pipe.png")])
 
 
-def test_a_folder_that_cannot_be_read_is_named_not_skipped(tmp_path, monkeypatch):
+def test_a_folder_that_cannot_be_read_is_named_not_skipped(tmp_path, monkeypatch, caplog):
     # os.walk skips a folder it cannot list: its images would drop out of scores.csv without a word. (The refusal is
     # simulated: the tests may run as root, whom chmod 000 does not stop.)
+    import logging
     import os
 
     from maeday_hf.cli import CommandError, collect_images
@@ -376,10 +395,13 @@ def test_a_folder_that_cannot_be_read_is_named_not_skipped(tmp_path, monkeypatch
         return real_scandir(path)
 
     monkeypatch.setattr(os, "scandir", scandir)
+    # A subfolder (a mount point's lost+found, say): named in a warning, the rest scored.
+    with caplog.at_level(logging.WARNING, logger="maeday_hf"):
+        assert [name for _, name in collect_images([str(data)])] == ["a"]
+    assert "Skipping folder" in caplog.text and "locked" in caplog.text
+    # The folder given itself: an error (not "no images found in folder").
     with pytest.raises(CommandError, match=r"cannot read folder '.*locked': Permission denied"):
-        collect_images([str(data)])
-    with pytest.raises(CommandError, match=r"cannot read folder '.*locked': Permission denied"):
-        collect_images([str(data / "locked")])  # (not "no images found in folder")
+        collect_images([str(data / "locked")])
 
 
 def test_heatmap_names_are_file_names_everywhere(tmp_path, tiny_checkpoint):

@@ -162,7 +162,12 @@ def _folder_images(folder: Path, is_excluded) -> list[Path]:
     visited = set()
 
     def unreadable(error: OSError) -> None:  # (os.walk skips a folder it cannot list, and its images with it)
-        raise CommandError(f"cannot read folder {os.fspath(error.filename or folder)!r}: {error.strerror or error}")
+        where = os.fspath(error.filename or folder)
+        if os.path.realpath(where) == os.path.realpath(folder):
+            raise CommandError(f"cannot read folder {where!r}: {error.strerror or error}")
+        # A subfolder (a mount point's lost+found, a drive's System Volume Information): named, and the rest scored.
+        logger.warning("Skipping folder %r, which cannot be read (%s): its images, if any, are not scored.", where,
+                       error.strerror or error)
 
     for directory, subfolders, files in os.walk(folder, onerror=unreadable, followlinks=True):
         real = os.path.realpath(directory)
@@ -340,10 +345,19 @@ def run_detect(args: argparse.Namespace) -> int:
 
 def _nearest_existing(path: Path) -> Path:
     """`path`, or its nearest ancestor that exists (where a missing `path` would be created)."""
-    path = Path(os.path.abspath(path))
+    path = Path(path).absolute()  # (`..` kept: after a link it is not the textual parent)
     while not path.exists() and path != path.parent:
         path = path.parent
     return path
+
+
+_SYSTEM_NAMES = frozenset({"thumbs.db", "desktop.ini", "@eadir", "$recycle.bin", "system volume information"})
+"""What file browsers and NAS systems put in a folder that is looked at (matched case-insensitively)."""
+
+
+def _written_by_the_system(name: str) -> bool:
+    """Hidden entries (`.DS_Store`, `.AppleDouble/`, `.ipynb_checkpoints/`) and `_SYSTEM_NAMES` (`Thumbs.db`, ...)."""
+    return name.startswith(".") or name.casefold() in _SYSTEM_NAMES
 
 
 _HEATMAPS_SUBFOLDERS = {"maps": ".npy", "masks": ".png"}
@@ -351,23 +365,26 @@ _HEATMAPS_SUBFOLDERS = {"maps": ".npy", "masks": ".png"}
 
 
 def _check_heatmaps_folder(folder: Path, shown: Path | None = None) -> None:
-    """Refuse to replace `folder` (shown to the user as `shown`) unless it is missing or looks like what `maeday detect`
-    writes there: PNG heatmaps, `maps/*.npy`, `masks/*.png` (and hidden files: `.DS_Store` and the like). This run
-    replaces the folder whole; a file of the user's must not go with it."""
+    """Refuse to replace `folder` (shown to the user as `shown`) unless it is missing, a link (only the link is
+    replaced), or looks like what `maeday detect` writes there: PNG heatmaps, `maps/*.npy`, `masks/*.png` (and what
+    file browsers add: hidden entries, `Thumbs.db` and the like). This run replaces the folder whole; a file of the
+    user's must not go with it."""
     shown = shown if shown is not None else folder
-    if not (folder.exists() or folder.is_symlink()):
+    if not folder.exists() or folder.is_symlink():  # (for a link, only the link is replaced, not what it points to)
         return
     if not folder.is_dir():
         raise CommandError(f"{os.fspath(shown)!r} is not a folder; this run writes its heatmaps there: move it, or "
                            f"choose another --out")
     for entry in folder.iterdir():
-        if entry.name.startswith(".") and not entry.is_dir():
+        if _written_by_the_system(entry.name):
             continue
         suffix = _HEATMAPS_SUBFOLDERS.get(entry.name) if entry.is_dir() else None
         if suffix is not None:
-            foreign = next((f for f in entry.iterdir() if not f.name.startswith(".") and f.suffix != suffix), None)
+            foreign = next(
+                (f for f in entry.iterdir() if not _written_by_the_system(f.name) and f.suffix.lower() != suffix), None
+            )
         else:
-            foreign = None if entry.is_file() and entry.suffix == ".png" else entry
+            foreign = None if entry.is_file() and entry.suffix.lower() == ".png" else entry
         if foreign is not None:
             raise CommandError(
                 f"{os.fspath(shown)!r} holds {os.fspath(Path(shown) / foreign.relative_to(folder))!r}, which maeday "
