@@ -167,3 +167,12 @@ def test_a_detector_loaded_as_remote_code_takes_the_packages_patchcore_and_stats
     assert completed.returncode == 0, completed.stderr[-3000:]
     scores = json.loads(completed.stdout.strip().splitlines()[-1])
     np.testing.assert_allclose(scores, [result["score"] for result in expected], rtol=1e-5)
+
+
+def test_another_librarys_class_of_the_same_name_is_not_taken_for_patchcore(detector, queries):
+    import types
+
+    other_library = types.ModuleType("patchcore.patchcore")  # (patchcore-inspection's module and class names)
+    exec("class PatchCore:\n    def predict(self, images):\n        return []\n", other_library.__dict__)
+    with pytest.raises(TypeError, match="ensemble must be 'patchcore' or a fitted PatchCore, got PatchCore"):
+        detector(queries, ensemble=other_library.PatchCore(), num_masks=2)

@@ -184,6 +184,8 @@ def _of_class(value: Any, cls: type) -> bool:
     return isinstance(value, cls) or (
         other.__qualname__ == cls.__qualname__
         and other.__module__.rpartition(".")[2] == cls.__module__.rpartition(".")[2]
+        # (maeday_hf's, or a copy transformers loaded as remote code: not another library's class of that name)
+        and other.__module__.partition(".")[0] in ("maeday_hf", "transformers_modules")
     )
 
 
