@@ -149,7 +149,7 @@ def test_histogram_within_stated_bound(num_bins):
     assert binned.pixel_f1_max <= exact.pixel_f1_max + 1e-12
     assert exact.pixel_f1_max - binned.pixel_f1_max <= binned.pixel_f1_max_error_bound + 1e-12
     if num_bins == 4096:  # the bound is useful, not vacuous
-        assert binned.pixel_roc_auc_error_bound < 1e-3 and binned.aupro_error_bound < 1e-2
+        assert binned.pixel_roc_auc_error_bound < 1e-3 and binned.aupro_error_bound < 2e-4
 
 
 def test_streaming_with_known_range_reads_a_generator_once():

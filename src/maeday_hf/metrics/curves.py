@@ -173,15 +173,18 @@ def tie_area(counts: ThresholdCounts, max_fpr: float = 1.0) -> float:
     """Upper bound on how far [`roc_area`] can move when the order of scores inside each threshold step is unknown.
 
     Between two consecutive thresholds the true curve is monotone, so it stays inside the rectangle spanned by the two
-    points; the trapezoid also does. Summing the rectangle areas `Δtpr · Δfpr` over the steps that start below
-    `max_fpr` (and dividing by `max_fpr`) bounds the difference between the histogram estimate and the exact area. For
-    the full ROC (`max_fpr == 1`), the trapezoid is the rectangle's midpoint, so half of that sum is a bound.
+    points, and its area over a step lies between the rectangle's lower and upper edge. Over a step wholly below
+    `max_fpr` the trapezoid is the midpoint of that range, so it is off by at most half the rectangle, `Δtpr · Δfpr / 2`.
+    Over the step that crosses `max_fpr` the estimate is the linear interpolation cut at `max_fpr`, which lies in the
+    same range over the part up to `max_fpr`: off by at most `Δtpr · (max_fpr - fpr_start)`. The sum, divided by
+    `max_fpr`, bounds the difference between the histogram estimate and the exact area.
     """
     tpr, fpr = counts.rates()
-    steps = np.diff(tpr) * np.diff(fpr)
-    if max_fpr >= 1:
-        return float(steps.sum() / 2)
-    return float(steps[fpr[:-1] < max_fpr].sum() / max_fpr)
+    rise, start, end = np.diff(tpr), fpr[:-1], fpr[1:]
+    below = end <= max_fpr
+    crossing = (start < max_fpr) & ~below
+    bound = np.sum(rise[below] * (end[below] - start[below])) / 2 + np.sum(rise[crossing] * (max_fpr - start[crossing]))
+    return float(bound / max_fpr)
 
 
 def f1_max(counts: ThresholdCounts) -> float:
