@@ -606,6 +606,27 @@ def test_a_mask_with_more_than_two_grey_levels_is_reported(tmp_path, tiny_checkp
     assert "1 ground-truth mask(s) have more than two grey levels" in caplog.text and mask.name in caplog.text
 
 
+def test_a_rewritten_repo_folder_loads_its_new_rows(mvtec_root, tmp_path):
+    # datasets.load_dataset(folder, config) caches a local repo folder under its name and card: after a rewrite it
+    # gave the old rows (and so did the protocol, whose data digest then saw nothing change).
+    from maeday_hf.data import load_hub_folder
+    from maeday_hf.protocol import resolve_dataset
+
+    source = _copy_category(mvtec_root, tmp_path / "src")
+    out = tmp_path / "mvtec-ad"
+    write_hub_folder({"bottle": load_mvtec(source, "bottle")}, out)
+    assert len(load_hub_folder(out, "bottle")["test"]) == 5
+    assert len(resolve_dataset(str(out)).load("bottle")["test"]) == 5
+    (source / "bottle" / "test" / "scratch" / "000.png").unlink()
+    (source / "bottle" / "ground_truth" / "scratch" / "000_mask.png").unlink()
+    write_hub_folder({"bottle": load_mvtec(source, "bottle")}, out)
+    loaded = resolve_dataset(str(out)).load("bottle")
+    assert len(loaded["test"]) == 4 and len(load_hub_folder(out, "bottle")["test"]) == 4
+    assert loaded["test"].features == load_mvtec(source, "bottle")["test"].features
+    with pytest.raises(ValueError, match=r"lists no config 'grid'; it lists \['bottle'\]"):
+        load_hub_folder(out, "grid")
+
+
 def test_splits_digest_follows_the_bytes_and_examples_not_where_the_files_are(mvtec_root, tmp_path):
     from maeday_hf.data.digest import splits_digest
 

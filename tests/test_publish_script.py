@@ -68,3 +68,51 @@ def test_a_dry_run_into_a_file_stops_before_anything_is_loaded(tmp_path, capsys)
 def test_missing_root_is_named(tmp_path, capsys):
     assert publish_script.main(["mvtec", "--root", str(tmp_path / "nowhere"), "--dry-run", str(tmp_path / "hub")]) == 2
     assert capsys.readouterr().err == f"maeday-publish-dataset: error: The mvtec root {tmp_path / 'nowhere'} is not a folder.\n"
+
+
+def test_a_dry_run_never_replaces_the_datasets_own_folders(fod_root, tmp_path, capsys):
+    # `--dry-run` pointed at --root replaced each category folder (its frames and masks) with Parquet, exit 0.
+    frames = sorted(p.relative_to(fod_root) for p in fod_root.rglob("*") if p.is_file())
+    for dry_run in (fod_root, fod_root / "repo", tmp_path):  # the same folder, inside it, around it
+        assert publish_script.main(["fod", "--root", str(fod_root), "--dry-run", str(dry_run)]) == 2
+        assert "overlap" in capsys.readouterr().err
+    assert sorted(p.relative_to(fod_root) for p in fod_root.rglob("*") if p.is_file()) == frames
+    # Through the API, or a folder of the user's named like a config: refused before anything is written.
+    from maeday_hf.data import write_hub_folder
+    from maeday_hf.data.fod import load_fod
+
+    out = tmp_path / "hub"
+    (out / "indoor").mkdir(parents=True)
+    (out / "indoor" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"indoor holds 'notes.txt', which is not a Parquet shard"):
+        write_hub_folder({"indoor": load_fod(fod_root, "indoor")}, out)
+    assert sorted(p.name for p in out.iterdir()) == ["indoor"]
+    (out / "indoor" / "notes.txt").unlink()
+    write_hub_folder({"indoor": load_fod(fod_root, "indoor")}, out)  # (an empty folder, or a dry run's, is fine)
+    write_hub_folder({"indoor": load_fod(fod_root, "indoor")}, out)
+    assert sorted(p.suffix for p in (out / "indoor").iterdir()) == [".parquet"]
+
+
+def test_a_rewritten_config_drops_its_stale_dataset_info_and_keeps_its_entry(fod_root, tmp_path):
+    # A clone of a pushed repo carries `dataset_info` (split sizes); a rewrite with other sizes must still load.
+    import yaml
+
+    from maeday_hf.data import write_hub_folder
+    from maeday_hf.data.fod import load_fod
+
+    out = tmp_path / "hub"
+    write_hub_folder({"indoor": load_fod(fod_root, "indoor")}, out)
+    header, body = (out / "README.md").read_text().split("---\n")[1:3]
+    card = yaml.safe_load(header)
+    card["configs"][0]["default"] = True
+    card["dataset_info"] = [
+        {"config_name": "indoor", "splits": [{"name": "test", "num_examples": 99}]},
+        {"config_name": "other", "splits": [{"name": "test", "num_examples": 3}]},
+    ]
+    (out / "README.md").write_text(f"---\n{yaml.safe_dump(card, sort_keys=False)}---\n{body}")
+    write_hub_folder({"indoor": load_fod(fod_root, "indoor")}, out)
+    rewritten = yaml.safe_load((out / "README.md").read_text().split("---\n")[1])
+    assert rewritten["dataset_info"] == [{"config_name": "other", "splits": [{"name": "test", "num_examples": 3}]}]
+    assert rewritten["configs"][0]["default"] is True
+    loaded = datasets.load_dataset(str(out), "indoor", cache_dir=str(tmp_path / "cache"))
+    assert len(loaded["test"]) == len(load_fod(fod_root, "indoor")["test"])

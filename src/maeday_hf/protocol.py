@@ -68,7 +68,7 @@ from .data import (
 from .data.digest import splits_digest
 from .data.features import LABEL_NAMES, check_mask, mask_array
 from .data.fod import REFERENCE_FRAMES
-from .data.publish import available_configs, read_card
+from .data.publish import available_configs, load_hub_folder, read_card
 from .masking import (
     MASK_SCHEDULES,
     validate_mask_ratio,
@@ -128,6 +128,8 @@ class DatasetSource:
             # Reference frames for the k-shot baselines (paper Table 3: 1-shot PatchCore), held out for every run,
             # so that zero-shot and k-shot methods are scored on the same frames whatever --shots a run has.
             return load_fod_with_references(self.location, category)
+        if os.path.isdir(self.location):  # (a local repo folder: read from its files, not a cache of its name)
+            return load_hub_folder(self.location, category)
         return datasets.load_dataset(self.location, category)
 
 

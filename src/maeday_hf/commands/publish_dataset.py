@@ -4,15 +4,18 @@
     maeday-publish-dataset fod --root /data/fod --dry-run out/fod        # writes the repo folder locally
     maeday-publish-dataset synthetic --root /tmp/synthetic --dry-run out/synthetic --categories stripes
 
-The dry-run folder loads back with `datasets.load_dataset("out/fod", "indoor")`.
+The dry-run folder loads back with `maeday_hf.data.load_hub_folder("out/fod", "indoor")` (from its Parquet files;
+`datasets.load_dataset("out/fod", "indoor")` caches a local folder by its name, and may return rows of before a rewrite).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from maeday_hf.cli import configure_logging, how_stopped, interrupted_status, terminate_as_interrupt
 from maeday_hf.data import push_configs_to_hub, write_hub_folder
@@ -36,6 +39,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_apart(dry_run: str, root: str) -> None:
+    """The repo folder and the dataset's own folder must not overlap: the dry run replaces the config folders it
+    writes (a config is named like the category folder it comes from) and the README.md."""
+    written, source = Path(os.path.realpath(dry_run)), Path(os.path.realpath(root))
+    if written.is_relative_to(source) or source.is_relative_to(written):
+        raise ValueError(
+            f"--dry-run {dry_run!r} and --root {root!r} overlap; the dry run writes a config folder per category and a "
+            f"README.md, which would replace the dataset's own: give it a folder of its own."
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(logging.INFO, "%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -43,6 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with terminate_as_interrupt():
             if args.dry_run:
                 check_hub_folder(args.dry_run)  # before the configs are loaded (the synthetic set is written then)
+                _check_apart(args.dry_run, args.root)
             configs = load_configs(args.dataset, args.root, args.categories)
             if args.dry_run:
                 write_hub_folder(configs, args.dry_run)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from .features import LABEL_NAMES, anomaly_features
 from .fod import FOD_CONFIGS, load_fod, load_fod_with_references
 from .mvtec import MVTEC_CATEGORIES, MVTEC_GRAYSCALE, MVTEC_OBJECTS, MVTEC_TEXTURES, load_mvtec
-from .publish import push_configs_to_hub, write_hub_folder
+from .publish import load_hub_folder, push_configs_to_hub, write_hub_folder
 from .shots import select_shots, shot_indices
 from .synthetic import SYNTHETIC_CATEGORIES, load_synthetic_dataset
 
@@ -24,6 +24,7 @@ __all__ = [
     "anomaly_features",
     "load_fod",
     "load_fod_with_references",
+    "load_hub_folder",
     "load_mvtec",
     "load_synthetic_dataset",
     "push_configs_to_hub",

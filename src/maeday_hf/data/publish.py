@@ -2,7 +2,7 @@
 
 On the Hub each config is embedded Parquet (image bytes inside the files) under `<config>/<split>-*.parquet`, listed in
 the `configs:` header of README.md, so `load_dataset("ORG/mvtec-ad", "bottle")` needs no loading script. The dry run
-([`write_hub_folder`]) writes the same files locally; `load_dataset(folder, "bottle")` reads them back.
+([`write_hub_folder`]) writes the same files locally; [`load_hub_folder`] reads them back.
 """
 
 from __future__ import annotations
@@ -188,6 +188,34 @@ def read_card(readme: Path) -> tuple[dict, str]:
     return card.data.to_dict(), card.text
 
 
+def load_hub_folder(folder: str | os.PathLike, config: str, **load_kwargs) -> datasets.DatasetDict:
+    """One config of a local dataset repo folder (`write_hub_folder`'s, or a clone of a Hub repo), read from the Parquet
+    files its card lists.
+
+    `datasets.load_dataset(folder, config)` caches a local repo folder under its name and card, not its files: once the
+    folder is rewritten (or another folder of the same name is loaded) it can return the old rows. Loading the Parquet
+    files themselves keys the cache on those files. The features (images, class labels) come with the Parquet files.
+
+    Raises:
+        ValueError: the card lists no such config (the ones it lists are named).
+    """
+    folder = Path(folder)
+    header, _ = read_card(folder / README)
+    entries = {entry.get("config_name"): entry for entry in header.get("configs", []) if isinstance(entry, dict)}
+    if config not in entries:
+        raise ValueError(f"{folder / README} lists no config {config!r}; it lists {sorted(map(str, entries))}.")
+    data_files = entries[config].get("data_files")
+    if isinstance(data_files, str) or (isinstance(data_files, list) and all(isinstance(i, str) for i in data_files)):
+        data_files = [{"split": "train", "path": data_files}]  # (paths without splits are the train split)
+    files: dict[str, list[str]] = {}
+    for item in data_files or []:
+        paths = item["path"] if isinstance(item["path"], list) else [item["path"]]
+        files.setdefault(item["split"], []).extend(os.fspath(folder / path) for path in paths)
+    if not files:
+        raise ValueError(f"{folder / README}: config {config!r} lists no data_files.")
+    return datasets.load_dataset("parquet", data_files=files, **load_kwargs)
+
+
 def check_hub_folder(folder: str | os.PathLike) -> Path:
     """`folder` as a `Path`, if `write_hub_folder` can write there (a folder, or nothing yet).
 
@@ -200,6 +228,29 @@ def check_hub_folder(folder: str | os.PathLike) -> Path:
             f"{folder} is a file; the dataset repo is written as a folder there (give a folder, new or written before)."
         )
     return folder
+
+
+def _check_replaceable_config(config_folder: Path, shown: Path | None = None) -> None:
+    """Refuse to replace `config_folder` (shown as `shown`) unless it is missing or holds only Parquet shards (and hidden
+    files): what a dry run writes there. Anything else (the dataset's own images, when the dry run was pointed at
+    --root) must not be deleted by it."""
+    shown = shown if shown is not None else config_folder
+    if not (config_folder.exists() or config_folder.is_symlink()):
+        return
+    if config_folder.is_symlink() or not config_folder.is_dir():
+        raise ValueError(f"{shown} is not a folder of Parquet shards, and writing the config would replace it; choose "
+                         f"another folder for the dataset repo.")
+    foreign = next(
+        (entry for entry in config_folder.iterdir()
+         if not is_hidden(entry) and not (entry.is_file() and entry.suffix == ".parquet")),
+        None,
+    )
+    if foreign is not None:
+        raise ValueError(
+            f"{shown} holds {foreign.name!r}, which is not a Parquet shard of a dataset repo, and writing the config "
+            f"would replace that folder (is this the dataset's own folder?); choose another folder for the dataset "
+            f"repo."
+        )
 
 
 def write_hub_folder(
@@ -224,7 +275,7 @@ def write_hub_folder(
 
     ```python
     >>> write_hub_folder({"bottle": load_mvtec(root, "bottle")}, "out/mvtec-ad")
-    >>> datasets.load_dataset("out/mvtec-ad", "bottle")["test"].features["label"].names
+    >>> load_hub_folder("out/mvtec-ad", "bottle")["test"].features["label"].names
     ['good', 'anomaly']
     ```
     """
@@ -245,6 +296,8 @@ def write_hub_folder(
             f"config_name (as the Hub's dataset cards have). Fix or remove it, then run again."
         )
     entries = {entry["config_name"]: entry for entry in existing}
+    for name in configs:  # all of them before anything is written
+        _check_replaceable_config(folder / name)
     folder.mkdir(parents=True, exist_ok=True)
     for name, dataset_dict in configs.items():
         partial = make_partial_dir(folder, f".{name}.partial-")
@@ -256,15 +309,28 @@ def write_hub_folder(
                     path = partial / f"{split}-{index:05d}-of-{num_shards:05d}.parquet"
                     _embedded(shard).to_parquet(str(path))
                     logger.info("Wrote %s/%s (%d rows)", name, path.name, len(shard))
-            replace_folder(partial, folder / name)
+            replace_folder(partial, folder / name, check_replaced=lambda old, shown=folder / name: (
+                _check_replaceable_config(old, shown)))
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
             raise
-        entries[name] = {
+        entries[name] = {  # (other keys of an existing entry, such as `default: true`, are kept)
+            **entries.get(name, {}),
             "config_name": name,
             "data_files": [{"split": split, "path": f"{name}/{split}-*"} for split in dataset_dict],
         }
     header["configs"] = [entries[name] for name in sorted(entries)]
+    # The sizes and features `push_to_hub` recorded for a config describe its old files: `datasets` would refuse the
+    # rewritten ones (NonMatchingSplitsSizesError). Dropped for the configs written.
+    info = header.get("dataset_info")
+    if isinstance(info, dict) and info.get("config_name", "default") in configs:
+        del header["dataset_info"]
+    elif isinstance(info, list):
+        kept = [entry for entry in info if not (isinstance(entry, dict) and entry.get("config_name") in configs)]
+        if kept:
+            header["dataset_info"] = kept
+        else:
+            del header["dataset_info"]
     card = f"---\n{yaml.safe_dump(header, sort_keys=False)}---\n{body if card_body is None else card_body}"
     write_atomically(folder / README, lambda temp: Path(temp).write_text(card, encoding="utf-8"))
     return folder
