@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import random
 import re
 import shutil
@@ -202,6 +203,28 @@ def test_fod_errors(fod_root):
     _save(stray, _mask(0))
     with pytest.raises(ValueError, match=str(stray)):
         load_fod(fod_root, "indoor")
+
+
+def test_a_misnamed_fod_mask_folder_or_boxes_file_is_named_not_left_out(fod_root, caplog):
+    # The masks and the boxes are optional: `Masks/` or `Boxes.json` loaded as a set with no masks or boxes at all.
+    indoor = fod_root / "indoor"
+    (indoor / "masks").rename(indoor / "Masks")
+    with pytest.raises(ValueError, match=r"Masks is named 'Masks'; the FOD layout reads 'masks'"):
+        load_fod(fod_root, "indoor")
+    (indoor / "Masks").rename(indoor / "masks")
+    (indoor / "boxes.json").rename(indoor / "Boxes.json")
+    with pytest.raises(ValueError, match=r"Boxes.json is named 'Boxes.json'; the FOD layout reads 'boxes.json'"):
+        load_fod(fod_root, "indoor")
+    (indoor / "Boxes.json").unlink()
+    (indoor / "boxes.json").mkdir()
+    with pytest.raises(ValueError, match=r"boxes.json is a folder; the FOD layout expects a JSON file there"):
+        load_fod(fod_root, "indoor")
+    (indoor / "boxes.json").rmdir()
+    (indoor / "notes.txt").write_text("")
+    (indoor / ".DS_Store").write_text("")
+    with caplog.at_level(logging.WARNING):
+        assert len(load_fod(fod_root, "indoor")["test"]) == 6
+    assert "notes.txt is not part of the FOD layout" in caplog.text and ".DS_Store" not in caplog.text
 
 
 def test_select_shots_deterministic_nested_and_validated(mvtec_root):

@@ -83,6 +83,29 @@ def _read_boxes(path: Path, object_names: set[str]) -> dict[str, list[list[float
     return {name: [[float(v) for v in box] for box in frame_boxes] for name, frame_boxes in boxes.items()}
 
 
+_EXPECTED_ENTRIES = {NORMAL_DIR: True, OBJECT_DIR: True, MASK_DIR: True, BOXES_FILE: False}
+"""What a config folder holds: name -> whether it is a folder. The masks and the boxes are optional, so a misnamed one
+would silently drop out."""
+
+
+def _check_config_entries(config_dir: Path) -> None:
+    """Refuse an entry named like an expected one but in other letter case (`Masks/`, `Boxes.json`), or an expected
+    name of the wrong kind (a `boxes.json` folder); warn about anything else not hidden."""
+    by_folded = {name.casefold(): name for name in _EXPECTED_ENTRIES}
+    for entry in sorted(config_dir.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        expected = by_folded.get(entry.name.casefold())
+        if expected is not None and expected != entry.name:
+            raise ValueError(f"{entry} is named {entry.name!r}; the FOD layout reads {expected!r} (names are "
+                             f"case-sensitive), so it would be left out: rename it.")
+        if expected is None:
+            logger.warning("%s is not part of the FOD layout (%s) and is left out.", entry, ", ".join(_EXPECTED_ENTRIES))
+        elif entry.is_dir() != _EXPECTED_ENTRIES[expected]:
+            raise ValueError(f"{entry} is {'a folder' if entry.is_dir() else 'a file'}; the FOD layout expects "
+                             f"{'a folder' if _EXPECTED_ENTRIES[expected] else 'a JSON file'} there.")
+
+
 def fod_examples(root: str | os.PathLike, config: str) -> dict[str, list]:
     """Validated columns of one FOD config (paths, labels, boxes), nothing decoded.
 
@@ -94,6 +117,7 @@ def fod_examples(root: str | os.PathLike, config: str) -> dict[str, list]:
         raise ValueError(f"Unknown FOD config {config!r}; expected one of {FOD_CONFIGS}.")
     config_dir = require_dir(Path(root) / config, f"the FOD layout <root>/{config}/{{{NORMAL_DIR},{OBJECT_DIR}}}")
     expectation = f"frames in <root>/{config}/{NORMAL_DIR} and <root>/{config}/{OBJECT_DIR}"
+    _check_config_entries(config_dir)
     normal = list_checked_images(require_dir(config_dir / NORMAL_DIR, expectation))
     objects = list_checked_images(require_dir(config_dir / OBJECT_DIR, expectation))
     masks = pair_masks(objects, config_dir / MASK_DIR, required=False)
