@@ -30,6 +30,7 @@ from maeday_hf.data import (
     shot_indices,
     write_hub_folder,
 )
+from maeday_hf.data.publish import read_card
 
 SIZE = (12, 10)  # width, height: not square, so a transposed mask would show
 DEFECTS = {"broken": 2, "scratch": 1}
@@ -220,6 +221,12 @@ def test_a_misnamed_fod_mask_folder_or_boxes_file_is_named_not_left_out(fod_root
     with pytest.raises(ValueError, match=r"boxes.json is a folder; the FOD layout expects a JSON file there"):
         load_fod(fod_root, "indoor")
     (indoor / "boxes.json").rmdir()
+    # Beside the right name (a case-sensitive file system), a wrongly cased one is only left out, with a warning.
+    (indoor / "Masks").mkdir()
+    with caplog.at_level(logging.WARNING):
+        assert sum(mask is not None for mask in load_fod(fod_root, "indoor")["test"]["mask"]) == 2
+    assert "Masks is left out: the FOD layout reads" in caplog.text
+    (indoor / "Masks").rmdir()
     (indoor / "notes.txt").write_text("")
     (indoor / ".DS_Store").write_text("")
     with caplog.at_level(logging.WARNING):
@@ -648,6 +655,17 @@ def test_a_rewritten_repo_folder_loads_its_new_rows(mvtec_root, tmp_path):
     assert loaded["test"].features == load_mvtec(source, "bottle")["test"].features
     with pytest.raises(ValueError, match=r"lists no config 'grid'; it lists \['bottle'\]"):
         load_hub_folder(out, "grid")
+    # Other card forms datasets reads: a config given by its data_dir, and its features in the card alone.
+    card = (out / "README.md").read_text()
+    (out / "README.md").write_text("---\nconfigs:\n- config_name: bottle\n  data_dir: bottle\n---\n")
+    assert len(load_hub_folder(out, "bottle")["test"]) == 4
+    # A rewrite of a config keeps its `default: true`, not keys describing its old files (data_dir, features).
+    (out / "README.md").write_text(card.replace("- config_name: bottle\n", "- config_name: bottle\n  default: true\n"
+                                                "  data_dir: bottle\n  features: []\n"))
+    write_hub_folder({"bottle": load_mvtec(source, "bottle")}, out)
+    entry = read_card(out / "README.md")[0]["configs"][0]
+    assert set(entry) == {"config_name", "default", "data_files"} and entry["default"] is True
+    assert len(datasets.load_dataset(str(out), "bottle", cache_dir=str(tmp_path / "cache"))["test"]) == 4
 
 
 def test_splits_digest_follows_the_bytes_and_examples_not_where_the_files_are(mvtec_root, tmp_path):
@@ -683,6 +701,16 @@ def test_splits_digest_follows_the_bytes_and_examples_not_where_the_files_are(mv
     assert first_nested == splits_digest(datasets.DatasetDict({"train": nested.select([0])}))
     Image.fromarray(255 - mask).save(mask_path)
     assert splits_digest(datasets.DatasetDict({"train": nested})) != first_nested
+    # Dates, times and decimals are read by value (a type the digest cannot read is refused, never hashed by repr).
+    from datetime import datetime, timedelta
+    from decimal import Decimal
+
+    def dated(when):
+        return datasets.DatasetDict({"test": datasets.Dataset.from_dict(
+            {"taken": [when], "exposure": [timedelta(milliseconds=5)], "gain": [Decimal("1.5")]})})
+
+    assert splits_digest(dated(datetime(2024, 1, 1))) == splits_digest(dated(datetime(2024, 1, 1)))
+    assert splits_digest(dated(datetime(2024, 1, 1))) != splits_digest(dated(datetime(2024, 1, 2)))
     mask_path.unlink()
     with pytest.raises(FileNotFoundError, match=r"Category 'bottle' test example \d+: cannot read .*000_mask.png"):
         splits_digest(changed, "Category 'bottle'")

@@ -7,6 +7,8 @@ keeps its fingerprint. This digest reads the bytes.
 
 from __future__ import annotations
 
+import datetime
+import decimal
 import hashlib
 import json
 
@@ -48,6 +50,12 @@ def _canonical(value, where: str):
         return {"sha256": hashlib.sha256(value).hexdigest()}
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
+    if isinstance(value, (datetime.date, datetime.time)):  # (datetime is a date)
+        return {type(value).__name__: value.isoformat()}
+    if isinstance(value, datetime.timedelta):
+        return {"timedelta": [value.days, value.seconds, value.microseconds]}
+    if isinstance(value, decimal.Decimal):
+        return {"decimal": str(value)}
     # (dates, decimals, ...: refused rather than written by repr, which may hold a memory address)
     raise TypeError(f"{where}: a value of type {type(value).__name__} the data digest cannot read.")
 

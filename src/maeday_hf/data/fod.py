@@ -97,6 +97,12 @@ def _check_config_entries(config_dir: Path) -> None:
             continue
         expected = by_folded.get(entry.name.casefold())
         if expected is not None and expected != entry.name:
+            right = config_dir / expected
+            if right.exists() and os.path.samefile(right, entry):  # (a case-insensitive file system: it is read)
+                continue
+            if right.exists():
+                logger.warning("%s is left out: the FOD layout reads %s beside it.", entry, right)
+                continue
             raise ValueError(f"{entry} is named {entry.name!r}; the FOD layout reads {expected!r} (names are "
                              f"case-sensitive), so it would be left out: rename it.")
         if expected is None:

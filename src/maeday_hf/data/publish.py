@@ -193,27 +193,25 @@ def load_hub_folder(folder: str | os.PathLike, config: str, **load_kwargs) -> da
     files its card lists.
 
     `datasets.load_dataset(folder, config)` caches a local repo folder under its name and card, not its files: once the
-    folder is rewritten (or another folder of the same name is loaded) it can return the old rows. Loading the Parquet
-    files themselves keys the cache on those files. The features (images, class labels) come with the Parquet files.
+    folder is rewritten (or another folder of the same name is loaded) it can return the old rows. Here the card is
+    read as `datasets` reads it (its `data_files` or `data_dir`, its features), and the Parquet files it names are
+    loaded themselves, which keys the cache on their paths and modification times (a file replaced by one with the
+    same modification time, as `cp -p` can leave, is still read from the cache).
 
     Raises:
         ValueError: the card lists no such config (the ones it lists are named).
     """
     folder = Path(folder)
     header, _ = read_card(folder / README)
-    entries = {entry.get("config_name"): entry for entry in header.get("configs", []) if isinstance(entry, dict)}
-    if config not in entries:
-        raise ValueError(f"{folder / README} lists no config {config!r}; it lists {sorted(map(str, entries))}.")
-    data_files = entries[config].get("data_files")
-    if isinstance(data_files, str) or (isinstance(data_files, list) and all(isinstance(i, str) for i in data_files)):
-        data_files = [{"split": "train", "path": data_files}]  # (paths without splits are the train split)
-    files: dict[str, list[str]] = {}
-    for item in data_files or []:
-        paths = item["path"] if isinstance(item["path"], list) else [item["path"]]
-        files.setdefault(item["split"], []).extend(os.fspath(folder / path) for path in paths)
+    names = [entry.get("config_name") for entry in header.get("configs", []) if isinstance(entry, dict)]
+    if config not in names:
+        raise ValueError(f"{folder / README} lists no config {config!r}; it lists {sorted(map(str, names))}.")
+    builder = datasets.load_dataset_builder(os.fspath(folder), config)  # (reads the card: nothing is prepared)
+    files = {str(split): list(paths) for split, paths in (builder.config.data_files or {}).items()}
     if not files:
-        raise ValueError(f"{folder / README}: config {config!r} lists no data_files.")
-    return datasets.load_dataset("parquet", data_files=files, **load_kwargs)
+        raise ValueError(f"{folder / README}: config {config!r} names no data files.")
+    features = getattr(builder.config, "features", None) or builder.info.features
+    return datasets.load_dataset("parquet", data_files=files, features=features, **load_kwargs)
 
 
 def check_hub_folder(folder: str | os.PathLike) -> Path:
@@ -314,8 +312,8 @@ def write_hub_folder(
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
             raise
-        entries[name] = {  # (other keys of an existing entry, such as `default: true`, are kept)
-            **entries.get(name, {}),
+        entries[name] = {  # (an existing entry's `default: true` is kept; its keys describing files are not)
+            **{key: value for key, value in entries.get(name, {}).items() if key == "default"},
             "config_name": name,
             "data_files": [{"split": split, "path": f"{name}/{split}-*"} for split in dataset_dict],
         }
