@@ -714,3 +714,42 @@ def test_splits_digest_follows_the_bytes_and_examples_not_where_the_files_are(mv
     mask_path.unlink()
     with pytest.raises(FileNotFoundError, match=r"Category 'bottle' test example \d+: cannot read .*000_mask.png"):
         splits_digest(changed, "Category 'bottle'")
+
+
+def test_the_card_names_the_licence_and_an_owners_licence_is_kept(mvtec_root, tmp_path):
+    # MVTec AD is CC BY-NC-SA 4.0: its published card says so by default (maeday-publish-dataset), in the dry run and
+    # in the push (one commit more, after the configs).
+    from maeday_hf.commands import publish_dataset
+
+    out = tmp_path / "repo"
+    assert publish_dataset.main(["mvtec", "--root", str(mvtec_root), "--categories", "bottle", "--dry-run",
+                                 str(out)]) == 0
+    assert read_card(out / "README.md")[0]["license"] == "cc-by-nc-sa-4.0"
+    readme = out / "README.md"
+    readme.write_text(readme.read_text().replace("license: cc-by-nc-sa-4.0", "license: other"))
+    write_hub_folder({"grid": load_mvtec(mvtec_root, "grid")}, out, license="cc-by-nc-sa-4.0")
+    assert read_card(readme)[0]["license"] == "other"  # (the owner's)
+    configs = {"bottle": load_mvtec(mvtec_root, "bottle")}
+    pushed_card = tmp_path / "pushed-README.md"
+    pushed_card.write_text("---\nconfigs:\n- config_name: bottle\n  data_files: bottle/*\n---\n# MVTec AD\n")
+    patched, api = _hub_api(existing_private=None)
+    api.hf_hub_download.return_value = str(pushed_card)
+    with patched, mock.patch.object(datasets.DatasetDict, "push_to_hub", autospec=True):
+        push_configs_to_hub(configs, "ORG/mvtec-ad", license="cc-by-nc-sa-4.0")
+    api.hf_hub_download.assert_called_once_with("ORG/mvtec-ad", "README.md", repo_type="dataset")
+    upload = api.upload_file.call_args.kwargs
+    assert (upload["path_in_repo"], upload["repo_id"], upload["repo_type"]) == ("README.md", "ORG/mvtec-ad", "dataset")
+    uploaded = tmp_path / "uploaded.md"
+    uploaded.write_bytes(upload["path_or_fileobj"])
+    header, body = read_card(uploaded)
+    assert header["license"] == "cc-by-nc-sa-4.0" and header["configs"][0]["config_name"] == "bottle"
+    assert body == "# MVTec AD\n"
+    # A card naming a licence already: nothing uploaded; and none asked for: nothing read.
+    pushed_card.write_text("---\nlicense: other\n---\n")
+    for license in ("cc-by-nc-sa-4.0", None):
+        patched, api = _hub_api(existing_private=None)
+        api.hf_hub_download.return_value = str(pushed_card)
+        with patched, mock.patch.object(datasets.DatasetDict, "push_to_hub", autospec=True):
+            push_configs_to_hub(configs, "ORG/mvtec-ad", license=license)
+        assert not api.upload_file.called
+        assert api.hf_hub_download.called == (license is not None)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from maeday_hf.cli import configure_logging, how_stopped, interrupted_status, terminate_as_interrupt
 from maeday_hf.data import push_configs_to_hub, write_hub_folder
-from maeday_hf.data.publish import BUILDERS, check_hub_folder, load_configs
+from maeday_hf.data.publish import BUILDERS, DEFAULT_LICENSES, check_hub_folder, load_configs
 
 PROG = "maeday-publish-dataset"
 USER_ERRORS = (ValueError, OSError)
@@ -36,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--repo-id", help="Hub dataset repo, e.g. ORG/mvtec-ad.")
     target.add_argument("--dry-run", metavar="DIR", help="Write the repo folder to DIR instead of pushing.")
     parser.add_argument("--private", action="store_true", help="Create the Hub repo as private.")
+    parser.add_argument(
+        "--license", help="Hub licence id the dataset card names, unless it names one already (default: "
+        + ", ".join(f"{name}: {value}" for name, value in DEFAULT_LICENSES.items()) + "; none for the others)."
+    )
     return parser
 
 
@@ -59,10 +63,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 check_hub_folder(args.dry_run)  # before the configs are loaded (the synthetic set is written then)
                 _check_apart(args.dry_run, args.root)
             configs = load_configs(args.dataset, args.root, args.categories)
+            license = args.license if args.license is not None else DEFAULT_LICENSES.get(args.dataset)
             if args.dry_run:
-                write_hub_folder(configs, args.dry_run)
+                write_hub_folder(configs, args.dry_run, license=license)
             else:
-                push_configs_to_hub(configs, args.repo_id, private=args.private or None)
+                push_configs_to_hub(configs, args.repo_id, private=args.private or None, license=license)
     except USER_ERRORS as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         print(f"{PROG}: error: {message}", file=sys.stderr)

@@ -41,6 +41,10 @@ MAX_SHARD_BYTES = convert_file_size_to_int(datasets.config.MAX_SHARD_SIZE)
 """Largest Parquet file `write_hub_folder` writes before it splits a split into shards, as `push_to_hub` does (and
 each shard is embedded in memory alone: a whole MVTec category at once would take several GB)."""
 
+DEFAULT_LICENSES = {"mvtec": "cc-by-nc-sa-4.0"}
+"""The licence a published dataset's card names by default: MVTec AD is released under CC BY-NC-SA 4.0 (its images may
+not be used commercially). The FOD and synthetic sets have none by default (`--license` gives one)."""
+
 _LAYOUTS = {"mvtec": "<root>/<category>/train or test", "fod": f"<root>/<{'|'.join(FOD_CONFIGS)}>"}
 
 
@@ -102,6 +106,7 @@ def push_configs_to_hub(
     *,
     private: bool | None = None,
     token: str | None = None,
+    license: str | None = None,
 ) -> None:
     """Push each `DatasetDict` as config `name` of `repo_id` (one commit per config, embedded Parquet).
 
@@ -111,6 +116,8 @@ def push_configs_to_hub(
         private (`bool`, *optional*): Visibility when the repo is created; a private push into an existing public
             repo is refused before anything is pushed.
         token (`str`, *optional*): Hub token; defaults to the logged-in one.
+        license (`str`, *optional*): a Hub licence id (e.g. `"cc-by-nc-sa-4.0"`) for the card, in one more commit
+            after the configs; a card that names a licence already keeps its own.
 
     Raises:
         ValueError: a private push into an existing public repo.
@@ -137,6 +144,8 @@ def push_configs_to_hub(
                 repo_id, config_name=name, private=private, token=token, commit_message=f"Add config {name}"
             )
             pushed.append(name)
+        if license is not None:
+            _add_license_to_remote_card(api, repo_id, license)
     except ValueError:
         raise
     except Exception as error:  # huggingface_hub's HTTP errors, and httpx's connection errors, which are no OSError
@@ -145,6 +154,22 @@ def push_configs_to_hub(
             f"Pushing to the Hub dataset {repo_id!r} failed ({type(error).__name__}: "
             f"{str(error).splitlines()[0] if str(error) else 'no message'}); {done}."
         ) from error
+
+
+def _add_license_to_remote_card(api, repo_id: str, license: str) -> None:
+    """Name `license` in the card `push_to_hub` wrote to `repo_id`, unless the card names one already."""
+    header, body = read_card(Path(api.hf_hub_download(repo_id, README, repo_type="dataset")))
+    if header.get("license") is not None:
+        if header["license"] != license:
+            logger.warning("The card of %s names the licence %r; kept (not %r).", repo_id, header["license"], license)
+        return
+    card = _card_text({"license": license, **header}, body)
+    api.upload_file(path_or_fileobj=card.encode("utf-8"), path_in_repo=README, repo_id=repo_id, repo_type="dataset",
+                    commit_message=f"Name the licence: {license}")
+
+
+def _card_text(header: dict, body: str) -> str:
+    return f"---\n{yaml.safe_dump(header, sort_keys=False)}---\n{body}"
 
 
 def _estimated_nbytes(dataset: datasets.Dataset) -> int:
@@ -252,7 +277,10 @@ def _check_replaceable_config(config_folder: Path, shown: Path | None = None) ->
 
 
 def write_hub_folder(
-    configs: Mapping[str, datasets.DatasetDict], folder: str | os.PathLike, card_body: str | None = None
+    configs: Mapping[str, datasets.DatasetDict],
+    folder: str | os.PathLike,
+    card_body: str | None = None,
+    license: str | None = None,
 ) -> Path:
     """Write the dataset repo `push_configs_to_hub` would produce into `folder` (the dry run).
 
@@ -262,6 +290,7 @@ def write_hub_folder(
         configs (`Mapping[str, datasets.DatasetDict]`): Config name → its splits.
         folder (`str` or `os.PathLike`): Output folder, created if missing.
         card_body (`str`, *optional*): Markdown below the YAML header; keeps the existing body when `None`.
+        license (`str`, *optional*): a Hub licence id for the card, unless it names one already.
 
     Returns:
         `Path` of `folder`. Files: `<config>/<split>-<index>-of-<num_shards>.parquet` (shards of at most
@@ -329,6 +358,8 @@ def write_hub_folder(
             header["dataset_info"] = kept
         else:
             del header["dataset_info"]
-    card = f"---\n{yaml.safe_dump(header, sort_keys=False)}---\n{body if card_body is None else card_body}"
+    if license is not None and header.get("license") is None:
+        header = {"license": license, **header}
+    card = _card_text(header, body if card_body is None else card_body)
     write_atomically(folder / README, lambda temp: Path(temp).write_text(card, encoding="utf-8"))
     return folder
