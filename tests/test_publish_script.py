@@ -116,3 +116,17 @@ def test_a_rewritten_config_drops_its_stale_dataset_info_and_keeps_its_entry(fod
     assert rewritten["configs"][0]["default"] is True
     loaded = datasets.load_dataset(str(out), "indoor", cache_dir=str(tmp_path / "cache"))
     assert len(loaded["test"]) == len(load_fod(fod_root, "indoor")["test"])
+
+
+def test_a_config_name_its_glob_pattern_would_not_find_is_refused(fod_root, tmp_path):
+    # Written without error, `bottle[1]/test-*` then matched nothing when loaded ("all the data_files are invalid").
+    from maeday_hf.data import push_configs_to_hub, write_hub_folder
+    from maeday_hf.data.fod import load_fod
+
+    dataset = load_fod(fod_root, "indoor")
+    for name in ("bottle[1]", "a*", "x/y", ".hidden", ""):
+        with pytest.raises(ValueError, match="cannot name a dataset config"):
+            write_hub_folder({name: dataset}, tmp_path / "hub")
+        with pytest.raises(ValueError, match="cannot name a dataset config"):
+            push_configs_to_hub({name: dataset}, "ORG/x")
+    assert not (tmp_path / "hub").exists()

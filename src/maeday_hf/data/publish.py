@@ -125,6 +125,7 @@ def push_configs_to_hub(
     """
     if not configs:
         raise ValueError("No configs to push: got an empty mapping.")
+    _check_config_names(configs)
     from huggingface_hub import HfApi
 
     pushed: list[str] = []
@@ -154,6 +155,21 @@ def push_configs_to_hub(
             f"Pushing to the Hub dataset {repo_id!r} failed ({type(error).__name__}: "
             f"{str(error).splitlines()[0] if str(error) else 'no message'}); {done}."
         ) from error
+
+
+_GLOB_CHARACTERS = re.compile(r"[*?\[\]{}]")
+
+
+def _check_config_names(configs: Mapping[str, datasets.DatasetDict]) -> None:
+    """A config's files are found by the glob `<config>/<split>-*`: a name holding glob characters (a category folder
+    `bottle[1]`) would be written, then match nothing when loaded."""
+    for name in configs:
+        if not isinstance(name, str) or not name or _GLOB_CHARACTERS.search(name) or "/" in name or name.startswith("."):
+            raise ValueError(
+                f"Config name {name!r} cannot name a dataset config: its files are found by the pattern "
+                f"'<config>/<split>-*', so it must not hold * ? [ ] {{ }} or /, nor start with '.'; rename the "
+                f"category folder."
+            )
 
 
 def _add_license_to_remote_card(api, repo_id: str, license: str) -> None:
@@ -308,6 +324,7 @@ def write_hub_folder(
     """
     if not configs:
         raise ValueError("No configs to write: got an empty mapping.")
+    _check_config_names(configs)
     folder = check_hub_folder(folder)
     try:
         header, body = read_card(folder / README)
