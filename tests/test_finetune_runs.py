@@ -304,9 +304,25 @@ def test_overwrite_replaces_only_an_earlier_runs_folder(tiny_checkpoint, shot_fi
     # An earlier run's folder that someone added their own files to is theirs now.
     (first.output_dir / "eval").mkdir()
     (first.output_dir / "eval" / "results.csv").write_text("kept")
-    with pytest.raises(FileExistsError, match="no fine-tune wrote"):
+    with pytest.raises(FileExistsError, match=r"no fine-tune wrote \(eval\)"):
         finetune(tiny_checkpoint, shot_files[:1], tmp_path / "run", FinetuneConfig(**TINY), overwrite=True)
     assert (first.output_dir / "eval" / "results.csv").read_text() == "kept"
+    shutil.rmtree(first.output_dir / "eval")
+    # Files of kinds a run writes, but not a run's: a JSON of the user's, a note in adapter/, a script of their own.
+    for name in ("eval_results.json", "adapter/NOTES.txt", "train.py"):
+        (first.output_dir / name).write_text("kept")
+        with pytest.raises(FileExistsError, match=f"no fine-tune wrote \\({name}\\)"):
+            finetune(tiny_checkpoint, shot_files[:1], tmp_path / "run", FinetuneConfig(**TINY), overwrite=True)
+        assert (first.output_dir / name).read_text() == "kept"
+        (first.output_dir / name).unlink()
+    # Someone's model folder, with a training log of another tool: not a fine-tune's folder.
+    model = tmp_path / "my-model"
+    shutil.copytree(tiny_checkpoint, model)
+    (model / "training_log.json").write_text('[{"epoch": 1}]')
+    (model / "tokenizer.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="no fine-tune wrote \\(no training_log.json of a fine-tune\\)"):
+        finetune(tiny_checkpoint, shot_files[:1], model, FinetuneConfig(**TINY), overwrite=True)
+    assert (model / "tokenizer.json").is_file() and (model / "model.safetensors").is_file()
 
 
 @pytest.mark.parametrize("overwrite", [False, True])
@@ -463,6 +479,12 @@ def test_interrupted_run_leaves_no_folder(tiny_checkpoint, shot_files, tmp_path,
     assert sorted(os.listdir(tmp_path)) == ["shots"]
 
 
+def _no_remote_card(*args, **kwargs):
+    from huggingface_hub.errors import EntryNotFoundError
+
+    raise EntryNotFoundError("README.md")  # (a new repo: no card yet)
+
+
 def test_push_uploads_the_finished_folder(tiny_checkpoint, shot_files, tmp_path):
     uploaded = {}
     pushed_logs = []
@@ -478,10 +500,12 @@ def test_push_uploads_the_finished_folder(tiny_checkpoint, shot_files, tmp_path)
         return mock.Mock(commit_url=f"https://huggingface.co/{repo_id}/commit/0")
 
     with mock.patch("huggingface_hub.HfApi") as api_class:
+        api_class.return_value.hf_hub_download.side_effect = _no_remote_card
         api_class.return_value.upload_folder.side_effect = upload_folder
         finetune(tiny_checkpoint, shot_files[:1], tmp_path / "out", FinetuneConfig(**TINY), push_to_hub=True,
                  hub_model_id="my-org/tiny-1shot")
-    api_class.return_value.create_repo.assert_called_once_with("my-org/tiny-1shot", private=False, exist_ok=True)
+    # (private=None: an organisation whose repos are private by default keeps them so; False made them public)
+    api_class.return_value.create_repo.assert_called_once_with("my-org/tiny-1shot", private=None, exist_ok=True)
     assert {"config.json", "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "README.md",
             "calibration.json", "pipeline.py", "adapter_model.py", "preprocessor_config.json"} <= set(
         uploaded["my-org/tiny-1shot"])
@@ -509,6 +533,7 @@ def test_a_killed_pushs_copy_is_removed_by_the_next_push(tiny_checkpoint, shot_f
     from maeday_hf.finetune import push_folder_to_hub
 
     with mock.patch("huggingface_hub.HfApi") as api_class:
+        api_class.return_value.hf_hub_download.side_effect = _no_remote_card
         api_class.return_value.upload_folder.return_value = mock.Mock(commit_url="u")
         push_folder_to_hub(tmp_path / "out", "my-org/x")
     assert not abandoned.exists() and not list(tmp_path.glob(".out.push-*"))
@@ -528,11 +553,42 @@ def test_a_push_leaves_the_repo_holding_exactly_the_folder(tiny_checkpoint, shot
         return mock.Mock(commit_url=f"https://huggingface.co/{repo_id}/commit/1")
 
     with mock.patch("huggingface_hub.HfApi") as api_class:
+        api_class.return_value.hf_hub_download.side_effect = _no_remote_card
         api_class.return_value.upload_folder.side_effect = upload_folder
         finetune(tiny_checkpoint, shot_files[:1], tmp_path / "out", FinetuneConfig(**TINY), push_to_hub=True,
                  hub_model_id="my-org/tiny-1shot")
     folder = {p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*") if p.is_file()}
     assert "model.safetensors" not in folder and repo == folder | {".gitattributes"}
+
+
+def test_a_push_keeps_the_owners_card_and_files_of_their_own(tiny_checkpoint, shot_files, tmp_path):
+    from huggingface_hub.utils import filter_repo_objects
+
+    from maeday_hf.finetune import push_folder_to_hub
+
+    finetune(tiny_checkpoint, shot_files[:1], tmp_path / "out", FinetuneConfig(**TINY))
+    from maeday_hf.detector_card import is_generated_text, marked_as_generated
+
+    assert is_generated_text((tmp_path / "out" / "README.md").read_text())  # (a run's card is marked as maeday_hf's)
+    earlier = marked_as_generated("# An earlier push's card\n")  # (maeday_hf's, unedited: replaced)
+    for remote_card, kept in (("# Our bottle inspector\n", True), (earlier, False), (earlier + "An edit.\n", True)):
+        repo = {".gitattributes": "", "README.md": remote_card, "eval_results.txt": "theirs", "model.safetensors": ""}
+        (tmp_path / "remote-README.md").write_text(remote_card)
+
+        def upload_folder(repo_id, folder_path, delete_patterns=None, ignore_patterns=None, **kwargs):
+            local = {p.relative_to(folder_path).as_posix(): p for p in Path(folder_path).rglob("*") if p.is_file()}
+            uploaded = set(filter_repo_objects(sorted(local), ignore_patterns=ignore_patterns))
+            for name in set(filter_repo_objects(sorted(repo), allow_patterns=delete_patterns)) - uploaded:
+                del repo[name]
+            repo.update({name: local[name].read_text(errors="replace") for name in uploaded})
+            return mock.Mock(commit_url="u")
+
+        with mock.patch("huggingface_hub.HfApi") as api_class:
+            api_class.return_value.hf_hub_download.return_value = str(tmp_path / "remote-README.md")
+            api_class.return_value.upload_folder.side_effect = upload_folder
+            push_folder_to_hub(tmp_path / "out", "my-org/x")
+        assert repo["eval_results.txt"] == "theirs" and "model.safetensors" not in repo
+        assert (repo["README.md"] == remote_card) == kept and "adapter/adapter_model.safetensors" in repo
 
 
 @pytest.mark.parametrize("failure", ["connection", "bad request"])
@@ -543,6 +599,7 @@ def test_a_failed_push_says_where_the_run_is(tiny_checkpoint, shot_files, tmp_pa
              else BadRequestError("Bad request: invalid file", response=mock.Mock(status_code=400, headers={})))
     assert failure == "connection" or isinstance(error, ValueError)  # (the Hub's 400 is a ValueError too)
     with mock.patch("huggingface_hub.HfApi") as api_class:
+        api_class.return_value.hf_hub_download.side_effect = _no_remote_card
         api_class.return_value.upload_folder.side_effect = error
         with pytest.raises(OSError, match=r"written to '.*out', but pushing it to 'my-org/x' failed") as failed:
             finetune(tiny_checkpoint, shot_files[:1], tmp_path / "out", FinetuneConfig(**TINY), push_to_hub=True,
@@ -551,6 +608,7 @@ def test_a_failed_push_says_where_the_run_is(tiny_checkpoint, shot_files, tmp_pa
     # The command it suggests pushes the same folder, shots named as the card names them.
     command = str(failed.value).split('python -c "', 1)[1].split('"`', 1)[0]
     with mock.patch("huggingface_hub.HfApi") as api_class:
+        api_class.return_value.hf_hub_download.side_effect = _no_remote_card
         def upload_folder(repo_id, folder_path, **kwargs):
             assert json.loads((Path(folder_path) / "training_log.json").read_text())["shots"] == [shot_files[0].name]
             return mock.Mock(commit_url="https://huggingface.co/my-org/x/commit/1")
@@ -562,6 +620,7 @@ def test_a_failed_push_says_where_the_run_is(tiny_checkpoint, shot_files, tmp_pa
 
 def test_a_private_push_into_an_existing_public_repo_uploads_nothing(tiny_checkpoint, shot_files, tmp_path):
     with mock.patch("huggingface_hub.HfApi") as api_class:
+        api_class.return_value.hf_hub_download.side_effect = _no_remote_card
         api_class.return_value.repo_info.return_value = mock.Mock(private=False)
         with pytest.raises(ValueError, match="already exists as a public repository"):
             finetune(tiny_checkpoint, shot_files[:1], tmp_path / "out", FinetuneConfig(**TINY), push_to_hub=True,
@@ -703,3 +762,13 @@ def test_a_run_removes_what_a_killed_run_left_beside_its_output(tiny_checkpoint,
     os.utime(left, (0, 0))
     finetune(tiny_checkpoint, shot_files[:1], tmp_path / "out", FinetuneConfig(**TINY))
     assert sorted(path.name for path in tmp_path.iterdir() if path.name.startswith(".out")) == []
+
+
+def test_a_base_hub_id_that_cannot_be_had_is_named(shot_files, tmp_path, capsys):
+    # transformers' own message ("We couldn't connect to 'https://huggingface.co'...") named neither the model nor a
+    # way out.
+    assert cli_main(["finetune", "--model", "nosuch-org/no-model", "--shots", str(shot_files[0]), "--output-dir",
+                     str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("maeday: error: Cannot load the base model 'nosuch-org/no-model'") and err.count("\n") == 0
+    assert "hf download nosuch-org/no-model" in err and not (tmp_path / "out").exists()

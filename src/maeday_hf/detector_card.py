@@ -170,6 +170,13 @@ def render_detector_card(
     return card.replace("{marker}", _MARKER.format(digest=_digest(card.replace("{marker}\n", "", 1))), 1)
 
 
+def marked_as_generated(card: str) -> str:
+    """`card` with the marker line that `is_generated_text` recognises (for other cards maeday_hf writes, such as a
+    fine-tune's): pushed again, it is rewritten; edited, it is kept."""
+    card = card if card.endswith("\n") else card + "\n"
+    return card + _MARKER.format(digest=_digest(card)) + "\n"
+
+
 def _digest(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 

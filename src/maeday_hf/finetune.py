@@ -35,6 +35,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -444,13 +445,13 @@ def _validate_output(output_dir: Path, overwrite: bool, base_model: str, shots: 
     if output_dir.exists() and not overwrite:
         raise FileExistsError(f"Output folder {os.fspath(output_dir)!r} already exists; pass overwrite=True "
                               f"(--overwrite) or choose another folder.")
-    if _holds_foreign_files(output_dir):
+    foreign = _foreign_entry(output_dir)
+    if foreign is not None:
         # `overwrite` replaces the folder whole: only one an earlier run wrote (or an empty one), never, say, the
         # working directory with someone's work in it.
         raise FileExistsError(
-            f"Output folder {os.fspath(output_dir)!r} holds files that no fine-tune wrote (no {TRAINING_LOG_FILE}, "
-            f"or files of other kinds next to it); overwrite replaces only an earlier run's folder as it wrote it. "
-            f"Choose another folder."
+            f"Output folder {os.fspath(output_dir)!r} holds files that no fine-tune wrote ({foreign}); overwrite "
+            f"replaces only an earlier run's folder as it wrote it. Choose another folder."
         )
 
 
@@ -463,22 +464,47 @@ def _push_failed(output_dir: Path, hub_model_id: str, error: BaseException) -> O
     )
 
 
-def _holds_foreign_files(folder: Path) -> bool:
-    """Whether `folder` holds anything a fine-tune does not write: it is a file, or a folder that is not empty and
-    either has no training log or has other entries than a run's (JSON, weights, remote code, its card, `adapter/`;
-    hidden entries such as `.DS_Store` do not count)."""
+_RUN_FILES = frozenset({
+    "config.json", "preprocessor_config.json", CALIBRATION_FILE, TRAINING_LOG_FILE, "README.md", "model.safetensors",
+    "model.safetensors.index.json",
+})
+"""What a run writes at the top of its folder, besides the shipped modules and sharded full weights."""
+_ADAPTER_FILES = frozenset({"adapter_config.json", "adapter_model.safetensors", "README.md"})
+_WEIGHT_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+
+
+def _foreign_entry(folder: Path) -> str | None:
+    """What in `folder` a fine-tune did not write, named (None if nothing: it is missing, empty, or an earlier run's
+    folder as it wrote it). A run's folder has a training log of this package (its `recipe` and `losses`), the files
+    `_write_folder` writes (the shipped modules are maeday_hf's own), and `adapter/` with PEFT's two files; hidden
+    entries (`.DS_Store`, a Hub snapshot's `.gitattributes`, `hf download`'s `.cache/`) do not count."""
     if os.path.lexists(folder) and not folder.is_dir():
-        return True  # a file (or a dangling link) is nobody's run folder
+        return "it is a file"  # (or a dangling link): nobody's run folder
     if not folder.is_dir() or not any(folder.iterdir()):
-        return False
-    if not (folder / TRAINING_LOG_FILE).is_file():
-        return True
-    return any(
-        not entry.name.startswith(".")  # (.DS_Store, a Hub snapshot's .gitattributes, hf download's .cache/)
-        and not (entry.name == ADAPTER_SUBFOLDER and entry.is_dir())
-        and not (entry.is_file() and (entry.suffix in (".json", ".py", ".safetensors") or entry.name == "README.md"))
-        for entry in folder.iterdir()
-    )
+        return None
+    try:
+        log = json.loads((folder / TRAINING_LOG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        log = None
+    if not (isinstance(log, dict) and {"recipe", "losses"} <= set(log)):
+        return f"no {TRAINING_LOG_FILE} of a fine-tune"
+    package = Path(__file__).parent
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.name == ADAPTER_SUBFOLDER and entry.is_dir():
+            inner = next((f for f in sorted(entry.iterdir())
+                          if not f.name.startswith(".") and (f.name not in _ADAPTER_FILES or not f.is_file())), None)
+            if inner is not None:
+                return f"{ADAPTER_SUBFOLDER}/{inner.name}"
+            continue
+        ours = entry.is_file() and (
+            entry.name in _RUN_FILES or _WEIGHT_SHARD.fullmatch(entry.name)
+            or (entry.suffix == ".py" and (package / entry.name).is_file())
+        )
+        if not ours:
+            return entry.name
+    return None
 
 
 def _move_into_place(partial: Path, output_dir: Path) -> None:
@@ -554,7 +580,16 @@ def load_base_config(base_model: str) -> Any:
         raise FileNotFoundError(
             f"Base model folder not found: {base_model!r} (expected a folder with config.json, or a Hub id)."
         )
-    config = AutoConfig.from_pretrained(base_model)
+    try:
+        config = AutoConfig.from_pretrained(base_model)
+    except OSError as error:
+        if os.path.isdir(os.path.expanduser(base_model)):
+            raise
+        raise OSError(
+            f"Cannot load the base model {base_model!r}: it is not a local folder and not in the Hugging Face cache, "
+            f"and the Hub did not provide it ({str(error).splitlines()[0] if str(error) else type(error).__name__}). "
+            f"Download it on a connected machine (`hf download {base_model}`) or pass a local ViTMAE checkpoint folder."
+        ) from error
     require_vit_mae_config(config, base_model)
     if getattr(config, ADAPTER_CONFIG_KEY, None) is not None:
         raise ValueError(
@@ -687,17 +722,26 @@ def _write_folder(
     give_weights_the_permissions_of(folder.rglob("*.safetensors"), folder / TRAINING_LOG_FILE)
 
 
-def push_folder_to_hub(folder: str | os.PathLike, repo_id: str, private: bool = False, token: str | None = None) -> str:
-    """Create `repo_id` (if needed) and make it hold exactly `folder`, in one commit; returns the commit URL.
+def push_folder_to_hub(
+    folder: str | os.PathLike, repo_id: str, private: bool | None = None, token: str | None = None
+) -> str:
+    """Create `repo_id` (if needed) and make it hold `folder`'s run, in one commit; returns the commit URL.
 
-    Files of an earlier push that `folder` lacks (say `model.safetensors` of a full fine-tune, under a LoRA adapter
-    now) are deleted in the same commit: left there, they would be loaded instead of, or next to, the new run.
+    Files a run writes that `folder` lacks (say `model.safetensors` of an earlier full fine-tune, under a LoRA adapter
+    now) are deleted in the same commit: left there, they would be loaded instead of, or next to, the new run. Other
+    files of the repo stay, and so does its README.md where it is not a card maeday_hf wrote (or was edited since).
+
+    Args:
+        private (`bool`, *optional*): visibility of a repo created now; None leaves it to the owner's default (an
+            organisation's repos may be private by default).
 
     Raises:
         ValueError: `private`, but `repo_id` already exists as a public repository (`create_repo` leaves an existing
             repository's visibility as it is, so the upload would be public); nothing is uploaded.
     """
     from huggingface_hub import HfApi
+
+    from .detector_card import is_generated_text, read_remote_card
 
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
@@ -706,11 +750,18 @@ def push_folder_to_hub(folder: str | os.PathLike, repo_id: str, private: bool = 
             f"{repo_id!r} already exists as a public repository, and a private push was asked for; nothing was "
             f"uploaded. Make it private on the Hub (or push without --hub-private); the run is in {os.fspath(folder)!r}."
         )
+    remote_card = read_remote_card(api, repo_id)
+    keep_card = remote_card is not None and not is_generated_text(remote_card)
+    if keep_card:
+        logger.info("The README.md of %s is kept: it is not a card maeday_hf wrote, or it was edited.", repo_id)
+    run_files = [*sorted(_RUN_FILES - ({"README.md"} if keep_card else set())), "model-*-of-*.safetensors",
+                 f"{ADAPTER_SUBFOLDER}/*", *sorted(path.name for path in Path(__file__).parent.glob("*.py"))]
     with _shareable_copy(Path(folder)) as shared:
         commit = api.upload_folder(
             repo_id=repo_id,
             folder_path=os.fspath(shared),
-            delete_patterns="*",  # every remote file not in `folder` (the Hub keeps .gitattributes)
+            ignore_patterns=["README.md"] if keep_card else None,
+            delete_patterns=run_files,  # what a run writes, where `folder` lacks it
             commit_message="MAEDAY few-shot fine-tune (maeday_hf)",
         )
     return str(getattr(commit, "commit_url", commit))
@@ -900,7 +951,9 @@ def finetune(
             if config.full_finetune:
                 merged = unwrapped
             else:
-                unwrapped.save_pretrained(partial / ADAPTER_SUBFOLDER)
+                # (no token embeddings here: PEFT's "auto" would look the base's config up, and warn where it is
+                # a Hub id and the Hub cannot be reached)
+                unwrapped.save_pretrained(partial / ADAPTER_SUBFOLDER, save_embedding_layers=False)
                 # PEFT's generic card; the folder's README.md describes the run.
                 (partial / ADAPTER_SUBFOLDER / "README.md").unlink(missing_ok=True)
                 merged = unwrapped.merge_and_unload()
@@ -930,7 +983,7 @@ def finetune(
                 num_processes=trainer.args.world_size, base_fingerprint=base_fingerprint,
                 step_loop="cuda_graph" if _runs_as_graph_replays(trainer.args, config) else "trainer",
             )
-            if overwrite and not _holds_foreign_files(output_dir):  # (checked again: it may be new since the start)
+            if overwrite and _foreign_entry(output_dir) is None:  # (checked again: it may be new since the start)
                 replace_folder(partial, output_dir)
             else:
                 _move_into_place(partial, output_dir)
@@ -945,7 +998,7 @@ def finetune(
     trainer.accelerator.wait_for_everyone()
     if is_main and push_to_hub:
         try:
-            url = push_folder_to_hub(output_dir, hub_model_id, private=hub_private)
+            url = push_folder_to_hub(output_dir, hub_model_id, private=hub_private or None)
         except HfHubHTTPError as error:  # (some of them are ValueErrors too)
             raise _push_failed(output_dir, hub_model_id, error) from error
         except ValueError:

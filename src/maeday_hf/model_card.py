@@ -9,7 +9,7 @@ from typing import Any
 from huggingface_hub import ModelCardData
 
 from .calibration import TOP_SCORE_MARGIN
-from .detector_card import is_hub_id
+from .detector_card import is_hub_id, marked_as_generated
 from .images import is_url
 from .pipeline import DEFAULT_MASK_RATIO, DEFAULT_NUM_MASKS
 
@@ -111,7 +111,7 @@ def render_model_card(
         f"detector = maeday_hf.load_detector({name!r})\n"
         f"result = detector(\"query.png\"{calibrated_call})  # score, anomaly_map, label, mask"
     )
-    return CARD_TEMPLATE.format(
+    return marked_as_generated(CARD_TEMPLATE.format(
         metadata=metadata,
         kind="full fine-tune" if full_finetune else "LoRA adapter",
         name=name,
@@ -140,4 +140,4 @@ def render_model_card(
         calibration_mask_ratio=calibration["mask_ratio"],
         top_factor=1 + TOP_SCORE_MARGIN,
         calibration_precision=calibration.get("precision", "float32"),
-    )
+    ))
