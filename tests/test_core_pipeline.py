@@ -468,8 +468,9 @@ def _push_with_mocked_hub(detector, remote_card: str | None = None, tmp_path=Non
                 uploaded[operation.path_in_repo] = handle.read()
         return "commit-info"
 
-    def hf_hub_download(repo_id, filename, revision=None):
+    def hf_hub_download(repo_id, filename, revision=None, force_download=False):
         assert (repo_id, filename) == ("maeday-test/detector", "README.md")
+        assert force_download  # (a copy cached earlier must not stand in for the repo's card)
         if (revision or "main") not in branches:
             raise RevisionNotFoundError(f"no branch {revision}", response=mock.MagicMock())
         if remote_card is None:

@@ -736,7 +736,7 @@ def test_the_card_names_the_licence_and_an_owners_licence_is_kept(mvtec_root, tm
     api.hf_hub_download.return_value = str(pushed_card)
     with patched, mock.patch.object(datasets.DatasetDict, "push_to_hub", autospec=True):
         push_configs_to_hub(configs, "ORG/mvtec-ad", license="cc-by-nc-sa-4.0")
-    api.hf_hub_download.assert_called_once_with("ORG/mvtec-ad", "README.md", repo_type="dataset")
+    api.hf_hub_download.assert_called_once_with("ORG/mvtec-ad", "README.md", repo_type="dataset", force_download=True)
     upload = api.upload_file.call_args.kwargs
     assert (upload["path_in_repo"], upload["repo_id"], upload["repo_type"]) == ("README.md", "ORG/mvtec-ad", "dataset")
     uploaded = tmp_path / "uploaded.md"

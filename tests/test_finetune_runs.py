@@ -309,7 +309,8 @@ def test_overwrite_replaces_only_an_earlier_runs_folder(tiny_checkpoint, shot_fi
     assert (first.output_dir / "eval" / "results.csv").read_text() == "kept"
     shutil.rmtree(first.output_dir / "eval")
     # Files of kinds a run writes, but not a run's: a JSON of the user's, a note in adapter/, a script of their own.
-    for name in ("eval_results.json", "adapter/NOTES.txt", "train.py"):
+    for name in ("eval_results.json", "adapter/NOTES.txt", "train.py", "report.py"):  # (report.py: a maeday_hf
+        # module's name, but not one a run ships)
         (first.output_dir / name).write_text("kept")
         with pytest.raises(FileExistsError, match=f"no fine-tune wrote \\({name}\\)"):
             finetune(tiny_checkpoint, shot_files[:1], tmp_path / "run", FinetuneConfig(**TINY), overwrite=True)
@@ -571,8 +572,13 @@ def test_a_push_keeps_the_owners_card_and_files_of_their_own(tiny_checkpoint, sh
 
     assert is_generated_text((tmp_path / "out" / "README.md").read_text())  # (a run's card is marked as maeday_hf's)
     earlier = marked_as_generated("# An earlier push's card\n")  # (maeday_hf's, unedited: replaced)
-    for remote_card, kept in (("# Our bottle inspector\n", True), (earlier, False), (earlier + "An edit.\n", True)):
-        repo = {".gitattributes": "", "README.md": remote_card, "eval_results.txt": "theirs", "model.safetensors": ""}
+    # A fine-tune card of before the marker (its heading and threshold section): maeday_hf's too, replaced.
+    unmarked = "\n".join(line for line in (tmp_path / "out" / "README.md").read_text().splitlines()
+                         if "written by maeday_hf" not in line) + "\n"
+    for remote_card, kept in (("# Our bottle inspector\n", True), (earlier, False), (earlier + "An edit.\n", True),
+                              (unmarked, False)):
+        repo = {".gitattributes": "", "README.md": remote_card, "eval_results.txt": "theirs", "model.safetensors": "",
+                "visualize.py": "theirs", "adapter/NOTES.md": "theirs"}  # (a module name maeday_hf does not ship)
         (tmp_path / "remote-README.md").write_text(remote_card)
 
         def upload_folder(repo_id, folder_path, delete_patterns=None, ignore_patterns=None, **kwargs):
@@ -587,8 +593,17 @@ def test_a_push_keeps_the_owners_card_and_files_of_their_own(tiny_checkpoint, sh
             api_class.return_value.hf_hub_download.return_value = str(tmp_path / "remote-README.md")
             api_class.return_value.upload_folder.side_effect = upload_folder
             push_folder_to_hub(tmp_path / "out", "my-org/x")
-        assert repo["eval_results.txt"] == "theirs" and "model.safetensors" not in repo
+        assert repo["eval_results.txt"] == repo["visualize.py"] == repo["adapter/NOTES.md"] == "theirs"
+        assert "model.safetensors" not in repo  # (an earlier full fine-tune's weights: would be loaded with this run)
         assert (repo["README.md"] == remote_card) == kept and "adapter/adapter_model.safetensors" in repo
+    # The Hub could not be asked for the card (a 5xx, a timeout): the push fails, the owner's card is not replaced.
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    with mock.patch("huggingface_hub.HfApi") as api_class:
+        api_class.return_value.hf_hub_download.side_effect = LocalEntryNotFoundError("503: cannot reach the Hub")
+        with pytest.raises(LocalEntryNotFoundError):
+            push_folder_to_hub(tmp_path / "out", "my-org/x")
+        api_class.return_value.upload_folder.assert_not_called()
 
 
 @pytest.mark.parametrize("failure", ["connection", "bad request"])

@@ -170,6 +170,17 @@ def render_detector_card(
     return card.replace("{marker}", _MARKER.format(digest=_digest(card.replace("{marker}\n", "", 1))), 1)
 
 
+_UNMARKED_FINETUNE_CARD = ("# MAEDAY few-shot ", "## Threshold (from the normal shots only)")
+"""Lines every fine-tune card had before fine-tune cards were marked (2026-11-29): such a card is maeday_hf's."""
+
+
+def is_generated_finetune_card(card: str) -> bool:
+    """`is_generated_text`, or a fine-tune card of before the marker (recognised by its heading and sections)."""
+    if _MARKER_LINE.search(card) is not None:
+        return is_generated_text(card)
+    return all(line in card for line in _UNMARKED_FINETUNE_CARD)
+
+
 def marked_as_generated(card: str) -> str:
     """`card` with the marker line that `is_generated_text` recognises (for other cards maeday_hf writes, such as a
     fine-tune's): pushed again, it is rewritten; edited, it is kept."""
@@ -222,13 +233,16 @@ def write_card(path: str | os.PathLike, card: str) -> None:
 def read_remote_card(api, repo_id: str, revision: str | None = None) -> str | None:
     """The text of `repo_id`'s README.md at `revision` (at `main` while that branch does not exist yet: it will be
     made from there), or None if it has none."""
-    from huggingface_hub.errors import EntryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RevisionNotFoundError
 
     for ref in dict.fromkeys((revision, None)):
         try:
-            path = api.hf_hub_download(repo_id, "README.md", revision=ref)
+            # (force_download: a copy cached earlier must not stand in for the card when the Hub cannot be asked)
+            path = api.hf_hub_download(repo_id, "README.md", revision=ref, force_download=True)
         except RevisionNotFoundError:
             continue
+        except LocalEntryNotFoundError:
+            raise  # the Hub could not be asked (5xx, timeout): not "the repo has no card", which would replace it
         except EntryNotFoundError:
             return None
         with open(path, encoding="utf-8", errors="replace", newline="") as card:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import collections.abc
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -473,6 +474,18 @@ _ADAPTER_FILES = frozenset({"adapter_config.json", "adapter_model.safetensors", 
 _WEIGHT_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 
 
+@functools.cache
+def _shipped_modules() -> frozenset[str]:
+    """The `.py` files a run writes: the pipeline's and the adapter loader's modules, and what they import
+    (as `custom_object_save` copies them)."""
+    from transformers.dynamic_module_utils import get_relative_import_files
+
+    from . import adapter_model, pipeline
+
+    files = [module.__file__ for module in (pipeline, adapter_model)]
+    return frozenset(os.path.basename(path) for file in files for path in [file, *get_relative_import_files(file)])
+
+
 def _foreign_entry(folder: Path) -> str | None:
     """What in `folder` a fine-tune did not write, named (None if nothing: it is missing, empty, or an earlier run's
     folder as it wrote it). A run's folder has a training log of this package (its `recipe` and `losses`), the files
@@ -488,7 +501,6 @@ def _foreign_entry(folder: Path) -> str | None:
         log = None
     if not (isinstance(log, dict) and {"recipe", "losses"} <= set(log)):
         return f"no {TRAINING_LOG_FILE} of a fine-tune"
-    package = Path(__file__).parent
     for entry in sorted(folder.iterdir()):
         if entry.name.startswith("."):
             continue
@@ -499,8 +511,7 @@ def _foreign_entry(folder: Path) -> str | None:
                 return f"{ADAPTER_SUBFOLDER}/{inner.name}"
             continue
         ours = entry.is_file() and (
-            entry.name in _RUN_FILES or _WEIGHT_SHARD.fullmatch(entry.name)
-            or (entry.suffix == ".py" and (package / entry.name).is_file())
+            entry.name in _RUN_FILES or _WEIGHT_SHARD.fullmatch(entry.name) or entry.name in _shipped_modules()
         )
         if not ours:
             return entry.name
@@ -741,7 +752,7 @@ def push_folder_to_hub(
     """
     from huggingface_hub import HfApi
 
-    from .detector_card import is_generated_text, read_remote_card
+    from .detector_card import is_generated_finetune_card, read_remote_card
 
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
@@ -751,11 +762,12 @@ def push_folder_to_hub(
             f"uploaded. Make it private on the Hub (or push without --hub-private); the run is in {os.fspath(folder)!r}."
         )
     remote_card = read_remote_card(api, repo_id)
-    keep_card = remote_card is not None and not is_generated_text(remote_card)
+    keep_card = remote_card is not None and not is_generated_finetune_card(remote_card)
     if keep_card:
         logger.info("The README.md of %s is kept: it is not a card maeday_hf wrote, or it was edited.", repo_id)
     run_files = [*sorted(_RUN_FILES - ({"README.md"} if keep_card else set())), "model-*-of-*.safetensors",
-                 f"{ADAPTER_SUBFOLDER}/*", *sorted(path.name for path in Path(__file__).parent.glob("*.py"))]
+                 *(f"{ADAPTER_SUBFOLDER}/{name}" for name in sorted(_ADAPTER_FILES - {"README.md"})),
+                 *sorted(_shipped_modules())]
     with _shareable_copy(Path(folder)) as shared:
         commit = api.upload_folder(
             repo_id=repo_id,

@@ -174,7 +174,8 @@ def _check_config_names(configs: Mapping[str, datasets.DatasetDict]) -> None:
 
 def _add_license_to_remote_card(api, repo_id: str, license: str) -> None:
     """Name `license` in the card `push_to_hub` wrote to `repo_id`, unless the card names one already."""
-    header, body = read_card(Path(api.hf_hub_download(repo_id, README, repo_type="dataset")))
+    # (force_download: a copy cached earlier would lack the configs just pushed, and the upload would drop them)
+    header, body = read_card(Path(api.hf_hub_download(repo_id, README, repo_type="dataset", force_download=True)))
     if header.get("license") is not None:
         if header["license"] != license:
             logger.warning("The card of %s names the licence %r; kept (not %r).", repo_id, header["license"], license)
