@@ -706,3 +706,47 @@ def test_a_resume_on_a_category_whose_files_changed_is_refused(tiny_checkpoint, 
     unit_path.write_text(json.dumps(record))
     assert f"{unit_path.name} was computed on other data of '{CATEGORIES[0]}'" in _run_error(
         capsys, [*argv, "--categories", *CATEGORIES])
+
+
+def test_accelerate_launch_on_cpus_splits_the_units_of_a_zero_shot_run(tiny_checkpoint, synthetic_root, tmp_path):
+    # Without a GPU, accelerate joins the launched processes only when its state is asked for the CPU: each process
+    # took itself for the only one, computed every unit and wrote results.json (a fine-tune's Trainer set the state
+    # up for all of them, so only runs that fine-tuned something were split).
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:  # a free port for the processes' rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = tmp_path / "out"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+        "1", "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no",
+        str(Path(__file__).resolve().parents[1] / "scripts" / "evaluate.py"),
+        *_argv(tiny_checkpoint, synthetic_root, out, "--shots", "0", "--repetitions", "1", "--verbose"),
+    ]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", ACCELERATE_CONFIG_FILE=str(tmp_path / "no-accelerate-config.yaml"))
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert completed.stdout.count("results.json") == 1  # gathered by the main process alone
+    computed = [line for line in completed.stderr.splitlines() if "maeday_hf.protocol: " in line and "/k0-" in line]
+    units = [path for path in (out / "units").rglob("*.json")]
+    assert len(units) >= len(CATEGORIES) * 2 and len(computed) == len(units)  # each unit computed once, not twice
+
+
+def test_a_damaged_unit_file_is_named_with_the_way_out(protocol_run, tiny_checkpoint, synthetic_root, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(protocol_run, out)
+    argv = _argv(tiny_checkpoint, synthetic_root, out, "--shots", "0", "1", "--shot-seeds", "2", "--repetitions", "1",
+                 "2")
+    unit = out / "units" / CATEGORIES[0] / "k0-seed0-maeday.json"
+    for damage, problem in (("", "not valid JSON"), ("{}", "not a unit record")):
+        unit.write_text(damage)
+        err = _run_error(capsys, argv)
+        assert f"{unit} is {problem}" in err and "remove it and rerun" in err
+    unit.unlink()  # (as the message says: the unit is computed again)
+    assert evaluate_script.main(argv) == 0 and "metrics" in json.loads(unit.read_text())

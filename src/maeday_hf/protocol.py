@@ -964,6 +964,19 @@ def _versions() -> dict[str, str]:
     return versions
 
 
+def _read_unit(path: Path) -> dict[str, Any]:
+    """A finished unit's record; a damaged one (emptied, cut, edited) is named, with the way to compute it again."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        problem = f"not valid JSON ({error})"
+    else:
+        if isinstance(record, dict) and {"metrics", "image_scores", "unit"} <= set(record):
+            return record
+        problem = "not a unit record"
+    raise ValueError(f"{os.fspath(path)} is {problem}: remove it and rerun to compute that unit again.")
+
+
 def gather_results(prepared: PreparedProtocol) -> Path:
     """Read every planned unit and write `results.json`, `tables.md` and the figures; returns `results.json`'s path.
 
@@ -976,7 +989,7 @@ def gather_results(prepared: PreparedProtocol) -> Path:
     missing = [str(unit.path(config.output_dir)) for unit in units if not unit.path(config.output_dir).is_file()]
     if missing:
         raise RuntimeError(f"{len(missing)} unit(s) did not finish, e.g. {missing[:3]}; rerun to complete them.")
-    records = [json.loads(unit.path(config.output_dir).read_text(encoding="utf-8")) for unit in units]
+    records = [_read_unit(unit.path(config.output_dir)) for unit in units]
     current = _jsonable(config.settings())
     for unit, record in zip(units, records):
         different = _differing_settings(record["settings"], current) if "settings" in record else []
@@ -1041,7 +1054,12 @@ def execute_protocol(prepared: PreparedProtocol, state: ProcessState | None = No
     if state is None:
         from accelerate import PartialState
 
-        state = PartialState()
+        from .devices import as_torch_device, resolve_device
+
+        # On a machine without a GPU, accelerate joins the launched processes only when asked for the CPU: without
+        # it every process took itself for the only one (each computed every unit and wrote results.json), until a
+        # fine-tune's Trainer set the state up for all of them.
+        state = PartialState(cpu=as_torch_device(resolve_device(config.device)).type == "cpu")
     device = getattr(state, "device", None) if config.device == "auto" else config.device
     device = device if device is not None else "cpu"
     output_dir = Path(config.output_dir)
