@@ -750,3 +750,11 @@ def test_a_damaged_unit_file_is_named_with_the_way_out(protocol_run, tiny_checkp
         assert f"{unit} is {problem}" in err and "remove it and rerun" in err
     unit.unlink()  # (as the message says: the unit is computed again)
     assert evaluate_script.main(argv) == 0 and "metrics" in json.loads(unit.read_text())
+
+
+def test_a_model_that_cannot_be_loaded_is_named_before_any_data_is_written(tmp_path, capsys):
+    # A synthetic dataset is written when its categories are loaded: a bad --model wrote 3 MB of it first.
+    argv = ["--model", str(tmp_path / "no-model"), "--dataset", f"synthetic:{tmp_path / 'new-synthetic'}",
+            "--output-dir", str(tmp_path / "out"), "--categories", *CATEGORIES, *FAST]
+    assert "no-model" in _run_error(capsys, argv)
+    assert not (tmp_path / "new-synthetic").exists() and not (tmp_path / "out").exists()

@@ -770,6 +770,14 @@ def prepare_protocol(config: ProtocolConfig) -> PreparedProtocol:
             f"Unknown category {', '.join(map(repr, unknown))} for dataset {config.dataset!r}; valid: "
             f"{', '.join(source.categories)}."
         )
+    # The model first: a bad --model is found before the categories are loaded (a synthetic one is written then).
+    _check_model(config)
+    if config.ensemble is not None:
+        # Loaded now, so a backbone that cannot be had fails before hours of fine-tuning, not after (the runner loads
+        # it again, on its own device).
+        from .feature_extraction import load_backbone
+
+        load_backbone(config.patchcore.backbone, config.patchcore.out_indices)
     splits = {}
     for category in categories:
         splits[category] = source.load(category)
@@ -778,13 +786,6 @@ def prepare_protocol(config: ProtocolConfig) -> PreparedProtocol:
     data_digests = {category: splits_digest(splits[category], f"Category {category!r}") for category in categories}
     logger.info("Data digests of %d categories in %.1f s", len(categories), time.perf_counter() - started)
     _check_data_digests(config.output_dir, data_digests)
-    _check_model(config)
-    if config.ensemble is not None:
-        # Loaded now, so a backbone that cannot be had fails before hours of fine-tuning, not after (the runner loads
-        # it again, on its own device).
-        from .feature_extraction import load_backbone
-
-        load_backbone(config.patchcore.backbone, config.patchcore.out_indices)
     tasks = plan_tasks(config, categories)
     logger.info("Planned %d units in %d tasks over %d categories", sum(len(t.units) for t in tasks), len(tasks),
                 len(categories))
