@@ -489,7 +489,7 @@ def _shipped_modules() -> frozenset[str]:
 def _foreign_entry(folder: Path) -> str | None:
     """What in `folder` a fine-tune did not write, named (None if nothing: it is missing, empty, or an earlier run's
     folder as it wrote it). A run's folder has a training log of this package (its `recipe` and `losses`), the files
-    `_write_folder` writes (the shipped modules are maeday_hf's own), and `adapter/` with PEFT's two files; hidden
+    `_write_folder` writes (of `.py` files, only the modules a run ships), and `adapter/` with PEFT's files; hidden
     entries (`.DS_Store`, a Hub snapshot's `.gitattributes`, `hf download`'s `.cache/`) do not count."""
     if os.path.lexists(folder) and not folder.is_dir():
         return "it is a file"  # (or a dangling link): nobody's run folder

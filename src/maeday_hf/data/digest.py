@@ -16,16 +16,12 @@ import datasets
 
 DIGEST_LENGTH = 16
 """Hex digits kept of the SHA-256 (as for the model's weights digest)."""
-_CHUNK = 1 << 20
 _ROWS_PER_BATCH = 256
 
 
 def _file_digest(path: str) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _canonical(value, where: str):
@@ -56,7 +52,7 @@ def _canonical(value, where: str):
         return {"timedelta": [value.days, value.seconds, value.microseconds]}
     if isinstance(value, decimal.Decimal):
         return {"decimal": str(value)}
-    # (dates, decimals, ...: refused rather than written by repr, which may hold a memory address)
+    # (anything else is refused rather than written by repr, which may hold a memory address)
     raise TypeError(f"{where}: a value of type {type(value).__name__} the data digest cannot read.")
 
 
