@@ -522,6 +522,10 @@ def test_two_files_with_one_stem_are_refused(mvtec_root, tmp_path, folder, name)
         ('{"o1.png": [[1, 2, 5]]}', r"box \[1, 2, 5\] of o1.png"),
         ('{"o1.png": [[5, 2, 1, 6]]}', r"box \[5, 2, 1, 6\] of o1.png .* min < max"),
         ('{"o1.png": [[1, 2, NaN, 6]]}', r"box \[1, 2, NaN, 6\] of o1.png .* finite numbers"),
+        # Frames are 12x10: a box may end on the frame's edge, not past it, nor start before 0.
+        ('{"o1.png": [[1, 2, 13, 6]]}', r"box \[1, 2, 13, 6\] of o1.png reaches outside the frame, which is 12x10"),
+        ('{"o1.png": [[1, 2, 5, 10.5]]}', r"box \[1, 2, 5, 10.5\] of o1.png reaches outside the frame"),
+        ('{"o1.png": [[-1, 2, 5, 6]]}', r"box \[-1, 2, 5, 6\] of o1.png reaches outside .* 0 <= x_min < x_max <= 12"),
         ('{"o1.png": [[1, 2, 5, 6]]', "is not valid JSON"),
         ("[[1, 2, 5, 6]]", "must hold an object"),
     ],
@@ -531,6 +535,21 @@ def test_malformed_boxes_are_refused_naming_the_file_and_box(fod_root, content, 
     boxes.write_text(content)
     with pytest.raises(ValueError, match=rf"{boxes}.*{expected}"):
         load_fod(fod_root, "indoor")
+
+
+def test_boxes_are_checked_against_the_frame_as_shown(fod_root):
+    frame = fod_root / "indoor" / "foreign_object" / "o2.png"
+    boxes = fod_root / "indoor" / "boxes.json"
+    boxes.write_text(json.dumps({"o2.png": [[0, 0, 12, 10]]}))  # the whole 12x10 frame
+    assert load_fod(fod_root, "indoor")["test"]["boxes"][5] == [[0, 0, 12, 10]]
+    stored = Image.open(frame)
+    exif = stored.getexif()
+    exif[ExifTags.Base.Orientation] = 6  # shown 10 wide, 12 high
+    stored.save(frame, exif=exif)
+    with pytest.raises(ValueError, match=r"box \[0, 0, 12, 10\] of o2.png reaches outside the frame, which is 10x12"):
+        load_fod(fod_root, "indoor")
+    boxes.write_text(json.dumps({"o2.png": [[0, 0, 10, 12]]}))
+    assert load_fod(fod_root, "indoor")["test"]["boxes"][5] == [[0, 0, 10, 12]]
 
 
 def test_masks_of_any_mode_read_as_their_grey_level():

@@ -28,9 +28,10 @@ import os
 from pathlib import Path
 
 import datasets
+from PIL import Image
 
 from .features import GOOD, anomaly_features
-from .layout import list_checked_images, pair_masks, require_dir
+from .layout import list_checked_images, pair_masks, require_dir, upright_size
 from .shots import shot_indices
 
 logger = logging.getLogger(__name__)
@@ -50,12 +51,13 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _read_boxes(path: Path, object_names: set[str]) -> dict[str, list[list[float]]]:
-    """`boxes.json` validated: keys are foreign_object frame names, values lists of ordered 4-number boxes.
+def _read_boxes(path: Path, object_frames: dict[str, Path]) -> dict[str, list[list[float]]]:
+    """`boxes.json` validated: keys are foreign_object frame names (`object_frames`: name -> file), values lists of
+    ordered 4-number boxes inside their frame (pixel edges: 0 <= x_min < x_max <= width, as the frame is shown upright).
 
     Raises:
         `ValueError`: invalid JSON, or anything but `{"<frame>.png": [[x_min, y_min, x_max, y_max], ...]}` with finite
-            numbers and min < max (the message names the file, and the frame and box at fault).
+            numbers, min < max, inside the frame (the message names the file, and the frame and box at fault).
     """
     if not path.is_file():
         return {}
@@ -65,7 +67,7 @@ def _read_boxes(path: Path, object_names: set[str]) -> dict[str, list[list[float
         raise ValueError(f"{path} is not valid JSON ({error}); expected {{file name: {_BOX_FORMAT}}}.") from None
     if not isinstance(boxes, dict):
         raise ValueError(f"{path} must hold an object {{file name: {_BOX_FORMAT}}}, got {type(boxes).__name__}.")
-    unknown = sorted(set(boxes) - object_names)
+    unknown = sorted(set(boxes) - set(object_frames))
     if unknown:
         raise ValueError(f"{path} has boxes for {unknown}, which are not frames in {path.parent / OBJECT_DIR}.")
     for name, frame_boxes in boxes.items():
@@ -80,7 +82,24 @@ def _read_boxes(path: Path, object_names: set[str]) -> dict[str, list[list[float
                     f"{path}: box {json.dumps(box)} of {name} is not [x_min, y_min, x_max, y_max] of finite numbers "
                     "with min < max."
                 )
+        _check_boxes_inside(path, name, frame_boxes, object_frames[name])
     return {name: [[float(v) for v in box] for box in frame_boxes] for name, frame_boxes in boxes.items()}
+
+
+def _check_boxes_inside(path: Path, name: str, frame_boxes: list[list], frame: Path) -> None:
+    """A box reaching past its frame was drawn in other coordinates (another resolution, the frame before it was
+    rotated upright): refused, naming the frame's size."""
+    if not frame_boxes:
+        return
+    with Image.open(frame) as opened:
+        width, height = upright_size(opened)
+    for box in frame_boxes:
+        if box[0] < 0 or box[1] < 0 or box[2] > width or box[3] > height:
+            raise ValueError(
+                f"{path}: box {json.dumps(box)} of {name} reaches outside the frame, which is {width}x{height} "
+                f"(EXIF orientation applied); boxes are pixel coordinates with 0 <= x_min < x_max <= {width} and "
+                f"0 <= y_min < y_max <= {height}."
+            )
 
 
 _EXPECTED_ENTRIES = {NORMAL_DIR: True, OBJECT_DIR: True, MASK_DIR: True, BOXES_FILE: False}
@@ -127,7 +146,7 @@ def fod_examples(root: str | os.PathLike, config: str) -> dict[str, list]:
     normal = list_checked_images(require_dir(config_dir / NORMAL_DIR, expectation))
     objects = list_checked_images(require_dir(config_dir / OBJECT_DIR, expectation))
     masks = pair_masks(objects, config_dir / MASK_DIR, required=False)
-    boxes = _read_boxes(config_dir / BOXES_FILE, {p.name for p in objects})
+    boxes = _read_boxes(config_dir / BOXES_FILE, {p.name: p for p in objects})
     frames = normal + objects
     logger.info("FOD %s: %d frames without and %d with objects (%d masks, %d with boxes)", config, len(normal),
                 len(objects), len(masks), len(boxes))
