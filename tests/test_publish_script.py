@@ -13,6 +13,7 @@ from PIL import Image
 
 from conftest import load_script
 from maeday_hf.commands import publish_dataset as publish_script
+from maeday_hf.data import load_hub_folder
 
 
 def test_the_clones_script_is_the_installed_program():
@@ -130,3 +131,16 @@ def test_a_config_name_its_glob_pattern_would_not_find_is_refused(fod_root, tmp_
         with pytest.raises(ValueError, match="cannot name a dataset config"):
             push_configs_to_hub({name: dataset}, "ORG/x")
     assert not (tmp_path / "hub").exists()
+
+
+def test_a_config_that_cannot_be_evaluated_is_published_with_a_warning(fod_root, tmp_path, caplog):
+    assert publish_script.main(["fod", "--root", str(fod_root), "--dry-run", str(tmp_path / "both")]) == 0
+    assert "needs both" not in caplog.text
+    # No frame with an object: the set publishes, but maeday-evaluate refuses it (image ROC-AUC needs both classes).
+    (fod_root / "indoor" / "foreign_object" / "0.png").unlink()
+    out = tmp_path / "hub"
+    assert publish_script.main(["fod", "--root", str(fod_root), "--dry-run", str(out)]) == 0
+    assert "fod config 'indoor': its test split has 1 good and 0 anomalous images; maeday-evaluate needs both" in (
+        caplog.text
+    )
+    assert load_hub_folder(out, "indoor")["test"]["label"] == [0]

@@ -97,7 +97,23 @@ def load_configs(
     missing = [config for config in configs if config not in available]
     if missing:
         raise ValueError(f"No {dataset} config(s) {missing} under {root}; available: {list(available)}.")
-    return {config: BUILDERS[dataset](root, config) for config in dict.fromkeys(configs)}
+    loaded = {config: BUILDERS[dataset](root, config) for config in dict.fromkeys(configs)}
+    for config, splits in loaded.items():
+        _warn_if_one_class(dataset, config, splits)
+    return loaded
+
+
+def _warn_if_one_class(dataset: str, config: str, splits: datasets.DatasetDict) -> None:
+    """A test split with no good (or no anomalous) image publishes fine but cannot be evaluated: say so now."""
+    if "test" not in splits:
+        return
+    labels = splits["test"]["label"]
+    num_anomalous = sum(labels)
+    if num_anomalous in (0, len(labels)):
+        logger.warning(
+            "%s config %r: its test split has %d good and %d anomalous images; maeday-evaluate needs both (image "
+            "ROC-AUC) and will refuse it.", dataset, config, len(labels) - num_anomalous, num_anomalous,
+        )
 
 
 def push_configs_to_hub(
