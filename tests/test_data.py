@@ -737,7 +737,7 @@ def test_splits_digest_follows_the_bytes_and_examples_not_where_the_files_are(mv
 
 def test_the_card_names_the_licence_and_an_owners_licence_is_kept(mvtec_root, tmp_path):
     # MVTec AD is CC BY-NC-SA 4.0: its published card says so by default (maeday-publish-dataset), in the dry run and
-    # in the push (one commit more, after the configs).
+    # in the push (one commit more, before the configs: an id the Hub refuses stops the push before they go in).
     from maeday_hf.commands import publish_dataset
 
     out = tmp_path / "repo"
@@ -753,9 +753,12 @@ def test_the_card_names_the_licence_and_an_owners_licence_is_kept(mvtec_root, tm
     pushed_card.write_text("---\nconfigs:\n- config_name: bottle\n  data_files: bottle/*\n---\n# MVTec AD\n")
     patched, api = _hub_api(existing_private=None)
     api.hf_hub_download.return_value = str(pushed_card)
-    with patched, mock.patch.object(datasets.DatasetDict, "push_to_hub", autospec=True):
+    with patched, mock.patch.object(datasets.DatasetDict, "push_to_hub", autospec=True) as push:
+        api.attach_mock(push, "push_to_hub")  # (one call record: the order of the card's and the configs' commits)
         push_configs_to_hub(configs, "ORG/mvtec-ad", license="cc-by-nc-sa-4.0")
     api.hf_hub_download.assert_called_once_with("ORG/mvtec-ad", "README.md", repo_type="dataset", force_download=True)
+    assert [name for name, *_ in api.mock_calls if name in ("upload_file", "push_to_hub")] == [
+        "upload_file", "push_to_hub"]
     upload = api.upload_file.call_args.kwargs
     assert (upload["path_in_repo"], upload["repo_id"], upload["repo_type"]) == ("README.md", "ORG/mvtec-ad", "dataset")
     uploaded = tmp_path / "uploaded.md"
@@ -772,3 +775,24 @@ def test_the_card_names_the_licence_and_an_owners_licence_is_kept(mvtec_root, tm
             push_configs_to_hub(configs, "ORG/mvtec-ad", license=license)
         assert not api.upload_file.called
         assert api.hf_hub_download.called == (license is not None)
+    # A new repo (no card yet): a card naming the licence alone, which push_to_hub then fills in.
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    patched, api = _hub_api(existing_private=None)
+    api.hf_hub_download.side_effect = EntryNotFoundError("README.md")
+    with patched, mock.patch.object(datasets.DatasetDict, "push_to_hub", autospec=True) as push:
+        push_configs_to_hub(configs, "ORG/mvtec-ad", license="cc-by-nc-sa-4.0")
+    uploaded.write_bytes(api.upload_file.call_args.kwargs["path_or_fileobj"])
+    assert read_card(uploaded) == ({"license": "cc-by-nc-sa-4.0"}, "") and push.call_count == 1
+    # The Hub refusing the licence id, or not answering when asked for the card: no config pushed, and said so.
+    for failure in ("upload", "download"):
+        patched, api = _hub_api(existing_private=None)
+        api.hf_hub_download.side_effect = EntryNotFoundError("README.md")
+        if failure == "upload":
+            api.upload_file.side_effect = RuntimeError("400 Bad Request: invalid license id")
+        else:
+            api.hf_hub_download.side_effect = LocalEntryNotFoundError("503: cannot reach the Hub")
+        with patched, mock.patch.object(datasets.DatasetDict, "push_to_hub", autospec=True) as push:
+            with pytest.raises(OSError, match=r"nothing was pushed"):
+                push_configs_to_hub(configs, "ORG/mvtec-ad", license="cc-by-nc-sa-4.0")
+        assert not push.called and api.upload_file.called == (failure == "upload")

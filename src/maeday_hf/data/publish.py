@@ -132,8 +132,9 @@ def push_configs_to_hub(
         private (`bool`, *optional*): Visibility when the repo is created; a private push into an existing public
             repo is refused before anything is pushed.
         token (`str`, *optional*): Hub token; defaults to the logged-in one.
-        license (`str`, *optional*): a Hub licence id (e.g. `"cc-by-nc-sa-4.0"`) for the card, in one more commit
-            after the configs; a card that names a licence already keeps its own.
+        license (`str`, *optional*): a Hub licence id (e.g. `"cc-by-nc-sa-4.0"`) for the card, in a commit before
+            the configs' (an id the Hub refuses stops the push with nothing pushed); a card that names a licence
+            already keeps its own.
 
     Raises:
         ValueError: a private push into an existing public repo.
@@ -155,14 +156,14 @@ def push_configs_to_hub(
                 f"{repo_id!r} already exists as a public dataset, and a private push was asked for; nothing was "
                 f"pushed. Make it private on the Hub, or push without --private."
             )
+        if license is not None:  # first: a licence id the Hub refuses stops the push before any config is in
+            _add_license_to_remote_card(api, repo_id, license)
         for name, dataset_dict in configs.items():
             logger.info("Pushing config %s (%s) to %s", name, dict(dataset_dict.num_rows), repo_id)
-            dataset_dict.push_to_hub(
+            dataset_dict.push_to_hub(  # (it updates the card's dataset_info and configs, and keeps the rest)
                 repo_id, config_name=name, private=private, token=token, commit_message=f"Add config {name}"
             )
             pushed.append(name)
-        if license is not None:
-            _add_license_to_remote_card(api, repo_id, license)
     except ValueError:
         raise
     except Exception as error:  # huggingface_hub's HTTP errors, and httpx's connection errors, which are no OSError
@@ -189,9 +190,17 @@ def _check_config_names(configs: Mapping[str, datasets.DatasetDict]) -> None:
 
 
 def _add_license_to_remote_card(api, repo_id: str, license: str) -> None:
-    """Name `license` in the card `push_to_hub` wrote to `repo_id`, unless the card names one already."""
-    # (force_download: a copy cached earlier would lack the configs just pushed, and the upload would drop them)
-    header, body = read_card(Path(api.hf_hub_download(repo_id, README, repo_type="dataset", force_download=True)))
+    """Name `license` in the card of `repo_id` (a card of its own where it has none yet), unless the card names one
+    already."""
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    try:
+        # (force_download: a copy cached earlier could lack configs pushed since, and the upload would drop them)
+        header, body = read_card(Path(api.hf_hub_download(repo_id, README, repo_type="dataset", force_download=True)))
+    except LocalEntryNotFoundError:
+        raise  # the Hub could not be asked (5xx, timeout): not "no card", which would replace the card
+    except EntryNotFoundError:
+        header, body = {}, ""
     if header.get("license") is not None:
         if header["license"] != license:
             logger.warning("The card of %s names the licence %r; kept (not %r).", repo_id, header["license"], license)
