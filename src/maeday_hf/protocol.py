@@ -947,12 +947,23 @@ def _finetune_missing(prepared: PreparedProtocol, tasks: Sequence[Task], device)
         if task.shots > 0 and any("maeday" in u.method for u in task.pending(config.output_dir))
         and not task.adapter_dir(config.output_dir).is_dir()
     ]
-    for task in tqdm(needed, desc="fine-tune", disable=not config.show_progress):
-        logger.info("Fine-tuning %s k=%d seed=%d", task.category, task.shots, task.shot_seed)
-        finetune(
-            config.model, prepared.splits[task.category]["train"], task.adapter_dir(config.output_dir),
-            config=recipe, num_shots=task.shots, shot_seed=task.shot_seed,
-        )
+    calibration_logger = logging.getLogger("maeday_hf.calibration")
+    calibration_logger.addFilter(_few_view_calibration_warning_dropped)
+    try:
+        for task in tqdm(needed, desc="fine-tune", disable=not config.show_progress):
+            logger.info("Fine-tuning %s k=%d seed=%d", task.category, task.shots, task.shot_seed)
+            finetune(
+                config.model, prepared.splits[task.category]["train"], task.adapter_dir(config.output_dir),
+                config=recipe, num_shots=task.shots, shot_seed=task.shot_seed,
+            )
+    finally:
+        calibration_logger.removeFilter(_few_view_calibration_warning_dropped)
+
+
+def _few_view_calibration_warning_dropped(record: logging.LogRecord) -> bool:
+    """Drops the calibration's "from only N normal views" warning: the metrics read scores and maps, never an
+    adapter's calibrated threshold, so each few-shot fine-tune's warning would be noise."""
+    return not (record.levelno == logging.WARNING and record.msg.startswith("Calibrating the threshold from only"))
 
 
 def _versions() -> dict[str, str]:
