@@ -392,6 +392,36 @@ def test_revision_and_cache_dir_reach_the_adapters_own_files(trained, tmp_path):
         load_detector("maeday-test/orphan", **hub)
 
 
+def test_a_local_base_named_by_its_hub_id_loads_by_that_id_and_only_with_its_weights(
+    tiny_checkpoint, shot_path, tmp_path
+):
+    # Fine-tuned from a local copy of a Hub checkpoint (an offline site): the adapter names the Hub id, so a pushed
+    # adapter loads wherever that id can be had, not only where the copy's path exists.
+    from huggingface_hub import ModelCard
+
+    from conftest import save_tiny_checkpoint
+
+    result = finetune(tiny_checkpoint, [shot_path], tmp_path / "run", FinetuneConfig(**{**FAST, "num_steps": 2}),
+                      base_model_id="maeday-test/tiny-base")
+    adapter_config = json.loads((result.output_dir / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == "maeday-test/tiny-base"
+    log = json.loads((result.output_dir / "training_log.json").read_text())
+    assert (log["base_model"], log["base_model_folder"]) == ("maeday-test/tiny-base", os.path.abspath(tiny_checkpoint))
+    assert ModelCard.load(result.output_dir / "README.md").data.base_model == "maeday-test/tiny-base"
+    cache = tmp_path / "cache"
+    _lay_into_hub_cache(Path(tiny_checkpoint), cache, "maeday-test/tiny-base", "d" * 40)
+    query = _smooth_image(phase=0.5)
+    by_id = load_detector(result.output_dir, device="cpu", model_kwargs={"cache_dir": str(cache)})
+    by_folder = load_detector(result.output_dir, device="cpu", base_model=tiny_checkpoint)
+    assert by_id(query, num_masks=4)["score"] == by_folder(query, num_masks=4)["score"]
+    # Under that id, other weights than the copy's: refused, as for any adapter whose base changed.
+    other = tmp_path / "other-cache"
+    _lay_into_hub_cache(Path(save_tiny_checkpoint(tmp_path / "seed-1", seed=1)), other, "maeday-test/tiny-base",
+                        "e" * 40)
+    with pytest.raises(ValueError, match="does not hold the weights the adapter"):
+        load_detector(result.output_dir, device="cpu", model_kwargs={"cache_dir": str(other)})
+
+
 def test_save_load_by_path_repo_id_and_remote_code_give_identical_scores(trained, tmp_path):
     query = tmp_path / "query.png"
     _smooth_image(phase=0.5).save(query)

@@ -220,6 +220,10 @@ def test_bad_input_fails_before_training(tiny_checkpoint, shot_files, tmp_path, 
         finetune(tiny_checkpoint, shot_files, out, fast, hub_private=True)
     with pytest.raises(ValueError, match="Cannot push to 'org/name'.*nothing was trained"):  # offline here
         finetune(tiny_checkpoint, shot_files, out, fast, push_to_hub=True, hub_model_id="org/name")
+    with pytest.raises(ValueError, match=r"base_model_id must be a Hub model id .*, got '/abs/copy'"):
+        finetune(tiny_checkpoint, shot_files, out, fast, base_model_id="/abs/copy")
+    with pytest.raises(ValueError, match=r"but the base 'org/other' is a Hub id itself: drop base_model_id"):
+        finetune("org/other", shot_files, out, fast, base_model_id="org/name")
     out.mkdir()
     with pytest.raises(FileExistsError, match="overwrite"):
         finetune(tiny_checkpoint, shot_files, out, fast)
@@ -460,12 +464,14 @@ def test_cli_options_reach_the_config_and_unset_ones_keep_its_defaults(tiny_chec
 
     seen = []
     monkeypatch.setattr(finetune_module, "finetune",
-                        lambda base, shots, out, config, **kwargs: seen.append(config) or mock.Mock(calibration=None))
+                        lambda base, shots, out, config, **kwargs: seen.append((config, kwargs))
+                        or mock.Mock(calibration=None))
     base = ["finetune", "--model", tiny_checkpoint, "--shots", str(shot_files[0]), "--output-dir", str(tmp_path / "o")]
     assert cli_main(base) == 0
     assert cli_main([*base, "--calibration-std", "2.5", "--min-crop-scale", "0.9", "--max-rotation", "5",
-                     "--trainer-loop"]) == 0
-    default, chosen = seen
+                     "--trainer-loop", "--base-model-id", "facebook/vit-mae-base"]) == 0
+    (default, default_kwargs), (chosen, chosen_kwargs) = seen
+    assert (default_kwargs["base_model_id"], chosen_kwargs["base_model_id"]) == (None, "facebook/vit-mae-base")
     assert default == FinetuneConfig(bf16=default.bf16, use_cpu=default.use_cpu)  # the paper's recipe
     assert (chosen.calibration_num_std, chosen.min_crop_scale, chosen.max_rotation_degrees, chosen.cuda_graph) == (
         2.5, 0.9, 5.0, False)

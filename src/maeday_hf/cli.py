@@ -628,6 +628,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         push_to_hub=args.push_to_hub,
         hub_model_id=args.hub_model_id,
         hub_private=args.hub_private,
+        base_model_id=args.base_model_id,
     )
     if result.calibration is not None:  # main process only
         print(f"Wrote {result.output_dir} (threshold {result.calibration.threshold:.6g})")
@@ -637,6 +638,9 @@ def run_finetune(args: argparse.Namespace) -> int:
 def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     """The `maeday finetune` options (also used by scripts/finetune.py); defaults are the paper's recipe."""
     parser.add_argument("--model", default=DEFAULT_CHECKPOINT, help="base ViTMAE: Hub id or local folder")
+    parser.add_argument("--base-model-id", default=None,
+                        help="with a local --model that is a copy of a Hub checkpoint: its Hub id, which the adapter "
+                             "then names as its base (else the folder's path), so it loads anywhere once pushed")
     parser.add_argument("--shots", nargs="+", default=None, help="normal shot images and/or folders of them")
     parser.add_argument("--dataset-root", default=None, help="MVTec-layout root to pick shots from (with --category)")
     parser.add_argument("--category", default=None, help="category under --dataset-root")

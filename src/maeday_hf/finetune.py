@@ -62,6 +62,7 @@ from .atomic_io import let_go, make_held_partial_dir, make_partial_dir, remove_a
 from .calibration import Calibration, calibrate_threshold
 from .lora import add_lora, make_lora_config
 from .masking import require_visible_patches, validate_mask_ratio, validate_positive_int, validate_seed
+from .detector_card import is_hub_id
 from .model_card import render_model_card, shareable_shot_name
 from .pipeline import (
     TASK,
@@ -580,9 +581,19 @@ def _check_hub_login(hub_model_id: str) -> None:
         ) from error
 
 
-def _recorded_base_name(base_model: str) -> str:
-    """What adapter_config.json records as the base: an absolute path for local folders, else the Hub id."""
-    return os.path.abspath(base_model) if os.path.isdir(base_model) else base_model
+def _recorded_base_name(base_model: str, base_model_id: str | None = None) -> str:
+    """What adapter_config.json records as the base: `base_model_id` if given (`base_model` is a local copy of it),
+    an absolute path for local folders, else the Hub id."""
+    if base_model_id is None:
+        return os.path.abspath(base_model) if os.path.isdir(base_model) else base_model
+    if not isinstance(base_model_id, str) or not is_hub_id(base_model_id):
+        raise ValueError(f"base_model_id must be a Hub model id such as 'facebook/vit-mae-base', got {base_model_id!r}.")
+    if not os.path.isdir(base_model) and base_model != base_model_id:
+        raise ValueError(
+            f"base_model_id={base_model_id!r} names the Hub checkpoint a local base folder is a copy of, but the base "
+            f"{base_model!r} is a Hub id itself: drop base_model_id, or pass the folder."
+        )
+    return base_model_id
 
 
 def load_base_config(base_model: str) -> Any:
@@ -667,7 +678,7 @@ def _write_folder(
     folder: Path,
     model: torch.nn.Module,
     image_processor,
-    base_model: str,
+    recorded_base: str,
     config: FinetuneConfig,
     calibration: Calibration,
     shot_names: list[str],
@@ -678,14 +689,17 @@ def _write_folder(
     num_processes: int = 1,
     base_fingerprint: str | None = None,
     step_loop: str = "trainer",
+    base_folder: str | None = None,
 ) -> None:
     """Everything but the weights/adapter (written before merging): config, processor, remote code, card, logs.
+    `recorded_base`: the base the folder names (a Hub id, or a folder's absolute path); `base_folder`: the local
+    folder trained from, where that is not `recorded_base` (the copy of a Hub checkpoint named by `base_model_id`).
     `base_fingerprint`: `base_weights_fingerprint` of the base, recorded for an adapter (checked when it is loaded).
     `step_loop`: what ran the steps, "cuda_graph" (`step_loop` replays) or "trainer" (recorded in the log)."""
     if config.full_finetune:
         folder_config = model.config
     else:
-        folder_config = AutoConfig.from_pretrained(base_model)
+        folder_config = AutoConfig.from_pretrained(base_folder or recorded_base)
         # The dtype the adapter was trained and calibrated with (a base saved in fp16 is still merged in float32).
         folder_config.dtype = model.dtype
         setattr(folder_config, ADAPTER_CONFIG_KEY, {
@@ -709,7 +723,8 @@ def _write_folder(
     image_processor.save_pretrained(folder)
     (folder / CALIBRATION_FILE).write_text(json.dumps(calibration.to_dict(), indent=2) + "\n")
     log = {
-        "base_model": base_model,
+        "base_model": recorded_base,
+        **({"base_model_folder": os.path.abspath(base_folder)} if base_folder else {}),
         "shots": shot_names,
         "recipe": config.recipe(),
         "mixed_precision": mixed_precision,
@@ -721,7 +736,7 @@ def _write_folder(
     (folder / TRAINING_LOG_FILE).write_text(json.dumps(log, indent=2) + "\n")
     card = render_model_card(
         name=name,
-        base_model=base_model,
+        base_model=recorded_base,
         shot_names=shot_names,
         recipe=config.recipe(),
         losses=losses,
@@ -834,6 +849,7 @@ def finetune(
     push_to_hub: bool = False,
     hub_model_id: str | None = None,
     hub_private: bool = False,
+    base_model_id: str | None = None,
 ) -> FinetuneResult:
     """Fine-tune `base_model` on normal shots and write an adapter folder (or full checkpoint) to `output_dir`.
 
@@ -849,6 +865,10 @@ def finetune(
             has a `training_log.json`) or that is empty; a folder holding other files is refused, at the start and
             again at the end.
         push_to_hub, hub_model_id, hub_private: upload the finished folder to `hub_model_id`.
+        base_model_id (`str`, *optional*): where `base_model` is a local copy of a Hub checkpoint, its Hub id
+            (`"facebook/vit-mae-base"`): the adapter names it as its base instead of the folder's path, so that it
+            loads wherever that id can be had (a pushed adapter too). The adapter also records the base's weights
+            fingerprint, so a base that holds other weights than the copy trained on is refused when it loads.
 
     Returns:
         `FinetuneResult`.
@@ -866,6 +886,10 @@ def finetune(
         shots = list(shots)  # read once, and seen by the output check below
     _validate_output(output_dir, overwrite, base_model, shots)
     _validate_hub_flags(push_to_hub, hub_model_id, hub_private)
+    recorded_base = _recorded_base_name(base_model, base_model_id)
+    if push_to_hub and os.path.isabs(recorded_base):
+        logger.warning("The base %s is a local folder: the pushed adapter loads only where that path exists (if it "
+                       "is a copy of a Hub checkpoint, name it with --base-model-id).", recorded_base)
     if push_to_hub:
         _check_hub_login(hub_model_id)
     base_config = load_base_config(base_model)
@@ -877,9 +901,6 @@ def finetune(
             f"{num_views} training views (view i shows shot i % k): {len(images) - num_views} shot(s) would never be "
             f"trained on. Raise num_steps or batch_size to at least {len(images)} views, or pass fewer shots."
         )
-    recorded_base = _recorded_base_name(base_model)
-    if push_to_hub and os.path.isabs(recorded_base):
-        logger.warning("The base %s is a local folder: the pushed adapter loads only where that path exists.", recorded_base)
 
     image_processor = AutoImageProcessor.from_pretrained(base_model)
     require_whole_image_processor(image_processor)  # before training, not when the result fails to load
@@ -994,6 +1015,7 @@ def finetune(
                 train_seconds, name=hub_model_id or output_dir.name, mixed_precision=trainer.args.mixed_precision,
                 num_processes=trainer.args.world_size, base_fingerprint=base_fingerprint,
                 step_loop="cuda_graph" if _runs_as_graph_replays(trainer.args, config) else "trainer",
+                base_folder=base_model if recorded_base != _recorded_base_name(base_model) else None,
             )
             if overwrite and _foreign_entry(output_dir) is None:  # (checked again: it may be new since the start)
                 replace_folder(partial, output_dir)
