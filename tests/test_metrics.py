@@ -7,6 +7,7 @@ from collections import deque
 import evaluate
 import numpy as np
 import pytest
+import sklearn.metrics as sklearn_metrics  # (a test dependency: a broken install fails, never skips)
 import torch
 
 from maeday_hf.metrics import (
@@ -19,8 +20,6 @@ from maeday_hf.metrics import (
     pixel_f1_max,
     pixel_roc_auc,
 )
-
-sklearn_metrics = pytest.importorskip("sklearn.metrics")
 
 
 def reference_f1_max(labels: np.ndarray, scores: np.ndarray) -> float:
