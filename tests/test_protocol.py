@@ -761,3 +761,26 @@ def test_a_model_that_cannot_be_loaded_is_named_before_any_data_is_written(tmp_p
             "--output-dir", str(tmp_path / "out"), "--categories", *CATEGORIES, *FAST]
     assert "no-model" in _run_error(capsys, argv)
     assert not (tmp_path / "new-synthetic").exists() and not (tmp_path / "out").exists()
+
+
+def test_matplotlib_missing_or_broken_is_told_apart(monkeypatch):
+    import builtins
+    import sys
+
+    from maeday_hf.report import require_matplotlib
+
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # (not installed: ModuleNotFoundError)
+    with pytest.raises(ImportError, match=r"need matplotlib: pip install \"maeday-hf\[plots\]\" \(or pass --no-plots"):
+        require_matplotlib()
+    monkeypatch.delitem(sys.modules, "matplotlib.figure")
+    real_import = builtins.__import__
+
+    def numpy_1_build(name, *args, **kwargs):  # what a matplotlib built for numpy 1 raises under numpy 2
+        if name == "matplotlib.figure":
+            raise ImportError("numpy.core.multiarray failed to import")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", numpy_1_build)
+    with pytest.raises(ImportError, match=r"installed but fails to import \(ImportError: numpy.core.multiarray failed "
+                                          r"to import\): pip install -U"):
+        require_matplotlib()

@@ -196,8 +196,15 @@ def require_matplotlib():
     try:
         from matplotlib.figure import Figure
     except ImportError as error:
+        if isinstance(error, ModuleNotFoundError) and (error.name or "").split(".")[0] == "matplotlib":
+            raise ImportError(
+                'The protocol\'s figures need matplotlib: pip install "maeday-hf[plots]" (or pass --no-plots).'
+            ) from error
+        # Installed, but it does not import: e.g. a build older than 3.8.4 beside numpy 2.
         raise ImportError(
-            'The protocol\'s figures need matplotlib: pip install "maeday-hf[plots]" (or pass --no-plots).'
+            f"The protocol's figures need matplotlib, which is installed but fails to import ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else 'no message'}): pip install -U \"maeday-hf[plots]\" "
+            f"(or pass --no-plots)."
         ) from error
     return Figure
 
