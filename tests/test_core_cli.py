@@ -39,6 +39,7 @@ def test_detect_writes_scores_and_heatmaps(synthetic_root, tiny_checkpoint, tmp_
         assert row["label"] == ("anomalous" if float(row["score"]) > 1.5 else "normal")
     heatmaps = sorted(p.name for p in (out / "heatmaps").iterdir())
     assert heatmaps == ["good__000.png", "good__001.png", "hole__000.png", "scratch__000.png", "stain__000.png"]
+    assert [row["heatmap"] for row in rows] == heatmaps  # (each row names its image's heatmap)
     assert Image.open(out / "heatmaps" / "hole__000.png").size == (48, 48)
     assert not [p for p in out.rglob(".*")], "temporary files left behind"
     assert "Scored 5 images" in capsys.readouterr().out
@@ -524,6 +525,7 @@ def test_image_urls_are_scored_like_the_same_files(synthetic_root, tiny_checkpoi
     assert rows[0]["score"] == rows[1]["score"] == rows[2]["score"]
     heatmaps = tmp_path / "both" / "heatmaps"
     assert sorted(p.name for p in heatmaps.iterdir()) == ["00000_a_b.png", "00001_000.png", "00002_a_b.png"]
+    assert [row["heatmap"] for row in rows] == ["00000_a_b.png", "00001_000.png", "00002_a_b.png"]
     assert np.array_equal(np.asarray(Image.open(heatmaps / "00000_a_b.png")),
                           np.asarray(Image.open(heatmaps / "00001_000.png")))
 

@@ -438,7 +438,7 @@ def _detect(args, call_kwargs, out_dir: Path, images: list[tuple[Path | str, str
         progress = tqdm(zip(images, results), total=len(images), desc="maeday detect", disable=args.quiet)
         for index, ((path, name), result) in enumerate(progress):
             rows.append((redact_url(path) if isinstance(path, str) else str(path), result["score"],
-                         result.get("label")))
+                         result.get("label"), f"{name}.png"))
             try:
                 np.save(maps_dir / f"{index}.npy", result["anomaly_map"])
                 if args.save_maps and "mask" in result:
@@ -458,12 +458,14 @@ def _detect(args, call_kwargs, out_dir: Path, images: list[tuple[Path | str, str
             overlay.save(partial / f"{name}.png", format="PNG")
         maps_dir.rmdir()
         # A label column when labels exist: from --threshold or from a fine-tune's calibrated threshold.
-        with_labels = any(label is not None for _, _, label in rows)
+        # The heatmap's file name (in heatmaps/; also of maps/*.npy and masks/*.png with --save-maps) last: where
+        # names collide every one gets a running index, and the row says which file is its image's.
+        with_labels = any(label is not None for _, _, label, _ in rows)
         buffer = io.StringIO()
         writer = csv.writer(buffer)
-        writer.writerow(["path", "score"] + (["label"] if with_labels else []))
-        for path, score, label in rows:
-            writer.writerow([path, f"{score:.6g}"] + ([label] if with_labels else []))
+        writer.writerow(["path", "score"] + (["label"] if with_labels else []) + ["heatmap"])
+        for path, score, label, heatmap in rows:
+            writer.writerow([path, f"{score:.6g}"] + ([label] if with_labels else []) + [heatmap])
         # UTF-8 everywhere, the csv module's line ends kept as they are; paths as the file system has them.
         pending_scores.write_text(buffer.getvalue(), encoding="utf-8", errors="surrogateescape", newline="")
         replace_folder(
