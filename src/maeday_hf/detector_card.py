@@ -39,8 +39,9 @@ CARD_TEMPLATE = """---
 Each query is reconstructed {num_masks} times by the masked autoencoder, each time from a different random
 {kept_percent:g} % of its patches (mask ratio {mask_ratio:g}; the masks are seeded, so a score is reproducible).
 The squared error of every full reconstruction, Gaussian-filtered (kernel {kernel_size}, sigma {sigma:g}) and summed
-over the colour channels, is averaged over the masks into the pixel anomaly map, returned at the image's own size;
-the image score is the map's maximum (paper: *MAEDAY: MAE for few and zero shot AnomalY-Detection*).
+over the colour channels, is averaged over the masks into the pixel anomaly map; the image score is its maximum at
+the model's resolution, and the map is returned resized to the image's own size (which lowers its peak a little)
+(paper: *MAEDAY: MAE for few and zero shot AnomalY-Detection*).
 
 ## Use
 

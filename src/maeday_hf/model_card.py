@@ -34,7 +34,8 @@ CARD_TEMPLATE = """---
 
 Fine-tuned from {base_reference} on **{num_shots} normal shot(s)** with MAEDAY's few-shot recipe
 (paper: *MAEDAY: MAE for few and zero shot AnomalY-Detection*, Sec. 3). Anomaly maps come from {num_masks_hint}
-masked reconstructions of the query compared with the query itself; the image score is the map's maximum.
+masked reconstructions of the query compared with the query itself; the image score is the map's maximum at the
+model's resolution (the map returned at the image's size peaks a little lower).
 
 ## Use
 
