@@ -633,6 +633,14 @@ def test_a_local_folder_without_its_decoder_is_refused_before_transformers_repor
     assert completed.returncode == 2
     assert len(completed.stderr.strip().splitlines()) == 1 and "has no decoder weights" in completed.stderr, (
         completed.stderr[-2000:])
+    completed = subprocess.run(  # (maeday finetune too)
+        [sys.executable, "-m", "maeday_hf", "finetune", "--model", encoder_only, "--shots", str(shot_path),
+         "--output-dir", str(tmp_path / "adapter"), "--quiet"], env={**env, "HF_HUB_OFFLINE": "1"},
+        capture_output=True, text=True, timeout=180,
+    )
+    assert completed.returncode == 2
+    assert len(completed.stderr.strip().splitlines()) == 1 and "has no decoder weights" in completed.stderr, (
+        completed.stderr[-2000:])
 
 
 def test_the_decoder_is_checked_at_the_revision_and_in_the_cache_that_are_loaded(tiny_checkpoint, shot_path, tmp_path):

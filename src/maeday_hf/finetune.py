@@ -73,9 +73,11 @@ from .pipeline import (
     require_whole_image_processor,
 )
 from .reconstruction import (
+    checkpoint_weight_names,
     count_patches,
     is_vit_mae_for_pretraining,
     mask_ratio_set_to,
+    require_decoder_in_checkpoint,
     require_loaded_weights,
     require_vit_mae_config,
     runs_bfloat16_natively,
@@ -904,6 +906,8 @@ def finetune(
 
     image_processor = AutoImageProcessor.from_pretrained(base_model)
     require_whole_image_processor(image_processor)  # before training, not when the result fails to load
+    # Checked before loading too: transformers reports a missing decoder in some 30 lines before the one-line error.
+    require_decoder_in_checkpoint(checkpoint_weight_names(base_model), base_model)
     # float32 whatever dtype the base was saved in: the optimizer, the rendered views and the calibration are float32.
     try:
         model, loading_info = ViTMAEForPreTraining.from_pretrained(
