@@ -224,6 +224,8 @@ def test_bad_input_fails_before_training(tiny_checkpoint, shot_files, tmp_path, 
         finetune(tiny_checkpoint, shot_files, out, fast, base_model_id="/abs/copy")
     with pytest.raises(ValueError, match=r"but the base 'org/other' is a Hub id itself: drop base_model_id"):
         finetune("org/other", shot_files, out, fast, base_model_id="org/name")
+    with pytest.raises(FileNotFoundError, match=r"Base model folder not found: '/data/vit-mae-base'"):  # (mistyped)
+        finetune("/data/vit-mae-base", shot_files, out, fast, base_model_id="org/name")
     out.mkdir()
     with pytest.raises(FileExistsError, match="overwrite"):
         finetune(tiny_checkpoint, shot_files, out, fast)
@@ -528,6 +530,25 @@ def test_push_uploads_the_finished_folder(tiny_checkpoint, shot_files, tmp_path)
     assert not list(tmp_path.glob(".out.push-*"))
     # The base is a local folder: no path as Hub metadata (the Hub rejects it), no link to huggingface.co/<path>.
     assert "base_model:" not in card.split("---")[1] and "huggingface.co//" not in card
+
+
+def test_a_push_names_a_local_copy_of_the_hub_base_by_its_folder_name_only(tiny_checkpoint, shot_files, tmp_path):
+    pushed_logs = []
+
+    def upload_folder(repo_id, folder_path, **kwargs):
+        pushed_logs.append(json.loads((Path(folder_path) / "training_log.json").read_text()))
+        return mock.Mock(commit_url=f"https://huggingface.co/{repo_id}/commit/0")
+
+    with mock.patch("huggingface_hub.HfApi") as api_class:
+        api_class.return_value.hf_hub_download.side_effect = _no_remote_card
+        api_class.return_value.upload_folder.side_effect = upload_folder
+        finetune(tiny_checkpoint, shot_files[:1], tmp_path / "out", FinetuneConfig(**TINY), push_to_hub=True,
+                 hub_model_id="my-org/tiny-1shot", base_model_id="my-org/tiny-base")
+    (pushed_log,) = pushed_logs
+    local_log = json.loads((tmp_path / "out" / "training_log.json").read_text())
+    assert local_log["base_model_folder"] == os.path.abspath(tiny_checkpoint)
+    assert pushed_log["base_model_folder"] == os.path.basename(tiny_checkpoint)
+    assert pushed_log["base_model"] == local_log["base_model"] == "my-org/tiny-base"
 
 
 def test_a_killed_pushs_copy_is_removed_by_the_next_push(tiny_checkpoint, shot_files, tmp_path):

@@ -590,7 +590,7 @@ def _recorded_base_name(base_model: str, base_model_id: str | None = None) -> st
         return os.path.abspath(base_model) if os.path.isdir(base_model) else base_model
     if not isinstance(base_model_id, str) or not is_hub_id(base_model_id):
         raise ValueError(f"base_model_id must be a Hub model id such as 'facebook/vit-mae-base', got {base_model_id!r}.")
-    if not os.path.isdir(base_model) and base_model != base_model_id:
+    if not os.path.isdir(base_model) and not looks_like_local_path(base_model) and base_model != base_model_id:
         raise ValueError(
             f"base_model_id={base_model_id!r} names the Hub checkpoint a local base folder is a copy of, but the base "
             f"{base_model!r} is a Hub id itself: drop base_model_id, or pass the folder."
@@ -799,7 +799,8 @@ def push_folder_to_hub(
 @contextlib.contextmanager
 def _shareable_copy(folder: Path) -> Iterator[Path]:
     """`folder` as it is pushed: its `training_log.json` names the shots as the card does (`shareable_shot_name`: a
-    file's name for a path that leads out of its folder), so a push does not publish where the images lie here.
+    file's name for a path that leads out of its folder), and a `base_model_folder` (the local copy of the Hub base
+    it names) by the folder's name, so a push does not publish where the images and the base lie here.
 
     Yields `folder` itself if there is nothing to change; else a copy beside it (the files hard-linked where the
     file system allows, so no weights are copied), removed afterwards.
@@ -811,8 +812,10 @@ def _shareable_copy(folder: Path) -> Iterator[Path]:
     except (OSError, ValueError, KeyError, TypeError):  # (no log, or not this package's: pushed as it is)
         yield folder
         return
-    shared_shots = [shareable_shot_name(shot) if isinstance(shot, str) else shot for shot in shots]
-    if shared_shots == shots:
+    shared = {"shots": [shareable_shot_name(shot) if isinstance(shot, str) else shot for shot in shots]}
+    if isinstance(log.get("base_model_folder"), str):
+        shared["base_model_folder"] = os.path.basename(os.path.normpath(log["base_model_folder"]))
+    if all(log.get(key) == value for key, value in shared.items()):
         yield folder
         return
     # Held while it lives, under a name a later push removes if this process is killed (`remove_abandoned`).
@@ -833,7 +836,7 @@ def _shareable_copy(folder: Path) -> Iterator[Path]:
 
         shutil.copytree(folder, copy, copy_function=link_or_copy)
         (copy / TRAINING_LOG_FILE).unlink()  # (a link to the local log: written anew, not through it)
-        (copy / TRAINING_LOG_FILE).write_text(json.dumps({**log, "shots": shared_shots}, indent=2) + "\n")
+        (copy / TRAINING_LOG_FILE).write_text(json.dumps({**log, **shared}, indent=2) + "\n")
         yield copy
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -906,10 +909,10 @@ def finetune(
 
     image_processor = AutoImageProcessor.from_pretrained(base_model)
     require_whole_image_processor(image_processor)  # before training, not when the result fails to load
-    # Checked before loading too: transformers reports a missing decoder in some 30 lines before the one-line error.
-    require_decoder_in_checkpoint(checkpoint_weight_names(base_model), base_model)
     # float32 whatever dtype the base was saved in: the optimizer, the rendered views and the calibration are float32.
     try:
+        # Checked before loading too: transformers reports a missing decoder in ~30 lines before the one-line error.
+        require_decoder_in_checkpoint(checkpoint_weight_names(base_model), base_model)
         model, loading_info = ViTMAEForPreTraining.from_pretrained(
             base_model, config=base_config, dtype=torch.float32, output_loading_info=True
         )
