@@ -796,3 +796,11 @@ def test_the_card_names_the_licence_and_an_owners_licence_is_kept(mvtec_root, tm
             with pytest.raises(OSError, match=r"nothing was pushed"):
                 push_configs_to_hub(configs, "ORG/mvtec-ad", license="cc-by-nc-sa-4.0")
         assert not push.called and api.upload_file.called == (failure == "upload")
+    # The card committed, then the first config refused: said as it is.
+    patched, api = _hub_api(existing_private=None)
+    api.hf_hub_download.side_effect = EntryNotFoundError("README.md")
+    with patched, mock.patch.object(datasets.DatasetDict, "push_to_hub", autospec=True,
+                                    side_effect=RuntimeError("502 Bad Gateway")):
+        with pytest.raises(OSError, match=r"502 Bad Gateway\); the card naming the licence was committed, no config "
+                                          r"was pushed\."):
+            push_configs_to_hub(configs, "ORG/mvtec-ad", license="cc-by-nc-sa-4.0")

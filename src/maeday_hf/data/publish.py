@@ -146,6 +146,7 @@ def push_configs_to_hub(
     from huggingface_hub import HfApi
 
     pushed: list[str] = []
+    licence_committed = False
     try:
         # `push_to_hub` sets the visibility only of a repo it creates: a private push into an existing public repo
         # would be public (MVTec AD's licence is non-commercial).
@@ -157,7 +158,7 @@ def push_configs_to_hub(
                 f"pushed. Make it private on the Hub, or push without --private."
             )
         if license is not None:  # first: a licence id the Hub refuses stops the push before any config is in
-            _add_license_to_remote_card(api, repo_id, license)
+            licence_committed = _add_license_to_remote_card(api, repo_id, license)
         for name, dataset_dict in configs.items():
             logger.info("Pushing config %s (%s) to %s", name, dict(dataset_dict.num_rows), repo_id)
             dataset_dict.push_to_hub(  # (it updates the card's dataset_info and configs, and keeps the rest)
@@ -167,7 +168,11 @@ def push_configs_to_hub(
     except ValueError:
         raise
     except Exception as error:  # huggingface_hub's HTTP errors, and httpx's connection errors, which are no OSError
-        done = f"configs already pushed: {pushed}" if pushed else "nothing was pushed"
+        if pushed:
+            done = f"configs already pushed: {pushed}"
+        else:
+            done = "the card naming the licence was committed, no config was pushed" if licence_committed else (
+                "nothing was pushed")
         raise OSError(
             f"Pushing to the Hub dataset {repo_id!r} failed ({type(error).__name__}: "
             f"{str(error).splitlines()[0] if str(error) else 'no message'}); {done}."
@@ -189,9 +194,9 @@ def _check_config_names(configs: Mapping[str, datasets.DatasetDict]) -> None:
             )
 
 
-def _add_license_to_remote_card(api, repo_id: str, license: str) -> None:
+def _add_license_to_remote_card(api, repo_id: str, license: str) -> bool:
     """Name `license` in the card of `repo_id` (a card of its own where it has none yet), unless the card names one
-    already."""
+    already; returns whether a commit was made."""
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     try:
@@ -204,10 +209,11 @@ def _add_license_to_remote_card(api, repo_id: str, license: str) -> None:
     if header.get("license") is not None:
         if header["license"] != license:
             logger.warning("The card of %s names the licence %r; kept (not %r).", repo_id, header["license"], license)
-        return
+        return False
     card = _card_text({"license": license, **header}, body)
     api.upload_file(path_or_fileobj=card.encode("utf-8"), path_in_repo=README, repo_id=repo_id, repo_type="dataset",
                     commit_message=f"Name the licence: {license}")
+    return True
 
 
 def _card_text(header: dict, body: str) -> str:
