@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 from pathlib import Path
 
@@ -765,22 +766,26 @@ def test_a_model_that_cannot_be_loaded_is_named_before_any_data_is_written(tmp_p
 
 def test_matplotlib_missing_or_broken_is_told_apart(monkeypatch):
     import builtins
-    import sys
 
     from maeday_hf.report import require_matplotlib
 
-    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # (not installed: ModuleNotFoundError)
-    with pytest.raises(ImportError, match=r"need matplotlib: pip install \"maeday-hf\[plots\]\" \(or pass --no-plots"):
-        require_matplotlib()
-    monkeypatch.delitem(sys.modules, "matplotlib.figure")
     real_import = builtins.__import__
 
-    def numpy_1_build(name, *args, **kwargs):  # what a matplotlib built for numpy 1 raises under numpy 2
-        if name == "matplotlib.figure":
-            raise ImportError("numpy.core.multiarray failed to import")
-        return real_import(name, *args, **kwargs)
+    def importing_matplotlib_raises(error):
+        def patched(name, *args, **kwargs):
+            if name == "matplotlib.figure":
+                raise error
+            return real_import(name, *args, **kwargs)
+        return patched
 
-    monkeypatch.setattr(builtins, "__import__", numpy_1_build)
-    with pytest.raises(ImportError, match=r"installed but fails to import \(ImportError: numpy.core.multiarray failed "
-                                          r"to import\): pip install -U"):
+    not_installed = ModuleNotFoundError("No module named 'matplotlib'", name="matplotlib")
+    monkeypatch.setattr(builtins, "__import__", importing_matplotlib_raises(not_installed))
+    with pytest.raises(ImportError, match=r"need matplotlib: pip install \"maeday-hf\[plots\]\" \(or pass --no-plots"):
         require_matplotlib()
+    # Installed, but a piece of it cannot load (built for another Python), or built for numpy 1 under numpy 2.
+    for broken in (ModuleNotFoundError("No module named 'matplotlib._path'", name="matplotlib._path"),
+                   ImportError("numpy.core.multiarray failed to import")):
+        monkeypatch.setattr(builtins, "__import__", importing_matplotlib_raises(broken))
+        with pytest.raises(ImportError, match=rf"installed but fails to import \({type(broken).__name__}: "
+                                              rf"{re.escape(str(broken))}\): pip install -U"):
+            require_matplotlib()

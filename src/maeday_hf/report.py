@@ -196,7 +196,7 @@ def require_matplotlib():
     try:
         from matplotlib.figure import Figure
     except ImportError as error:
-        if isinstance(error, ModuleNotFoundError) and (error.name or "").split(".")[0] == "matplotlib":
+        if isinstance(error, ModuleNotFoundError) and error.name == "matplotlib":  # (not a piece missing inside it)
             raise ImportError(
                 'The protocol\'s figures need matplotlib: pip install "maeday-hf[plots]" (or pass --no-plots).'
             ) from error
