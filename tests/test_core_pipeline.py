@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 from unittest import mock
 
 import numpy as np
@@ -42,7 +43,34 @@ def test_task_is_registered_and_builds_our_pipeline(detector):
 
 
 def test_no_images_give_no_results(detector):
+    from datasets import Dataset
+    from transformers.pipelines.pt_utils import KeyDataset
+
     assert detector([]) == [] and detector(()) == [] and detector(np.zeros((0, 8, 8, 3), dtype=np.uint8)) == []
+    empty = Dataset.from_dict({"image": []})
+    assert detector(empty["image"]) == [] and list(detector(KeyDataset(empty, "image"))) == []
+    assert list(detector(iter([]))) == []
+    # The call's settings are checked all the same, as they are with images.
+    with pytest.raises(ValueError, match="num_masks must be >= 1, got 0"):
+        detector([], num_masks=0)
+    with pytest.raises(TypeError, match="bogus"):
+        detector([], bogus=1)
+    for name, value in (("num_workers", -1), ("num_workers", 1.5), ("batch_size", 0), ("batch_size", True)):
+        with pytest.raises(ValueError, match=rf"{name} must be an integer >= [01], got {value!r}"):
+            detector([], **{name: value})
+
+
+def test_images_in_a_datasets_column_or_an_iterator_are_several_images(detector, images):
+    # `dataset["image"]` is a datasets Column (a sequence, not a list); `map(...)` an iterator, not a generator: the
+    # stock call took either for one image ("Expected an image path ... got Column").
+    from datasets import Dataset
+
+    direct = detector(images, num_masks=2)
+    column = Dataset.from_dict({"image": images})["image"]
+    lazily = detector(map(lambda image: image, images), num_masks=2)
+    assert not isinstance(lazily, list)  # (read lazily, as a generator is)
+    for results in (detector(column, num_masks=2), list(lazily)):
+        assert [r["score"] for r in results] == pytest.approx([r["score"] for r in direct], rel=1e-6)
 
 
 def test_a_model_in_training_mode_scores_as_in_inference_mode(tiny_checkpoint, images):
@@ -652,6 +680,44 @@ def test_a_device_is_checked_to_exist_here():
     for missing in (gpus, f"cuda:{gpus}", -3, "gpu", True):
         with pytest.raises(ValueError, match=re.escape(f"device={missing!r}")):
             resolve_device(missing)
+
+
+def test_a_device_map_places_the_model_and_an_offloaded_one_runs_without_a_bf16_copy(tiny_checkpoint, images,
+                                                                                      tmp_path):
+    reference = load_detector(tiny_checkpoint, device="cpu")(images[0], num_masks=3, bf16=False)
+    # accelerate places it: load_detector passes no device of its own (transformers refused both together).
+    placed = load_detector(tiny_checkpoint, device_map="cpu")
+    assert placed(images[0], num_masks=3, bf16=False)["score"] == pytest.approx(reference["score"], rel=1e-6)
+    with pytest.raises(ValueError, match=r"device='cpu' and device_map='cpu' both place the model: give one"):
+        load_detector(tiny_checkpoint, device="cpu", device_map="cpu")
+    # Part of it offloaded to disk: its modules fetch their weights at each forward, so there is no bf16 copy to make
+    # (by default it runs in its own float32; asked for, bf16 is refused, naming why).
+    offloaded = pipeline("anomaly-detection", model=tiny_checkpoint, device_map={"vit": "cpu", "decoder": "disk"},
+                         model_kwargs={"offload_folder": str(tmp_path / "offload")})
+    assert offloaded(images[0], num_masks=3)["score"] == pytest.approx(reference["score"], rel=1e-6)
+    with pytest.raises(ValueError, match=r"spread over devices or offloaded .* pass bf16=False"):
+        offloaded(images[0], num_masks=3, bf16=True)
+
+
+def test_an_adapter_is_placed_by_device_not_device_map(tmp_path):
+    config = save_tiny_checkpoint(tmp_path / "adapter-like")
+    # (a config marked as an adapter is enough: device_map is refused before its adapter files are looked for)
+    from maeday_hf.adapter_model import ADAPTER_CONFIG_KEY
+
+    path = Path(config) / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), ADAPTER_CONFIG_KEY: {"subfolder": "adapter"}}))
+    with pytest.raises(ValueError, match=r"is an adapter, merged into its base before it is placed: pass device="):
+        load_detector(config, device_map="cpu")
+
+
+def test_a_float16_model_on_the_cpu_is_warned_about(tiny_checkpoint, caplog):
+    with caplog.at_level("WARNING", logger="maeday_hf.pipeline"):
+        pipeline("anomaly-detection", model=tiny_checkpoint, dtype=torch.float16, device="cpu")
+    assert "float16 on the CPU" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="maeday_hf.pipeline"):
+        pipeline("anomaly-detection", model=tiny_checkpoint, dtype=torch.bfloat16, device="cpu")
+    assert "float16 on the CPU" not in caplog.text
 
 
 def test_folder_listing_leaves_out_hidden_files(tmp_path):

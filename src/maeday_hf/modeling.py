@@ -32,7 +32,8 @@ def load_detector(
 
     Args:
         model (`str`): Hub id or folder of a ViTMAE checkpoint, a full fine-tune, or a few-shot adapter.
-        device: `"auto"` (GPU when there is one), `"cpu"`, `"cuda:1"`, ...
+        device: `"auto"` (GPU when there is one), `"cpu"`, `"cuda:1"`, ...; leave it at `"auto"` when passing
+            `device_map=` (accelerate then places the full checkpoint; adapters take `device` only).
         base_model (`str`, *optional*): for an adapter, the base to merge into instead of the one its
             `adapter_config.json` names (e.g. a local copy); it must have the same geometry.
         pipeline_kwargs: passed to `pipeline()`; call defaults such as `threshold=` or `num_masks=` included, and
@@ -48,7 +49,14 @@ def load_detector(
         ValueError: the checkpoint is not a ViTMAEForPreTraining.
     """
     model = os.fspath(model)
-    device = resolve_device(device)  # a device that is not here fails before anything is loaded
+    device_map = pipeline_kwargs.get("device_map", (pipeline_kwargs.get("model_kwargs") or {}).get("device_map"))
+    if device_map is not None:
+        # accelerate places the model; transformers refuses a device beside it ("discard the device argument").
+        if device not in (None, "auto"):
+            raise ValueError(f"device={device!r} and device_map={device_map!r} both place the model: give one.")
+        device = None
+    else:
+        device = resolve_device(device)  # a device that is not here fails before anything is loaded
     path = os.path.expanduser(model)  # what is loaded: `model` itself for a Hub id
     if looks_like_local_path(model) and not os.path.isdir(path):
         if os.path.exists(path):
@@ -69,6 +77,9 @@ def load_detector(
     try:
         config = AutoConfig.from_pretrained(path, revision=revision, **hub_kwargs)
         if adapter_subfolder(config) is not None:
+            if device_map is not None:
+                raise ValueError(f"device_map={device_map!r} places full checkpoints; {model!r} is an adapter, merged "
+                                 f"into its base before it is placed: pass device= instead.")
             return _load_adapter_detector(
                 path, config, device, base_model, pipeline_kwargs, revision, hub_kwargs
             )

@@ -19,6 +19,7 @@ import os
 import stat
 import tempfile
 import threading
+import types
 from typing import Any
 
 import numpy as np
@@ -233,6 +234,23 @@ def calibrated_threshold(config: Any) -> float | None:
     return None if threshold is None else _validate_threshold(threshold)
 
 
+def _as_several_images(inputs):
+    """Several images in a form the stock `__call__` would take for one image, made the form it batches: a tuple, an
+    `(N, H, W, C)` array or another sequence (a `datasets` column: `dataset["image"]`) becomes a list, an iterator
+    that is not a generator (`map(...)`, `iter(...)`) a generator (still read lazily)."""
+    if is_single_image(inputs) or isinstance(inputs, (list, types.GeneratorType, torch.utils.data.Dataset, dict)):
+        return inputs
+    if isinstance(inputs, collections.abc.Iterator):
+        return (image for image in inputs)
+    if isinstance(inputs, (tuple, np.ndarray, collections.abc.Sequence)) and not isinstance(inputs, (bytes, bytearray)):
+        return list(inputs)
+    return inputs
+
+
+def _is_empty_dataset(inputs) -> bool:
+    return isinstance(inputs, torch.utils.data.Dataset) and hasattr(inputs, "__len__") and len(inputs) == 0
+
+
 class AnomalyDetectionPipeline(Pipeline):
     """Pixel anomaly maps and image anomaly scores with MAEDAY (zero-shot, or few-shot with a fine-tuned checkpoint).
 
@@ -274,6 +292,12 @@ class AnomalyDetectionPipeline(Pipeline):
                 "the model's image size and normalisation) or pass `image_processor=` to `pipeline()`."
             )
         require_whole_image_processor(self.image_processor)
+        if self.device.type == "cpu" and next(self.model.parameters()).dtype == torch.float16:
+            logger.warning(
+                "The model is in float16 on the CPU, which has no float16 matrix products: it runs several times "
+                "slower than in float32 or bfloat16 (about 9x for a small ViT, measured). Load it with "
+                "dtype=torch.float32 (bfloat16 where the CPU multiplies it in hardware) for CPU inference."
+            )
         # Scores must not depend on dropout: a model handed over in training mode (e.g. straight from a training
         # loop) is switched to inference mode, as `from_pretrained` returns it (the bf16 copy always runs in it).
         self.model.eval()
@@ -314,7 +338,8 @@ class AnomalyDetectionPipeline(Pipeline):
         """Score one image or a list of images.
 
         Args:
-            inputs (`str`, `PIL.Image.Image`, `np.ndarray`, or a list, tuple or `(N, H, W, C)` array of them): paths,
+            inputs (`str`, `PIL.Image.Image`, `np.ndarray`, or a list, tuple, `(N, H, W, C)` array, other sequence (a
+                `datasets` column such as `dataset["image"]`), iterator or `KeyDataset` of them): paths,
                 URLs, PIL images or arrays (`(H, W)`, `(H, W, 3|4)`; uint8, uint16 or float in [0, 1]). Any size and
                 mode: images are converted to RGB and resized to the model's input; maps come back at the original
                 size.
@@ -331,8 +356,9 @@ class AnomalyDetectionPipeline(Pipeline):
             bf16 (`bool`, *optional*): run the model in bfloat16 (a bf16 copy of its weights, kept current); by default
                 where the device multiplies bf16 in hardware (GPUs from Ampere on, CPUs with AVX512-BF16 or AMX),
                 about 3x faster than float32 (maps within 0.23 % of the float32 ones' maximum on a CPU, 0.38 % on
-                an H200, measured with ViT-B). Errors, filtering and averaging stay float32; `bf16=False` gives
-                float32 maps.
+                an H200, measured with ViT-B). Errors, filtering and averaging stay float32; `bf16=False` runs
+                the model in its own dtype: float32 maps from a float32 model (a model loaded in bfloat16 or
+                float16 runs in it either way).
             threshold (`float`, *optional*): add `label` (the score above it or not) and `mask` (the returned map
                 above it). The map's bilinear resize to the image's size lowers its peak a little (about 0.5 %, a
                 few % for images smaller than the model's input): where a score just above the threshold leaves no
@@ -370,8 +396,16 @@ class AnomalyDetectionPipeline(Pipeline):
             - **mask** (`PIL.Image.Image`, mode "L", `(H, W)`) -- 255 where `anomaly_map > threshold`; only with
               `threshold`.
         """
-        if not is_single_image(inputs) and isinstance(inputs, (list, tuple, np.ndarray)) and len(inputs) == 0:
-            return []  # no images, no results (the stock call would fail on inputs[0])
+        for name, smallest in (("batch_size", 1), ("num_workers", 0)):  # (given here, or at construction)
+            value = kwargs[name] if kwargs.get(name) is not None else getattr(self, f"_{name}", None)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)
+                                      or value < smallest):
+                raise ValueError(f"{name} must be an integer >= {smallest}, got {value!r}.")
+        inputs = _as_several_images(inputs)
+        if isinstance(inputs, list) and not inputs or _is_empty_dataset(inputs):
+            # No images, no results (the stock call would fail on inputs[0]); the call's settings are checked anyway.
+            self._sanitize_parameters(**{k: v for k, v in kwargs.items() if k not in ("batch_size", "num_workers")})
+            return []
         if self.device.type == "cuda":
             # The GPU defaults, decided here: the stock `__call__` turns an unset num_workers into 0.
             if kwargs.get("batch_size") is None and self._batch_size is None:
@@ -383,8 +417,6 @@ class AnomalyDetectionPipeline(Pipeline):
             if reference_images is not None or ensemble_stats is not None or ensemble_normalization is not None:
                 raise ValueError("reference_images, ensemble_stats and ensemble_normalization are only used with "
                                  "ensemble=.")
-            if isinstance(inputs, tuple) or (isinstance(inputs, np.ndarray) and not is_single_image(inputs)):
-                inputs = list(inputs)  # several images, as a list is (the stock call takes a tuple for one input)
             return super().__call__(inputs, **kwargs)
         return self._ensemble_call(
             inputs, ensemble, reference_images, ensemble_stats, ensemble_normalization or "zscore", **kwargs

@@ -261,6 +261,12 @@ def bfloat16_copy(model: torch.nn.Module) -> torch.nn.Module:
     """
     if next(model.parameters()).dtype == torch.bfloat16:
         return model
+    if is_dispatched(model):
+        raise ValueError(
+            f"bf16=True runs a bfloat16 copy of the model, but it is spread over devices or offloaded (device_map "
+            f"{getattr(model, 'hf_device_map', None)}), which cannot be copied: pass bf16=False, or load it with "
+            f"dtype=torch.bfloat16."
+        )
     sources = _tensors(model)
     layout = _layout(model, sources)
     cached = _BFLOAT16_COPIES.get(model)
@@ -315,9 +321,20 @@ def patches_embedded_once_per_image(
 
 def runs_in_bfloat16_by_default(model: torch.nn.Module, device: torch.device | str) -> bool:
     """Whether `model` runs in bfloat16 on `device` when no precision is asked for: a bf16 model always does, a
-    float32 one where the device multiplies bf16 in hardware (`runs_bfloat16_natively`), any other in its own dtype."""
+    float32 one where the device multiplies bf16 in hardware (`runs_bfloat16_natively`) unless it is spread over
+    devices (`is_dispatched`: it cannot be copied), any other in its own dtype."""
     dtype = next(model.parameters()).dtype
-    return dtype == torch.bfloat16 or (dtype == torch.float32 and runs_bfloat16_natively(device))
+    return dtype == torch.bfloat16 or (
+        dtype == torch.float32 and runs_bfloat16_natively(device) and not is_dispatched(model)
+    )
+
+
+def is_dispatched(model: torch.nn.Module) -> bool:
+    """Whether accelerate spread `model` over several devices or offloaded part of it (`device_map`): its modules then
+    move their weights at each forward, and a copy of it would not."""
+    device_map = getattr(model, "hf_device_map", None) or {}
+    places = {str(place) for place in device_map.values()}
+    return len(places) > 1 or "disk" in places or "meta" in places
 
 
 def predict_patches(
