@@ -365,6 +365,12 @@ def test_bfloat16_copy_always_holds_the_current_weights_and_shares_the_config():
         copy = bfloat16_copy(model)
     assert next(copy.parameters()).dtype == torch.bfloat16 and next(model.parameters()).dtype == torch.float32
     assert copy.config is model.config and not next(copy.parameters()).is_inference()
+    # Every tensor is the model's, rounded to bf16 (the copy is built from empty bf16 tensors, then filled).
+    pairs = list(zip([*model.parameters(), *model.buffers()], [*copy.parameters(), *copy.buffers()], strict=True))
+    for source, target in pairs:
+        assert target.dtype == (torch.bfloat16 if source.is_floating_point() else source.dtype)
+        assert torch.equal(target, source.to(target.dtype)) and target.data_ptr() != source.data_ptr()
+    assert not any(parameter.requires_grad for parameter in copy.parameters())
     weight = model.decoder.decoder_pred.weight
     for change in (lambda: weight.data.add_(1.0),  # in place behind autograd's back, as PEFT's merge does
                    lambda: model.load_state_dict(make_tiny_model(seed=5).state_dict())):
