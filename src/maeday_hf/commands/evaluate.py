@@ -25,6 +25,7 @@ from maeday_hf.cli import (
     configure_logging,
     how_stopped,
     interrupted_status,
+    skip_the_final_collection_at_exit,
     terminate_as_interrupt,
 )
 from maeday_hf.ensemble import NORMALIZATION_METHODS
@@ -133,6 +134,7 @@ def config_from_args(args: argparse.Namespace) -> ProtocolConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    skip_the_final_collection_at_exit()
     args = build_parser().parse_args(argv)
     configure_logging(
         logging.INFO if args.verbose else logging.WARNING, "%(asctime)s %(levelname)s %(name)s: %(message)s"

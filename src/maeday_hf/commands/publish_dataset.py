@@ -17,7 +17,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from maeday_hf.cli import configure_logging, how_stopped, interrupted_status, terminate_as_interrupt
+from maeday_hf.cli import (
+    configure_logging,
+    how_stopped,
+    interrupted_status,
+    skip_the_final_collection_at_exit,
+    terminate_as_interrupt,
+)
 from maeday_hf.data import push_configs_to_hub, write_hub_folder
 from maeday_hf.data.publish import BUILDERS, DEFAULT_LICENSES, check_hub_folder, load_configs
 
@@ -55,6 +61,7 @@ def _check_apart(dry_run: str, root: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    skip_the_final_collection_at_exit()
     args = build_parser().parse_args(argv)
     configure_logging(logging.INFO, "%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
