@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from maeday_hf.commands.evaluate import build_parser, config_from_args, main  # noqa: F401 - the program, re-exported
+from maeday_hf.commands.evaluate import build_parser, config_from_args, main, program  # noqa: F401 - the program, re-exported
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(program())

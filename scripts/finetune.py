@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import sys
 
-from maeday_hf.cli import main
+from maeday_hf.cli import main, skip_the_final_collection_at_exit
 
 if __name__ == "__main__":
+    skip_the_final_collection_at_exit()
     sys.exit(main(["finetune", *sys.argv[1:]]))

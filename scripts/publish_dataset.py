@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 
-from maeday_hf.commands.publish_dataset import build_parser, main  # noqa: F401 - the program, re-exported
+from maeday_hf.commands.publish_dataset import build_parser, main, program  # noqa: F401 - the program, re-exported
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(program())

@@ -762,10 +762,13 @@ def test_save_maps_keeps_each_map_and_mask_beside_the_heatmaps(synthetic_root, t
     assert "no images" in capsys.readouterr().err
 
 
-def test_the_commands_skip_the_final_garbage_collection_at_exit(monkeypatch, capsys):
+def test_the_programs_skip_the_final_garbage_collection_at_exit_and_main_does_not(monkeypatch):
     # Freezing the heap at exit spares the last collections' walk over torch's and transformers' objects (~1 s of
-    # every command on 2 cores); registered once, however many commands one process runs.
+    # every command on 2 cores). Only the programs' own processes do it: main() run in-process (a notebook, a script
+    # such as study_few_shot) must leave its caller's cyclic garbage to be finalised.
     import gc
+    import sys
+    from importlib import metadata
 
     from maeday_hf import cli
     from maeday_hf.commands import evaluate, publish_dataset
@@ -776,4 +779,36 @@ def test_the_commands_skip_the_final_garbage_collection_at_exit(monkeypatch, cap
     for command in (cli.main, evaluate.main, publish_dataset.main):
         with pytest.raises(SystemExit):
             command(["--help"])
-    assert registered == [gc.freeze]
+    assert registered == []
+    monkeypatch.setattr(sys, "argv", ["prog", "--help"])
+    for program in (cli.program, evaluate.program, publish_dataset.program):
+        with pytest.raises(SystemExit):
+            program()
+    assert registered == [gc.freeze]  # (once, however many commands one process runs)
+    # The installed commands are the programs.
+    scripts = {entry.name: entry.value for entry in metadata.entry_points(group="console_scripts")
+               if entry.value.startswith("maeday_hf.")}
+    assert scripts == {"maeday": "maeday_hf.cli:program", "maeday-evaluate": "maeday_hf.commands.evaluate:program",
+                       "maeday-publish-dataset": "maeday_hf.commands.publish_dataset:program"}
+
+
+def test_heatmap_threads_keep_to_a_memory_budget(synthetic_root, tiny_checkpoint, tmp_path, monkeypatch):
+    # Up to 8 threads draw heatmaps, each holding a full-size image, map and blend: as many as ~70 bytes a pixel of
+    # the largest image fit in the budget (16 MP images: 1 thread in 1 GiB), at least one.
+    from maeday_hf import cli
+
+    threads = []
+    real_prefetch = cli.prefetch
+
+    def recorded(items, function, num_threads, lookahead):
+        threads.append(num_threads)
+        return real_prefetch(items, function, num_threads, lookahead)
+
+    monkeypatch.setattr(cli, "prefetch", recorded)
+    monkeypatch.setattr(cli.os, "cpu_count", lambda: 16)
+    image = synthetic_root / "stripes" / "test" / "hole" / "000.png"  # 48 x 48
+    common = [str(image), "--model", tiny_checkpoint, "--num-masks", "2", "--quiet", "--device", "cpu"]
+    for budget, expected in ((2**30, 8), (70 * 48 * 48 * 3, 3), (1, 1)):
+        monkeypatch.setattr(cli, "_HEATMAP_MEMORY_BUDGET", budget)
+        assert main(["detect", *common, "--out", str(tmp_path / str(budget))]) == 0
+        assert threads[-1] == expected

@@ -39,8 +39,8 @@ FAST = ["--num-masks", "2", "--finetune-steps", "3", "--finetune-batch-size", "4
 
 def test_the_clones_script_is_the_installed_program():
     script = load_script("evaluate")
-    assert (script.main, script.build_parser, script.config_from_args) == (
-        evaluate_script.main, evaluate_script.build_parser, evaluate_script.config_from_args)
+    assert (script.main, script.program, script.build_parser, script.config_from_args) == (
+        evaluate_script.main, evaluate_script.program, evaluate_script.build_parser, evaluate_script.config_from_args)
 
 
 @pytest.fixture(scope="module")

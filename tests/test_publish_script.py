@@ -17,7 +17,8 @@ from maeday_hf.data import load_hub_folder
 
 
 def test_the_clones_script_is_the_installed_program():
-    assert load_script("publish_dataset").main is publish_script.main
+    script = load_script("publish_dataset")
+    assert script.main is publish_script.main and script.program is publish_script.program
 
 
 @pytest.fixture()

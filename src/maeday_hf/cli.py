@@ -24,7 +24,7 @@ import threading
 import urllib.parse
 import warnings
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from pathlib import Path, PurePosixPath
 
@@ -233,6 +233,10 @@ def one_line_message(error: BaseException) -> str:
     return message.splitlines()[0] if message else type(error).__name__
 
 
+_HEATMAP_MEMORY_BUDGET = 2**30
+"""Bytes the heatmap-drawing threads of `maeday detect` may hold at once (1 GiB: 8 threads for images of up to ~1.9
+MP, 1 for 16 MP)."""
+
 _MAX_NAME_BYTES = 200
 """Longest heatmap file name stem, in UTF-8 bytes: file systems take 255 per name, and `.png` plus a running index
 must still fit."""
@@ -250,8 +254,9 @@ def _fitting_name(name: str) -> str:
 
 def skip_the_final_collection_at_exit() -> None:
     """Freeze the heap at exit, so the interpreter's last garbage collections do not walk the ~370,000 objects that
-    importing torch and transformers leaves (about 1 s of every command's exit on 2 CPU cores; nothing of a command's
-    own is collected there: its files are closed and renamed by then)."""
+    importing torch and transformers leaves (about 1 s of every command's exit on 2 CPU cores). Only for a command's
+    own process (`as_program`): cyclic garbage left for those collections is then never finalised, which a command
+    does not need (its files are closed and renamed by then), but a process that runs it in-process might."""
     global _FREEZE_REGISTERED
     if not _FREEZE_REGISTERED:
         atexit.register(gc.freeze)
@@ -259,6 +264,18 @@ def skip_the_final_collection_at_exit() -> None:
 
 
 _FREEZE_REGISTERED = False
+
+
+def as_program(main: Callable[[], int]) -> Callable[[], int]:
+    """`main` as its console program (`[project.scripts]`, `python -m`, the scripts): the same, and its process skips
+    the final garbage collection at exit (`skip_the_final_collection_at_exit`). `main(argv)` itself leaves its
+    caller's process as it was."""
+    def program() -> int:
+        skip_the_final_collection_at_exit()
+        return main()
+
+    program.__doc__ = main.__doc__
+    return program
 
 
 def configure_logging(level: int, format: str = "%(levelname)s %(name)s: %(message)s") -> None:
@@ -451,7 +468,7 @@ def _detect(args, call_kwargs, out_dir: Path, images: list[tuple[Path | str, str
         maps_dir.mkdir()
         if args.save_maps:  # (subfolders: no heatmap's name has a separator, so none can collide with them)
             (partial / "maps").mkdir()
-        vmax = 0.0
+        vmax, largest = 0.0, 1
         progress = tqdm(zip(images, results), total=len(images), desc="maeday detect", disable=args.quiet)
         for index, ((path, name), result) in enumerate(progress):
             rows.append((redact_url(path) if isinstance(path, str) else str(path), result["score"],
@@ -465,6 +482,7 @@ def _detect(args, call_kwargs, out_dir: Path, images: list[tuple[Path | str, str
                 raise CommandError(f"cannot keep the anomaly maps for the heatmaps in {os.fspath(out_dir)!r} until "
                                    f"every image is scored ({error}); free space there or choose another --out")
             vmax = max(vmax, finite_max(result["anomaly_map"]))
+            largest = max(largest, result["anomaly_map"].size)
 
         def draw_heatmap(item) -> None:
             index, ((_, name), source) = item
@@ -478,8 +496,9 @@ def _detect(args, call_kwargs, out_dir: Path, images: list[tuple[Path | str, str
             overlay.save(partial / f"{name}.png", format="PNG", compress_type=zlib.Z_RLE)
 
         # Drawn in threads (decoding, blending and PNG encoding let go of the GIL): on a GPU, scoring takes a few ms
-        # an image, and writing the heatmaps one at a time would take far longer than it.
-        num_threads = min(8, os.cpu_count() or 1)
+        # an image, and writing the heatmaps one at a time would take far longer than it. As many as the cores and
+        # a memory budget allow: each holds its image, map, blend and encoder (up to ~70 bytes a pixel).
+        num_threads = max(1, min(8, os.cpu_count() or 1, _HEATMAP_MEMORY_BUDGET // (70 * largest)))
         for _ in prefetch(enumerate(zip(images, sources)), draw_heatmap, num_threads, lookahead=2 * num_threads):
             pass
         maps_dir.rmdir()
@@ -734,7 +753,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    skip_the_final_collection_at_exit()
     args = build_parser().parse_args(argv)
     if getattr(args, "quiet", False):
         from transformers.utils import logging as transformers_logging
@@ -755,5 +773,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return interrupted_status(error)
 
 
+program = as_program(main)
+"""The `maeday` command."""
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(program())

@@ -22,10 +22,10 @@ from collections.abc import Sequence
 
 from maeday_hf.cli import (
     BF16_OF_PRECISION,
+    as_program,
     configure_logging,
     how_stopped,
     interrupted_status,
-    skip_the_final_collection_at_exit,
     terminate_as_interrupt,
 )
 from maeday_hf.ensemble import NORMALIZATION_METHODS
@@ -134,7 +134,6 @@ def config_from_args(args: argparse.Namespace) -> ProtocolConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    skip_the_final_collection_at_exit()
     args = build_parser().parse_args(argv)
     configure_logging(
         logging.INFO if args.verbose else logging.WARNING, "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -163,5 +162,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+program = as_program(main)
+"""The `maeday-evaluate` command."""
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(program())

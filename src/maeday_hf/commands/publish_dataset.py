@@ -18,10 +18,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from maeday_hf.cli import (
+    as_program,
     configure_logging,
     how_stopped,
     interrupted_status,
-    skip_the_final_collection_at_exit,
     terminate_as_interrupt,
 )
 from maeday_hf.data import push_configs_to_hub, write_hub_folder
@@ -61,7 +61,6 @@ def _check_apart(dry_run: str, root: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    skip_the_final_collection_at_exit()
     args = build_parser().parse_args(argv)
     configure_logging(logging.INFO, "%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -85,5 +84,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+program = as_program(main)
+"""The `maeday-publish-dataset` command."""
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(program())
