@@ -58,6 +58,8 @@ def test_no_images_give_no_results(detector):
     for name, value in (("num_workers", -1), ("num_workers", 1.5), ("batch_size", 0), ("batch_size", True)):
         with pytest.raises(ValueError, match=rf"{name} must be an integer >= [01], got {value!r}"):
             detector([], **{name: value})
+    with pytest.raises(ValueError, match="ensemble must be 'patchcore' or a fitted PatchCore, got 'nonsense'"):
+        detector([], ensemble="nonsense")
 
 
 def test_images_in_a_datasets_column_or_an_iterator_are_several_images(detector, images):
@@ -65,11 +67,23 @@ def test_images_in_a_datasets_column_or_an_iterator_are_several_images(detector,
     # stock call took either for one image ("Expected an image path ... got Column").
     from datasets import Dataset
 
+    import pandas
+
+    from maeday_hf.pipeline import _as_several_images, _LazySequence
+
     direct = detector(images, num_masks=2)
     column = Dataset.from_dict({"image": images})["image"]
+    # A column is read an image at a time (listing it would decode every image before the first forward), and its
+    # results come back as a list, as a list's do.
+    assert isinstance(_as_several_images(column), _LazySequence)
+    from_column = detector(column, num_masks=2, batch_size=np.int64(2))  # (a NumPy integer batch size too)
+    assert isinstance(from_column, list)
     lazily = detector(map(lambda image: image, images), num_masks=2)
     assert not isinstance(lazily, list)  # (read lazily, as a generator is)
-    for results in (detector(column, num_masks=2), list(lazily)):
+    # Other iterables (a pandas Series, dict values) are read lazily too.
+    series = pandas.Series(images, dtype=object)
+    by_key = dict(enumerate(images)).values()
+    for results in (from_column, list(lazily), list(detector(series, num_masks=2)), list(detector(by_key, num_masks=2))):
         assert [r["score"] for r in results] == pytest.approx([r["score"] for r in direct], rel=1e-6)
 
 

@@ -235,16 +235,48 @@ def calibrated_threshold(config: Any) -> float | None:
 
 
 def _as_several_images(inputs):
-    """Several images in a form the stock `__call__` would take for one image, made the form it batches: a tuple, an
-    `(N, H, W, C)` array or another sequence (a `datasets` column: `dataset["image"]`) becomes a list, an iterator
-    that is not a generator (`map(...)`, `iter(...)`) a generator (still read lazily)."""
-    if is_single_image(inputs) or isinstance(inputs, (list, types.GeneratorType, torch.utils.data.Dataset, dict)):
+    """Several images in a form the stock `__call__` would take for one image, made a form it batches: a tuple or an
+    `(N, H, W, C)` array becomes a list; another sequence (a `datasets` column, `dataset["image"]`) a `_LazySequence`,
+    read an image at a time (its results are listed by `__call__`); any other iterable (`map(...)`, a `set`, a pandas
+    `Series`, a streamed column) a generator, read lazily. A string, bytes, a dict or a tensor stay as they are."""
+    if is_single_image(inputs) or isinstance(
+        inputs, (list, types.GeneratorType, torch.utils.data.Dataset, dict, bytes, bytearray, torch.Tensor)
+    ):
         return inputs
-    if isinstance(inputs, collections.abc.Iterator):
-        return (image for image in inputs)
-    if isinstance(inputs, (tuple, np.ndarray, collections.abc.Sequence)) and not isinstance(inputs, (bytes, bytearray)):
+    if isinstance(inputs, (tuple, np.ndarray)):
         return list(inputs)
+    if isinstance(inputs, collections.abc.Sequence):
+        return _LazySequence(inputs)
+    if isinstance(inputs, collections.abc.Iterable):
+        return (image for image in inputs)
     return inputs
+
+
+class _LazySequence(torch.utils.data.Dataset):
+    """A sequence of images read one at a time (a `datasets` column decodes an image when indexed: listing it first
+    would hold every decoded image at once)."""
+
+    def __init__(self, images: collections.abc.Sequence):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        return self.images[index]
+
+    def __iter__(self):
+        return iter(self.images)
+
+
+def _check_ensemble_kind(ensemble) -> None:
+    from .patchcore import PatchCore
+
+    if isinstance(ensemble, str):
+        if ensemble != "patchcore":
+            raise ValueError(f"ensemble must be 'patchcore' or a fitted PatchCore, got {ensemble!r}.")
+    elif not _of_class(ensemble, PatchCore):  # (the same code in another module: it is used as it is)
+        raise TypeError(f"ensemble must be 'patchcore' or a fitted PatchCore, got {type(ensemble).__name__}.")
 
 
 def _is_empty_dataset(inputs) -> bool:
@@ -338,8 +370,9 @@ class AnomalyDetectionPipeline(Pipeline):
         """Score one image or a list of images.
 
         Args:
-            inputs (`str`, `PIL.Image.Image`, `np.ndarray`, or a list, tuple, `(N, H, W, C)` array, other sequence (a
-                `datasets` column such as `dataset["image"]`), iterator or `KeyDataset` of them): paths,
+            inputs (`str`, `PIL.Image.Image`, `np.ndarray`, or a list, tuple, `(N, H, W, C)` array or other sequence
+                (a `datasets` column such as `dataset["image"]`, read an image at a time) of them, which give a list
+                of results; or a `KeyDataset`, generator or other iterable, read lazily into an iterator): paths,
                 URLs, PIL images or arrays (`(H, W)`, `(H, W, 3|4)`; uint8, uint16 or float in [0, 1]). Any size and
                 mode: images are converted to RGB and resized to the model's input; maps come back at the original
                 size.
@@ -401,9 +434,13 @@ class AnomalyDetectionPipeline(Pipeline):
             if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)
                                       or value < smallest):
                 raise ValueError(f"{name} must be an integer >= {smallest}, got {value!r}.")
+            if kwargs.get(name) is not None:
+                kwargs[name] = int(value)  # (a NumPy integer too: transformers takes ints only)
         inputs = _as_several_images(inputs)
         if isinstance(inputs, list) and not inputs or _is_empty_dataset(inputs):
             # No images, no results (the stock call would fail on inputs[0]); the call's settings are checked anyway.
+            if ensemble is not None:
+                _check_ensemble_kind(ensemble)
             self._sanitize_parameters(**{k: v for k, v in kwargs.items() if k not in ("batch_size", "num_workers")})
             return []
         if self.device.type == "cuda":
@@ -417,7 +454,8 @@ class AnomalyDetectionPipeline(Pipeline):
             if reference_images is not None or ensemble_stats is not None or ensemble_normalization is not None:
                 raise ValueError("reference_images, ensemble_stats and ensemble_normalization are only used with "
                                  "ensemble=.")
-            return super().__call__(inputs, **kwargs)
+            results = super().__call__(inputs, **kwargs)
+            return list(results) if isinstance(inputs, _LazySequence) else results  # (a sequence in, a list out)
         return self._ensemble_call(
             inputs, ensemble, reference_images, ensemble_stats, ensemble_normalization or "zscore", **kwargs
         )
@@ -452,17 +490,14 @@ class AnomalyDetectionPipeline(Pipeline):
                 f"ensemble needs at least 2 query images per call to normalise each method's scores without labels "
                 f"(or both methods' fixed ensemble_stats), got {len(images)}."
             )
+        _check_ensemble_kind(ensemble)
         if isinstance(ensemble, str):
-            if ensemble != "patchcore":
-                raise ValueError(f"ensemble must be 'patchcore' or a fitted PatchCore, got {ensemble!r}.")
             shots = as_image_list(reference_images) if reference_images is not None else []
             if not shots:
                 raise ValueError("ensemble='patchcore' needs reference_images: a non-empty list of normal images.")
             patchcore = PatchCore(device=self.device).fit(shots)
-        elif _of_class(ensemble, PatchCore):  # (the same code in another module: it is used as it is)
-            patchcore = ensemble
         else:
-            raise TypeError(f"ensemble must be 'patchcore' or a fitted PatchCore, got {type(ensemble).__name__}.")
+            patchcore = ensemble
         # Decode once; both methods see the same RGB images. MAEDAY's own labels, if any, are dropped by the sum.
         images = [load_rgb_image(image) for image in images]
         # (threshold=None: MAEDAY's own labels, calibrated or not, would be dropped by the sum anyway.)
