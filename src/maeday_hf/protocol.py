@@ -884,7 +884,8 @@ class _Runner:
         start = time.perf_counter()
         splits = self.prepared.splits[task.category]
         test = splits["test"]
-        images = _test_images(test)
+        # Decoded as they are scored, not all held at once (a 1024 px image is 3 MB): a column reads one per access.
+        images = test.select_columns(["image"])["image"]
         methods = {unit.method for unit in pending}
         predictions: dict[str, list[dict[str, Any]]] = {}
         indices = shot_indices(len(splits["train"]), task.shots, task.shot_seed) if task.shots > 0 else []
@@ -897,6 +898,7 @@ class _Runner:
         if methods & {"patchcore", "2xpatchcore", "maeday+patchcore"}:
             shot_images = _test_images(select_shots(splits["train"], task.shots, task.shot_seed))
             models = self.patchcores(shot_images, 2 if "2xpatchcore" in methods else 1)
+            images = list(images)  # (decoded once for every PatchCore)
             for index, model in enumerate(models):
                 predictions[f"patchcore{index}"] = model.predict(images)
         combined = {
