@@ -157,6 +157,21 @@ def test_checkpoint_mask_ratio_is_ignored_and_left_unchanged(tmp_path, images):
     assert other.model.config.mask_ratio == 0.3
 
 
+def test_cpu_workers_that_would_not_be_forked_are_threads(detector, images):
+    # DataLoader processes started by spawn or forkserver (macOS, Windows, Linux from Python 3.14) must pickle
+    # transformers' collate function, a closure: num_workers > 0 failed there. They are threads instead.
+    import multiprocessing
+
+    direct = [result["score"] for result in detector(images, num_masks=2)]
+    previous = multiprocessing.get_start_method(allow_none=True)
+    multiprocessing.set_start_method("forkserver", force=True)
+    try:
+        threaded = [result["score"] for result in detector(images, num_masks=2, num_workers=2, batch_size=2)]
+    finally:
+        multiprocessing.set_start_method(previous, force=True)
+    assert threaded == pytest.approx(direct, rel=1e-6)
+
+
 def test_works_with_key_dataset(detector, images):
     from datasets import Dataset
     from transformers.pipelines.pt_utils import KeyDataset

@@ -14,6 +14,7 @@ import functools
 import json
 import logging
 import math
+import multiprocessing
 import numbers
 import os
 import stat
@@ -279,6 +280,13 @@ def _check_ensemble_kind(ensemble) -> None:
         raise TypeError(f"ensemble must be 'patchcore' or a fitted PatchCore, got {type(ensemble).__name__}.")
 
 
+def _workers_are_forked() -> bool:
+    """Whether DataLoader worker processes start by `fork` here (the start method set, else the platform's default,
+    the first `get_all_start_methods` lists)."""
+    method = multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]
+    return method == "fork"
+
+
 def _is_empty_dataset(inputs) -> bool:
     return isinstance(inputs, torch.utils.data.Dataset) and hasattr(inputs, "__len__") and len(inputs) == 0
 
@@ -401,9 +409,10 @@ class AnomalyDetectionPipeline(Pipeline):
                 on a CPU; on a GPU, enough images for 1,024 (image, mask) pairs (32 at N = 32). Results do not depend
                 on it, beyond float rounding (about 1e-6 of the map).
             timeout (`float`, *optional*): seconds an image URL may take to download, whole (default: no limit).
-            num_workers (`int`, *optional*): on a CPU, DataLoader processes that preprocess (default 0); on a GPU,
-                threads that decode and resize ahead while the GPU computes (default up to 8; 0 preprocesses in the
-                calling thread, between batches).
+            num_workers (`int`, *optional*): on a CPU, DataLoader processes that preprocess (default 0; threads
+                where processes would not be forked: macOS, Windows, Python >= 3.14 on Linux); on a GPU, threads
+                that decode and resize ahead while the GPU computes (default up to 8; 0 preprocesses in the calling
+                thread, between batches).
             ensemble (`"patchcore"` or a fitted `maeday_hf.PatchCore`, *optional*): sum MAEDAY's and PatchCore's
                 normalised scores and maps (the paper's best configuration). Each method is standardised over the
                 images of this call (no labels), so pass at least two images; `"patchcore"` fits a PatchCore with the
@@ -521,10 +530,12 @@ class AnomalyDetectionPipeline(Pipeline):
     def get_iterator(
         self, inputs, num_workers: int, batch_size: int, preprocess_params, forward_params, postprocess_params
     ):
-        if self.device.type != "cuda":
+        if self.device.type != "cuda" and (num_workers == 0 or _workers_are_forked()):
             return super().get_iterator(
                 inputs, num_workers, batch_size, preprocess_params, forward_params, postprocess_params
             )
+        # (Also on a CPU whose DataLoader workers would be spawned, not forked: macOS, Windows, Python >= 3.14's
+        # forkserver on Linux. They must pickle transformers' collate function, a closure, and fail; threads do not.)
         return self._overlapped_results(
             inputs, num_workers, batch_size, preprocess_params, forward_params, postprocess_params
         )
