@@ -436,7 +436,7 @@ def _detect(args, call_kwargs, out_dir: Path, images: list[tuple[Path | str, str
     detector = load_detector(args.model, device=args.device, base_model=args.base_model)
 
     # A map-style dataset in gives an iterator out: results stream while the bar advances, and workers (threads on a
-    # GPU, DataLoader processes on a CPU) decode and resize the next images while the model runs.
+    # GPU, DataLoader processes on a CPU where they are forked) decode and resize the next images while the model runs.
     on_gpu = detector.device.type == "cuda"
     batch_size = args.batch_size if args.batch_size is not None else (None if on_gpu else 8)  # None: the pipeline's
     results = detector(
@@ -593,7 +593,8 @@ def add_detect_parser(subparsers) -> None:
                              "pairs (default: 8 on a CPU; on a GPU enough for 1,024 image x mask pairs, 32 at N = 32)")
     parser.add_argument("--num-workers", type=int, default=None,
                         help="decoding ahead of the model: threads on a GPU (default up to 8, one fewer than the CPU "
-                             "cores), processes on a CPU (default 0)")
+                             "cores), processes on a CPU (default 0; threads where processes would not be forked: "
+                             "macOS, Windows, Python >= 3.14)")
     parser.add_argument("--mask-batch-size", type=int, default=None,
                         help="most (image, mask) pairs per forward (default: 1024 on a GPU, 128 on a CPU)")
     parser.add_argument("--precision", choices=tuple(BF16_OF_PRECISION), default="auto",

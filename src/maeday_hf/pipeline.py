@@ -380,7 +380,8 @@ class AnomalyDetectionPipeline(Pipeline):
         Args:
             inputs (`str`, `PIL.Image.Image`, `np.ndarray`, or a list, tuple, `(N, H, W, C)` array or other sequence
                 (a `datasets` column such as `dataset["image"]`, read an image at a time) of them, which give a list
-                of results; or a `KeyDataset`, generator or other iterable, read lazily into an iterator): paths,
+                of results; or a `KeyDataset`, generator or other iterable, read lazily into an iterator (an empty
+                one gives `[]`)): paths,
                 URLs, PIL images or arrays (`(H, W)`, `(H, W, 3|4)`; uint8, uint16 or float in [0, 1]). Any size and
                 mode: images are converted to RGB and resized to the model's input; maps come back at the original
                 size.
@@ -545,8 +546,9 @@ class AnomalyDetectionPipeline(Pipeline):
     ):
         """Results in input order, with batch k+1 queued on the GPU before batch k is postprocessed (see `overlap`).
 
-        On a GPU, `num_workers` counts preprocessing threads (default `overlap.default_num_threads()`), not
-        DataLoader processes: decoding and resizing release the GIL, and threads start at no cost per call.
+        On a GPU (and on a CPU whose DataLoader processes would not be forked), `num_workers` counts preprocessing
+        threads (default on a GPU `overlap.default_num_threads()`), not DataLoader processes: decoding and resizing
+        release the GIL, and threads start at no cost per call.
         """
         items = inputs
         if isinstance(inputs, collections.abc.Sized) and hasattr(inputs, "__getitem__"):
