@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -167,9 +168,13 @@ def test_cpu_workers_that_would_not_be_forked_are_threads(detector, images):
     multiprocessing.set_start_method("forkserver", force=True)
     try:
         threaded = [result["score"] for result in detector(images, num_masks=2, num_workers=2, batch_size=2)]
+        # Only on the CPU: on another device (mps) the thread loop would hand its outputs back on that device.
+        with mock.patch.object(detector, "device", torch.device("mps")):
+            stock = detector.get_iterator(images, 2, 2, {}, {}, {})
     finally:
         multiprocessing.set_start_method(previous, force=True)
     assert threaded == pytest.approx(direct, rel=1e-6)
+    assert not inspect.isgenerator(stock)  # (transformers' own iterator, not the thread loop's generator)
 
 
 def test_works_with_key_dataset(detector, images):

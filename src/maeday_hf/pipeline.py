@@ -531,12 +531,14 @@ class AnomalyDetectionPipeline(Pipeline):
     def get_iterator(
         self, inputs, num_workers: int, batch_size: int, preprocess_params, forward_params, postprocess_params
     ):
-        if self.device.type != "cuda" and (num_workers == 0 or _workers_are_forked()):
+        threads_for_cpu_workers = self.device.type == "cpu" and num_workers > 0 and not _workers_are_forked()
+        if self.device.type != "cuda" and not threads_for_cpu_workers:
             return super().get_iterator(
                 inputs, num_workers, batch_size, preprocess_params, forward_params, postprocess_params
             )
         # (Also on a CPU whose DataLoader workers would be spawned, not forked: macOS, Windows, Python >= 3.14's
-        # forkserver on Linux. They must pickle transformers' collate function, a closure, and fail; threads do not.)
+        # forkserver on Linux. They must pickle transformers' collate function, a closure, and fail; threads do not.
+        # Not on other devices, such as mps: the thread loop hands only CUDA outputs back to the host.)
         return self._overlapped_results(
             inputs, num_workers, batch_size, preprocess_params, forward_params, postprocess_params
         )
@@ -566,7 +568,9 @@ class AnomalyDetectionPipeline(Pipeline):
                     item.getexif()
             return self.preprocess(item, **preprocess_params)
 
-        batches = batched(prefetch(items, preprocess, num_threads, lookahead=2 * batch_size), batch_size)
+        # (at least one item per thread in flight: with batches of 1, 2 items would keep 2 of 8 threads busy)
+        lookahead = max(2 * batch_size, num_threads)
+        batches = batched(prefetch(items, preprocess, num_threads, lookahead=lookahead), batch_size)
         in_flight = None
         while True:
             try:
