@@ -177,6 +177,54 @@ def test_cpu_workers_that_would_not_be_forked_are_threads(detector, images):
     assert not inspect.isgenerator(stock)  # (transformers' own iterator, not the thread loop's generator)
 
 
+def test_the_thread_loop_fetches_datasets_items_in_its_threads(detector, images, monkeypatch):
+    # Fetching an item of a datasets dataset decodes its image: in the thread that drives the GPU it would keep the
+    # GPU waiting. The preprocessing threads fetch them (datasets' Arrow tables are read-only); a user's own Dataset
+    # is still fetched by the calling thread. (The thread loop is the GPU's; here run on the CPU, through the path
+    # that stands in for unforked DataLoader workers.)
+    import multiprocessing
+    import threading
+
+    import datasets
+    from transformers.pipelines.pt_utils import KeyDataset
+
+    fetched_by = []
+    real_getitem = datasets.Dataset.__getitem__
+
+    def recorded(self, key):
+        fetched_by.append(threading.current_thread().name)
+        return real_getitem(self, key)
+
+    class OwnDataset(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(images)
+
+        def __getitem__(self, index):
+            fetched_by.append(threading.current_thread().name)
+            return images[index]
+
+    dataset = datasets.Dataset.from_dict({"image": images}, features=datasets.Features({"image": datasets.Image()}))
+    direct = [result["score"] for result in detector(images, num_masks=2)]
+    monkeypatch.setattr(datasets.Dataset, "__getitem__", recorded)
+    previous = multiprocessing.get_start_method(allow_none=True)
+    multiprocessing.set_start_method("forkserver", force=True)
+    try:
+        for inputs, in_threads in ((KeyDataset(dataset, "image"), True), (OwnDataset(), False)):
+            fetched_by.clear()
+            scores = [result["score"] for result in detector(inputs, num_masks=2, num_workers=2, batch_size=2)]
+            assert scores == pytest.approx(direct, rel=1e-6)
+            # (transformers' own call first peeks at a KeyDataset's item 0, in the calling thread)
+            loop = fetched_by[-len(images):]
+            assert all(name.startswith("maeday-preprocess") == in_threads for name in loop), fetched_by
+    finally:
+        multiprocessing.set_start_method(previous, force=True)
+    from maeday_hf.pipeline import _fetched_safely_from_threads, _LazySequence  # (a column too; a plain one not)
+
+    monkeypatch.undo()
+    assert _fetched_safely_from_threads(_LazySequence(dataset["image"]))
+    assert not _fetched_safely_from_threads(_LazySequence(list(images)))
+
+
 def test_works_with_key_dataset(detector, images):
     from datasets import Dataset
     from transformers.pipelines.pt_utils import KeyDataset

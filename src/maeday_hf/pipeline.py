@@ -280,6 +280,23 @@ def _check_ensemble_kind(ensemble) -> None:
         raise TypeError(f"ensemble must be 'patchcore' or a fitted PatchCore, got {type(ensemble).__name__}.")
 
 
+def _fetched_safely_from_threads(inputs) -> bool:
+    """Whether the preprocessing threads may fetch `inputs`' items themselves: a `datasets` dataset or column, as
+    `KeyDataset` or a column (`_LazySequence`) hands it over. Fetching an item decodes its image (datasets' `Image`
+    feature loads it), which in the calling thread would keep the GPU waiting; their Arrow tables are read-only, so
+    threads may read them at once. Other map-style inputs (a user's own `Dataset`) are fetched in the calling
+    thread, as they may not be safe to read from several threads."""
+    from transformers.pipelines.pt_utils import KeyDataset
+
+    if isinstance(inputs, KeyDataset):
+        source = inputs.dataset
+    elif isinstance(inputs, _LazySequence):
+        source = inputs.images
+    else:
+        return False
+    return type(source).__module__.split(".")[0] == "datasets"
+
+
 def _workers_are_forked() -> bool:
     """Whether DataLoader worker processes start by `fork` here (the start method set, else the platform's default,
     the first `get_all_start_methods` lists)."""
@@ -553,12 +570,17 @@ class AnomalyDetectionPipeline(Pipeline):
         release the GIL, and threads start at no cost per call.
         """
         items = inputs
-        if isinstance(inputs, collections.abc.Sized) and hasattr(inputs, "__getitem__"):
+        fetched_in_threads = _fetched_safely_from_threads(inputs)
+        if fetched_in_threads:
+            items = range(len(inputs))  # (each thread fetches, and so decodes, its own items)
+        elif isinstance(inputs, collections.abc.Sized) and hasattr(inputs, "__getitem__"):
             # Lists and map-style datasets (`KeyDataset` included) are read by index, as the stock loop does.
             items = (inputs[index] for index in range(len(inputs)))
         load_locks: dict[int, threading.Lock] = {}
 
         def preprocess(item):
+            if fetched_in_threads:
+                item = inputs[item]
             if isinstance(item, Image.Image):
                 # The same lazily opened image may come several times: let one thread decode it, and parse its EXIF,
                 # at a time (Pillow marks the EXIF loaded before it has parsed it: another thread would read no
