@@ -223,6 +223,13 @@ def test_the_thread_loop_fetches_datasets_items_in_its_threads(detector, images,
     monkeypatch.undo()
     assert _fetched_safely_from_threads(_LazySequence(dataset["image"]))
     assert not _fetched_safely_from_threads(_LazySequence(list(images)))
+    # A transform is user code, perhaps not thread-safe (a seeded random crop raced); nor is a class that only lives
+    # in a module named like datasets.
+    transformed = dataset.with_transform(lambda batch: batch)
+    assert not _fetched_safely_from_threads(KeyDataset(transformed, "image"))
+    assert not _fetched_safely_from_threads(_LazySequence(transformed["image"]))
+    OwnDataset.__module__ = "datasets.mvtec"
+    assert not _fetched_safely_from_threads(KeyDataset(OwnDataset(), "image"))
 
 
 def test_works_with_key_dataset(detector, images):

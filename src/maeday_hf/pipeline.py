@@ -18,6 +18,7 @@ import multiprocessing
 import numbers
 import os
 import stat
+import sys
 import tempfile
 import threading
 import types
@@ -282,19 +283,25 @@ def _check_ensemble_kind(ensemble) -> None:
 
 def _fetched_safely_from_threads(inputs) -> bool:
     """Whether the preprocessing threads may fetch `inputs`' items themselves: a `datasets` dataset or column, as
-    `KeyDataset` or a column (`_LazySequence`) hands it over. Fetching an item decodes its image (datasets' `Image`
-    feature loads it), which in the calling thread would keep the GPU waiting; their Arrow tables are read-only, so
-    threads may read them at once. Other map-style inputs (a user's own `Dataset`) are fetched in the calling
-    thread, as they may not be safe to read from several threads."""
+    `KeyDataset` or a column (`_LazySequence`) hands it over, without a user transform. Fetching an item decodes its
+    image (datasets' `Image` feature loads it), which in the calling thread would keep the GPU waiting; their Arrow
+    tables are read-only, so threads may read them at once. Other map-style inputs (a user's own `Dataset`), and a
+    dataset with a transform (`with_transform`: user code, perhaps not thread-safe), are fetched in the calling
+    thread."""
     from transformers.pipelines.pt_utils import KeyDataset
 
+    datasets = sys.modules.get("datasets")  # (not imported here: the remote-code pipeline does not need it)
+    if datasets is None:
+        return False
     if isinstance(inputs, KeyDataset):
         source = inputs.dataset
     elif isinstance(inputs, _LazySequence):
         source = inputs.images
+        while isinstance(source, datasets.arrow_dataset.Column):
+            source = source.source  # (a column's source is its dataset, or the column it was taken from)
     else:
         return False
-    return type(source).__module__.split(".")[0] == "datasets"
+    return isinstance(source, datasets.Dataset) and source.format["type"] != "custom"
 
 
 def _workers_are_forked() -> bool:
