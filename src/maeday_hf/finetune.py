@@ -1022,7 +1022,7 @@ def finetune(
                 train_seconds, name=hub_model_id or output_dir.name, mixed_precision=trainer.args.mixed_precision,
                 num_processes=trainer.args.world_size, base_fingerprint=base_fingerprint,
                 step_loop="cuda_graph" if _runs_as_graph_replays(trainer.args, config) else "trainer",
-                base_folder=base_model if recorded_base != _recorded_base_name(base_model) else None,
+                base_folder=base_model if base_model_id is not None and os.path.isdir(base_model) else None,
             )
             if overwrite and _foreign_entry(output_dir) is None:  # (checked again: it may be new since the start)
                 replace_folder(partial, output_dir)
