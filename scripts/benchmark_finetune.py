@@ -32,6 +32,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50, help="steps measured (50 = the paper's run)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--num-shots", type=int, default=1)
+    parser.add_argument("--shot-size", type=int, default=1024,
+                        help="side of the random shots in pixels (MVTec AD's are 700-1024; runs before 2026-11-29 "
+                             "used 256): the views are cut from them at up to --view-supersampling x 224 px")
+    parser.add_argument("--view-supersampling", type=float, default=None,
+                        help="FinetuneConfig.view_supersampling (default: the config's, 3)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--precision", choices=tuple(BF16_OF_PRECISION), default="auto",
                         help="auto: the package's default (bf16 where the device multiplies it in hardware)")
@@ -46,8 +51,9 @@ def main() -> None:
                         help="fine-tunes in this process, one JSON line each: the first also pays the process's "
                              "one-time costs (CUDA's lazy kernel loading, library handles), later ones do not")
     args = parser.parse_args()
-    if args.runs < 1 or args.steps < 1:
-        parser.error(f"--runs and --steps must be >= 1, got {args.runs} and {args.steps}")
+    if args.runs < 1 or args.steps < 1 or args.shot_size < 1:
+        parser.error(f"--runs, --steps and --shot-size must be >= 1, got {args.runs}, {args.steps} and "
+                     f"{args.shot_size}")
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("maeday_hf.step_loop").setLevel(logging.INFO)  # where the graph loop's time goes (stderr)
 
@@ -60,7 +66,7 @@ def main() -> None:
         shots = []
         for index in range(args.num_shots):
             path = os.path.join(work, f"shot_{index}.png")
-            Image.fromarray((rng.random((256, 256, 3)) * 255).astype(np.uint8)).save(path)
+            Image.fromarray((rng.random((args.shot_size, args.shot_size, 3)) * 255).astype(np.uint8)).save(path)
             shots.append(path)
         config = FinetuneConfig(
             num_steps=args.steps,
@@ -74,6 +80,7 @@ def main() -> None:
             logging_steps=max(1, args.steps),
             calibration_views_per_shot=1,
             calibration_num_masks=8,
+            **({} if args.view_supersampling is None else {"view_supersampling": args.view_supersampling}),
         )
         for run in range(1, args.runs + 1):
             output_dir = os.path.join(work, f"out-{run}")
@@ -97,6 +104,8 @@ def main() -> None:
                 "torch": torch.__version__,
                 "batch_size": args.batch_size,
                 "num_shots": args.num_shots,
+                "shot_size": args.shot_size,
+                "view_supersampling": config.view_supersampling,
                 "steps_measured": args.steps,
                 "train_seconds": round(result.train_seconds, 2),
                 "first_and_last_logged_loss": [round(result.losses[0][1], 5), round(result.losses[-1][1], 5)],

@@ -11,8 +11,8 @@
 # then run it there with `carry: [".whl"]`:  bash scripts/device_check.sh
 # It writes JSON lines under $OUT (or results/device): the GPU tests, the inference speed table of the README (ViT-B
 # on 256 px and 1024 px inputs, ViT-L, ViT-H, and ViT-B with 4 balanced masks; with the bf16-vs-fp32 map difference),
-# and the 50-step fine-tune time with CUDA graph replays (the first 3 or 1 steps eager) and with the Trainer loop. About 5
-# minutes on an H200.
+# and the 50-step fine-tune time with CUDA graph replays (the first 3 or 1 steps eager), with the Trainer loop, and with
+# the views cut at the model's size. About 5 minutes on an H200.
 set -uo pipefail  # no -e: one failing step must not keep the later ones from reporting
 out=${OUT:-results/device}
 mkdir -p "$out"
@@ -56,6 +56,8 @@ grep -E "FAILED|SKIPPED" "$out/benchmark_stderr.txt"
     run python3 scripts/benchmark_finetune.py --device cuda --steps 50 --precision bf16 --runs 2
     run python3 scripts/benchmark_finetune.py --device cuda --steps 50 --precision bf16 --runs 2 --graph-warmup-steps 1
     run python3 scripts/benchmark_finetune.py --device cuda --steps 50 --precision bf16 --trainer-loop --runs 2
+    # Views cut from the 1024 px shots at the model's size (the rendering before 2026-11-29), for its cost:
+    run python3 scripts/benchmark_finetune.py --device cuda --steps 50 --precision bf16 --runs 2 --view-supersampling 1
 } 2> "$out/finetune_stderr.txt" | grep --line-buffered '^{' | tee "$out/finetune.jsonl"
 grep -E "FAILED|SKIPPED" "$out/finetune_stderr.txt"
 # The graph loop's own split of its time (its first, eager steps + the capture, then the replays):

@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
-from transformers import ViTMAEForPreTraining
+from transformers import ViTImageProcessor, ViTMAEForPreTraining
 
 from maeday_hf.adapter_model import load_merged_model
 from maeday_hf.finetune import (
@@ -29,7 +30,16 @@ from maeday_hf.model_card import render_model_card
 from maeday_hf.modeling import load_detector
 from maeday_hf.reconstruction import mask_ratio_set_to, reconstruction_targets
 from maeday_hf.scoring import maeday_anomaly_maps
-from maeday_hf.shot_views import ShotViews, crop_rotate_transform, random_crop_rotate, view_generator
+from maeday_hf.shot_views import (
+    CALIBRATION_VIEWS,
+    ShotViews,
+    crop_rotate_transform,
+    random_crop_rotate,
+    render_views,
+    view_generator,
+    view_source_scale,
+)
+from maeday_hf.synthetic import make_normal_image
 
 from conftest import TINY_IMAGE_SIZE, make_tiny_model
 
@@ -188,6 +198,107 @@ def test_crop_rotate_keeps_shape_and_is_identity_without_crop_or_rotation():
     assert out.shape == image.shape and out.dtype == image.dtype
     same = random_crop_rotate(image, view_generator(0, 0), min_crop_scale=1.0, max_rotation_degrees=0.0)
     assert torch.allclose(same, image, atol=1e-6)
+
+
+# --- views cut from the shots at a larger size ----------------------------------------------------------------------
+
+
+def _views_of(source: torch.Tensor, transforms: torch.Tensor, size=None) -> torch.Tensor:
+    return render_views(source, torch.zeros(len(transforms), dtype=torch.long), transforms, size=size)
+
+
+def test_views_cut_from_a_larger_source_match_crops_of_the_original_image():
+    # What a view should be: the crop and rotation of the original image, resized by the processor as a query is.
+    # Cut from the shot already resized to the model's input, each crop was upsampled: blurrier.
+    processor = ViTImageProcessor(size={"height": 32, "width": 32})
+    original = make_normal_image("weave", size=256, seed=0)
+    transforms = torch.stack([crop_rotate_transform(view_generator(0, index), 32, 32) for index in range(8)])
+    pixels = torch.from_numpy(np.asarray(original, dtype=np.float32)).permute(2, 0, 1)[None].expand(8, -1, -1, -1)
+    grid = F.affine_grid(transforms, [8, 3, 256, 256], align_corners=False)
+    warped = F.grid_sample(pixels, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    reference = processor(
+        images=[Image.fromarray(view.round().clamp(0, 255).byte().permute(1, 2, 0).numpy()) for view in warped],
+        return_tensors="pt",
+    )["pixel_values"]
+
+    pixel_values = processor(images=original, return_tensors="pt")["pixel_values"]
+    source = processor(images=original, size={"height": 96, "width": 96}, return_tensors="pt")["pixel_values"]
+    from_source = _views_of(source, transforms, size=(32, 32))
+    from_model_size = _views_of(pixel_values, transforms)
+    assert from_source.shape == from_model_size.shape == (8, 3, 32, 32)
+    error_from_source = (from_source - reference).abs().mean()
+    error_from_model_size = (from_model_size - reference).abs().mean()
+    assert error_from_source < 0.6 * error_from_model_size, (error_from_source, error_from_model_size)
+    # Uncropped and unrotated, the view is the processed shot itself, up to the two resizes' difference.
+    identity = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])
+    assert (_views_of(source, identity, size=(32, 32)) - pixel_values).abs().max() < 0.02
+
+
+def test_views_rendered_in_chunks_are_the_same(monkeypatch):
+    import maeday_hf.shot_views
+
+    shots = torch.randn(2, 3, 48, 40)
+    transforms = torch.stack([crop_rotate_transform(view_generator(1, index), 16, 16) for index in range(5)])
+    shot_index = torch.tensor([0, 1, 1, 0, 1])
+    whole = render_views(shots, shot_index, transforms, size=(24, 20))
+    monkeypatch.setattr(maeday_hf.shot_views, "RENDER_CHUNK_BYTES", 2 * 3 * 48 * 40 * 4)  # two views at a time
+    chunked = render_views(shots, shot_index, transforms, size=(24, 20))
+    assert whole.shape == (5, 3, 24, 20)
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-6)
+    assert not torch.allclose(whole[1], whole[2])  # (each view its own transform)
+
+
+@pytest.mark.parametrize(
+    "image_sizes, expected",
+    [
+        ([(1024, 1024)], 3.0),  # capped
+        ([(1024, 1024), (64, 80)], 2.0),  # the smallest shot decides: none is enlarged for it
+        ([(96, 64)], 2.0),  # and its shorter side, relative to the model's
+        ([(16, 100)], 1.0),  # never below the model's own size
+        ([(48, 48)], 1.5),
+    ],
+)
+def test_view_source_scale(image_sizes, expected):
+    assert view_source_scale(image_sizes, (32, 32), 3.0) == expected
+
+
+def test_shot_views_cut_augmented_views_from_the_source():
+    pixel_values = torch.randn(2, 3, 16, 16)
+    source = F.interpolate(pixel_values, size=(40, 40), mode="bilinear")
+    views = ShotViews(pixel_values, num_views=6, num_patches=4, seed=2, source_pixel_values=source)
+    plain = ShotViews(pixel_values, num_views=6, num_patches=4, seed=2)
+    for index in range(6):  # the same crops, rotations and masks: only the pixels they are cut from differ
+        assert all(torch.equal(views[index][key], plain[index][key]) for key in ("transform", "noise", "shot_index"))
+    batch = views.batch(range(6))
+    expected = render_views(source, batch["shot_index"], batch["transform"], size=(16, 16))
+    assert torch.equal(views.render(batch), expected)
+    assert not torch.allclose(views.render(batch), plain.render(batch))
+    unaugmented = ShotViews(pixel_values, num_views=6, num_patches=4, augment=False, source_pixel_values=source)
+    assert torch.equal(unaugmented.render(unaugmented.batch([0, 1])), pixel_values)  # the processed shots, as they are
+    with pytest.raises(ValueError, match="source_pixel_values must hold the same shots"):
+        ShotViews(pixel_values, num_views=6, num_patches=4, source_pixel_values=source[:1])
+    with pytest.raises(ValueError, match="at least as large"):
+        ShotViews(pixel_values, num_views=6, num_patches=4, source_pixel_values=source[..., :8, :])
+
+
+def test_calibration_cuts_its_augmented_views_from_the_source(monkeypatch):
+    import maeday_hf.calibration
+
+    scored = []
+    real = maeday_hf.calibration.maeday_anomaly_maps
+    monkeypatch.setattr(maeday_hf.calibration, "maeday_anomaly_maps",
+                        lambda model, views, *args, **kwargs: scored.append(views) or real(model, views, *args, **kwargs))
+    pixel_values = torch.randn(1, 3, 32, 32)
+    source = F.interpolate(pixel_values, size=(64, 64), mode="bilinear")
+    maeday_hf.calibration.calibrate_threshold(
+        make_tiny_model(), pixel_values, num_views_per_shot=3, num_masks=2, seed=4, source_pixel_values=source
+    )
+    views = scored[0]
+    assert views.shape == (3, 3, 32, 32) and torch.equal(views[0], pixel_values[0])  # the shot itself, as processed
+    for view_index in (1, 2):
+        generator = view_generator(4, view_index, CALIBRATION_VIEWS)
+        transform = crop_rotate_transform(generator, 32, 32)
+        torch.testing.assert_close(views[view_index], _views_of(source, transform[None], size=(32, 32))[0])
 
 
 def test_only_lora_parameters_change(tiny_checkpoint, tmp_path):

@@ -74,6 +74,10 @@ def no_training(monkeypatch):
         (dict(disable_tqdm="yes"), TypeError, "disable_tqdm must be True or False"),
         (dict(min_crop_scale="0.5"), TypeError, "min_crop_scale must be a number"),
         (dict(max_rotation_degrees=float("nan")), ValueError, "max_rotation_degrees"),
+        (dict(view_supersampling=0.5), ValueError, r"view_supersampling must be in \[1, 8\]"),
+        (dict(view_supersampling=float("inf")), ValueError, "view_supersampling"),
+        (dict(view_supersampling=float("nan")), ValueError, "view_supersampling"),
+        (dict(view_supersampling="2"), TypeError, "view_supersampling must be a number"),
     ],
 )
 def test_config_rejects_bad_values_and_conflicts(kwargs, error, fragment):
@@ -102,6 +106,54 @@ def _optimizer_learning_rate(config: FinetuneConfig, tmp_path) -> float:
     views = ShotViews(torch.randn(1, 3, 32, 32), num_views=4, num_patches=16)
     trainer = build_trainer(model, model, views, dataclasses.replace(config, use_cpu=True, bf16=False), tmp_path)
     return trainer.create_optimizer().param_groups[0]["lr"]
+
+
+@pytest.mark.parametrize(
+    "overrides, source_side",
+    [
+        (dict(), 72),  # two shots of 72 x 72 and one of 108 x 80 on a 32 px model: the smallest side allows 2.25x
+        (dict(view_supersampling=1.5), 48),
+        (dict(view_supersampling=1.0), None),  # cut from the shots as the model sees them
+        (dict(augment=False), None),  # no crops to cut
+    ],
+)
+def test_views_are_cut_from_the_shots_at_the_largest_size_they_allow(
+    overrides, source_side, tiny_checkpoint, tmp_path, monkeypatch
+):
+    import maeday_hf.finetune as finetune_module
+
+    rng = np.random.default_rng(1)
+    shots = [Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)) for h, w in ((72, 72), (108, 80), (72, 72))]
+    seen = {}
+    real_views, real_calibration = finetune_module.ShotViews, finetune_module.calibrate_threshold
+
+    def recording_views(pixel_values, *args, source_pixel_values=None, **kwargs):
+        seen["views"] = (pixel_values, source_pixel_values)
+        return real_views(pixel_values, *args, source_pixel_values=source_pixel_values, **kwargs)
+
+    def recording_calibration(*args, source_pixel_values=None, **kwargs):
+        seen["calibration"] = source_pixel_values
+        return real_calibration(*args, source_pixel_values=source_pixel_values, **kwargs)
+
+    monkeypatch.setattr(finetune_module, "ShotViews", recording_views)
+    monkeypatch.setattr(finetune_module, "calibrate_threshold", recording_calibration)
+    config = FinetuneConfig(**{**TINY, "calibration_views_per_shot": 2, **overrides})
+    finetune(tiny_checkpoint, shots, tmp_path / "out", config)
+    pixel_values, source = seen["views"]
+    assert pixel_values.shape == (3, 3, 32, 32)
+    assert seen["calibration"] is source
+    log = json.loads((tmp_path / "out" / "training_log.json").read_text())
+    assert log["recipe"]["view_supersampling"] == config.view_supersampling
+    if source_side is None:
+        assert source is None
+        return
+    assert source.shape == (3, 3, source_side, source_side)
+    # Each shot processed as a query is, only at the larger size.
+    from transformers import AutoImageProcessor
+
+    processor = AutoImageProcessor.from_pretrained(tiny_checkpoint)
+    expected = processor(images=shots, size={"height": source_side, "width": source_side}, return_tensors="pt")
+    assert np.array_equal(source.numpy(), expected["pixel_values"].numpy())
 
 
 def test_replacing_full_finetune_gives_the_other_modes_defaults(tiny_checkpoint, tmp_path):
@@ -471,12 +523,12 @@ def test_cli_options_reach_the_config_and_unset_ones_keep_its_defaults(tiny_chec
     base = ["finetune", "--model", tiny_checkpoint, "--shots", str(shot_files[0]), "--output-dir", str(tmp_path / "o")]
     assert cli_main(base) == 0
     assert cli_main([*base, "--calibration-std", "2.5", "--min-crop-scale", "0.9", "--max-rotation", "5",
-                     "--trainer-loop", "--base-model-id", "facebook/vit-mae-base"]) == 0
+                     "--view-supersampling", "1.5", "--trainer-loop", "--base-model-id", "facebook/vit-mae-base"]) == 0
     (default, default_kwargs), (chosen, chosen_kwargs) = seen
     assert (default_kwargs["base_model_id"], chosen_kwargs["base_model_id"]) == (None, "facebook/vit-mae-base")
     assert default == FinetuneConfig(bf16=default.bf16, use_cpu=default.use_cpu)  # the paper's recipe
-    assert (chosen.calibration_num_std, chosen.min_crop_scale, chosen.max_rotation_degrees, chosen.cuda_graph) == (
-        2.5, 0.9, 5.0, False)
+    assert (chosen.calibration_num_std, chosen.min_crop_scale, chosen.max_rotation_degrees, chosen.view_supersampling,
+            chosen.cuda_graph) == (2.5, 0.9, 5.0, 1.5, False)
     assert cli_main([*base, "--shot-seed", "2"]) == 2  # picks nothing with --shots: refused, not ignored
     assert "--shot-seed" in capsys.readouterr().err
 

@@ -73,12 +73,13 @@ def test_device_normalisation_on_the_gpu_equals_the_processor(images):
 def test_cuda_graph_steps_equal_eager_steps(bf16, warmup_steps, tmp_path):
     config = FinetuneConfig(num_steps=4, batch_size=4, disable_tqdm=True, bf16=bf16)
     shots = torch.randn(2, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)
+    source = torch.nn.functional.interpolate(shots, scale_factor=3, mode="bilinear")  # (views cut at 3x, downsampled)
     results = []
     for cuda_graph in (False, True):
         model = make_tiny_model()
         torch.manual_seed(0)
         peft_model = add_lora(model, make_lora_config(model)).cuda()
-        views = ShotViews(shots, num_views=16, num_patches=16, seed=1)
+        views = ShotViews(shots, num_views=16, num_patches=16, seed=1, source_pixel_values=source)
         trainer = build_trainer(peft_model, model, views, config, tmp_path / str(cuda_graph))
         with mask_ratio_set_to(model, config.mask_ratio):
             losses = run_steps(peft_model, model, views, trainer.create_optimizer(), 4, 4, bf16=bf16,

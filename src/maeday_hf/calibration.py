@@ -80,6 +80,7 @@ def calibrate_threshold(
     max_rotation_degrees: float = 15.0,
     mask_seed: int = PIPELINE_MASK_SEED,
     augment: bool = True,
+    source_pixel_values: torch.Tensor | None = None,
 ) -> Calibration:
     """Score the shots (plus `num_views_per_shot - 1` augmented views of each) and derive a threshold.
 
@@ -93,6 +94,9 @@ def calibrate_threshold(
         augment (`bool`, defaults to `True`): as in training; without augmentation the model saw no cropped or rotated
             views, so only the shots themselves are scored (`num_views_per_shot` is then 1: more copies of a shot,
             with the same masks, would score the same).
+        source_pixel_values (`torch.Tensor` of shape `(num_shots, num_channels, source_height, source_width)`,
+            *optional*): the shots processed at a larger size, to cut the augmented views from, as in training
+            (`shot_views.render_views`); each shot itself is scored from `pixel_values`, as the pipeline sees it.
 
     The threshold is `max(mean + num_std * std, max score * (1 + TOP_SCORE_MARGIN))` over the views' scores, `std`
     the sample standard deviation (n - 1 in the denominator: a handful of views underestimates the spread less); NaN
@@ -108,12 +112,16 @@ def calibrate_threshold(
     num_views_per_shot = validate_positive_int(num_views_per_shot, "num_views_per_shot")
     if not augment:
         num_views_per_shot = 1
+    sources = pixel_values if source_pixel_values is None else source_pixel_values
+    size = tuple(pixel_values.shape[-2:])
     views = []
     for shot_index in range(num_shots):
         views.append(pixel_values[shot_index])
         for view_index in range(1, num_views_per_shot):
             generator = view_generator(seed, shot_index * num_views_per_shot + view_index, CALIBRATION_VIEWS)
-            views.append(random_crop_rotate(pixel_values[shot_index], generator, min_crop_scale, max_rotation_degrees))
+            views.append(random_crop_rotate(
+                sources[shot_index], generator, min_crop_scale, max_rotation_degrees, size=size
+            ))
     views = torch.stack(views)
     device = next(model.parameters()).device
     num_patches = count_patches(model, views)

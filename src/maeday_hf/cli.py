@@ -662,7 +662,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         disable_tqdm=args.quiet,
         **{field: value for field, value in (
             ("calibration_num_std", args.calibration_std), ("min_crop_scale", args.min_crop_scale),
-            ("max_rotation_degrees", args.max_rotation),
+            ("max_rotation_degrees", args.max_rotation), ("view_supersampling", args.view_supersampling),
         ) if value is not None},  # unset: FinetuneConfig's defaults, the paper's
     )
     result = finetune(
@@ -721,6 +721,10 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
                         help="smallest share of the image's area a view's random crop covers (default 0.75)")
     parser.add_argument("--max-rotation", type=float, default=None,
                         help="largest random rotation of a view, in degrees (default 15)")
+    parser.add_argument("--view-supersampling", type=float, default=None,
+                        help="cut the views from the shots at up to this many times the model's input size, then "
+                             "downsample them (default 3: crops as sharp as the queries; 1: from the shots resized to "
+                             "the model's input, each crop upsampled)")
     parser.add_argument("--trainer-loop", action="store_true",
                         help="on one GPU, run the Trainer loop instead of CUDA graph replays")
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is available")
