@@ -425,7 +425,8 @@ def test_a_resume_compares_places_not_spellings(tiny_checkpoint, synthetic_root,
 
 def test_rerun_with_other_settings_is_refused(protocol_run, tiny_checkpoint, synthetic_root, capsys):
     argv = _argv(tiny_checkpoint, synthetic_root, protocol_run, "--shots", "0") + ["--num-masks", "3"]
-    assert "num_masks" in _run_error(capsys, argv)
+    recorded = json.loads((protocol_run / "settings.json").read_text())["num_masks"]
+    assert f"num_masks: {recorded} there, 3 now" in _run_error(capsys, argv)
 
 
 def test_precision_is_decided_once_recorded_and_a_resume_in_another_is_refused(
@@ -445,7 +446,11 @@ def test_precision_is_decided_once_recorded_and_a_resume_in_another_is_refused(
     other = "fp32" if recorded["bf16"] else "bf16"
     argv = _argv(tiny_checkpoint, synthetic_root, protocol_run, "--shots", "0", "1", "--shot-seeds", "2",
                  "--repetitions", "1", "2", "--precision", other)
-    assert "bf16" in _run_error(capsys, argv)
+    error = _run_error(capsys, argv)
+    # Each difference as "there, now", down to the entry of the fine-tune recipe that differs (not the whole recipe).
+    was, now = recorded["bf16"], not recorded["bf16"]
+    assert f"bf16: {was} there, {now} now; finetune.bf16: {was} there, {now} now" in error
+    assert "learning_rate" not in error
 
 
 def test_labels_named_in_another_order_or_anomalous_shots_are_refused(synthetic_root, tiny_checkpoint, tmp_path):

@@ -665,9 +665,25 @@ def _check_settings(config: ProtocolConfig) -> None:
         )
         raise ValueError(
             f"{config.output_dir!r} holds results of a run with other settings ({', '.join(different)} differ: "
-            f"{ {k: recorded.get(k) for k in different} } there{changed}); resume with the same settings or use "
+            f"{_describe_differences(recorded, current, different)}{changed}); resume with the same settings or use "
             f"another --output-dir."
         )
+
+
+def _describe_differences(recorded: dict[str, Any], current: dict[str, Any], keys: Sequence[str]) -> str:
+    """`"key: X there, Y now"` for each of `keys`; within settings that are dicts (the fine-tune recipe, PatchCore's),
+    only the entries that differ, as `"finetune.bf16: True there, False now"`."""
+    parts = []
+    for key in keys:
+        there, now = recorded.get(key), current.get(key)
+        if isinstance(there, dict) and isinstance(now, dict):
+            parts.extend(
+                f"{key}.{entry}: {there.get(entry, '(not recorded)')!r} there, {now.get(entry, '(none)')!r} now"
+                for entry in sorted(set(there) | set(now), key=str) if there.get(entry) != now.get(entry)
+            )
+        else:
+            parts.append(f"{key}: {there!r} there, {now!r} now")
+    return "; ".join(parts)
 
 
 def _check_data_digests(output_dir: str | os.PathLike, data_digests: dict[str, str]) -> None:
