@@ -246,8 +246,12 @@ def test_bad_input_fails_before_training(tiny_checkpoint, shot_files, tmp_path, 
         finetune(tiny_checkpoint, [], out, fast)
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(ValueError, match="No shot images"):
+    with pytest.raises(ValueError, match=r"No shot images .* in folder '[^']*empty'\.$"):
         finetune(tiny_checkpoint, [empty], out, fast)
+    (tmp_path / "category" / "train" / "good").mkdir(parents=True)  # images one level further down
+    (tmp_path / "category" / "test").mkdir()
+    with pytest.raises(ValueError, match=r"its subfolders test, train are not searched"):
+        finetune(tiny_checkpoint, [tmp_path / "category"], out, fast)
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png")
     with pytest.raises(ValueError, match="broken.png"):
@@ -270,8 +274,9 @@ def test_bad_input_fails_before_training(tiny_checkpoint, shot_files, tmp_path, 
         finetune(tiny_checkpoint, shot_files, out, fast, hub_model_id="org/name")
     with pytest.raises(ValueError, match="hub_private given without push_to_hub"):
         finetune(tiny_checkpoint, shot_files, out, fast, hub_private=True)
-    with pytest.raises(ValueError, match="Cannot push to 'org/name'.*nothing was trained"):  # offline here
+    with pytest.raises(ValueError, match="Cannot push to 'org/name'.*nothing was trained") as refused:  # offline
         finetune(tiny_checkpoint, shot_files, out, fast, push_to_hub=True, hub_model_id="org/name")
+    assert ".." not in str(refused.value)  # (the Hub's sentence ends with its own period)
     with pytest.raises(ValueError, match=r"base_model_id must be a Hub model id .*, got '/abs/copy'"):
         finetune(tiny_checkpoint, shot_files, out, fast, base_model_id="/abs/copy")
     with pytest.raises(ValueError, match=r"but the base 'org/other' is a Hub id itself: drop base_model_id"):
@@ -313,6 +318,19 @@ def test_a_single_array_or_image_is_one_shot():
         load_shot_images(torch.zeros(3, 20, 30))
     with pytest.raises(TypeError, match="int"):
         load_shot_images(3)
+
+
+def test_a_shot_file_given_twice_is_one_shot(shot_files, tmp_path, caplog):
+    from maeday_hf.shot_views import load_shot_images
+
+    folder = shot_files[0].parent
+    relative = os.path.relpath(shot_files[0])  # the same file, spelled otherwise
+    (tmp_path / "link.png").symlink_to(shot_files[1])
+    images, names = load_shot_images([shot_files[0], relative, folder, tmp_path / "link.png"])
+    assert names == [os.fspath(path) for path in shot_files]  # each file once, where first given
+    assert len(images) == 3
+    warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert len(warnings) == 3 and all("given again: used once" in warning for warning in warnings)
 
 
 def test_more_shots_than_training_views_is_refused(tiny_checkpoint, shot_files, tmp_path, no_training):
@@ -507,9 +525,34 @@ def test_cli_conflicting_flags_give_one_line(tiny_checkpoint, shot_files, tmp_pa
                        str(tmp_path / "out"), "--full-finetune", "--lora-rank", "8"])
     assert status == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("maeday: error:") and "full_finetune" in err[0]
+    assert len(err) == 1 and err[0].startswith("maeday: error:") and "--full-finetune" in err[0]
+    assert "--lora-rank" in err[0] and "lora_rank" not in err[0]  # the command's options, not the Python fields
     status = cli_main(["finetune", "--model", tiny_checkpoint, "--output-dir", str(tmp_path / "out")])
     assert status == 2 and "--shots" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--steps", "0"], "--steps must be"),
+        (["--max-rotation", "400"], "--max-rotation must be in [0, 180]"),
+        (["--calibration-views", "0"], "--calibration-views must be"),
+        (["--view-supersampling", "0.5"], "--view-supersampling must be in [1, 8]"),
+        (["--seed", "-1"], "--seed must be"),
+    ],
+)
+def test_cli_errors_name_the_options(options, message, tiny_checkpoint, shot_files, tmp_path, capsys, no_training):
+    status = cli_main(["finetune", "--model", tiny_checkpoint, "--shots", str(shot_files[0]), "--output-dir",
+                       str(tmp_path / "out"), *options])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_cli_refuses_zero_shots_from_a_dataset_naming_the_option(tmp_path, capsys, no_training):
+    status = cli_main(["finetune", "--dataset-root", str(tmp_path), "--category", "c", "--num-shots", "0",
+                       "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1 and "--num-shots must be >= 1, got 0" in err[0]
 
 
 def test_cli_options_reach_the_config_and_unset_ones_keep_its_defaults(tiny_checkpoint, shot_files, tmp_path,
@@ -737,6 +780,28 @@ def test_shots_from_a_split_are_select_shots_choice(tiny_checkpoint, shot_files,
     assert names == [f"train[{index}] (shot seed 1)" for index in indices]  # enough to pick them again
     with_category = split.add_column("category", ["bottle"] * len(split))
     assert shots_from_split(with_category, 2, seed=1)[1] == [f"bottle {name}" for name in names]
+
+
+def test_the_rows_select_shots_returns_train_as_those_shots(tiny_checkpoint, shot_files, tmp_path):
+    # The two documented ways meet: `finetune(..., select_shots(split, k, seed))` is the same run as
+    # `finetune(..., split, num_shots=k, shot_seed=seed)`, every row of the selection a shot.
+    from safetensors.torch import load_file
+
+    split = datasets.Dataset.from_dict(
+        {"image": [str(p) for p in shot_files], "category": ["bottle"] * 3},
+        features=datasets.Features({"image": datasets.Image(), "category": datasets.Value("string")}),
+    )
+    picked = finetune(tiny_checkpoint, split, tmp_path / "picked", FinetuneConfig(**TINY), num_shots=2, shot_seed=1)
+    given = finetune(tiny_checkpoint, select_shots(split, 2, seed=1), tmp_path / "given", FinetuneConfig(**TINY))
+    weights = [load_file(result.output_dir / "adapter" / "adapter_model.safetensors") for result in (picked, given)]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(np.array_equal(weights[0][key].numpy(), weights[1][key].numpy()) for key in weights[0])
+    log = json.loads((given.output_dir / "training_log.json").read_text())
+    assert log["shots"] == ["bottle row 0", "bottle row 1"]
+    with pytest.raises(ValueError, match="has no rows"):
+        finetune(tiny_checkpoint, split.select([]), tmp_path / "none", FinetuneConfig(**TINY))
+    with pytest.raises(ValueError, match="no 'image' column"):
+        finetune(tiny_checkpoint, split.rename_column("image", "picture"), tmp_path / "none", FinetuneConfig(**TINY))
 
 
 def test_a_whole_dataset_dict_or_a_streamed_split_is_refused_with_the_split_to_pass(tiny_checkpoint, shot_files,

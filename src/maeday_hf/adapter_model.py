@@ -168,9 +168,11 @@ def check_base_weights(base: torch.nn.Module, adapter_folder_config: PretrainedC
         return
     raise ValueError(
         f"The base model {base_name!r} does not hold the weights the adapter {adapter!r} was trained on (weights "
-        f"fingerprint {found}, the adapter records {expected}): it changed since, so the adapter's LoRA update and "
-        f"threshold would not fit it. Pass base_model= (`maeday detect --base-model`) a copy of the checkpoint it was "
-        f"trained on (a base given that way loads with a warning if its weights still differ)."
+        f"fingerprint {found}, the adapter records {expected}): it changed since (a new revision, another checkpoint "
+        f"in its folder) or never held them (an adapter trained on a local copy named with another base_model_id), "
+        f"so the adapter's LoRA update and threshold would not fit it. Pass base_model= (`maeday detect "
+        f"--base-model`) a copy of the checkpoint it was trained on (a base given that way loads with a warning if "
+        f"its weights still differ)."
     )
 
 

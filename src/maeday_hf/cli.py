@@ -621,27 +621,32 @@ def add_synthetic_parser(subparsers) -> None:
     parser.set_defaults(handler=run_synthetic)
 
 
-def run_finetune(args: argparse.Namespace) -> int:
-    from .finetune import FinetuneConfig, finetune
+FLAG_OF_FINETUNE_FIELD = {
+    "num_steps": "--steps", "batch_size": "--batch-size", "learning_rate": "--learning-rate", "momentum": "--momentum",
+    "weight_decay": "--weight-decay", "full_finetune": "--full-finetune", "lora_rank": "--lora-rank",
+    "lora_alpha": "--lora-alpha", "lora_dropout": "--lora-dropout", "mask_ratio": "--mask-ratio", "seed": "--seed",
+    "calibration_views_per_shot": "--calibration-views", "calibration_num_masks": "--calibration-masks",
+    "calibration_num_std": "--calibration-std", "min_crop_scale": "--min-crop-scale",
+    "max_rotation_degrees": "--max-rotation", "view_supersampling": "--view-supersampling",
+}
+"""`FinetuneConfig`'s fields and the `maeday finetune` options that set them, for its error messages."""
 
-    if (args.shots is None) == (args.dataset_root is None):
-        raise CommandError("give the shots either as --shots FILES_OR_FOLDERS or as --dataset-root ROOT --category C "
-                           "--num-shots K (not both, not neither)")
-    if args.dataset_root is None and (
-        args.category is not None or args.num_shots is not None or args.shot_seed is not None
-    ):
-        raise CommandError(
-            "--category, --num-shots and --shot-seed pick shots from --dataset-root; with --shots every file is used"
-        )
-    if args.dataset_root is not None:
-        if args.category is None or args.num_shots is None:
-            raise CommandError("--dataset-root needs --category and --num-shots (k)")
-        from .data import load_mvtec
 
-        shots = load_mvtec(args.dataset_root, args.category)["train"]
-    else:
-        shots = args.shots
-    config = FinetuneConfig(
+@contextlib.contextmanager
+def flag_names_in_errors(flag_of_field: dict[str, str]):
+    """A `ValueError` / `TypeError` raised inside names the command's options instead of the Python fields they set
+    (`num_steps must be >= 1` -> `--steps must be >= 1`)."""
+    try:
+        yield
+    except (TypeError, ValueError) as error:
+        pattern = re.compile(r"\b(" + "|".join(map(re.escape, flag_of_field)) + r")\b")
+        raise CommandError(pattern.sub(lambda match: flag_of_field[match.group(1)], str(error))) from None
+
+
+def _finetune_config(args: argparse.Namespace):
+    from .finetune import FinetuneConfig
+
+    return FinetuneConfig(
         num_steps=args.steps,
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
@@ -665,6 +670,33 @@ def run_finetune(args: argparse.Namespace) -> int:
             ("max_rotation_degrees", args.max_rotation), ("view_supersampling", args.view_supersampling),
         ) if value is not None},  # unset: FinetuneConfig's defaults, the paper's
     )
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    from .finetune import finetune
+
+    if (args.shots is None) == (args.dataset_root is None):
+        raise CommandError("give the shots either as --shots FILES_OR_FOLDERS or as --dataset-root ROOT --category C "
+                           "--num-shots K (not both, not neither)")
+    if args.dataset_root is None and (
+        args.category is not None or args.num_shots is not None or args.shot_seed is not None
+    ):
+        raise CommandError(
+            "--category, --num-shots and --shot-seed pick shots from --dataset-root; with --shots every file is used"
+        )
+    with flag_names_in_errors(FLAG_OF_FINETUNE_FIELD):
+        config = _finetune_config(args)
+    if args.dataset_root is not None:
+        if args.category is None or args.num_shots is None:
+            raise CommandError("--dataset-root needs --category and --num-shots (k)")
+        if args.num_shots < 1:
+            raise CommandError(f"--num-shots must be >= 1, got {args.num_shots} (zero-shot detection needs no "
+                               f"fine-tune: run maeday detect with the base model)")
+        from .data import load_mvtec
+
+        shots = load_mvtec(args.dataset_root, args.category)["train"]
+    else:
+        shots = args.shots
     result = finetune(
         args.model,
         shots,

@@ -82,7 +82,7 @@ from .reconstruction import (
     require_vit_mae_config,
     runs_bfloat16_natively,
 )
-from .shot_views import ShotViews, load_shot_images, shots_from_split, view_source_scale
+from .shot_views import ShotViews, load_shot_images, shots_from_rows, shots_from_split, view_source_scale
 from .step_loop import DEFAULT_WARMUP_STEPS, run_steps, views_loss
 from .training_loss import all_patch_loss  # noqa: F401 - the recipe's loss, importable from here too
 
@@ -561,7 +561,7 @@ def _check_finite_losses(losses: list[tuple[int, float]], config: FinetuneConfig
         if not math.isfinite(loss):
             raise TrainingDivergedError(
                 f"Training diverged: the loss logged at step {step} of {config.num_steps} is {loss}. Try a lower "
-                f"learning_rate than {config.resolved_learning_rate:g}; nothing was written."
+                f"learning_rate (--learning-rate) than {config.resolved_learning_rate:g}; nothing was written."
             )
 
 
@@ -590,9 +590,10 @@ def _check_hub_login(hub_model_id: str) -> None:
     try:
         HfApi().whoami()
     except Exception as error:  # noqa: BLE001 - offline mode, no token, a bad token, no network: all mean "cannot"
+        reason = (str(error).splitlines()[0] if str(error) else type(error).__name__).rstrip(".")
         raise ValueError(
-            f"Cannot push to {hub_model_id!r}: {str(error).splitlines()[0] if str(error) else type(error).__name__}. "
-            f"Log in (`hf auth login`) on a connected machine, or drop --push-to-hub; nothing was trained."
+            f"Cannot push to {hub_model_id!r}: {reason}. Log in (`hf auth login`) on a connected machine, or drop "
+            f"--push-to-hub; nothing was trained."
         ) from error
 
 
@@ -684,8 +685,8 @@ def _view_sources(image_processor, images: list, pixel_values: torch.Tensor, con
 def _load_shots(shots: Any, num_shots: int | None, shot_seed: int):
     _refuse_split_collections(shots)
     if _is_datasets_split(shots):
-        if num_shots is None:
-            raise ValueError("Shots from a datasets split need num_shots (k) to pick them with select_shots.")
+        if num_shots is None:  # (e.g. what `select_shots` returned): every row is a shot
+            return shots_from_rows(shots)
         return shots_from_split(shots, num_shots, shot_seed)
     if num_shots is not None:
         raise ValueError(
@@ -891,9 +892,9 @@ def finetune(
 
     Args:
         base_model (`str`): Hub id or folder of a `ViTMAEForPreTraining` checkpoint with its image processor.
-        shots: image paths, folders of images, PIL images / arrays, or a `datasets.Dataset` split (with
-            `num_shots`; the shots are `maeday_hf.data.select_shots(split, num_shots, shot_seed)`). At most
-            `num_steps * batch_size` of them: every shot is trained on.
+        shots: image paths, folders of images, PIL images / arrays, or a `datasets.Dataset` split: with
+            `num_shots`, the shots are `maeday_hf.data.select_shots(split, num_shots, shot_seed)`; without, every row
+            (say a split `select_shots` returned). At most `num_steps * batch_size` of them: every shot is trained on.
         output_dir (`str`): the folder to write; it appears only when the run has finished. Never the base model's
             folder or one that contains it (writing the run replaces `output_dir`).
         config (`FinetuneConfig`, *optional*): the recipe (defaults: the paper's).
@@ -1047,8 +1048,8 @@ def finetune(
             if not math.isfinite(calibration.threshold):
                 raise TrainingDivergedError(
                     f"Training diverged: the calibrated threshold is {calibration.threshold} (the fine-tuned model's "
-                    f"scores of the normal shots are not finite). Try a lower learning_rate than "
-                    f"{config.resolved_learning_rate:g}; nothing was written."
+                    f"scores of the normal shots are not finite). Try a lower learning_rate (--learning-rate) "
+                    f"than {config.resolved_learning_rate:g}; nothing was written."
                 )
             recorded_config = dataclasses.replace(config, bf16=trains_in_bf16(trainer))  # what actually ran
             _write_folder(

@@ -390,7 +390,7 @@ class AnomalyDetectionPipeline(Pipeline):
             if differing:
                 logger.warning(
                     "Not applying the calibrated threshold: it was calibrated with %s, this call uses %s. Pass "
-                    "threshold= to label anyway.", calibration_settings, effective,
+                    "threshold= (maeday detect: --threshold) to label anyway.", calibration_settings, effective,
                 )
                 postprocess_params["threshold"] = None
         return preprocess_params, forward_params, postprocess_params

@@ -26,6 +26,7 @@ The paper gives no ranges; the defaults are mild so that views stay normal image
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Iterable, Sequence
@@ -39,6 +40,8 @@ from PIL import Image
 
 from .images import IMAGE_SUFFIXES, is_single_image, is_url, list_images, load_rgb_image, redact_url
 from .masking import random_mask_noise
+
+logger = logging.getLogger(__name__)
 
 TRAINING_VIEWS = 0
 """`view_generator` stream of the fine-tune's training views (`ShotViews`)."""
@@ -66,7 +69,13 @@ def expand_shot_paths(shots: Sequence[str | os.PathLike]) -> list[Path]:
         if path.is_dir():
             found = list_images(path)
             if not found:
-                raise ValueError(f"No shot images ({', '.join(sorted(IMAGE_SUFFIXES))}) in folder {os.fspath(path)!r}.")
+                subfolders = sorted(entry.name for entry in path.iterdir() if entry.is_dir())
+                raise ValueError(
+                    f"No shot images ({', '.join(sorted(IMAGE_SUFFIXES))}) in folder {os.fspath(path)!r}"
+                    + (f" (its subfolders {', '.join(subfolders[:5])}{', ...' if len(subfolders) > 5 else ''} are not "
+                       f"searched: give the folder of normal images itself, e.g. CATEGORY/train/good)."
+                       if subfolders else ".")
+                )
             paths.extend(found)
         elif path.exists():
             paths.append(path)
@@ -97,11 +106,19 @@ def load_shot_images(shots: Sequence[Any]) -> tuple[list[Image.Image], list[str]
             f"shots must be an image path, folder, PIL image or array, or a list of them; got {type(shots).__name__}."
         )
     entries: list[Any] = []
+    seen_files: dict[str, Path] = {}  # real path -> as first given
     for shot in shots:
         if isinstance(shot, str) and is_url(shot):
             entries.append(shot)  # a URL, fetched as it is (a Path would fold its "//")
         elif isinstance(shot, (str, os.PathLike)):
-            entries.extend(expand_shot_paths([shot]))
+            for path in expand_shot_paths([shot]):
+                # The same file twice (listed again, or also in a given folder) would count as two shots and weigh
+                # twice in every batch.
+                first = seen_files.setdefault(os.path.realpath(path), path)
+                if first is path:
+                    entries.append(path)
+                else:
+                    logger.warning("Shot %r is %r given again: used once.", os.fspath(path), os.fspath(first))
         else:
             entries.append(shot)
     if not entries:
@@ -135,6 +152,26 @@ def shots_from_split(split, k: int, seed: int) -> tuple[list[Image.Image], list[
     return images, [
         f"{'' if category is None else f'{category} '}train[{index}] (shot seed {seed})"
         for category, index in zip(categories, indices)
+    ]
+
+
+def shots_from_rows(split) -> tuple[list[Image.Image], list[str]]:
+    """Every row of `split` (a `datasets.Dataset` with an `image` column) as a shot, such as the k rows
+    `maeday_hf.data.select_shots` returns.
+
+    Returns:
+        `(images, names)` with names `"<category> row i"` (without the category where the split has no `category`
+        column).
+    """
+    if "image" not in split.column_names:
+        raise ValueError(f"The shots' dataset has no 'image' column (columns: {split.column_names}).")
+    if len(split) == 0:
+        raise ValueError("No shots given: the dataset has no rows; few-shot fine-tuning needs at least one normal "
+                         "image.")
+    images = [load_rgb_image(image) for image in split["image"]]
+    categories = split["category"] if "category" in split.column_names else [None] * len(split)
+    return images, [
+        f"{'' if category is None else f'{category} '}row {index}" for index, category in enumerate(categories)
     ]
 
 
