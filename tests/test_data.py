@@ -804,3 +804,48 @@ def test_the_card_names_the_licence_and_an_owners_licence_is_kept(mvtec_root, tm
         with pytest.raises(OSError, match=r"502 Bad Gateway\); the card naming the licence was committed, no config "
                                           r"was pushed\."):
             push_configs_to_hub(configs, "ORG/mvtec-ad", license="cc-by-nc-sa-4.0")
+
+
+# --- pinned by a mutation review ----------------------------------------------------------------------------------
+
+
+def test_k_may_be_every_example():
+    assert sorted(shot_indices(3, 3, seed=0)) == [0, 1, 2]
+
+
+def test_a_zero_one_label_mask_and_half_transparent_paint_count_as_defect():
+    import io
+
+    from maeday_hf.data.features import check_mask, mask_array
+
+    labels = np.zeros((6, 8), np.uint8)
+    labels[2:4, 3:6] = 1  # a label mask: 1 is the defect, not "almost black"
+    buffer = io.BytesIO()
+    Image.fromarray(labels).save(buffer, format="PNG")
+    assert check_mask({"bytes": buffer.getvalue(), "path": None}, "labels").num_anomalous_pixels == 6
+    white = np.full((6, 8), 255, np.uint8)
+    painted = Image.fromarray(np.stack([white, white, white, labels * 128], axis=-1), mode="RGBA")
+    assert np.array_equal(mask_array(painted) > 0, labels > 0)  # paint at alpha 128 is still paint
+
+
+def test_fod_holds_out_at_most_half_of_an_odd_number_of_normal_frames(tmp_path):
+    from maeday_hf.data import load_fod_with_references
+
+    for folder, count in (("normal", 7), ("foreign_object", 2)):
+        (tmp_path / "indoor" / folder).mkdir(parents=True)
+        for index in range(count):
+            Image.new("RGB", (8, 8), (index * 20, 0, 0)).save(tmp_path / "indoor" / folder / f"{index:03d}.png")
+    splits = load_fod_with_references(tmp_path, "indoor")
+    assert len(splits["train"]) == 3 and len(splits["test"]) == 6  # 3 of 7, not 4
+
+
+def test_a_ground_truth_file_without_the_mask_suffix_is_refused(tmp_path):
+    from maeday_hf.synthetic import write_synthetic_mvtec
+
+    root = write_synthetic_mvtec(tmp_path / "data", categories=("disc",), num_train=2, num_test_good=1,
+                                 num_test_per_defect=1, image_size=32)
+    mask = next((root / "disc" / "ground_truth").rglob("*_mask.png"))
+    renamed = mask.with_name(mask.name.replace("_mask", ""))  # 000.png: the image's name, not its mask's
+    mask.rename(renamed)
+    with pytest.raises(ValueError, match=f"without a matching image: .*{renamed.name}"):
+        load_mvtec(root, "disc")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 
 import numpy as np
 import pytest
@@ -192,3 +193,33 @@ def test_bad_method_and_stats_raise():
         NormalizationStats(score_center=0.0, score_scale=0.0, map_center=0.0, map_scale=1.0)
     with pytest.raises(ValueError, match="2 normalisation stats for 1 methods"):
         ensemble_scores([scores], [maps], stats=[None, None])
+
+
+# --- pinned by a mutation review ----------------------------------------------------------------------------------
+
+
+def test_robust_scale_of_a_map_mostly_at_one_value_is_the_scaled_mean_absolute_deviation():
+    # Most pixels at one (non-zero) value: the IQR is 0, so the spread falls back to the mean absolute deviation from
+    # the median, scaled to the normal's IQR; taken around the mean, inverted, or uncentred, it weighted such a
+    # (sparse, saturated) method wrongly.
+    rng = np.random.default_rng(0)
+    maps = np.full((4, 8, 8), 5.0, dtype=np.float32)
+    maps[:, :2, :] = rng.random((4, 2, 8)) * 10  # 25 % vary
+    stats = compute_normalization_stats(rng.random(4), maps, method="robust")
+    values = maps.astype(np.float64).ravel()
+    median = np.median(values)
+    normal_iqr, normal_mean_absolute_deviation = 1.3489795003921634, math.sqrt(2 / math.pi)
+    assert stats.map_center == median
+    assert stats.map_scale == pytest.approx(
+        normal_iqr / normal_mean_absolute_deviation * np.abs(values - median).mean(), rel=1e-9
+    )
+
+
+@pytest.mark.parametrize("factor", [1000.0, -1.0])
+def test_float32_rounding_is_not_a_spread_at_any_magnitude_or_sign(factor, caplog):
+    # Scores one float32 step apart hold no information: relative to their magnitude (not an absolute epsilon), and
+    # for negative scores too, they get scale 1 rather than being blown up to unit variance.
+    base = np.float32(1.1287628 * factor)
+    rounded = np.array([base, base, np.nextafter(base, np.float32(0))], dtype=np.float32).astype(np.float64)
+    stats = compute_normalization_stats(rounded, np.ones((3, 4, 4), np.float32) * np.arange(3)[:, None, None])
+    assert stats.score_scale == 1.0 and "spread" in caplog.text

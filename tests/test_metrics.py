@@ -291,3 +291,54 @@ def test_pixel_evaluate_module_reads_sixteen_bit_masks():
         assert pixel_metric.compute(predictions=maps, references=references, num_bins=None) == pytest.approx(
             dict(vars(expected)), abs=1e-12
         )
+
+
+# --- pinned by a mutation review: bounds on coarse histograms, MVTec's connectivity, float64 image scores ---------
+
+
+def test_histogram_error_bounds_hold_on_coarse_bins():
+    # The bounds are the promise of the streamed metrics; a halved crossing-step term, or AUPRO's bound taken over the
+    # whole FPR range instead of up to max_fpr, understated them by 1.4x / 3.3x only with very few bins.
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        masks, maps = [], []
+        for index in range(4):
+            mask = np.zeros((16, 16), bool)
+            if index % 2:
+                y, x = rng.integers(0, 12, 2)
+                mask[y:y + rng.integers(1, 5), x:x + rng.integers(1, 5)] = True
+            maps.append(rng.random((16, 16)) ** rng.uniform(0.3, 3) + rng.uniform(0, 1.0) * mask)
+            masks.append(mask)
+        num_bins = int(rng.choice([2, 3, 4, 8]))
+        exact = compute_pixel_metrics(masks, maps, num_bins=None)
+        binned = compute_pixel_metrics(masks, maps, num_bins=num_bins)
+        assert abs(binned.aupro - exact.aupro) <= binned.aupro_error_bound + 1e-12
+        assert abs(binned.pixel_roc_auc - exact.pixel_roc_auc) <= binned.pixel_roc_auc_error_bound + 1e-12
+
+
+def _regions_touching_at_a_corner():
+    mask = np.zeros((8, 8), bool)
+    mask[1, 1] = True  # one pixel ...
+    mask[2:5, 2:5] = True  # ... touching a 3x3 block only at a corner: one region under 8-connectivity, two under 4
+    scores = np.zeros((8, 8))
+    scores[1, 1] = 1.0
+    scores[2:5, 2:5] = np.linspace(0.1, 0.9, 9).reshape(3, 3)[::-1]
+    scores[6:, :] = np.linspace(0.0, 0.95, 16).reshape(2, 8)
+    return [mask, np.zeros((8, 8), bool)], [scores, np.random.default_rng(0).random((8, 8)) * 0.5]
+
+
+def test_aupro_regions_are_8_connected_by_default_as_in_mvtec():
+    masks, maps = _regions_touching_at_a_corner()
+    expected = reference_aupro(masks, maps)  # (breadth-first over 8 neighbours)
+    assert aupro(masks, maps, num_bins=None) == pytest.approx(expected, abs=1e-12)
+    assert compute_pixel_metrics(masks, maps, num_bins=None).aupro == pytest.approx(expected, abs=1e-12)
+    assert aupro(masks, maps, num_bins=None, connectivity=4) != pytest.approx(expected)  # (the case tells them apart)
+    metric = evaluate.load(METRIC_PATHS["pixel_anomaly"], keep_in_memory=True)
+    result = metric.compute(predictions=maps, references=[mask.astype(np.uint8) for mask in masks], num_bins=None)
+    assert result["aupro"] == pytest.approx(expected, abs=1e-12)
+
+
+def test_image_metrics_keep_close_scores_apart():
+    # In float32, 1e8 and 1e8 + 1 are one value: a tie, ROC-AUC 0.5.
+    assert image_roc_auc([0, 1], [1e8, 1e8 + 1]) == 1.0
+    assert image_f1_max([0, 1], [1e8, 1e8 + 1]) == 1.0

@@ -488,3 +488,66 @@ def test_the_device_is_checked_before_the_backbone_loads(feature_extractor):
     for missing in (f"cuda:{gpus}", "gpu"):
         with pytest.raises(ValueError, match=f"device='{missing}'"):
             PatchCore(_config(backbone="no/such-backbone"), device=missing)  # would fail to load, later
+
+
+# --- pinned by a mutation review ----------------------------------------------------------------------------------
+
+
+class _RecordingBackbone(torch.nn.Module):
+    """Keeps the pixels it is given; its one feature map is every 8th pixel."""
+
+    def forward(self, pixel_values):
+        from types import SimpleNamespace
+
+        self.seen = pixel_values.clone()
+        return SimpleNamespace(feature_maps=(pixel_values[:, :, ::8, ::8],))
+
+
+def test_pixels_reach_the_backbone_normalised_with_the_checkpoints_mean_and_std():
+    backbone = _RecordingBackbone()
+    extractor = PatchFeatureExtractor(backbone, image_size=(16, 16), image_mean=(0.5, 0.4, 0.3),
+                                      image_std=(0.25, 0.5, 2.0), neighbourhood_size=1)
+    pixel_values = torch.rand(2, 3, 16, 16)
+    extractor(pixel_values)
+    mean = torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1)
+    std = torch.tensor([0.25, 0.5, 2.0]).view(1, 3, 1, 1)
+    torch.testing.assert_close(backbone.seen, (pixel_values - mean) / std)
+
+
+def test_a_non_square_image_size_is_height_by_width():
+    extractor = PatchFeatureExtractor(_RecordingBackbone(), image_size=(48, 40))
+    pixel_values, sizes = extractor.preprocess([Image.new("RGB", (30, 20))])
+    assert tuple(pixel_values.shape) == (1, 3, 48, 40) and sizes == [(20, 30)]
+
+
+def test_the_map_gaussian_is_truncated_at_4_sigma_as_scipys():
+    from maeday_hf.patchcore import _gaussian_kernel_size
+
+    assert [_gaussian_kernel_size(sigma) for sigma in (1.0, 4.0)] == [9, 33]
+
+
+def test_reweighting_with_two_neighbours_changes_the_score():
+    generator = torch.Generator().manual_seed(0)
+    bank, embeddings = torch.randn(30, 4, generator=generator), torch.randn(1, 10, 4, generator=generator)
+    distances, indices = nearest_neighbors(embeddings.reshape(-1, 4), bank)
+    patch_scores, nearest = distances[:, 0].reshape(1, 10), indices[:, 0].reshape(1, 10)
+    score = reweighted_image_scores(embeddings, patch_scores, nearest, bank, num_reweight_neighbors=2)
+    assert score.item() < patch_scores.max().item()  # (b = 2 reweights: the weight is below 1)
+
+
+def test_the_coreset_size_rounds_up():
+    assert coreset_size(15681, 0.1, 1) == 1569  # ceil(1568.1): never a bank one entry short of its ratio
+
+
+def test_a_float32_coreset_picks_as_float64_under_a_shared_offset():
+    # Features far from the origin (a shared offset of 30 against a spread of 0.05): distances computed without
+    # centring lose their digits in float32, and picked other patches than float64 in 49 of 50 picks.
+    features = torch.rand(500, 64, generator=torch.Generator().manual_seed(0)) * 0.05 + 30
+    exact = greedy_coreset_indices(features.double(), 50, None, torch.Generator().manual_seed(0))
+    assert torch.equal(greedy_coreset_indices(features, 50, None, torch.Generator().manual_seed(0)), exact)
+
+
+def test_the_defaults_are_patchcores():
+    config = PatchCoreConfig()
+    assert (config.out_indices, config.neighbourhood_size, config.coreset_ratio, config.num_reweight_neighbors,
+            config.sigma) == ((2, 3), 3, 0.1, 9, 4.0)

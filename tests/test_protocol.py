@@ -794,3 +794,100 @@ def test_matplotlib_missing_or_broken_is_told_apart(monkeypatch):
         with pytest.raises(ImportError, match=rf"installed but fails to import \({type(broken).__name__}: "
                                               rf"{re.escape(str(broken))}\): pip install -U"):
             require_matplotlib()
+
+
+# --- pinned by a mutation review ----------------------------------------------------------------------------------
+
+
+def test_cells_are_means_over_every_shot_seed_and_a_mean_over_missing_categories_is_blank():
+    from maeday_hf.report import render_category_table, summarize
+
+    records = [
+        {"category": "bottle", "method": "maeday", "shots": 1, "shot_seed": seed, "study": "main",
+         "metrics": {"image_roc_auc": value}}
+        for seed, value in ((0, 0.1), (1, 0.2), (2, 0.9))  # three seeds: the mean (0.4) is not the median (0.2)
+    ]
+    assert summarize(records, "image_roc_auc")[("bottle", 1, "maeday")]["mean"] == pytest.approx(0.4)
+    table = render_category_table(records, "image_roc_auc", ["bottle", "wood"])
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in table.splitlines()[2:]}
+    assert rows["Mean (Objects)"] == "40.0" and rows["Mean (All)"] == "–"  # (no wood: not a mean of bottle alone)
+
+
+@pytest.fixture(scope="module")
+def patchcore_sized_root(tmp_path_factory) -> Path:
+    """One category at 64 px (PatchCore's Gaussian, σ = 4, needs maps larger than its 33 px kernel)."""
+    return write_synthetic_mvtec(tmp_path_factory.mktemp("synthetic64"), categories=["disc"], num_train=4,
+                                 num_test_good=2, num_test_per_defect=1, image_size=64)
+
+
+def _protocol_config(model, root, output_dir, **overrides) -> ProtocolConfig:
+    settings = dict(categories=["disc"], num_masks=2, repetitions=(), plots=False, show_progress=False, device="cpu",
+                    finetune=FinetuneConfig(num_steps=2, batch_size=4, learning_rate=0.2))
+    return ProtocolConfig(model, str(root), str(output_dir), **{**settings, **overrides})
+
+
+def test_units_score_with_the_runs_mask_ratio_and_pair_each_image_with_its_own_mask(
+    tiny_checkpoint, patchcore_sized_root, tmp_path, monkeypatch
+):
+    from maeday_hf.modeling import load_detector
+
+    seen = []
+    real = protocol.compute_metrics
+    monkeypatch.setattr(protocol, "compute_metrics", lambda predictions, labels, gt_masks: seen.append(
+        (predictions, labels, gt_masks)) or real(predictions, labels, gt_masks))
+    protocol.run_protocol(_protocol_config(tiny_checkpoint, patchcore_sized_root, tmp_path / "out", shots=(0,),
+                                           mask_ratio=0.5))
+    (predictions, labels, gt_masks), = seen
+    assert [mask is not None and bool(mask.any()) for mask in gt_masks] == [bool(label) for label in labels]
+    test = load_mvtec(patchcore_sized_root, "disc")["test"]
+    direct = load_detector(tiny_checkpoint, device="cpu")(list(test["image"]), num_masks=2, mask_ratio=0.5, seed=0,
+                                                          threshold=None)
+    np.testing.assert_allclose([p["score"] for p in predictions], [r["score"] for r in direct], rtol=1e-5)
+
+
+def test_patchcore_units_fit_the_recorded_shots_with_two_coreset_seeds(
+    tiny_checkpoint, patchcore_sized_root, tmp_path, monkeypatch
+):
+    import maeday_hf.patchcore as patchcore_module
+    from transformers import ResNetBackbone, ResNetConfig
+
+    from maeday_hf.ensemble import ensemble_predictions
+    from maeday_hf.patchcore import PatchCoreConfig
+
+    torch.manual_seed(0)
+    backbone = tmp_path / "resnet"
+    ResNetBackbone(ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1], layer_type="basic",
+                                out_indices=[4])).eval().save_pretrained(backbone)
+    fitted = []
+    real = patchcore_module.fit_patchcores
+
+    def recording(shots, *args, **kwargs):
+        models = real(shots, *args, **kwargs)
+        fitted.append(([np.asarray(shot) for shot in shots], models))
+        return models
+
+    monkeypatch.setattr(patchcore_module, "fit_patchcores", recording)
+    # A bank smaller than the shots' patches (min_coreset_size=1), so the two coreset seeds pick different banks.
+    patchcore = PatchCoreConfig(backbone=str(backbone), image_size=64, min_coreset_size=1, coreset_ratio=0.3)
+    protocol.run_protocol(_protocol_config(tiny_checkpoint, patchcore_sized_root, tmp_path / "out", shots=(1,),
+                                           num_shot_seeds=2, ensemble="patchcore", patchcore=patchcore,
+                                           pixel_metrics=False))
+    splits = load_mvtec(patchcore_sized_root, "disc")
+    test_images = list(splits["test"]["image"])
+    assert len(fitted) == 2
+    for seed, (shot_images, models) in enumerate(fitted):
+        assert not torch.equal(models[0].memory_bank, models[1].memory_bank)
+        unit = json.loads((tmp_path / "out" / "units" / "disc" / f"k1-seed{seed}-2xpatchcore.json").read_text())
+        recorded_shots = [np.asarray(splits["train"][index]["image"].convert("RGB")) for index in unit["shot_indices"]]
+        assert len(shot_images) == len(recorded_shots)
+        assert all(np.array_equal(shot, recorded) for shot, recorded in zip(shot_images, recorded_shots))
+        expected = ensemble_predictions([models[0].predict(test_images), models[1].predict(test_images)])
+        np.testing.assert_allclose(unit["image_scores"], [p["score"] for p in expected], rtol=1e-5)
+
+
+def test_the_defaults_are_the_papers_protocol():
+    from maeday_hf.masking import make_mask_noise
+
+    config = ProtocolConfig("unused", "unused", "unused", device="cpu")
+    assert (config.num_masks, config.mask_ratio, config.num_shot_seeds, config.mask_schedule) == (32, 0.75, 3, "random")
+    assert torch.equal(make_mask_noise(4, 16, seed=0), make_mask_noise(4, 16, 0.75, "random", seed=0))
