@@ -241,8 +241,15 @@ def test_views_rendered_in_chunks_are_the_same(monkeypatch):
     transforms = torch.stack([crop_rotate_transform(view_generator(1, index), 16, 16) for index in range(5)])
     shot_index = torch.tensor([0, 1, 1, 0, 1])
     whole = render_views(shots, shot_index, transforms, size=(24, 20))
-    monkeypatch.setattr(maeday_hf.shot_views, "RENDER_CHUNK_BYTES", 2 * 3 * 48 * 40 * 4)  # two views at a time
+    # Two views at a time: each holds its gathered and resampled pixels (3 channels each) and its (x, y) grid.
+    monkeypatch.setattr(maeday_hf.shot_views, "RENDER_CHUNK_BYTES", 2 * (2 * 3 + 2) * 48 * 40 * 4)
+    calls = []
+    real_interpolate = maeday_hf.shot_views.F.interpolate
+    monkeypatch.setattr(maeday_hf.shot_views.F, "interpolate",
+                        lambda images, *args, **kwargs: calls.append(len(images)) or real_interpolate(images, *args,
+                                                                                                     **kwargs))
     chunked = render_views(shots, shot_index, transforms, size=(24, 20))
+    assert calls == [2, 2, 1]
     assert whole.shape == (5, 3, 24, 20)
     torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-6)
     assert not torch.allclose(whole[1], whole[2])  # (each view its own transform)
@@ -260,6 +267,10 @@ def test_views_rendered_in_chunks_are_the_same(monkeypatch):
 )
 def test_view_source_scale(image_sizes, expected):
     assert view_source_scale(image_sizes, (32, 32), 3.0) == expected
+
+
+def test_view_source_scale_reads_heights_against_the_models_height():
+    assert view_source_scale([(96, 64)], (32, 16), 8.0) == 3.0  # min(96 / 32, 64 / 16); swapped: min(6, 2)
 
 
 def test_shot_views_cut_augmented_views_from_the_source():

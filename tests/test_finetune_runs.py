@@ -144,6 +144,7 @@ def test_views_are_cut_from_the_shots_at_the_largest_size_they_allow(
     assert seen["calibration"] is source
     log = json.loads((tmp_path / "out" / "training_log.json").read_text())
     assert log["recipe"]["view_supersampling"] == config.view_supersampling
+    assert log["view_source_size"] == (None if source_side is None else [source_side, source_side])
     if source_side is None:
         assert source is None
         return
@@ -538,7 +539,10 @@ def test_cli_conflicting_flags_give_one_line(tiny_checkpoint, shot_files, tmp_pa
         (["--max-rotation", "400"], "--max-rotation must be in [0, 180]"),
         (["--calibration-views", "0"], "--calibration-views must be"),
         (["--view-supersampling", "0.5"], "--view-supersampling must be in [1, 8]"),
-        (["--seed", "-1"], "--seed must be"),
+        # The field's name where it is the setting, not the same word in the prose around it:
+        (["--seed", "-1"], "--seed must be in [0, 2**32) (random generators keep 32 bits of a seed), got -1."),
+        (["--full-finetune", "--lora-rank", "8", "--lora-alpha", "2"],
+         "--lora-rank, --lora-alpha set together with --full-finetune=True"),
     ],
 )
 def test_cli_errors_name_the_options(options, message, tiny_checkpoint, shot_files, tmp_path, capsys, no_training):
@@ -553,6 +557,31 @@ def test_cli_refuses_zero_shots_from_a_dataset_naming_the_option(tmp_path, capsy
                        "--output-dir", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 2 and len(err) == 1 and "--num-shots must be >= 1, got 0" in err[0]
+
+
+def test_cli_refuses_more_shots_than_the_category_has(tiny_checkpoint, tmp_path, capsys, no_training):
+    from maeday_hf.synthetic import write_synthetic_mvtec
+
+    root = write_synthetic_mvtec(tmp_path / "data", categories=("disc",), num_train=2, num_test_good=1,
+                                 num_test_per_defect=1, image_size=32)
+    status = cli_main(["finetune", "--model", tiny_checkpoint, "--dataset-root", str(root), "--category", "disc",
+                       "--num-shots", "5", "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and err == ["maeday: error: --num-shots 5 is more than the 2 normal training images of 'disc'"]
+
+
+def test_shots_labelled_anomalous_are_refused(tiny_checkpoint, shot_files, tmp_path, no_training):
+    # A test split passed for the train split: its anomalous rows would be trained on as normal.
+    split = datasets.Dataset.from_dict(
+        {"image": [str(p) for p in shot_files], "label": [0, 1, 1]},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["good", "anomaly"])}),
+    )
+    with pytest.raises(ValueError, match=r"2 of the 3 shots are labelled anomalous \(rows 1, 2\)"):
+        finetune(tiny_checkpoint, split, tmp_path / "out", FinetuneConfig(**TINY))
+    with pytest.raises(ValueError, match="labelled anomalous"):  # picked with num_shots: every row, so both
+        finetune(tiny_checkpoint, split, tmp_path / "out", FinetuneConfig(**TINY), num_shots=3)
+    normal_only = split.filter(lambda row: row["label"] == 0)
+    assert shots_from_split(normal_only, 1, seed=0)[1] == ["train[0] (shot seed 0)"]
 
 
 def test_cli_options_reach_the_config_and_unset_ones_keep_its_defaults(tiny_checkpoint, shot_files, tmp_path,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import threading
 from pathlib import Path
@@ -421,6 +422,37 @@ def test_a_resume_compares_places_not_spellings(tiny_checkpoint, synthetic_root,
     # The same spelling from another folder names other folders: refused.
     monkeypatch.chdir(tmp_path / "there")
     assert "model" in _run_error(capsys, ["--model", "model", "--dataset", "synthetic:data", *common])
+
+
+def test_a_run_from_before_a_recipe_setting_existed_is_refused_naming_it(protocol_run, tiny_checkpoint,
+                                                                          synthetic_root, tmp_path, capsys):
+    # E.g. a folder from before the views were cut from larger shots: its adapters were trained otherwise.
+    import shutil
+
+    older = tmp_path / "older"
+    shutil.copytree(protocol_run, older)
+    settings = json.loads((older / "settings.json").read_text())
+    del settings["finetune"]["view_supersampling"]
+    (older / "settings.json").write_text(json.dumps(settings))
+    error = _run_error(capsys, _argv(tiny_checkpoint, synthetic_root, older, "--shots", "0"))
+    assert "finetune.view_supersampling: not recorded there, 3.0 now" in error
+    assert "learning_rate" not in error
+
+
+def test_differences_are_described_as_they_are_compared(tmp_path, monkeypatch):
+    from maeday_hf.protocol import _describe_differences, _differing_settings
+
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "bb").mkdir()
+    monkeypatch.chdir(tmp_path)  # (folders recorded as typed, relative to where that run ran)
+    recorded = {"finetune": {"a": None}, "model": "tiny", "patchcore": {"backbone": "bb", "seed": 0}}
+    current = {"finetune": {}, "model": os.path.realpath("tiny"), "patchcore": {"backbone": os.path.realpath("bb"),
+                                                                                "seed": 1}}
+    different = _differing_settings(recorded, current)
+    assert different == ["finetune", "patchcore"]  # (the relative locations are the same places)
+    assert _describe_differences(recorded, current, different) == (
+        "finetune.a: None there, not recorded now; patchcore.seed: 0 there, 1 now"
+    )
 
 
 def test_rerun_with_other_settings_is_refused(protocol_run, tiny_checkpoint, synthetic_root, capsys):

@@ -639,7 +639,10 @@ def flag_names_in_errors(flag_of_field: dict[str, str]):
     try:
         yield
     except (TypeError, ValueError) as error:
-        pattern = re.compile(r"\b(" + "|".join(map(re.escape, flag_of_field)) + r")\b")
+        # Only where a field is named as a setting ("seed must", "lora_rank=", "lora_rank set together", "drop a or
+        # b."), not the same word in prose ("32 bits of a seed").
+        names = "|".join(map(re.escape, flag_of_field))
+        pattern = re.compile(rf"(?<![\w/.-])({names})(?=\s+must\b|=|\s+set\b|,|\s+and\b|\s+or\b|\.(?:\s|$))")
         raise CommandError(pattern.sub(lambda match: flag_of_field[match.group(1)], str(error))) from None
 
 
@@ -695,6 +698,9 @@ def run_finetune(args: argparse.Namespace) -> int:
         from .data import load_mvtec
 
         shots = load_mvtec(args.dataset_root, args.category)["train"]
+        if args.num_shots > len(shots):
+            raise CommandError(f"--num-shots {args.num_shots} is more than the {len(shots)} normal training images of "
+                               f"{args.category!r}")
     else:
         shots = args.shots
     result = finetune(

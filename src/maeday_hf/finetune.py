@@ -93,7 +93,7 @@ FULL_FINETUNE_LEARNING_RATE = 1e-4
 LORA_RANK = 32
 MAX_VIEW_SUPERSAMPLING = 8
 """Bound of `FinetuneConfig.view_supersampling`: at 8 x 224 px a shot takes 39 MB on the device (float32), and each view
-as much while it is resampled (`shot_views.RENDER_CHUNK_BYTES` bounds how many at once)."""
+about 2.7 times as much while it is resampled (`shot_views.RENDER_CHUNK_BYTES` bounds how many at once)."""
 CALIBRATION_FILE = "calibration.json"
 TRAINING_LOG_FILE = "training_log.json"
 
@@ -397,8 +397,8 @@ def build_trainer(
     if config.batch_size % replicas:
         raise ValueError(
             f"batch_size={config.batch_size} does not split evenly over {replicas} devices; pick a batch size "
-            f"divisible by the number of processes (and GPUs per process) so the effective batch stays "
-            f"{config.batch_size}."
+            f"(--batch-size) divisible by the number of processes (and GPUs per process) so the effective batch "
+            f"stays {config.batch_size}."
         )
     args.per_device_train_batch_size = config.batch_size // replicas
     trainer = MaedayTrainer(
@@ -724,12 +724,14 @@ def _write_folder(
     base_fingerprint: str | None = None,
     step_loop: str = "trainer",
     base_folder: str | None = None,
+    view_source_size: tuple[int, int] | None = None,
 ) -> None:
     """Everything but the weights/adapter (written before merging): config, processor, remote code, card, logs.
     `recorded_base`: the base the folder names (a Hub id, or a folder's absolute path); `base_folder`: the local
     folder trained from, where that is not `recorded_base` (the copy of a Hub checkpoint named by `base_model_id`).
     `base_fingerprint`: `base_weights_fingerprint` of the base, recorded for an adapter (checked when it is loaded).
-    `step_loop`: what ran the steps, "cuda_graph" (`step_loop` replays) or "trainer" (recorded in the log)."""
+    `step_loop`: what ran the steps, "cuda_graph" (`step_loop` replays) or "trainer" (recorded in the log).
+    `view_source_size`: `(height, width)` the augmented views were cut at, where not the model's input."""
     if config.full_finetune:
         folder_config = model.config
     else:
@@ -764,6 +766,7 @@ def _write_folder(
         "mixed_precision": mixed_precision,
         "num_processes": num_processes,
         "step_loop": step_loop,
+        "view_source_size": None if view_source_size is None else list(view_source_size),
         "losses": [{"step": step, "loss": loss} for step, loss in losses],
         "train_seconds": train_seconds,
     }
@@ -936,7 +939,8 @@ def finetune(
         raise ValueError(
             f"{len(images)} shots but only num_steps * batch_size = {config.num_steps} * {config.batch_size} = "
             f"{num_views} training views (view i shows shot i % k): {len(images) - num_views} shot(s) would never be "
-            f"trained on. Raise num_steps or batch_size to at least {len(images)} views, or pass fewer shots."
+            f"trained on. Raise num_steps or batch_size (--steps, --batch-size) to at least {len(images)} views, or "
+            f"pass fewer shots."
         )
 
     image_processor = AutoImageProcessor.from_pretrained(base_model)
@@ -1058,6 +1062,7 @@ def finetune(
                 num_processes=trainer.args.world_size, base_fingerprint=base_fingerprint,
                 step_loop="cuda_graph" if _runs_as_graph_replays(trainer.args, config) else "trainer",
                 base_folder=base_model if base_model_id is not None and os.path.isdir(base_model) else None,
+                view_source_size=None if source_pixel_values is None else tuple(source_pixel_values.shape[-2:]),
             )
             if overwrite and _foreign_entry(output_dir) is None:  # (checked again: it may be new since the start)
                 replace_folder(partial, output_dir)

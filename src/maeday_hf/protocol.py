@@ -633,13 +633,18 @@ def _settings_to_record(config: ProtocolConfig, data_digests: dict[str, str]) ->
     return settings
 
 
-def _differing_settings(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Keys whose values differ between `recorded` settings (of a run, or of a unit) and `current` ones."""
-    # Runs recorded before locations were made absolute hold them as typed (relative to where they ran, taken to be
-    # here).
+def _comparable_settings(recorded: dict[str, Any]) -> dict[str, Any]:
+    """`recorded` settings with their locations as this run writes them: runs recorded before locations were made
+    absolute hold them as typed (relative to where they ran, taken to be here)."""
     recorded = {**recorded, **{key: _as_location(recorded[key]) for key in ("model", "dataset") if key in recorded}}
     if isinstance(recorded.get("patchcore"), dict) and "backbone" in recorded["patchcore"]:
         recorded["patchcore"] = {**recorded["patchcore"], "backbone": _as_location(recorded["patchcore"]["backbone"])}
+    return recorded
+
+
+def _differing_settings(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Keys whose values differ between `recorded` settings (of a run, or of a unit) and `current` ones."""
+    recorded = _comparable_settings(recorded)
     # Adding (or leaving out) the PatchCore ensemble only adds (or skips) units; a different PatchCore, or ensembles
     # normalised otherwise, do not fit.
     optional = (
@@ -672,17 +677,25 @@ def _check_settings(config: ProtocolConfig) -> None:
 
 def _describe_differences(recorded: dict[str, Any], current: dict[str, Any], keys: Sequence[str]) -> str:
     """`"key: X there, Y now"` for each of `keys`; within settings that are dicts (the fine-tune recipe, PatchCore's),
-    only the entries that differ, as `"finetune.bf16: True there, False now"`."""
+    only the entries that differ, as `"finetune.bf16: True there, False now"` (an entry one side lacks: "not
+    recorded")."""
+    recorded = _comparable_settings(recorded)
+    missing = object()
+
+    def shown(value: Any) -> str:
+        return "not recorded" if value is missing else repr(value)
+
     parts = []
     for key in keys:
-        there, now = recorded.get(key), current.get(key)
+        there, now = recorded.get(key, missing), current.get(key, missing)
         if isinstance(there, dict) and isinstance(now, dict):
             parts.extend(
-                f"{key}.{entry}: {there.get(entry, '(not recorded)')!r} there, {now.get(entry, '(none)')!r} now"
-                for entry in sorted(set(there) | set(now), key=str) if there.get(entry) != now.get(entry)
+                f"{key}.{entry}: {shown(there.get(entry, missing))} there, {shown(now.get(entry, missing))} now"
+                for entry in sorted(set(there) | set(now), key=str)
+                if there.get(entry, missing) != now.get(entry, missing)
             )
         else:
-            parts.append(f"{key}: {there!r} there, {now!r} now")
+            parts.append(f"{key}: {shown(there)} there, {shown(now)} now")
     return "; ".join(parts)
 
 

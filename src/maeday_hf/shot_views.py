@@ -146,6 +146,7 @@ def shots_from_split(split, k: int, seed: int) -> tuple[list[Image.Image], list[
     from .data import select_shots, shot_indices
 
     indices = shot_indices(len(split), k, seed)  # raises for k < 1 or k > len(split)
+    _require_normal_rows(split, indices)
     selected = select_shots(split, k, seed)
     images = [load_rgb_image(example["image"]) for example in selected]
     categories = selected["category"] if "category" in selected.column_names else [None] * len(indices)
@@ -153,6 +154,21 @@ def shots_from_split(split, k: int, seed: int) -> tuple[list[Image.Image], list[
         f"{'' if category is None else f'{category} '}train[{index}] (shot seed {seed})"
         for category, index in zip(categories, indices)
     ]
+
+
+def _require_normal_rows(split, indices) -> None:
+    """Refuse shots that a `label` column (0 = good) marks anomalous: the shots are the normal images a fine-tune
+    learns to reconstruct (a test split passed instead of the train split, say)."""
+    if "label" not in split.column_names:
+        return
+    labels = split.select_columns(["label"])["label"]
+    anomalous = [index for index in indices if labels[index] != 0]
+    if anomalous:
+        raise ValueError(
+            f"{len(anomalous)} of the {len(indices)} shots are labelled anomalous (rows "
+            f"{', '.join(map(str, anomalous[:5]))}{', ...' if len(anomalous) > 5 else ''}): shots must be normal images; "
+            f"pass the category's train split (or filter its rows to label 0, good)."
+        )
 
 
 def shots_from_rows(split) -> tuple[list[Image.Image], list[str]]:
@@ -168,6 +184,7 @@ def shots_from_rows(split) -> tuple[list[Image.Image], list[str]]:
     if len(split) == 0:
         raise ValueError("No shots given: the dataset has no rows; few-shot fine-tuning needs at least one normal "
                          "image.")
+    _require_normal_rows(split, range(len(split)))
     images = [load_rgb_image(image) for image in split["image"]]
     categories = split["category"] if "category" in split.column_names else [None] * len(split)
     return images, [
@@ -204,7 +221,8 @@ def crop_rotate_transform(
 
 
 RENDER_CHUNK_BYTES = 256 * 2**20
-"""Most bytes of views `render_views` resamples at the shots' resolution at once, before downsampling them."""
+"""Most bytes `render_views` holds at the shots' resolution at once: the views gathered, their sampling grid and the
+resampled views, before downsampling them."""
 
 
 def view_source_scale(image_sizes: Iterable[tuple[int, int]], size: tuple[int, int], view_supersampling: float) -> float:
@@ -232,7 +250,7 @@ def render_views(
         transforms (`torch.Tensor` of shape `(batch_size, 2, 3)`): from `crop_rotate_transform`.
         size (`(int, int)`, *optional*): the views' height and width, when smaller than the shots': each view is
             resampled at the shots' resolution, then downsampled with antialiasing (bilinear, as the processor's
-            resize), in chunks of at most `RENDER_CHUNK_BYTES` at the shots' resolution.
+            resize), in chunks that hold at most `RENDER_CHUNK_BYTES` at the shots' resolution.
 
     Returns:
         `torch.Tensor` of shape `(batch_size, num_channels, *size)` (default the shots' height and width), the shots'
@@ -243,7 +261,7 @@ def render_views(
     num_channels, height, width = shots.shape[1:]
     if size is None or tuple(size) == (height, width):
         return _resample(shots[shot_index], transforms)
-    view_bytes = num_channels * height * width * shots.element_size()
+    view_bytes = (2 * num_channels + 2) * height * width * shots.element_size()  # (gathered, resampled; (x, y) grid)
     chunk = max(1, RENDER_CHUNK_BYTES // view_bytes)
     return torch.cat([
         F.interpolate(
