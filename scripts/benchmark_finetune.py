@@ -11,6 +11,7 @@ Random weights (`ViTMAEConfig()` defaults are ViT-B/16 at 224 px): the timing do
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -47,10 +48,16 @@ def main() -> None:
     parser.add_argument("--graph-warmup-steps", type=int, default=3,
                         help="the run's first steps, run eagerly before the CUDA graph is captured "
                              "(FinetuneConfig.graph_warmup_steps)")
+    parser.add_argument("--compare-trainer-loop", action="store_true",
+                        help="on a GPU, also time the Trainer loop (the stock transformers path) in the same process, "
+                             "alternating with the measured loop, and print their ratio")
     parser.add_argument("--runs", type=int, default=1,
                         help="fine-tunes in this process, one JSON line each: the first also pays the process's "
                              "one-time costs (CUDA's lazy kernel loading, library handles), later ones do not")
     args = parser.parse_args()
+    if args.compare_trainer_loop and (args.device == "cpu" or args.trainer_loop):
+        parser.error("--compare-trainer-loop compares the CUDA graph loop with the Trainer loop: it needs --device cuda "
+                     "and not --trainer-loop (on a CPU both are the Trainer loop)")
     if args.runs < 1 or args.steps < 1 or args.shot_size < 1:
         parser.error(f"--runs, --steps and --shot-size must be >= 1, got {args.runs}, {args.steps} and "
                      f"{args.shot_size}")
@@ -82,11 +89,16 @@ def main() -> None:
             calibration_num_masks=8,
             **({} if args.view_supersampling is None else {"view_supersampling": args.view_supersampling}),
         )
-        for run in range(1, args.runs + 1):
-            output_dir = os.path.join(work, f"out-{run}")
+        baseline = dataclasses.replace(config, cuda_graph=False)
+        runs = [(run, baseline if is_baseline else config) for run in range(1, args.runs + 1)
+                for is_baseline in ((True, False) if args.compare_trainer_loop else (False,))]
+        seconds = {"trainer": [], "measured": []}
+        for run, run_config in runs:
+            output_dir = os.path.join(work, f"out-{run}-{'trainer' if run_config is baseline else 'measured'}")
             start = time.perf_counter()
-            result = finetune(base, shots, output_dir, config)
+            result = finetune(base, shots, output_dir, run_config)
             total = time.perf_counter() - start
+            seconds["trainer" if run_config is baseline else "measured"].append(result.train_seconds)
             with open(os.path.join(output_dir, "training_log.json")) as handle:
                 training_log = json.load(handle)  # what ran, precision resolved
             print(json.dumps({
@@ -112,6 +124,15 @@ def main() -> None:
                 "seconds_per_step": round(result.train_seconds / args.steps, 3),
                 "extrapolated_50_step_seconds": round(result.train_seconds / args.steps * 50, 1),
                 "end_to_end_seconds_incl_load_calibrate_save": round(total, 2),
+            }), flush=True)
+        if args.compare_trainer_loop:
+            trainer, measured = (float(np.median(seconds[key])) for key in ("trainer", "measured"))
+            print(json.dumps({
+                "benchmark": "finetune_ratio",
+                "runs_each": args.runs,
+                "trainer_loop_median_train_seconds": round(trainer, 2),
+                "cuda_graph_median_train_seconds": round(measured, 2),
+                "trainer_over_cuda_graph": round(trainer / measured, 2),
             }), flush=True)
 
 

@@ -53,9 +53,9 @@ echo "gpu tests: rc=$?"; tail -15 "$out/gpu_tests.txt"
 } 2> "$out/benchmark_stderr.txt" | grep --line-buffered '^{' | tee "$out/benchmark.jsonl"
 grep -E "FAILED|SKIPPED" "$out/benchmark_stderr.txt"
 {
-    run python3 scripts/benchmark_finetune.py --device cuda --steps 50 --precision bf16 --runs 2
+    # The graph loop against the Trainer loop in one process, alternating (ratio on the last line):
+    run python3 scripts/benchmark_finetune.py --device cuda --steps 50 --precision bf16 --runs 2 --compare-trainer-loop
     run python3 scripts/benchmark_finetune.py --device cuda --steps 50 --precision bf16 --runs 2 --graph-warmup-steps 1
-    run python3 scripts/benchmark_finetune.py --device cuda --steps 50 --precision bf16 --trainer-loop --runs 2
     # Views cut from the 1024 px shots at the model's size (the rendering before 2026-11-29), for its cost:
     run python3 scripts/benchmark_finetune.py --device cuda --steps 50 --precision bf16 --runs 2 --view-supersampling 1
 } 2> "$out/finetune_stderr.txt" | grep --line-buffered '^{' | tee "$out/finetune.jsonl"
