@@ -54,7 +54,7 @@ echo "gpu tests: rc=$?"; tail -15 "$out/gpu_tests.txt"
 grep -E "FAILED|SKIPPED" "$out/benchmark_stderr.txt"
 {
     # The graph loop against the Trainer loop in one process, alternating (ratio on the last line):
-    run python3 scripts/benchmark_finetune.py --device cuda --steps 50 --precision bf16 --runs 2 --compare-trainer-loop
+    run python3 scripts/benchmark_finetune.py --device cuda --steps 50 --precision bf16 --runs 3 --compare-trainer-loop
     run python3 scripts/benchmark_finetune.py --device cuda --steps 50 --precision bf16 --runs 2 --graph-warmup-steps 1
     # Views cut from the 1024 px shots at the model's size (the rendering before 2026-11-29), for its cost:
     run python3 scripts/benchmark_finetune.py --device cuda --steps 50 --precision bf16 --runs 2 --view-supersampling 1

@@ -761,8 +761,8 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
                         help="largest random rotation of a view, in degrees (default 15)")
     parser.add_argument("--view-supersampling", type=float, default=None,
                         help="cut the views from the shots at up to this many times the model's input size, then "
-                             "downsample them (default 3: crops as sharp as the queries; 1: from the shots resized to "
-                             "the model's input, each crop upsampled)")
+                             "downsample them (default 3: sharper crops, closer to the queries; 1: from the shots "
+                             "resized to the model's input, each crop upsampled)")
     parser.add_argument("--trainer-loop", action="store_true",
                         help="on one GPU, run the Trainer loop instead of CUDA graph replays")
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is available")

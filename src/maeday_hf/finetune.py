@@ -118,7 +118,7 @@ class FinetuneConfig:
             `max_rotation_degrees`).
         view_supersampling (`float`, defaults to 3): the views are cut from the shots processed at up to this many
             times the model's input size (less where a shot is smaller), then downsampled with antialiasing, so a
-            crop keeps the detail of the original as the queries do; 1 cuts them from the shots resized to the
+            crop keeps more of the original's detail, closer to the queries; 1 cuts them from the shots resized to the
             model's input (each crop then upsampled: blurrier views, and on a CPU ~10 % faster steps).
         seed (`int`, defaults to 0): in [0, 2**32); seeds the views, their masks, the LoRA init and the Trainer.
             (The calibration scores with the masks the pipeline draws by default, whatever the seed.)

@@ -117,6 +117,8 @@ def load_shot_images(shots: Sequence[Any]) -> tuple[list[Image.Image], list[str]
                 first = seen_files.setdefault(os.path.realpath(path), path)
                 if first is path:
                     entries.append(path)
+                elif os.fspath(first) == os.fspath(path):
+                    logger.warning("Shot %r given again: used once.", os.fspath(path))
                 else:
                     logger.warning("Shot %r is %r given again: used once.", os.fspath(path), os.fspath(first))
         else:
@@ -304,8 +306,8 @@ class ShotViews(torch.utils.data.Dataset):
     """`num_views` augmented, masked views of k shots: view `i` is shot `i % k`.
 
     Items hold what makes a view, not its pixels: `{"shot_index": (), "transform": (2, 3), "noise": (L,)}`. A batch
-    of them becomes pixels with `render(batch)`, on the batch's device, in one `grid_sample` (the shots are copied to
-    that device once).
+    of them becomes pixels with `render(batch)`, on the batch's device, in one `grid_sample` (one per chunk when cut
+    from larger shots, see `render_views`; the shots are copied to that device once).
 
     Args:
         pixel_values (`torch.Tensor` of shape `(num_shots, num_channels, height, width)`): the processed shots.
