@@ -544,6 +544,32 @@ def test_a_local_base_named_by_its_hub_id_loads_by_that_id_and_only_with_its_wei
         load_detector(result.output_dir, device="cpu", model_kwargs={"cache_dir": str(other)})
 
 
+def test_a_base_model_id_whose_cached_weights_differ_is_warned_about_before_training(
+    tiny_checkpoint, shot_path, tmp_path, monkeypatch, caplog
+):
+    # The cached copy of the id is what a load would use here: other weights would fail the adapter only then.
+    import huggingface_hub.constants
+
+    from conftest import save_tiny_checkpoint
+
+    cache = tmp_path / "cache"
+    _lay_into_hub_cache(Path(tiny_checkpoint), cache, "maeday-test/same", "a" * 40)
+    _lay_into_hub_cache(Path(save_tiny_checkpoint(tmp_path / "seed-1", seed=1)), cache, "maeday-test/other", "b" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    config = FinetuneConfig(**{**FAST, "num_steps": 1})
+
+    def warnings_for(base_model_id):
+        caplog.clear()
+        finetune(tiny_checkpoint, [shot_path], tmp_path / base_model_id.replace("/", "-"), config,
+                 base_model_id=base_model_id)
+        return [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "base_model_id=" in r.getMessage()]
+
+    (warning,) = warnings_for("maeday-test/other")
+    assert "holds other weights than" in warning and tiny_checkpoint in warning
+    assert warnings_for("maeday-test/same") == []
+    assert warnings_for("maeday-test/not-cached") == []  # nothing to compare with, and nothing downloaded
+
+
 def test_save_load_by_path_repo_id_and_remote_code_give_identical_scores(trained, tmp_path):
     query = tmp_path / "query.png"
     _smooth_image(phase=0.5).save(query)

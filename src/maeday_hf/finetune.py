@@ -597,6 +597,31 @@ def _check_hub_login(hub_model_id: str) -> None:
         ) from error
 
 
+def _warn_if_cached_id_holds_other_weights(base_model_id: str, base_fingerprint: str, base_folder: str) -> None:
+    """Where `base_model_id` is in the local Hugging Face cache, compare its weights with the folder's now: an adapter
+    named after another checkpoint than the one it was trained on fails only when it is loaded (nothing is
+    downloaded here; without a cached copy there is nothing to compare)."""
+    from transformers.utils import logging as transformers_logging
+
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()  # (a cached copy that does not load is no concern of this run)
+    try:
+        cached = ViTMAEForPreTraining.from_pretrained(base_model_id, dtype=torch.float32, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not cached, or not loadable here: nothing to compare with
+        return
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+    found = base_weights_fingerprint(cached)
+    if found != base_fingerprint:
+        logger.warning(
+            "base_model_id=%r names the checkpoint the adapter will load on, but its copy in the local Hugging Face "
+            "cache holds other weights than %s (weights fingerprint %s there, %s here): the adapter will load only "
+            "where that id resolves to the weights it is trained on now, else with base_model= (maeday detect "
+            "--base-model). Check the id (ignore this if the cached copy is an older revision).",
+            base_model_id, base_folder, found, base_fingerprint,
+        )
+
+
 def _recorded_base_name(base_model: str, base_model_id: str | None = None) -> str:
     """What adapter_config.json records as the base: `base_model_id` if given (`base_model` is a local copy of it),
     an absolute path for local folders, else the Hub id."""
@@ -960,6 +985,8 @@ def finetune(
     if not is_vit_mae_for_pretraining(model):
         raise ValueError(f"{base_model!r} did not load as a ViTMAEForPreTraining with its decoder.")
     base_fingerprint = base_weights_fingerprint(model)  # (before LoRA wraps its layers)
+    if base_model_id is not None and os.path.isdir(base_model):
+        _warn_if_cached_id_holds_other_weights(base_model_id, base_fingerprint, base_model)
     pixel_values = image_processor(images=images, return_tensors="pt")["pixel_values"]
     source_pixel_values = _view_sources(image_processor, images, pixel_values, config)
     num_patches = count_patches(model, pixel_values)
