@@ -123,6 +123,44 @@ def test_bad_inputs_print_one_line(tiny_checkpoint, tmp_path, capsys):
     assert not (tmp_path / "o").exists()  # a failed run leaves none of the (empty) folders it created
 
 
+def test_skip_unreadable_leaves_out_damaged_images_and_scores_the_rest(
+    synthetic_root, tiny_checkpoint, tmp_path, capsys, caplog
+):
+    # A batch of inspection images where one copy was cut short and one is not an image: by default the run stops (at
+    # the header for the second, when decoding for the first); with --skip-unreadable both are named and left out,
+    # and the others score as they would alone.
+    folder = tmp_path / "batch"
+    shutil.copytree(synthetic_root / "stripes" / "test" / "good", folder)
+    encoded = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(encoded, "PNG")
+    (folder / "cut.png").write_bytes(encoded.getvalue()[: len(encoded.getvalue()) // 2])
+    (folder / "notes.png").write_bytes(b"not an image")
+    argv = ["detect", str(folder), "--model", tiny_checkpoint, "--num-masks", "2", "--device", "cpu", "--quiet"]
+    assert main([*argv, "--out", str(tmp_path / "stopped")]) == 2
+    assert "notes.png" in capsys.readouterr().err and not (tmp_path / "stopped").exists()
+
+    assert main([*argv, "--out", str(tmp_path / "out"), "--skip-unreadable"]) == 0
+    assert "Scored 2 images (2 unreadable left out" in capsys.readouterr().out
+    left_out = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Left out:")]
+    assert len(left_out) == 2 and "cut.png' as an image: image file is truncated" in left_out[0]
+    assert "notes.png" in left_out[1]
+    with open(tmp_path / "out" / "scores.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["path"].rsplit("/", 1)[1] for row in rows] == ["000.png", "001.png"]
+    assert sorted(p.name for p in (tmp_path / "out" / "heatmaps").iterdir()) == ["000.png", "001.png"]
+    assert main(["detect", str(synthetic_root / "stripes" / "test" / "good"), *argv[2:], "--out",
+                 str(tmp_path / "alone")]) == 0
+    with open(tmp_path / "alone" / "scores.csv") as handle:
+        assert [row["score"] for row in csv.DictReader(handle)] == [row["score"] for row in rows]
+    # Nothing readable at all: one line.
+    (tmp_path / "none").mkdir()
+    shutil.copy(folder / "cut.png", tmp_path / "none" / "cut.png")
+    capsys.readouterr()
+    assert main(["detect", str(tmp_path / "none"), *argv[2:], "--out", str(tmp_path / "o2"), "--skip-unreadable"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "none of the 1 images could be read" in err
+
+
 def test_synthetic_into_a_file_is_one_clear_error(tmp_path, capsys):
     (tmp_path / "afile").write_text("kept")
     assert main(["synthetic", str(tmp_path / "afile"), "--categories", "disc", "--image-size", "32"]) == 2

@@ -366,15 +366,51 @@ def run_detect(args: argparse.Namespace) -> int:
                     if downloads is None:
                         downloads = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="maeday-urls-")))
                     data = download(path, args.timeout)
-                    decode_image_bytes(data, redact_url(path))  # not an image: one line naming the URL, now
+                    if not args.skip_unreadable:  # (else decoded with the files below, and left out if unreadable)
+                        decode_image_bytes(data, redact_url(path))  # not an image: one line naming the URL, now
                     downloaded[path] = downloads / str(index)
                     downloaded[path].write_bytes(data)
                 sources.append(downloaded[path])
             else:
-                check_image_file(path)  # (its header: not an image at all fails now, not after hours of scoring)
+                if not args.skip_unreadable:
+                    check_image_file(path)  # (its header: not an image at all fails now, not after hours of scoring)
                 sources.append(path)
+        num_skipped = 0
+        if args.skip_unreadable:
+            num_images = len(images)
+            images, sources = _readable_only(images, sources)
+            num_skipped = num_images - len(images)
+            if not images:
+                raise CommandError(f"none of the {num_images} images could be read (each is named above)")
         with folders_removed_on_failure(out_dir):
-            return _detect(args, call_kwargs, out_dir, images, sources)
+            return _detect(args, call_kwargs, out_dir, images, sources, num_skipped)
+
+
+def _readable_only(
+    images: list[tuple[Path | str, str]], sources: list[Path]
+) -> tuple[list[tuple[Path | str, str]], list[Path]]:
+    """(`--skip-unreadable`) Every image decoded now, in threads, and those that cannot be read (damaged after their
+    header, not an image at all) left out, each named in a warning."""
+    from .images import load_rgb_image
+
+    def error_of(source: Path) -> Exception | None:
+        try:
+            load_rgb_image(source)
+        except (ValueError, OSError) as error:  # (FileNotFoundError too: gone since it was listed)
+            return error
+        return None
+
+    num_threads = max(1, min(8, os.cpu_count() or 1))
+    kept_images, kept_sources = [], []
+    errors = prefetch(sources, error_of, num_threads, lookahead=2 * num_threads)
+    for (path, name), source, error in zip(images, sources, errors):
+        if error is None:
+            kept_images.append((path, name))
+            kept_sources.append(source)
+        else:
+            shown = redact_url(path) if isinstance(path, str) else os.fspath(path)
+            logger.warning("Left out: %s", one_line_message(error).replace(os.fspath(source), shown))
+    return kept_images, kept_sources
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -427,8 +463,10 @@ def _check_heatmaps_folder(folder: Path, shown: Path | None = None) -> None:
             )
 
 
-def _detect(args, call_kwargs, out_dir: Path, images: list[tuple[Path | str, str]], sources: list[Path]) -> int:
-    """Score `sources` (local files; `images` holds what the user named, and the output names) into `out_dir`."""
+def _detect(args, call_kwargs, out_dir: Path, images: list[tuple[Path | str, str]], sources: list[Path],
+            num_skipped: int = 0) -> int:
+    """Score `sources` (local files; `images` holds what the user named, and the output names) into `out_dir`
+    (`num_skipped`: images left out as unreadable, for the summary)."""
     from .images import load_rgb_image
     from .modeling import load_detector
     from .visualize import finite_max, overlay_heatmap
@@ -525,7 +563,8 @@ def _detect(args, call_kwargs, out_dir: Path, images: list[tuple[Path | str, str
         for handle in held:
             let_go(handle)
     kept = (" (with maps/ and masks/)" if with_labels else " (with maps/)") if args.save_maps else ""
-    print(f"Scored {len(rows)} images: {out_dir / 'scores.csv'}, heatmaps in {out_dir / 'heatmaps'}{kept}")
+    skipped = f" ({num_skipped} unreadable left out, each named above)" if num_skipped else ""
+    print(f"Scored {len(rows)} images{skipped}: {out_dir / 'scores.csv'}, heatmaps in {out_dir / 'heatmaps'}{kept}")
     return 0
 
 
@@ -605,6 +644,10 @@ def add_detect_parser(subparsers) -> None:
     parser.add_argument("--save-maps", action="store_true",
                         help="also keep each anomaly map (heatmaps/maps/<name>.npy, float32 at the image's size) and, "
                              "with labels, its mask (heatmaps/masks/<name>.png, 255 where the map exceeds the threshold)")
+    parser.add_argument("--skip-unreadable", action="store_true",
+                        help="decode every image before scoring and leave out, each named in a warning, those that "
+                             "cannot be read (e.g. damaged after the header by an interrupted copy); default: only "
+                             "headers are checked first, and an image that fails to decode stops the run")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_max_image_pixels_argument(parser)
     parser.set_defaults(handler=run_detect)
