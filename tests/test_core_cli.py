@@ -613,6 +613,26 @@ def test_url_names_and_timeouts(synthetic_root, tiny_checkpoint, tmp_path, image
         assert listed == [*urls[:2], f"http://127.0.0.1:{port}/"]
 
 
+def test_skip_unreadable_names_a_url_by_itself(synthetic_root, tiny_checkpoint, tmp_path, image_server, caplog,
+                                               monkeypatch):
+    import tempfile
+
+    # Downloads land in a folder whose name repr() escapes (as every Windows path is): the URL must still be named.
+    (tmp_path / "a\\b").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "a\\b"))
+    served, base = image_server
+    (served / "ok.png").write_bytes((synthetic_root / "stripes" / "test" / "good" / "000.png").read_bytes())
+    (served / "page.png").write_bytes(b"<html>not an image</html>")
+    port = base.rsplit(":", 1)[1]
+    urls = [f"{base}/ok.png", f"http://user:secret@127.0.0.1:{port}/page.png"]
+    assert main(["detect", *urls, "--model", tiny_checkpoint, "--num-masks", "2", "--device", "cpu", "--quiet",
+                 "--out", str(tmp_path / "out"), "--skip-unreadable"]) == 0
+    (left_out,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Left out:")]
+    assert f"Cannot read 'http://127.0.0.1:{port}/page.png' as an image" in left_out  # (no password, no temp copy)
+    with open(tmp_path / "out" / "scores.csv") as handle:
+        assert [row["path"] for row in csv.DictReader(handle)] == [urls[0]]
+
+
 def test_sigterm_is_handled_like_ctrl_c():
     import os
     import signal

@@ -390,27 +390,44 @@ def _readable_only(
     images: list[tuple[Path | str, str]], sources: list[Path]
 ) -> tuple[list[tuple[Path | str, str]], list[Path]]:
     """(`--skip-unreadable`) Every image decoded now, in threads, and those that cannot be read (damaged after their
-    header, not an image at all) left out, each named in a warning."""
-    from .images import load_rgb_image
+    header, not an image at all) left out, each named in a warning (a URL by itself, not its downloaded copy)."""
+    from .images import decode_image_bytes, load_rgb_image, to_rgb
 
-    def error_of(source: Path) -> Exception | None:
+    def error_of(item: tuple[Path | str, Path]) -> Exception | None:
+        path, source = item
         try:
-            load_rgb_image(source)
+            if isinstance(path, str):  # a URL's downloaded copy, named by the URL
+                to_rgb(decode_image_bytes(source.read_bytes(), redact_url(path)))
+            else:
+                load_rgb_image(source)
         except (ValueError, OSError) as error:  # (FileNotFoundError too: gone since it was listed)
             return error
         return None
 
-    num_threads = max(1, min(8, os.cpu_count() or 1))
+    # As many threads as the cores and a memory budget allow (a decoded image and its RGB copy: up to ~16 bytes a
+    # pixel), the largest image's size read from the headers.
+    largest = max((_header_pixels(source) for source in sources), default=1)
+    num_threads = max(1, min(8, os.cpu_count() or 1, _HEATMAP_MEMORY_BUDGET // (16 * max(1, largest))))
     kept_images, kept_sources = [], []
-    errors = prefetch(sources, error_of, num_threads, lookahead=2 * num_threads)
+    errors = prefetch(zip((path for path, _ in images), sources), error_of, num_threads, lookahead=2 * num_threads)
     for (path, name), source, error in zip(images, sources, errors):
         if error is None:
             kept_images.append((path, name))
             kept_sources.append(source)
         else:
-            shown = redact_url(path) if isinstance(path, str) else os.fspath(path)
-            logger.warning("Left out: %s", one_line_message(error).replace(os.fspath(source), shown))
+            logger.warning("Left out: %s", one_line_message(error))
     return kept_images, kept_sources
+
+
+def _header_pixels(source: Path) -> int:
+    """Width x height from an image file's header (0 where it has none that reads)."""
+    from PIL import Image
+
+    try:
+        with Image.open(source) as image:
+            return image.width * image.height
+    except Exception:  # noqa: BLE001 - unreadable: found, and named, when decoded
+        return 0
 
 
 def _nearest_existing(path: Path) -> Path:
