@@ -39,6 +39,33 @@ def test_calibrated_threshold_applies_at_its_own_settings(calibrated_checkpoint,
     assert result["label"] == "anomalous" and result["mask"].mode == "L"
 
 
+def test_the_calls_own_settings_decide_whether_the_calibrated_threshold_holds(calibrated_checkpoint, caplog):
+    """A setting given at the call overrides the one given at construction, for the calibrated threshold's check
+    as for the scoring: a detector built with num_masks=2 and called with num_masks=4 (the calibration's) labels."""
+    image = np.zeros((32, 32, 3), np.uint8)
+    detector = pipeline("anomaly-detection", model=calibrated_checkpoint, num_masks=2)
+    assert "label" not in detector(image)  # N = 2 from construction: not the calibration's settings
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="maeday_hf.pipeline"):
+        result = detector(image, num_masks=4)
+    assert result["label"] == "anomalous" and "calibrated threshold" not in caplog.text
+    built_at_4 = pipeline("anomaly-detection", model=calibrated_checkpoint, num_masks=4)
+    assert built_at_4(image)["label"] == "anomalous"
+    assert "label" not in built_at_4(image, num_masks=2)
+
+
+def test_a_folder_calibrated_before_the_schedule_was_recorded_holds_for_random_masks_only(calibrated_checkpoint, caplog):
+    """A folder whose settings lack "mask_schedule" was calibrated with random masks; balanced masks (less spread
+    between masks) shift the scores, so its threshold is dropped there, with the warning."""
+    image = np.zeros((32, 32, 3), np.uint8)
+    detector = pipeline("anomaly-detection", model=calibrated_checkpoint)
+    assert detector(image, num_masks=4, mask_schedule="random")["label"] == "anomalous"
+    with caplog.at_level(logging.WARNING, logger="maeday_hf.pipeline"):
+        result = detector(image, num_masks=4, mask_schedule="balanced")
+    assert "label" not in result and "mask" not in result
+    assert "calibrated threshold" in caplog.text
+
+
 @pytest.mark.parametrize("call", [dict(num_masks=2), dict(mask_ratio=0.5), dict()])  # dict(): the default N=32
 def test_calibrated_threshold_is_dropped_with_a_warning_elsewhere(calibrated_checkpoint, image, call, caplog):
     detector = pipeline("anomaly-detection", model=calibrated_checkpoint)

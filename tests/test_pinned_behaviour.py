@@ -1,12 +1,9 @@
-"""Behaviour a mutation review found unpinned, each checked against a plain reference or rule written here: the maps' resize
-to the image, the threshold's strict comparison and validation, when a calibrated threshold holds, image modes and
-arrays read as images, the device normalisation following the processor, norm_pix targets, calibration views, the
-colour scale and what the fine-tune card states."""
+"""Behaviour a mutation review found unpinned, each checked against a plain reference or rule written here: the maps'
+resize to the image, the threshold's strict comparison and validation, image modes and arrays read as images, the device
+normalisation following the processor, norm_pix targets, calibration views, the colour scale and what the fine-tune card
+states. (When a calibrated threshold holds: `test_calibrated_defaults.py`.)"""
 
 from __future__ import annotations
-
-import json
-import logging
 
 import numpy as np
 import pytest
@@ -14,7 +11,6 @@ import torch
 from PIL import Image
 from transformers import pipeline
 
-from conftest import save_tiny_checkpoint
 from maeday_hf.images import load_rgb_image
 from maeday_hf.masking import make_mask_noise
 from maeday_hf.scoring import maeday_anomaly_maps
@@ -84,48 +80,6 @@ def test_a_threshold_that_is_not_finite_is_refused(detector, threshold):
     image = np.zeros((32, 32, 3), np.uint8)
     with pytest.raises(ValueError, match="threshold must be a finite number"):
         detector(image, num_masks=2, threshold=threshold)
-
-
-# --- pipeline: the calibrated threshold's rules -------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def calibrated_folder(tmp_path_factory):
-    """A fine-tune's folder as written before the mask schedule was recorded: calibrated at N = 4, ratio 0.75."""
-    folder = tmp_path_factory.mktemp("calibrated-r3")
-    save_tiny_checkpoint(folder)
-    config = json.loads((folder / "config.json").read_text())
-    config["anomaly_threshold"] = 0.0  # every score is above it
-    config["anomaly_threshold_settings"] = {"num_masks": 4, "mask_ratio": 0.75}
-    (folder / "config.json").write_text(json.dumps(config))
-    return str(folder)
-
-
-def test_the_calls_own_settings_decide_whether_the_calibrated_threshold_holds(calibrated_folder, caplog):
-    """A setting given at the call overrides the one given at construction, for the calibrated threshold's check
-    as for the scoring: a detector built with num_masks=2 and called with num_masks=4 (the calibration's) labels."""
-    image = np.zeros((32, 32, 3), np.uint8)
-    detector = pipeline("anomaly-detection", model=calibrated_folder, num_masks=2)
-    assert "label" not in detector(image)  # N = 2 from construction: not the calibration's settings
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="maeday_hf.pipeline"):
-        result = detector(image, num_masks=4)
-    assert result["label"] == "anomalous" and "calibrated threshold" not in caplog.text
-    built_at_4 = pipeline("anomaly-detection", model=calibrated_folder, num_masks=4)
-    assert built_at_4(image)["label"] == "anomalous"
-    assert "label" not in built_at_4(image, num_masks=2)
-
-
-def test_a_folder_calibrated_before_the_schedule_was_recorded_holds_for_random_masks_only(calibrated_folder, caplog):
-    """A folder whose settings lack "mask_schedule" was calibrated with random masks; balanced masks (less spread
-    between masks) shift the scores, so its threshold is dropped there, with the warning."""
-    image = np.zeros((32, 32, 3), np.uint8)
-    detector = pipeline("anomaly-detection", model=calibrated_folder)
-    assert detector(image, num_masks=4, mask_schedule="random")["label"] == "anomalous"
-    with caplog.at_level(logging.WARNING, logger="maeday_hf.pipeline"):
-        result = detector(image, num_masks=4, mask_schedule="balanced")
-    assert "label" not in result and "mask" not in result
-    assert "calibrated threshold" in caplog.text
 
 
 # --- images -------------------------------------------------------------------------------------------------------
